@@ -1,0 +1,161 @@
+//! Wiring: builds the store, clients, token providers, worker and HTTP server from settings.
+//! `Application::build` binds the listener first, so tests can use port 0 and read `port()`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{TokenProvider, TokenProviders};
+use crate::config::Settings;
+use crate::graph::GraphClient;
+use crate::http::{self, AppState};
+use crate::net;
+use crate::scheduler::Worker;
+use crate::store::Store;
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    worker: Arc<Worker>,
+}
+
+/// Opens the store, runs migrations, and makes the configured mailboxes the enabled ones.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let store = Store::connect(&settings.store.url, settings.store.max_connections)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the store at {}",
+                redact_url(&settings.store.url)
+            )
+        })?;
+    store.migrate().await.context("store migration failed")?;
+    let released = store.release_stale_leases().await?;
+    if released > 0 {
+        tracing::info!(released, "released leases left by a previous run");
+    }
+    let mailboxes: Vec<(String, String)> = settings
+        .tenants
+        .iter()
+        .flat_map(|t| t.mailboxes.iter().map(|m| (t.name.clone(), m.clone())))
+        .collect();
+    store.sync_config_mailboxes(&mailboxes, Utc::now()).await?;
+    Ok(store)
+}
+
+/// Builds the worker over an open store.
+pub fn build_worker(
+    settings: &Settings,
+    store: Store,
+) -> anyhow::Result<(Arc<Worker>, Arc<TokenProviders>)> {
+    let graph_http = net::http_client(
+        settings.graph.connect_timeout,
+        settings.graph.request_timeout,
+    )
+    .context("cannot build the Graph HTTP client")?;
+    let token_http = net::http_client(
+        settings.graph.connect_timeout,
+        settings.graph.request_timeout,
+    )
+    .context("cannot build the token HTTP client")?;
+    let mut tokens = TokenProviders::new();
+    for tenant in &settings.tenants {
+        let provider = TokenProvider::new(tenant, &settings.graph, token_http.clone())
+            .with_context(|| format!("tenant `{}`: bad token endpoint URL", tenant.name))?;
+        tokens.insert(tenant.name.clone(), Arc::new(provider));
+    }
+    let graph = GraphClient::new(&settings.graph, graph_http);
+    let worker = Worker::new(settings, store, graph, tokens.clone())?;
+    Ok((Arc::new(worker), Arc::new(tokens)))
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = open_store(&settings).await?;
+        let (worker, tokens) = build_worker(&settings, store.clone())?;
+        let listener = TcpListener::bind(settings.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
+        Ok(Self {
+            listener,
+            state: AppState { store, tokens },
+            worker,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    pub fn worker(&self) -> Arc<Worker> {
+        Arc::clone(&self.worker)
+    }
+
+    /// Serves HTTP and runs the worker until `shutdown`; then stops taking jobs, lets running
+    /// ones finish or hit their deadline, and stops the HTTP server last.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.listener.local_addr()?, "calsync serving");
+        let worker = tokio::spawn(Arc::clone(&self.worker).run(shutdown.clone()));
+        let http_stop = CancellationToken::new();
+        let server = axum::serve(self.listener, http::router(self.state))
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+        let server = tokio::spawn(async move { server.await });
+        shutdown.cancelled().await;
+        if let Err(e) = worker.await {
+            tracing::error!(error = %e, "worker task failed");
+        }
+        http_stop.cancel();
+        server
+            .await
+            .context("HTTP server task failed")?
+            .context("HTTP server failed")?;
+        tracing::info!("calsync stopped");
+        Ok(())
+    }
+}
+
+/// A store URL without any password in it, for messages.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,661 @@
+//! Configuration: embedded defaults < TOML file (`--config`) < `CALSYNC_*` environment variables.
+//! Loaded and validated once at start; every error names the key and what is allowed.
+
+mod duration;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+use url::Url;
+
+pub use duration::HumanDuration;
+
+use crate::auth::ClientCertificate;
+
+const DEFAULTS: &str = include_str!("defaults.toml");
+const ENV_PREFIX: &str = "CALSYNC_";
+/// Environment variables with the prefix that are flags of the CLI, not settings.
+const ENV_NOT_SETTINGS: [&str; 2] = ["CALSYNC_CONFIG", "CALSYNC_URL"];
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub store: StoreSettings,
+    pub graph: GraphSettings,
+    pub sync: SyncSettings,
+    pub log: LogSettings,
+    pub tenants: Vec<TenantSettings>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct GraphSettings {
+    pub base_url: Url,
+    pub authority: Url,
+    pub scope: String,
+    pub page_size: u32,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_response_bytes: usize,
+    pub max_pages_per_round: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncSettings {
+    pub interval: Duration,
+    pub jitter: Duration,
+    pub window_past: Duration,
+    pub window_future: Duration,
+    pub workers: usize,
+    pub job_deadline: Duration,
+    pub failure_backoff_initial: Duration,
+    pub failure_backoff_max: Duration,
+    pub poll_interval: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct TenantSettings {
+    pub name: String,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub credential: Credential,
+    pub mailboxes: Vec<String>,
+}
+
+/// How a tenant's app proves itself to the token endpoint. `Debug` never shows the secret.
+#[derive(Clone)]
+pub enum Credential {
+    Secret(SecretString),
+    Certificate(Arc<ClientCertificate>),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Secret(_) => f.write_str("Secret([REDACTED])"),
+            Self::Certificate(cert) => write!(f, "Certificate(thumbprint {})", cert.thumbprint()),
+        }
+    }
+}
+
+// ---- raw, as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    server: RawServer,
+    store: RawStore,
+    graph: RawGraph,
+    sync: RawSync,
+    log: RawLog,
+    #[serde(default)]
+    tenants: Vec<RawTenant>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    shutdown_grace: HumanDuration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: String,
+    #[serde(deserialize_with = "lenient_number")]
+    max_connections: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGraph {
+    base_url: String,
+    authority: String,
+    scope: String,
+    #[serde(deserialize_with = "lenient_number")]
+    page_size: u64,
+    connect_timeout: HumanDuration,
+    request_timeout: HumanDuration,
+    #[serde(deserialize_with = "lenient_number")]
+    max_response_bytes: u64,
+    #[serde(deserialize_with = "lenient_number")]
+    max_pages_per_round: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    interval: HumanDuration,
+    jitter: HumanDuration,
+    window_past: HumanDuration,
+    window_future: HumanDuration,
+    #[serde(deserialize_with = "lenient_number")]
+    workers: u64,
+    job_deadline: HumanDuration,
+    failure_backoff_initial: HumanDuration,
+    failure_backoff_max: HumanDuration,
+    poll_interval: HumanDuration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: LogFormat,
+    level: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: String,
+    tenant_id: String,
+    client_id: String,
+    client_secret: Option<SecretString>,
+    client_secret_file: Option<PathBuf>,
+    certificate_file: Option<PathBuf>,
+    #[serde(default)]
+    mailboxes: Vec<String>,
+}
+
+/// Numbers may arrive as TOML integers or, from the environment, as strings.
+fn lenient_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrText {
+        Number(u64),
+        Text(String),
+    }
+    match NumberOrText::deserialize(deserializer)? {
+        NumberOrText::Number(n) => Ok(n),
+        NumberOrText::Text(text) => text.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!("expected a whole number, got `{text}`"))
+        }),
+    }
+}
+
+impl Settings {
+    /// Defaults, then the optional file, then `CALSYNC_*` variables from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut tree: toml::Table = toml::from_str(DEFAULTS)
+            .map_err(|e| ConfigError::new("(embedded defaults)", e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+            })?;
+            let overlay: toml::Table = toml::from_str(&text).map_err(|e| {
+                ConfigError::new(
+                    format!("--config {}", path.display()),
+                    format!("not valid TOML: {e}"),
+                )
+            })?;
+            merge_tables(&mut tree, overlay);
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_NOT_SETTINGS.contains(&k.as_str()))
+            .collect();
+        // Sorted so that TENANTS__0__ is created before TENANTS__1__.
+        env.sort();
+        for (name, value) in env {
+            apply_env(&mut tree, &name, value)?;
+        }
+        Self::from_table(tree)
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let mut tree: toml::Table = toml::from_str(DEFAULTS)
+            .map_err(|e| ConfigError::new("(embedded defaults)", e.to_string()))?;
+        let overlay: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::new("(toml)", e.to_string()))?;
+        merge_tables(&mut tree, overlay);
+        Self::from_table(tree)
+    }
+
+    fn from_table(tree: toml::Table) -> Result<Self, ConfigError> {
+        let raw: RawSettings = serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().to_string()))?;
+        raw.validate()
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&TenantSettings> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}
+
+fn merge_tables(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {
+                merge_tables(existing, incoming)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// `CALSYNC_SYNC__WORKERS=4` sets `sync.workers`; `CALSYNC_TENANTS__0__CLIENT_SECRET` sets the
+/// first tenant's secret (an index equal to the array's length appends a tenant).
+fn apply_env(tree: &mut toml::Table, name: &str, value: String) -> Result<(), ConfigError> {
+    let path: Vec<String> = name[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let dotted = path.join(".");
+    if path.iter().any(String::is_empty) {
+        return Err(ConfigError::new(
+            name,
+            "malformed variable name; use `__` between keys, e.g. CALSYNC_SYNC__WORKERS",
+        ));
+    }
+    if path.len() >= 3 && path[1].parse::<usize>().is_ok() {
+        return apply_env_indexed(tree, &path, &dotted, value);
+    }
+    let (last, parents) = path
+        .split_last()
+        .ok_or_else(|| ConfigError::new(name, "empty"))?;
+    let table = descend(tree, parents, &dotted)?;
+    table.insert(last.clone(), toml::Value::String(value));
+    Ok(())
+}
+
+fn descend<'t>(
+    mut table: &'t mut toml::Table,
+    keys: &[String],
+    dotted: &str,
+) -> Result<&'t mut toml::Table, ConfigError> {
+    for key in keys {
+        let entry = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(next) = entry else {
+            return Err(ConfigError::new(
+                dotted,
+                format!("`{key}` is not a table, so it has no keys to set"),
+            ));
+        };
+        table = next;
+    }
+    Ok(table)
+}
+
+fn apply_env_indexed(
+    tree: &mut toml::Table,
+    path: &[String],
+    dotted: &str,
+    value: String,
+) -> Result<(), ConfigError> {
+    let entry = tree
+        .entry(path[0].clone())
+        .or_insert_with(|| toml::Value::Array(Vec::new()));
+    let toml::Value::Array(items) = entry else {
+        return Err(ConfigError::new(
+            dotted,
+            format!("`{}` is not an array", path[0]),
+        ));
+    };
+    let index: usize = path[1]
+        .parse()
+        .map_err(|_| ConfigError::new(dotted, "bad array index"))?;
+    if index == items.len() {
+        items.push(toml::Value::Table(toml::Table::new()));
+    }
+    let len = items.len();
+    let Some(toml::Value::Table(item)) = items.get_mut(index) else {
+        return Err(ConfigError::new(
+            dotted,
+            format!("index {index} is past the end (there are {len})"),
+        ));
+    };
+    let (last, parents) = path[2..]
+        .split_last()
+        .ok_or_else(|| ConfigError::new(dotted, "names no key"))?;
+    let table = descend(item, parents, dotted)?;
+    let value = if last == "mailboxes" {
+        // A list in one variable: comma-separated.
+        toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(|m| toml::Value::String(m.to_string()))
+                .collect(),
+        )
+    } else {
+        toml::Value::String(value)
+    };
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+impl RawSettings {
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let listen: SocketAddr = self.server.listen.parse().map_err(|_| {
+            ConfigError::new(
+                "server.listen",
+                format!(
+                    "`{}` is not an address:port such as 0.0.0.0:8080",
+                    self.server.listen
+                ),
+            )
+        })?;
+        let store_url = self.store.url.trim().to_string();
+        if !(store_url.starts_with("sqlite:")
+            || store_url.starts_with("postgres://")
+            || store_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "store.url",
+                "must start with sqlite:// (e.g. sqlite://calsync.db) or postgres://",
+            ));
+        }
+        let max_connections =
+            in_range("store.max_connections", self.store.max_connections, 1, 1000)?;
+
+        let base_url = http_url("graph.base_url", &self.graph.base_url)?;
+        let authority = http_url("graph.authority", &self.graph.authority)?;
+        if self.graph.scope.trim().is_empty() {
+            return Err(ConfigError::new("graph.scope", "must not be empty"));
+        }
+        let page_size = in_range("graph.page_size", self.graph.page_size, 1, 1000)?;
+        let connect_timeout = positive("graph.connect_timeout", self.graph.connect_timeout)?;
+        let request_timeout = positive("graph.request_timeout", self.graph.request_timeout)?;
+        let max_response_bytes = in_range(
+            "graph.max_response_bytes",
+            self.graph.max_response_bytes,
+            64 * 1024,
+            1 << 30,
+        )?;
+        let max_pages_per_round = in_range(
+            "graph.max_pages_per_round",
+            self.graph.max_pages_per_round,
+            1,
+            1_000_000,
+        )?;
+
+        let s = &self.sync;
+        let job_deadline = positive("sync.job_deadline", s.job_deadline)?;
+        if job_deadline <= request_timeout {
+            return Err(ConfigError::new(
+                "sync.job_deadline",
+                format!(
+                    "must be longer than graph.request_timeout ({}), got {}",
+                    HumanDuration(request_timeout),
+                    s.job_deadline
+                ),
+            ));
+        }
+        let failure_backoff_initial =
+            positive("sync.failure_backoff_initial", s.failure_backoff_initial)?;
+        let failure_backoff_max = positive("sync.failure_backoff_max", s.failure_backoff_max)?;
+        if failure_backoff_max < failure_backoff_initial {
+            return Err(ConfigError::new(
+                "sync.failure_backoff_max",
+                "must not be shorter than sync.failure_backoff_initial",
+            ));
+        }
+        if s.window_past.0 + s.window_future.0 < Duration::from_secs(86_400) {
+            return Err(ConfigError::new(
+                "sync.window_future",
+                "sync.window_past + sync.window_future must cover at least 1d",
+            ));
+        }
+        let sync = SyncSettings {
+            interval: positive("sync.interval", s.interval)?,
+            jitter: s.jitter.0,
+            window_past: s.window_past.0,
+            window_future: s.window_future.0,
+            workers: in_range("sync.workers", s.workers, 1, 4096)?,
+            job_deadline,
+            failure_backoff_initial,
+            failure_backoff_max,
+            poll_interval: positive("sync.poll_interval", s.poll_interval)?,
+        };
+        if self.log.level.trim().is_empty() {
+            return Err(ConfigError::new(
+                "log.level",
+                "must not be empty (e.g. info)",
+            ));
+        }
+
+        let mut names = HashSet::new();
+        let mut tenants = Vec::with_capacity(self.tenants.len());
+        for (index, raw) in self.tenants.into_iter().enumerate() {
+            let tenant = raw.validate(index)?;
+            if !names.insert(tenant.name.clone()) {
+                return Err(ConfigError::new(
+                    format!("tenants[{index}].name"),
+                    format!(
+                        "`{}` is used by two tenants; names must be unique",
+                        tenant.name
+                    ),
+                ));
+            }
+            tenants.push(tenant);
+        }
+
+        Ok(Settings {
+            server: ServerSettings {
+                listen,
+                shutdown_grace: self.server.shutdown_grace.0,
+            },
+            store: StoreSettings {
+                url: store_url,
+                max_connections,
+            },
+            graph: GraphSettings {
+                base_url,
+                authority,
+                scope: self.graph.scope,
+                page_size,
+                connect_timeout,
+                request_timeout,
+                max_response_bytes,
+                max_pages_per_round,
+            },
+            sync,
+            log: LogSettings {
+                format: self.log.format,
+                level: self.log.level,
+            },
+            tenants,
+        })
+    }
+}
+
+impl RawTenant {
+    fn validate(self, index: usize) -> Result<TenantSettings, ConfigError> {
+        let key = |field: &str| format!("tenants[{index}].{field}");
+        let name = self.name.trim().to_string();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(ConfigError::new(
+                key("name"),
+                "must be non-empty and use only letters, digits, `-`, `_` or `.`",
+            ));
+        }
+        let tenant_id = self.tenant_id.trim().to_string();
+        if tenant_id.is_empty() || tenant_id.contains(['/', '?', '#', ' ']) {
+            return Err(ConfigError::new(
+                key("tenant_id"),
+                "must be the directory (tenant) id GUID or a verified domain",
+            ));
+        }
+        let client_id = self.client_id.trim().to_string();
+        if client_id.is_empty() {
+            return Err(ConfigError::new(
+                key("client_id"),
+                "must be the application (client) id",
+            ));
+        }
+        let given = [
+            self.client_secret.is_some(),
+            self.client_secret_file.is_some(),
+            self.certificate_file.is_some(),
+        ]
+        .iter()
+        .filter(|given| **given)
+        .count();
+        if given != 1 {
+            return Err(ConfigError::new(
+                key("client_secret"),
+                "set exactly one of client_secret, client_secret_file, certificate_file",
+            ));
+        }
+        let credential = if let Some(secret) = self.client_secret {
+            if secret.expose_secret().trim().is_empty() {
+                return Err(ConfigError::new(key("client_secret"), "must not be empty"));
+            }
+            Credential::Secret(secret)
+        } else if let Some(path) = self.client_secret_file {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::new(
+                    key("client_secret_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let secret = text.trim();
+            if secret.is_empty() {
+                return Err(ConfigError::new(
+                    key("client_secret_file"),
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            Credential::Secret(SecretString::from(secret.to_string()))
+        } else if let Some(path) = self.certificate_file {
+            let cert = ClientCertificate::from_pem_file(&path)
+                .map_err(|e| ConfigError::new(key("certificate_file"), e.to_string()))?;
+            Credential::Certificate(Arc::new(cert))
+        } else {
+            unreachable!("exactly one credential was checked above")
+        };
+        let mut seen = BTreeMap::new();
+        let mut mailboxes = Vec::with_capacity(self.mailboxes.len());
+        for (i, mailbox) in self.mailboxes.into_iter().enumerate() {
+            let mailbox = mailbox.trim().to_string();
+            if mailbox.is_empty() || mailbox.contains(['/', '?', '#', ' ']) {
+                return Err(ConfigError::new(
+                    format!("tenants[{index}].mailboxes[{i}]"),
+                    "must be a user id (GUID) or user principal name",
+                ));
+            }
+            if seen.insert(mailbox.to_ascii_lowercase(), i).is_some() {
+                return Err(ConfigError::new(
+                    format!("tenants[{index}].mailboxes[{i}]"),
+                    format!("`{mailbox}` is listed twice"),
+                ));
+            }
+            mailboxes.push(mailbox);
+        }
+        Ok(TenantSettings {
+            name,
+            tenant_id,
+            client_id,
+            credential,
+            mailboxes,
+        })
+    }
+}
+
+fn in_range<T: TryFrom<u64>>(key: &str, value: u64, min: u64, max: u64) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::new(
+            key,
+            format!("must be between {min} and {max}, got {value}"),
+        ));
+    }
+    T::try_from(value).map_err(|_| ConfigError::new(key, "is too large for this platform"))
+}
+
+fn positive(key: &str, value: HumanDuration) -> Result<Duration, ConfigError> {
+    if value.0.is_zero() {
+        return Err(ConfigError::new(key, "must be longer than 0"));
+    }
+    Ok(value.0)
+}
+
+/// http(s) URL; plain http only for loopback (the simulator, tests), never for a real host.
+fn http_url(key: &str, text: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(text.trim_end_matches('/'))
+        .map_err(|e| ConfigError::new(key, format!("`{text}` is not a URL: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(ConfigError::new(
+                key,
+                format!("`{text}` must be https:// (http:// only for localhost)"),
+            ))
+        }
+    }
+    if url.host().is_none() || url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::new(
+            key,
+            format!("`{text}` must be a plain base URL without query or fragment"),
+        ));
+    }
+    Ok(url)
+}

@@ -1,0 +1,370 @@
+//! Microsoft Graph client for `calendarView/delta`: one page per call, with deadlines, size caps,
+//! error classification and request ids. Retrying is the caller's decision.
+
+pub mod model;
+
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use url::Url;
+
+pub use model::{DeltaItem, DeltaPage, Event, PageLink};
+
+use crate::auth::AccessToken;
+use crate::config::GraphSettings;
+use crate::net;
+use crate::resilience::retry_after;
+
+/// Error codes meaning "your delta state is gone, start over", compared case-insensitively.
+const RESYNC_CODES: [&str; 4] = [
+    "syncstatenotfound",
+    "resyncrequired",
+    "invaliddeltatoken",
+    "syncstateinvalid",
+];
+/// Error bodies are read only this far.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The time range a delta state covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+/// Ids Graph puts on every response, for support cases. Logged with every failure.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestIds {
+    pub request_id: Option<String>,
+    pub client_request_id: String,
+}
+
+impl std::fmt::Display for RequestIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "request-id {}, client-request-id {}",
+            self.request_id.as_deref().unwrap_or("-"),
+            self.client_request_id
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error("Graph answered 401 ({code}); the access token was refused [{ids}]")]
+    Unauthorized { code: String, ids: RequestIds },
+    #[error(
+        "Graph throttled the request (HTTP {status} {code}), retry after {retry_after:?} [{ids}]"
+    )]
+    Throttled {
+        status: u16,
+        code: String,
+        retry_after: Option<Duration>,
+        ids: RequestIds,
+    },
+    #[error("Graph says the delta state is gone (HTTP {status} {code}); a full resync is needed [{ids}]")]
+    ResyncRequired {
+        status: u16,
+        code: String,
+        ids: RequestIds,
+    },
+    #[error("Graph failed transiently: {reason} [{ids}]")]
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+        ids: RequestIds,
+    },
+    #[error("Graph refused the request (HTTP {status} {code}): {message} [{ids}]")]
+    Permanent {
+        status: u16,
+        code: String,
+        message: String,
+        ids: RequestIds,
+    },
+    #[error("Graph sent an unusable response: {reason} [{ids}]")]
+    Malformed { reason: String, ids: RequestIds },
+    #[error("refused to follow a link to `{host}`: the bearer token is only sent to the configured Graph host")]
+    ForeignLink { host: String },
+    #[error("link `{0}` is not a valid URL")]
+    BadLink(String),
+}
+
+impl GraphError {
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after, .. } | Self::Transient { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
+
+    pub fn request_ids(&self) -> Option<&RequestIds> {
+        match self {
+            Self::Unauthorized { ids, .. }
+            | Self::Throttled { ids, .. }
+            | Self::ResyncRequired { ids, .. }
+            | Self::Transient { ids, .. }
+            | Self::Permanent { ids, .. }
+            | Self::Malformed { ids, .. } => Some(ids),
+            Self::ForeignLink { .. } | Self::BadLink(_) => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GraphClient {
+    http: reqwest::Client,
+    base: Url,
+    page_size: u32,
+    max_body: usize,
+}
+
+impl GraphClient {
+    pub fn new(settings: &GraphSettings, http: reqwest::Client) -> Self {
+        Self {
+            http,
+            base: settings.base_url.clone(),
+            page_size: settings.page_size,
+            max_body: settings.max_response_bytes,
+        }
+    }
+
+    /// The first request of a round: `/users/{id}/calendarView/delta?startDateTime&endDateTime`.
+    pub fn initial_link(&self, mailbox: &str, window: &Window) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments
+                .pop_if_empty()
+                .push("users")
+                .push(mailbox)
+                .push("calendarView")
+                .push("delta");
+        }
+        url.query_pairs_mut()
+            .append_pair(
+                "startDateTime",
+                &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
+            )
+            .append_pair(
+                "endDateTime",
+                &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
+            );
+        url
+    }
+
+    /// A nextLink or deltaLink as Graph gave it, checked to point at the configured Graph origin.
+    pub fn check_link(&self, link: &str) -> Result<Url, GraphError> {
+        let url = Url::parse(link).map_err(|_| GraphError::BadLink(truncate(link, 120)))?;
+        let same_origin = url.scheme() == self.base.scheme()
+            && url.host_str() == self.base.host_str()
+            && url.port_or_known_default() == self.base.port_or_known_default();
+        if !same_origin {
+            return Err(GraphError::ForeignLink {
+                host: url.host_str().unwrap_or("(none)").to_string(),
+            });
+        }
+        Ok(url)
+    }
+
+    /// Fetches one page. The URL must come from [`initial_link`](Self::initial_link) or
+    /// [`check_link`](Self::check_link).
+    pub async fn fetch_page(
+        &self,
+        url: &Url,
+        token: &AccessToken,
+    ) -> Result<(DeltaPage, RequestIds), GraphError> {
+        let client_request_id = uuid::Uuid::new_v4().to_string();
+        let mut ids = RequestIds {
+            request_id: None,
+            client_request_id: client_request_id.clone(),
+        };
+        let response = self
+            .http
+            .get(url.clone())
+            .header(http::header::AUTHORIZATION, token.bearer_header())
+            .header(http::header::ACCEPT, "application/json")
+            .header("Prefer", format!("odata.maxpagesize={}", self.page_size))
+            .header("Prefer", "outlook.timezone=\"UTC\"")
+            .header("client-request-id", &client_request_id)
+            .send()
+            .await;
+        let mut response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(GraphError::Transient {
+                    reason: net::describe_transport(&e),
+                    retry_after: None,
+                    ids,
+                })
+            }
+        };
+        ids.request_id = response
+            .headers()
+            .get("request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let status = response.status().as_u16();
+        if status == 200 {
+            let body = net::read_body_limited(&mut response, self.max_body)
+                .await
+                .map_err(|e| body_error(e, ids.clone()))?;
+            return model::parse_page(&body)
+                .map(|page| (page, ids.clone()))
+                .map_err(|e| GraphError::Malformed { reason: e.0, ids });
+        }
+        let headers = response.headers().clone();
+        let body = net::read_body_limited(&mut response, MAX_ERROR_BODY)
+            .await
+            .unwrap_or_default();
+        Err(classify_failure(
+            status,
+            &headers,
+            &body,
+            ids,
+            SystemTime::now(),
+        ))
+    }
+}
+
+fn body_error(e: net::BodyError, ids: RequestIds) -> GraphError {
+    match e {
+        net::BodyError::TooLarge { .. } => GraphError::Malformed {
+            reason: e.to_string(),
+            ids,
+        },
+        net::BodyError::Transport(ref inner) => GraphError::Transient {
+            reason: format!("reading the body: {}", net::describe_transport(inner)),
+            retry_after: None,
+            ids,
+        },
+    }
+}
+
+/// Graph's error body: `{"error":{"code","message","innerError":{"request-id",..}}}`.
+fn error_code_and_message(body: &[u8]) -> (String, String, Option<String>) {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let error = &json["error"];
+    let code = error["code"].as_str().unwrap_or_default().to_string();
+    let message: String = error["message"]
+        .as_str()
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect();
+    let request_id = find_request_id(&error["innerError"]);
+    (code, message, request_id)
+}
+
+fn find_request_id(inner: &serde_json::Value) -> Option<String> {
+    inner["request-id"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| inner.get("innerError").and_then(find_request_id))
+}
+
+pub fn classify_failure(
+    status: u16,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    mut ids: RequestIds,
+    now: SystemTime,
+) -> GraphError {
+    let (code, message, body_request_id) = error_code_and_message(body);
+    if ids.request_id.is_none() {
+        ids.request_id = body_request_id;
+    }
+    let retry_after = retry_after::from_headers(headers, now);
+    let code_lower = code.to_ascii_lowercase();
+    if status == 410 || RESYNC_CODES.contains(&code_lower.as_str()) {
+        return GraphError::ResyncRequired { status, code, ids };
+    }
+    match status {
+        401 => GraphError::Unauthorized { code, ids },
+        429 => GraphError::Throttled {
+            status,
+            code,
+            retry_after,
+            ids,
+        },
+        500..=599 => GraphError::Transient {
+            reason: format!("HTTP {status} {code}"),
+            retry_after,
+            ids,
+        },
+        408 => GraphError::Transient {
+            reason: format!("HTTP {status} {code}"),
+            retry_after,
+            ids,
+        },
+        _ => GraphError::Permanent {
+            status,
+            code,
+            message,
+            ids,
+        },
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> RequestIds {
+        RequestIds {
+            request_id: None,
+            client_request_id: "c".into(),
+        }
+    }
+
+    #[test]
+    fn resync_codes_match_case_insensitively() {
+        for (status, code) in [
+            (410, "SyncStateNotFound"),
+            (410, "syncStateNotFound"),
+            (400, "resyncRequired"),
+            (400, "InvalidDeltaToken"),
+        ] {
+            let body = format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#);
+            let e = classify_failure(
+                status,
+                &http::HeaderMap::new(),
+                body.as_bytes(),
+                ids(),
+                SystemTime::now(),
+            );
+            assert!(
+                matches!(e, GraphError::ResyncRequired { .. }),
+                "{status} {code}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn nested_inner_error_request_id_is_found() {
+        let body = br#"{"error":{"code":"","message":"","innerError":{"innerError":{"request-id":"rid-9"}}}}"#;
+        let e = classify_failure(500, &http::HeaderMap::new(), body, ids(), SystemTime::now());
+        assert_eq!(
+            e.request_ids()
+                .and_then(|i| i.request_id.clone())
+                .as_deref(),
+            Some("rid-9")
+        );
+    }
+
+    #[test]
+    fn throttling_keeps_retry_after() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("retry-after", http::HeaderValue::from_static("315"));
+        let e = classify_failure(429, &headers, b"", ids(), SystemTime::now());
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(315)));
+        let e = classify_failure(503, &headers, b"", ids(), SystemTime::now());
+        assert!(matches!(e, GraphError::Transient { .. }));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(315)));
+    }
+}

@@ -1,0 +1,189 @@
+//! The `calsync` command line. Everything it runs lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use calsync::app::{self, Application};
+use calsync::config::Settings;
+use calsync::store::RunOutcome;
+
+#[derive(Parser)]
+#[command(
+    name = "calsync",
+    version,
+    about = "Office 365 calendar sync over Microsoft Graph"
+)]
+struct Cli {
+    /// TOML configuration file (defaults < file < CALSYNC_* environment variables).
+    #[arg(long, global = true, env = "CALSYNC_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: HTTP endpoints and the sync workers, until SIGTERM or ctrl-c.
+    Serve,
+    /// Sync every mailbox once and exit: 0 if all succeeded, 1 otherwise.
+    SyncOnce,
+    /// Validate the configuration and print a summary (no secrets).
+    CheckConfig,
+    /// Ask a running calsync for /healthz; exit 0 if it answers 200 (for Docker HEALTHCHECK).
+    Health {
+        /// Base URL of the running service; defaults to the configured server.listen on loopback.
+        #[arg(long, env = "CALSYNC_URL")]
+        url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("calsync: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("calsync: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => serve(settings).await,
+            Command::SyncOnce => sync_once(settings).await,
+            Command::CheckConfig => check_config(&settings),
+            Command::Health { url } => health(&settings, url).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("calsync: {}", calsync::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
+    calsync::telemetry::init(&settings.log);
+    let app = Application::build(settings).await?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        app::shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        trigger.cancel();
+    });
+    app.run_until_stopped(shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {
+    calsync::telemetry::init(&settings.log);
+    let store = app::open_store(&settings).await?;
+    let (worker, _) = app::build_worker(&settings, store)?;
+    let results = worker.sync_all_once().await?;
+    let failed = results
+        .iter()
+        .filter(|r| r.outcome != RunOutcome::Ok)
+        .count();
+    for r in &results {
+        match &r.error {
+            None => println!(
+                "ok      {}/{}: {} pages, {} upserted, {} deleted{}",
+                r.tenant,
+                r.mailbox,
+                r.report.pages,
+                r.report.upserted,
+                r.report.deleted,
+                if r.report.full_round {
+                    " (full round)"
+                } else {
+                    ""
+                }
+            ),
+            Some(e) => println!("FAILED  {}/{}: {e}", r.tenant, r.mailbox),
+        }
+    }
+    println!(
+        "{} mailboxes synced, {failed} failed",
+        results.len() - failed
+    );
+    Ok(if failed == 0 && !results.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn check_config(settings: &Settings) -> anyhow::Result<ExitCode> {
+    println!("configuration is valid");
+    println!("  server.listen      {}", settings.server.listen);
+    println!(
+        "  store.url          {}",
+        app::redact_url(&settings.store.url)
+    );
+    println!("  graph.base_url     {}", settings.graph.base_url);
+    println!("  graph.authority    {}", settings.graph.authority);
+    println!(
+        "  sync               every {} (+ up to {} jitter), {} workers, job deadline {}",
+        calsync::config::HumanDuration(settings.sync.interval),
+        calsync::config::HumanDuration(settings.sync.jitter),
+        settings.sync.workers,
+        calsync::config::HumanDuration(settings.sync.job_deadline)
+    );
+    for t in &settings.tenants {
+        println!(
+            "  tenant {:<12} tenant_id {} client_id {} credential {:?} mailboxes {}",
+            t.name,
+            t.tenant_id,
+            t.client_id,
+            t.credential,
+            t.mailboxes.len()
+        );
+    }
+    if settings.tenants.is_empty() {
+        println!("  (no tenants configured: nothing will be synced)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn health(settings: &Settings, url: Option<String>) -> anyhow::Result<ExitCode> {
+    let base = url.unwrap_or_else(|| {
+        let mut addr = settings.server.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    });
+    let client = calsync::net::http_client(Duration::from_secs(2), Duration::from_secs(5))?;
+    let url = format!("{}/healthz", base.trim_end_matches('/'));
+    match client.get(&url).send().await {
+        Ok(response) if response.status().is_success() => {
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            println!("{}", body["status"].as_str().unwrap_or("ok"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(response) => {
+            println!("unhealthy: HTTP {}", response.status());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            println!("unreachable: {}", calsync::net::describe_transport(&e));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

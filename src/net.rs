@@ -1,0 +1,79 @@
+//! The one way calsync builds HTTP clients and reads response bodies: every client has a connect
+//! timeout and a total deadline and follows no redirects; every body is read under a size cap.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("response body larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("reading the response body failed: {0}")]
+    Transport(#[source] reqwest::Error),
+}
+
+impl BodyError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Transport(e) if e.is_timeout())
+    }
+}
+
+/// Redirects are never followed: a bearer token or client secret must not be replayed to
+/// whatever host a redirect names.
+pub fn http_client(
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("calsync/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+}
+
+/// Reads the body chunk by chunk so an oversized or endless body is cut off at `limit` bytes
+/// instead of filling memory.
+pub async fn read_body_limited(
+    response: &mut reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, BodyError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A short, printable excerpt of a body for error messages (never of a request we sent).
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    text.chars().filter(|c| !c.is_control()).collect()
+}
+
+/// A transport error without the request URL (which may carry delta tokens): what failed and
+/// the underlying causes.
+pub fn describe_transport(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "response body failed"
+    } else {
+        "request failed"
+    };
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{what}: {}", crate::error_chain(cause)),
+        None => what.to_string(),
+    }
+}

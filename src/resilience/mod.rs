@@ -1,0 +1,5 @@
+//! Small, pure resilience pieces with no knowledge of Graph: `Retry-After` parsing and the
+//! backoff schedule.
+
+pub mod backoff;
+pub mod retry_after;

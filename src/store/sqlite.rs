@@ -1,0 +1,524 @@
+//! SQLite store: the embedded default for a single instance.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+
+use super::{
+    link_parts, migrations, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, PageApplied,
+    RunOutcome, StoreError, StoredEvent, SyncRun, RUNS_KEPT_PER_MAILBOX,
+};
+use crate::graph::{DeltaItem, Event, PageLink, Window};
+
+const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.3fZ";
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.format(TS_FORMAT).to_string()
+}
+
+fn parse_ts(column: &str, text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt(format!("{column} `{text}`: {e}")))
+}
+
+fn parse_opt_ts(row: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| parse_ts(column, &t)).transpose()
+}
+
+fn parse_opt_date(row: &SqliteRow, column: &str) -> Result<Option<NaiveDate>, StoreError> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| {
+        NaiveDate::parse_from_str(&t, "%Y-%m-%d")
+            .map_err(|e| StoreError::Corrupt(format!("{column} `{t}`: {e}")))
+    })
+    .transpose()
+}
+
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://PATH`).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        migrations::migrator(migrations::SQLITE)
+            .await?
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A SQLite file has one process working on it, so leases left by an earlier process that
+    /// died are released at start instead of waiting for them to run out.
+    pub async fn release_stale_leases(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Makes the configured mailboxes exactly the enabled config-sourced ones: new ones are
+    /// added (due now), removed ones disabled (their events stay until deleted by an operator).
+    pub async fn sync_config_mailboxes(
+        &self,
+        mailboxes: &[(String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE mailboxes SET enabled = 0 WHERE source = 'config'")
+            .execute(&mut *tx)
+            .await?;
+        for (tenant, user_id) in mailboxes {
+            sqlx::query(
+                "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
+                 VALUES (?1, ?2, 'config', 1, ?3, ?3)
+                 ON CONFLICT (tenant, user_id) DO UPDATE SET enabled = 1",
+            )
+            .bind(tenant)
+            .bind(user_id)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Leases up to `limit` enabled mailboxes whose run is due and whose lease is free,
+    /// oldest due first.
+    pub async fn claim_due(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_for: Duration,
+        limit: u32,
+    ) -> Result<Vec<MailboxRecord>, StoreError> {
+        let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
+        let rows = sqlx::query(
+            "UPDATE mailboxes SET lease_owner = ?1, lease_until = ?2
+             WHERE id IN (
+                 SELECT id FROM mailboxes
+                 WHERE enabled = 1 AND next_run_at <= ?3
+                   AND (lease_until IS NULL OR lease_until < ?3)
+                 ORDER BY next_run_at LIMIT ?4)
+             RETURNING *",
+        )
+        .bind(owner)
+        .bind(ts(until))
+        .bind(ts(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut records = rows
+            .iter()
+            .map(mailbox_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by_key(|m| m.next_run_at);
+        Ok(records)
+    }
+
+    /// Leases one mailbox whatever its schedule (for `sync-once`), if no one else holds it.
+    pub async fn claim(
+        &self,
+        id: MailboxId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_for: Duration,
+    ) -> Result<Option<MailboxRecord>, StoreError> {
+        let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
+        let row = sqlx::query(
+            "UPDATE mailboxes SET lease_owner = ?1, lease_until = ?2
+             WHERE id = ?3 AND (lease_until IS NULL OR lease_until < ?4)
+             RETURNING *",
+        )
+        .bind(owner)
+        .bind(ts(until))
+        .bind(id)
+        .bind(ts(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    pub async fn renew_lease(
+        &self,
+        lease: &Lease,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE mailboxes SET lease_until = ?1 WHERE id = ?2 AND lease_owner = ?3")
+                .bind(ts(until))
+                .bind(lease.mailbox)
+                .bind(&lease.owner)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Begins a full round over `window`: the old delta state is dropped and events not seen
+    /// by the time the round completes are deleted then. Returns the new round id.
+    pub async fn start_full_round(
+        &self,
+        lease: &Lease,
+        window: &Window,
+    ) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "UPDATE mailboxes SET round_id = round_id + 1, round_full = 1, next_link = NULL,
+                 delta_link = NULL, window_start = ?1, window_end = ?2
+             WHERE id = ?3 AND lease_owner = ?4 RETURNING round_id",
+        )
+        .bind(ts(window.start))
+        .bind(ts(window.end))
+        .bind(lease.mailbox)
+        .bind(&lease.owner)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::LeaseLost(lease.mailbox))?;
+        Ok(row.try_get("round_id")?)
+    }
+
+    /// Applies one page and moves the cursor past it, atomically. With a deltaLink that ends a
+    /// full round, events the round did not return are deleted (reconciliation).
+    pub async fn apply_page(
+        &self,
+        lease: &Lease,
+        cursor: &Cursor,
+        items: &[DeltaItem],
+        link: &PageLink,
+        now: DateTime<Utc>,
+    ) -> Result<PageApplied, StoreError> {
+        let window = cursor
+            .window
+            .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
+        let mut tx = self.pool.begin().await?;
+        let fence = sqlx::query("SELECT lease_owner, round_id FROM mailboxes WHERE id = ?1")
+            .bind(lease.mailbox)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let held = fence.as_ref().is_some_and(|row| {
+            row.try_get::<Option<String>, _>("lease_owner")
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some(&lease.owner)
+                && row.try_get::<i64, _>("round_id").ok() == Some(cursor.round_id)
+        });
+        if !held {
+            return Err(StoreError::LeaseLost(lease.mailbox));
+        }
+        let mut applied = PageApplied::default();
+        let synced_at = ts(now);
+        for item in items {
+            match item {
+                DeltaItem::Upsert(event) => {
+                    upsert_event(&mut tx, lease.mailbox, event, cursor.round_id, &synced_at)
+                        .await?;
+                    applied.upserted += 1;
+                }
+                DeltaItem::Removed { id } => {
+                    // Graph also reports changes outside the window as removals: only an event
+                    // held inside this window is deleted.
+                    let done = sqlx::query(
+                        "DELETE FROM events WHERE mailbox_id = ?1 AND event_id = ?2
+                           AND start_utc < ?3 AND end_utc >= ?4",
+                    )
+                    .bind(lease.mailbox)
+                    .bind(id)
+                    .bind(ts(window.end))
+                    .bind(ts(window.start))
+                    .execute(&mut *tx)
+                    .await?;
+                    applied.deleted += done.rows_affected();
+                }
+            }
+        }
+        let (next_link, delta_link) = link_parts(link);
+        if delta_link.is_some() && cursor.full {
+            let done = sqlx::query("DELETE FROM events WHERE mailbox_id = ?1 AND seen_round <> ?2")
+                .bind(lease.mailbox)
+                .bind(cursor.round_id)
+                .execute(&mut *tx)
+                .await?;
+            applied.deleted += done.rows_affected();
+        }
+        match (next_link, delta_link) {
+            (Some(next), _) => {
+                sqlx::query("UPDATE mailboxes SET next_link = ?1 WHERE id = ?2")
+                    .bind(next)
+                    .bind(lease.mailbox)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            (None, delta) => {
+                sqlx::query(
+                    "UPDATE mailboxes SET next_link = NULL, delta_link = ?1, round_full = 0 WHERE id = ?2",
+                )
+                .bind(delta)
+                .bind(lease.mailbox)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
+    /// error, and appends to the sync history.
+    pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
+        let ok = job.outcome == RunOutcome::Ok;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL, next_run_at = ?1,
+                 last_attempt_at = ?2,
+                 last_success_at = CASE WHEN ?3 THEN ?4 ELSE last_success_at END,
+                 last_error = CASE WHEN ?3 THEN last_error ELSE ?5 END,
+                 last_error_at = CASE WHEN ?3 THEN last_error_at ELSE ?4 END,
+                 last_request_id = COALESCE(?6, last_request_id),
+                 consecutive_failures = CASE WHEN ?3 THEN 0 ELSE consecutive_failures + 1 END
+             WHERE id = ?7 AND lease_owner = ?8",
+        )
+        .bind(ts(job.next_run_at))
+        .bind(ts(job.started_at))
+        .bind(ok)
+        .bind(ts(job.finished_at))
+        .bind(&job.error)
+        .bind(&job.request_id)
+        .bind(lease.mailbox)
+        .bind(&lease.owner)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
+                 pages, upserted, deleted, error, request_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .bind(lease.mailbox)
+        .bind(ts(job.started_at))
+        .bind(ts(job.finished_at))
+        .bind(job.outcome.as_str())
+        .bind(job.full_round)
+        .bind(job.pages as i64)
+        .bind(job.upserted as i64)
+        .bind(job.deleted as i64)
+        .bind(&job.error)
+        .bind(&job.request_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM sync_runs WHERE mailbox_id = ?1 AND id <= (
+                 SELECT id FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        )
+        .bind(lease.mailbox)
+        .bind(RUNS_KEPT_PER_MAILBOX)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM mailboxes WHERE enabled = 1 ORDER BY tenant, user_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(mailbox_from_row).collect()
+    }
+
+    pub async fn mailbox(
+        &self,
+        tenant: &str,
+        user_id: &str,
+    ) -> Result<Option<MailboxRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM mailboxes WHERE tenant = ?1 AND user_id = ?2")
+            .bind(tenant)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM events WHERE mailbox_id = ?1 ORDER BY start_utc, event_id")
+                .bind(mailbox)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    pub async fn runs(&self, mailbox: MailboxId, limit: u32) -> Result<Vec<SyncRun>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT ?2")
+                .bind(mailbox)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SyncRun {
+                    started_at: parse_ts("started_at", &row.try_get::<String, _>("started_at")?)?,
+                    finished_at: parse_ts(
+                        "finished_at",
+                        &row.try_get::<String, _>("finished_at")?,
+                    )?,
+                    outcome: row.try_get("outcome")?,
+                    full_round: row.try_get("full_round")?,
+                    pages: row.try_get("pages")?,
+                    upserted: row.try_get("upserted")?,
+                    deleted: row.try_get("deleted")?,
+                    error: row.try_get("error")?,
+                    request_id: row.try_get("request_id")?,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn upsert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    mailbox: MailboxId,
+    e: &Event,
+    round_id: i64,
+    synced_at: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
+             start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity,
+             event_type, series_master_id, organizer_name, organizer_address, attendees, location,
+             web_link, raw, seen_round, synced_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+             ?19, ?20, ?21, ?22, ?23, ?24, ?25)
+         ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
+             ical_uid = excluded.ical_uid, change_key = excluded.change_key, etag = excluded.etag,
+             last_modified = excluded.last_modified, subject = excluded.subject,
+             start_utc = excluded.start_utc, end_utc = excluded.end_utc,
+             start_date = excluded.start_date, end_date = excluded.end_date,
+             is_all_day = excluded.is_all_day, is_cancelled = excluded.is_cancelled,
+             show_as = excluded.show_as, sensitivity = excluded.sensitivity,
+             event_type = excluded.event_type, series_master_id = excluded.series_master_id,
+             organizer_name = excluded.organizer_name, organizer_address = excluded.organizer_address,
+             attendees = excluded.attendees, location = excluded.location,
+             web_link = excluded.web_link, raw = excluded.raw,
+             seen_round = excluded.seen_round, synced_at = excluded.synced_at",
+    )
+    .bind(mailbox)
+    .bind(&e.id)
+    .bind(&e.ical_uid)
+    .bind(&e.change_key)
+    .bind(&e.etag)
+    .bind(e.last_modified.map(ts))
+    .bind(&e.subject)
+    .bind(ts(e.start_utc))
+    .bind(ts(e.end_utc))
+    .bind(e.start_date.map(|d| d.to_string()))
+    .bind(e.end_date.map(|d| d.to_string()))
+    .bind(e.is_all_day)
+    .bind(e.is_cancelled)
+    .bind(&e.show_as)
+    .bind(&e.sensitivity)
+    .bind(&e.event_type)
+    .bind(&e.series_master_id)
+    .bind(&e.organizer_name)
+    .bind(&e.organizer_address)
+    .bind(e.attendees.to_string())
+    .bind(&e.location)
+    .bind(&e.web_link)
+    .bind(&e.raw)
+    .bind(round_id)
+    .bind(synced_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
+    let window = match (
+        parse_opt_ts(row, "window_start")?,
+        parse_opt_ts(row, "window_end")?,
+    ) {
+        (Some(start), Some(end)) => Some(Window { start, end }),
+        _ => None,
+    };
+    let next_run_at: String = row.try_get("next_run_at")?;
+    let created_at: String = row.try_get("created_at")?;
+    Ok(MailboxRecord {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        user_id: row.try_get("user_id")?,
+        enabled: row.try_get("enabled")?,
+        cursor: Cursor {
+            round_id: row.try_get("round_id")?,
+            full: row.try_get("round_full")?,
+            window,
+            next_link: row.try_get("next_link")?,
+            delta_link: row.try_get("delta_link")?,
+        },
+        last_success_at: parse_opt_ts(row, "last_success_at")?,
+        last_attempt_at: parse_opt_ts(row, "last_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        last_error_at: parse_opt_ts(row, "last_error_at")?,
+        last_request_id: row.try_get("last_request_id")?,
+        consecutive_failures: row
+            .try_get::<i64, _>("consecutive_failures")?
+            .try_into()
+            .unwrap_or(u32::MAX),
+        next_run_at: parse_ts("next_run_at", &next_run_at)?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_until: parse_opt_ts(row, "lease_until")?,
+        created_at: parse_ts("created_at", &created_at)?,
+    })
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
+    let start: String = row.try_get("start_utc")?;
+    let end: String = row.try_get("end_utc")?;
+    Ok(StoredEvent {
+        event_id: row.try_get("event_id")?,
+        ical_uid: row.try_get("ical_uid")?,
+        change_key: row.try_get("change_key")?,
+        subject: row.try_get("subject")?,
+        start_utc: parse_ts("start_utc", &start)?,
+        end_utc: parse_ts("end_utc", &end)?,
+        start_date: parse_opt_date(row, "start_date")?,
+        end_date: parse_opt_date(row, "end_date")?,
+        is_all_day: row.try_get("is_all_day")?,
+        is_cancelled: row.try_get("is_cancelled")?,
+        show_as: row.try_get("show_as")?,
+        event_type: row.try_get("event_type")?,
+        series_master_id: row.try_get("series_master_id")?,
+        organizer_address: row.try_get("organizer_address")?,
+        location: row.try_get("location")?,
+        raw: row.try_get("raw")?,
+    })
+}

@@ -1,0 +1,260 @@
+//! One sync job for one mailbox: a delta round over the mailbox's window, page by page, each
+//! page committed with the link after it. A job may be cancelled at any await point (its
+//! deadline is enforced from outside): the store then holds the last committed page.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::auth::{AccessToken, AuthError, TokenProvider};
+use crate::graph::{DeltaItem, DeltaPage, GraphClient, GraphError, PageLink, RequestIds, Window};
+use crate::store::{Cursor, Lease, MailboxRecord, Store, StoreError};
+
+/// A page seen this many times in one job means Graph is looping (the known endless-nextLink
+/// fault); a single repeat can be an honest duplicate when pages are tiny.
+const REPEATED_PAGE_LIMIT: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("delta round stopped after {pages} pages (graph.max_pages_per_round)")]
+    RoundTooLong { pages: u64 },
+    #[error("delta round is looping: the same page came back {times} times")]
+    PageLoop { times: usize },
+    #[error("Graph asked for a resync again right after a resync")]
+    ResyncLoop,
+}
+
+impl SyncError {
+    /// How long the server asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Auth(e) => e.retry_after(),
+            Self::Graph(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+
+    pub fn request_ids(&self) -> Option<&RequestIds> {
+        match self {
+            Self::Graph(e) => e.request_ids(),
+            _ => None,
+        }
+    }
+}
+
+/// What a job did, filled in as pages commit so it is accurate even when the job is cut off.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncReport {
+    pub full_round: bool,
+    pub resynced: bool,
+    pub pages: u64,
+    pub upserted: u64,
+    pub deleted: u64,
+    pub completed: bool,
+    pub last_request_id: Option<String>,
+}
+
+/// Everything a round works with besides the mailbox itself.
+pub struct RoundContext<'a> {
+    pub graph: &'a GraphClient,
+    pub store: &'a Store,
+    pub tokens: &'a TokenProvider,
+    pub lease: &'a Lease,
+    pub window_past: Duration,
+    pub window_future: Duration,
+    pub max_pages_per_round: u32,
+}
+
+/// The window a round started now covers: whole UTC days, so it moves once a day.
+pub fn window_at(now: DateTime<Utc>, past: Duration, future: Duration) -> Window {
+    let midnight = now.date_naive().and_time(chrono::NaiveTime::MIN).and_utc();
+    let past_days = chrono::Duration::days((past.as_secs() / 86_400) as i64);
+    let future_days = chrono::Duration::days(future.as_secs().div_ceil(86_400) as i64);
+    Window {
+        start: midnight - past_days,
+        end: midnight + future_days,
+    }
+}
+
+/// Runs one delta round for `mailbox`, starting a full round when there is no usable state
+/// or when the window has moved.
+pub async fn run_round(
+    ctx: &RoundContext<'_>,
+    mailbox: &MailboxRecord,
+    now: DateTime<Utc>,
+    report: &mut SyncReport,
+) -> Result<(), SyncError> {
+    let RoundContext {
+        graph,
+        store,
+        tokens,
+        lease,
+        ..
+    } = *ctx;
+    let window = window_at(now, ctx.window_past, ctx.window_future);
+    let mut cursor = mailbox.cursor.clone();
+    let has_state = cursor.next_link.is_some() || cursor.delta_link.is_some();
+    if cursor.window != Some(window) || (!has_state && !cursor.full) || cursor.round_id == 0 {
+        cursor = start_full_round(store, lease, window).await?;
+    }
+    report.full_round = cursor.full;
+    let mut seen_pages: HashMap<u64, usize> = HashMap::new();
+    let mut seen_links: HashSet<String> = HashSet::new();
+    let mut pages_this_job: u64 = 0;
+    loop {
+        let url = match (&cursor.next_link, &cursor.delta_link) {
+            (Some(link), _) | (None, Some(link)) => graph.check_link(link)?,
+            (None, None) => graph.initial_link(&mailbox.user_id, &window),
+        };
+        pages_this_job += 1;
+        if pages_this_job > u64::from(ctx.max_pages_per_round) {
+            return Err(SyncError::RoundTooLong {
+                pages: pages_this_job - 1,
+            });
+        }
+        let page = match fetch_with_fresh_token(graph, tokens, &url).await {
+            Ok((page, ids)) => {
+                report.last_request_id = ids.request_id;
+                page
+            }
+            Err(SyncError::Graph(GraphError::ResyncRequired { code, ids, .. })) => {
+                if report.resynced {
+                    return Err(SyncError::ResyncLoop);
+                }
+                tracing::info!(
+                    mailbox = %mailbox.user_id, %code, %ids,
+                    "delta state expired; starting a full resync of the window"
+                );
+                report.resynced = true;
+                cursor = start_full_round(store, lease, window).await?;
+                report.full_round = true;
+                seen_pages.clear();
+                seen_links.clear();
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        detect_loop(&page, &mut seen_pages, &mut seen_links)?;
+        let applied = store
+            .apply_page(lease, &cursor, &page.items, &page.link, Utc::now())
+            .await?;
+        report.pages += 1;
+        report.upserted += applied.upserted;
+        report.deleted += applied.deleted;
+        match page.link {
+            PageLink::Next(next) => cursor.next_link = Some(next),
+            PageLink::Delta(delta) => {
+                cursor.next_link = None;
+                cursor.delta_link = Some(delta);
+                cursor.full = false;
+                report.completed = true;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn start_full_round(
+    store: &Store,
+    lease: &Lease,
+    window: Window,
+) -> Result<Cursor, SyncError> {
+    let round_id = store.start_full_round(lease, &window).await?;
+    Ok(Cursor {
+        round_id,
+        full: true,
+        window: Some(window),
+        next_link: None,
+        delta_link: None,
+    })
+}
+
+/// A 401 means the token expired or was revoked: drop it, fetch a fresh one, try once more.
+async fn fetch_with_fresh_token(
+    graph: &GraphClient,
+    tokens: &TokenProvider,
+    url: &url::Url,
+) -> Result<(DeltaPage, RequestIds), SyncError> {
+    let token: AccessToken = tokens.token().await?;
+    match graph.fetch_page(url, &token).await {
+        Err(GraphError::Unauthorized { ids, .. }) => {
+            tracing::info!(tenant = tokens.tenant(), %ids, "Graph refused the access token; refreshing it once");
+            tokens.invalidate(&token).await;
+            let fresh = tokens.token().await?;
+            Ok(graph.fetch_page(url, &fresh).await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+fn detect_loop(
+    page: &DeltaPage,
+    seen_pages: &mut HashMap<u64, usize>,
+    seen_links: &mut HashSet<String>,
+) -> Result<(), SyncError> {
+    if let PageLink::Next(next) = &page.link {
+        if !seen_links.insert(next.clone()) {
+            return Err(SyncError::PageLoop { times: 2 });
+        }
+    }
+    if page.items.is_empty() {
+        return Ok(());
+    }
+    let mut hasher = DefaultHasher::new();
+    for item in &page.items {
+        match item {
+            DeltaItem::Upsert(event) => {
+                (&event.id, &event.change_key, &event.raw).hash(&mut hasher)
+            }
+            DeltaItem::Removed { id } => ("removed", id).hash(&mut hasher),
+        }
+    }
+    let times = seen_pages.entry(hasher.finish()).or_insert(0);
+    *times += 1;
+    if *times >= REPEATED_PAGE_LIMIT {
+        return Err(SyncError::PageLoop { times: *times });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn window_is_whole_days_and_moves_daily() {
+        let day = Duration::from_secs(86_400);
+        let a = window_at(
+            Utc.with_ymd_and_hms(2026, 11, 27, 0, 0, 1).unwrap(),
+            day * 30,
+            day * 180,
+        );
+        let b = window_at(
+            Utc.with_ymd_and_hms(2026, 11, 27, 23, 59, 59).unwrap(),
+            day * 30,
+            day * 180,
+        );
+        let c = window_at(
+            Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0).unwrap(),
+            day * 30,
+            day * 180,
+        );
+        assert_eq!(a, b);
+        assert_ne!(b, c);
+        assert_eq!(
+            a.start,
+            Utc.with_ymd_and_hms(2026, 10, 28, 0, 0, 0).unwrap()
+        );
+        assert_eq!(a.end, Utc.with_ymd_and_hms(2027, 5, 26, 0, 0, 0).unwrap());
+    }
+}
