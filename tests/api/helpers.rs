@@ -1,0 +1,187 @@
+//! Test harness: each test gets its own SQLite file and its own mock Graph + token endpoint.
+
+use std::sync::Arc;
+
+use calsync::config::Settings;
+use calsync::scheduler::{JobResult, Worker};
+use calsync::store::{MailboxRecord, Store, StoredEvent};
+use tempfile::TempDir;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+pub const TENANT: &str = "contoso";
+pub const TENANT_ID: &str = "11111111-2222-3333-4444-555555555555";
+pub const CLIENT_SECRET: &str = "s3cr3t-Value~that-must-never-leak";
+pub const ALICE: &str = "alice@contoso.com";
+pub const DELTA_PATH: &str = "/v1.0/users/alice@contoso.com/calendarView/delta";
+
+#[allow(dead_code)] // `settings` and `dir` are for tests that need them; `dir` keeps the files alive
+pub struct TestApp {
+    pub graph: MockServer,
+    pub settings: Settings,
+    pub store: Store,
+    pub worker: Arc<Worker>,
+    pub dir: TempDir,
+}
+
+/// The TOML every test starts from; `extra` is appended (later keys of a table win by merge).
+pub fn base_config(graph_uri: &str, db: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+url = "sqlite://{db}"
+[graph]
+base_url = "{graph_uri}/v1.0"
+authority = "{graph_uri}"
+page_size = 50
+connect_timeout = "1s"
+request_timeout = "2s"
+[sync]
+interval = "1m"
+jitter = "0s"
+window_past = "3650d"
+window_future = "3650d"
+workers = 4
+job_deadline = "5s"
+failure_backoff_initial = "1s"
+failure_backoff_max = "10s"
+poll_interval = "50ms"
+[[tenants]]
+name = "{TENANT}"
+tenant_id = "{TENANT_ID}"
+client_id = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+client_secret = "{CLIENT_SECRET}"
+mailboxes = ["{ALICE}"]
+"#
+    )
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|toml| toml).await
+}
+
+/// Like [`spawn_app`], with the config text rewritten by `edit` first.
+pub async fn spawn_app_with(edit: impl FnOnce(String) -> String) -> TestApp {
+    let graph = MockServer::start().await;
+    spawn_app_on(graph, edit).await
+}
+
+pub async fn spawn_app_on(graph: MockServer, edit: impl FnOnce(String) -> String) -> TestApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("calsync.db");
+    let toml = edit(base_config(&graph.uri(), &db.display().to_string()));
+    let settings = Settings::from_toml_str(&toml).expect("test config is valid");
+    let store = calsync::app::open_store(&settings)
+        .await
+        .expect("store opens");
+    let (worker, _) = calsync::app::build_worker(&settings, store.clone()).expect("worker builds");
+    TestApp {
+        graph,
+        settings,
+        store,
+        worker,
+        dir,
+    }
+}
+
+impl TestApp {
+    pub fn base(&self) -> String {
+        format!("{}/v1.0", self.graph.uri())
+    }
+
+    /// A fixture from `fixtures/`, with `{{BASE}}` pointing at this test's mock Graph.
+    pub fn fixture(&self, name: &str) -> serde_json::Value {
+        let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text.replace("{{BASE}}", &self.base())).expect("fixture is JSON")
+    }
+
+    pub async fn mount_token_ok(&self) {
+        Mock::given(method("POST"))
+            .and(path(format!("/{TENANT_ID}/oauth2/v2.0/token")))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(self.fixture("token/success.json")),
+            )
+            .mount(&self.graph)
+            .await;
+    }
+
+    pub async fn sync_once(&self) -> Vec<JobResult> {
+        self.worker.sync_all_once().await.expect("sync pass runs")
+    }
+
+    pub async fn sync_alice(&self) -> JobResult {
+        let mut results = self.sync_once().await;
+        assert_eq!(results.len(), 1);
+        results.remove(0)
+    }
+
+    pub async fn mailbox(&self, user: &str) -> MailboxRecord {
+        self.store
+            .mailbox(TENANT, user)
+            .await
+            .expect("store reads")
+            .expect("mailbox registered")
+    }
+
+    pub async fn events(&self, user: &str) -> Vec<StoredEvent> {
+        let mailbox = self.mailbox(user).await;
+        self.store.events(mailbox.id).await.expect("store reads")
+    }
+
+    pub async fn event_ids(&self, user: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .events(user)
+            .await
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// Matches a request whose query string has a parameter called `name`.
+pub fn has_param(name: &'static str) -> impl Fn(&wiremock::Request) -> bool + Send + Sync {
+    move |request: &wiremock::Request| request.url.query_pairs().any(|(k, _)| k == name)
+}
+
+/// Matches a request whose query parameter `name` equals `value`.
+pub fn param(
+    name: &'static str,
+    value: &'static str,
+) -> impl Fn(&wiremock::Request) -> bool + Send + Sync {
+    move |request: &wiremock::Request| {
+        request
+            .url
+            .query_pairs()
+            .any(|(k, v)| k == name && v == value)
+    }
+}
+
+/// Mounts the three-page initial round of `fixtures/graph/initial_page*.json` for Alice.
+pub async fn mount_initial_round(app: &TestApp) {
+    Mock::given(method("GET"))
+        .and(path(DELTA_PATH))
+        .and(has_param("startDateTime"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(app.fixture("graph/initial_page1.json")),
+        )
+        .expect(1)
+        .mount(&app.graph)
+        .await;
+    for (token, page) in [
+        ("R0usmcCM996atia_s-page2", "graph/initial_page2.json"),
+        ("R0usmcCM996atia_s-page3", "graph/initial_page3.json"),
+    ] {
+        Mock::given(method("GET"))
+            .and(path(DELTA_PATH))
+            .and(param("$skiptoken", token))
+            .respond_with(ResponseTemplate::new(200).set_body_json(app.fixture(page)))
+            .expect(1)
+            .mount(&app.graph)
+            .await;
+    }
+}
