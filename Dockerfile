@@ -1,0 +1,28 @@
+# syntax=docker/dockerfile:1
+# Build stage: pinned toolchain. Pin by digest as well in your release pipeline.
+FROM rust:1.95.0-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY migrations ./migrations
+RUN cargo build --release --locked --bin calsync
+
+# Runtime stage: slim Debian with only CA certificates added.
+FROM debian:12.11-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 calsync \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin calsync \
+ && mkdir /data && chown 10001:10001 /data
+COPY --from=build /src/target/release/calsync /usr/local/bin/calsync
+USER 10001:10001
+ENV CALSYNC_SERVER__LISTEN=0.0.0.0:8080 \
+    CALSYNC_STORE__URL=sqlite:///data/calsync.db \
+    CALSYNC_LOG__FORMAT=json
+VOLUME ["/data"]
+EXPOSE 8080
+# `calsync health` asks the running service for /healthz; no curl in the image.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 CMD ["calsync", "health"]
+ENTRYPOINT ["calsync"]
+CMD ["serve"]
