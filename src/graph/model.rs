@@ -169,6 +169,17 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, PayloadError> {
     Ok(DeltaPage { items, link })
 }
 
+/// Parses one event as Graph represents it (e.g. a simulator's ground truth) the way a page
+/// item is parsed, so both sides of a comparison are normalised alike.
+pub fn parse_event(item: serde_json::Value) -> Result<Event, PayloadError> {
+    match parse_item(item)? {
+        DeltaItem::Upsert(event) => Ok(*event),
+        DeltaItem::Removed { id } => Err(PayloadError(format!(
+            "item {id} is a removal, not an event"
+        ))),
+    }
+}
+
 fn parse_item(item: serde_json::Value) -> Result<DeltaItem, PayloadError> {
     let id = item
         .get("id")

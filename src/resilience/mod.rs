@@ -2,4 +2,5 @@
 //! backoff schedule.
 
 pub mod backoff;
+pub mod breaker;
 pub mod retry_after;

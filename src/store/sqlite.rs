@@ -377,6 +377,23 @@ impl SqliteStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    /// Events held per mailbox.
+    pub async fn event_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
+        let rows = sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM events GROUP BY mailbox_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("mailbox_id")?,
+                    row.try_get::<i64, _>("n")?.max(0) as u64,
+                ))
+            })
+            .collect()
+    }
+
     pub async fn runs(&self, mailbox: MailboxId, limit: u32) -> Result<Vec<SyncRun>, StoreError> {
         let rows =
             sqlx::query("SELECT * FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT ?2")

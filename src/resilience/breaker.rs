@@ -1,0 +1,395 @@
+//! Circuit breaker state machine, one per (tenant, dependency). Pure: the caller passes the
+//! time, so tests drive it without sleeping.
+//!
+//! closed → open when, within the sliding window, at least `min_calls` calls ended and the
+//! failure rate reached `failure_rate` (timeouts and slow calls count as failures); or at once
+//! on a permanent failure (wrong secret, app not in tenant), for `permanent_break`.
+//! open → half-open when the break time has passed; the break time doubles with each trip in
+//! a row (plus up to 25 % jitter, never less), capped at `max_break`.
+//! half-open → closed after `probes` successful probe calls; → open again on any failure.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::Serialize;
+use tokio::time::Instant;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerConfig {
+    pub window: Duration,
+    pub min_calls: u32,
+    pub failure_rate: f64,
+    pub base_break: Duration,
+    pub max_break: Duration,
+    pub probes: u32,
+    pub permanent_break: Duration,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BreakerConfigError {
+    #[error("failure_rate must be in (0, 1], got {0}")]
+    FailureRate(f64),
+    #[error("min_calls and probes must be at least 1")]
+    ZeroCount,
+    #[error("base_break must be > 0 and not above max_break")]
+    BreakBounds,
+}
+
+impl BreakerConfig {
+    pub fn validate(&self) -> Result<(), BreakerConfigError> {
+        if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
+            return Err(BreakerConfigError::FailureRate(self.failure_rate));
+        }
+        if self.min_calls == 0 || self.probes == 0 {
+            return Err(BreakerConfigError::ZeroCount);
+        }
+        if self.base_break.is_zero() || self.base_break > self.max_break {
+            return Err(BreakerConfigError::BreakBounds);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallOutcome {
+    Success,
+    /// Transient failure: 5xx, 429, timeout, reset, slow call.
+    Failure,
+    /// A failure no retry will fix (credentials): opens the breaker for `permanent_break`.
+    Permanent,
+}
+
+/// A refused call: the breaker is open until `until` (or half-open with all probes out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub until: Instant,
+}
+
+/// A state change, for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub from: BreakerState,
+    pub to: BreakerState,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    state: BreakerState,
+    /// When open: until when. When half-open: unused.
+    open_until: Instant,
+    probes_in_flight: u32,
+    probe_successes: u32,
+    /// Trips in a row without a full recovery; grows the break time.
+    consecutive_trips: u32,
+    permanent: bool,
+    outcomes: VecDeque<(Instant, bool)>,
+    last_change: Instant,
+}
+
+impl Breaker {
+    pub fn new(config: BreakerConfig, now: Instant) -> Self {
+        Self {
+            config,
+            state: BreakerState::Closed,
+            open_until: now,
+            probes_in_flight: 0,
+            probe_successes: 0,
+            consecutive_trips: 0,
+            permanent: false,
+            outcomes: VecDeque::new(),
+            last_change: now,
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// True when the last trip was caused by a permanent failure.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    pub fn since(&self) -> Instant {
+        self.last_change
+    }
+
+    /// When an open breaker lets the next probe through (`None` unless open).
+    pub fn open_until(&self) -> Option<Instant> {
+        (self.state == BreakerState::Open).then_some(self.open_until)
+    }
+
+    /// Whether a call could start now, without reserving it (for the dispatcher).
+    pub fn would_allow(&self, now: Instant) -> Result<(), Rejected> {
+        match self.state {
+            BreakerState::Closed => Ok(()),
+            BreakerState::Open if now >= self.open_until => Ok(()),
+            BreakerState::Open => Err(Rejected {
+                until: self.open_until,
+            }),
+            BreakerState::HalfOpen if self.probes_in_flight < self.config.probes => Ok(()),
+            BreakerState::HalfOpen => Err(Rejected {
+                until: now + self.config.base_break,
+            }),
+        }
+    }
+
+    /// Reserves a call. In half-open only `probes` calls may be out at once.
+    pub fn acquire(&mut self, now: Instant) -> Result<Option<Transition>, Rejected> {
+        self.would_allow(now)?;
+        let transition = if self.state == BreakerState::Open {
+            Some(self.change(BreakerState::HalfOpen, now))
+        } else {
+            None
+        };
+        if self.state == BreakerState::HalfOpen {
+            self.probes_in_flight += 1;
+        }
+        Ok(transition)
+    }
+
+    /// Records how a reserved call ended.
+    pub fn record(&mut self, outcome: CallOutcome, now: Instant) -> Option<Transition> {
+        match self.state {
+            BreakerState::HalfOpen => {
+                self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+                match outcome {
+                    CallOutcome::Success => {
+                        self.probe_successes += 1;
+                        if self.probe_successes >= self.config.probes {
+                            self.consecutive_trips = 0;
+                            self.permanent = false;
+                            self.outcomes.clear();
+                            return Some(self.change(BreakerState::Closed, now));
+                        }
+                        None
+                    }
+                    CallOutcome::Failure => Some(self.trip(now, false)),
+                    CallOutcome::Permanent => Some(self.trip(now, true)),
+                }
+            }
+            BreakerState::Closed => {
+                if outcome == CallOutcome::Permanent {
+                    return Some(self.trip(now, true));
+                }
+                self.outcomes
+                    .push_back((now, outcome == CallOutcome::Success));
+                self.evict(now);
+                let calls = self.outcomes.len() as u32;
+                let failures = self.outcomes.iter().filter(|(_, ok)| !ok).count() as f64;
+                if calls >= self.config.min_calls
+                    && failures / f64::from(calls) >= self.config.failure_rate
+                {
+                    return Some(self.trip(now, false));
+                }
+                None
+            }
+            // A call that started before the trip and ends while open changes nothing.
+            BreakerState::Open => None,
+        }
+    }
+
+    fn evict(&mut self, now: Instant) {
+        while let Some((at, _)) = self.outcomes.front() {
+            if now.duration_since(*at) > self.config.window {
+                self.outcomes.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn trip(&mut self, now: Instant, permanent: bool) -> Transition {
+        self.consecutive_trips += 1;
+        self.permanent = permanent;
+        let base = if permanent {
+            self.config.permanent_break
+        } else {
+            let doublings = (self.consecutive_trips - 1).min(20);
+            self.config
+                .base_break
+                .saturating_mul(1u32 << doublings)
+                .min(self.config.max_break)
+        };
+        // Jitter is only ever added: probes of many tenants spread out, none comes early.
+        let jitter = base.mul_f64(rand::thread_rng().gen_range(0.0..0.25));
+        self.open_until = now + base + jitter;
+        self.probes_in_flight = 0;
+        self.probe_successes = 0;
+        self.outcomes.clear();
+        self.change(BreakerState::Open, now)
+    }
+
+    fn change(&mut self, to: BreakerState, now: Instant) -> Transition {
+        let from = self.state;
+        self.state = to;
+        self.last_change = now;
+        Transition { from, to }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> BreakerConfig {
+        BreakerConfig {
+            window: Duration::from_secs(30),
+            min_calls: 4,
+            failure_rate: 0.5,
+            base_break: Duration::from_secs(10),
+            max_break: Duration::from_secs(60),
+            probes: 2,
+            permanent_break: Duration::from_secs(1800),
+        }
+    }
+
+    #[test]
+    fn validates_its_config() {
+        assert!(config().validate().is_ok());
+        let mut bad = config();
+        bad.failure_rate = 0.0;
+        assert_eq!(bad.validate(), Err(BreakerConfigError::FailureRate(0.0)));
+        let mut bad = config();
+        bad.base_break = Duration::from_secs(120);
+        assert_eq!(bad.validate(), Err(BreakerConfigError::BreakBounds));
+    }
+
+    #[test]
+    fn opens_only_after_min_calls_at_the_failure_rate() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(config(), t0);
+        for _ in 0..3 {
+            assert_eq!(b.record(CallOutcome::Failure, t0), None, "below min_calls");
+        }
+        let t = b
+            .record(CallOutcome::Failure, t0)
+            .expect("trips at the 4th call");
+        assert_eq!(
+            t,
+            Transition {
+                from: BreakerState::Closed,
+                to: BreakerState::Open
+            }
+        );
+        assert!(b.acquire(t0 + Duration::from_secs(9)).is_err());
+    }
+
+    #[test]
+    fn successes_keep_it_closed_and_old_failures_expire() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(config(), t0);
+        b.record(CallOutcome::Failure, t0);
+        b.record(CallOutcome::Success, t0);
+        b.record(CallOutcome::Success, t0);
+        assert_eq!(
+            b.record(CallOutcome::Success, t0),
+            None,
+            "1 of 4 failed: below 0.5"
+        );
+        assert_eq!(
+            b.record(CallOutcome::Failure, t0),
+            None,
+            "2 of 5 failed: below 0.5"
+        );
+        assert!(
+            b.record(CallOutcome::Failure, t0).is_some(),
+            "3 of 6 failed: 0.5 trips"
+        );
+        let mut b = Breaker::new(config(), t0);
+        b.record(CallOutcome::Failure, t0);
+        b.record(CallOutcome::Failure, t0);
+        b.record(CallOutcome::Failure, t0);
+        // 40 s later the three failures are outside the 30 s window.
+        let later = t0 + Duration::from_secs(40);
+        assert_eq!(b.record(CallOutcome::Failure, later), None);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn half_open_lets_limited_probes_through_then_closes() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(config(), t0);
+        for _ in 0..4 {
+            b.record(CallOutcome::Failure, t0);
+        }
+        let until = b.open_until().expect("open");
+        assert!(
+            until >= t0 + Duration::from_secs(10),
+            "never earlier than the break time"
+        );
+        assert!(
+            until <= t0 + Duration::from_millis(12_500),
+            "jitter at most 25 %"
+        );
+        let t1 = until;
+        assert_eq!(
+            b.acquire(t1),
+            Ok(Some(Transition {
+                from: BreakerState::Open,
+                to: BreakerState::HalfOpen
+            }))
+        );
+        assert_eq!(b.acquire(t1), Ok(None));
+        assert!(b.acquire(t1).is_err(), "only 2 probes at once");
+        assert_eq!(b.record(CallOutcome::Success, t1), None);
+        assert_eq!(
+            b.record(CallOutcome::Success, t1),
+            Some(Transition {
+                from: BreakerState::HalfOpen,
+                to: BreakerState::Closed
+            })
+        );
+    }
+
+    #[test]
+    fn break_time_grows_with_repeated_trips_and_is_capped() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(config(), t0);
+        for _ in 0..4 {
+            b.record(CallOutcome::Failure, t0);
+        }
+        let mut now = t0;
+        let mut breaks = Vec::new();
+        for _ in 0..5 {
+            let until = b.open_until().expect("open");
+            breaks.push(until - now);
+            now = until;
+            b.acquire(now).expect("probe allowed");
+            b.record(CallOutcome::Failure, now);
+        }
+        let secs: Vec<u64> = breaks.iter().map(|d| d.as_secs()).collect();
+        for (got, base) in secs.iter().zip([10u64, 20, 40, 60, 60]) {
+            assert!(*got >= base && *got <= base + base / 4, "{secs:?}");
+        }
+    }
+
+    #[test]
+    fn permanent_failure_opens_at_once_for_long() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(config(), t0);
+        assert!(b.record(CallOutcome::Permanent, t0).is_some());
+        assert!(b.is_permanent());
+        assert!(b.open_until().expect("open") >= t0 + Duration::from_secs(1800));
+    }
+}
