@@ -185,3 +185,123 @@ pub async fn mount_initial_round(app: &TestApp) {
             .await;
     }
 }
+
+pub fn token_path() -> String {
+    format!("/{TENANT_ID}/oauth2/v2.0/token")
+}
+
+/// A successful token response carrying `access_token`.
+pub fn token_body(access_token: &str, expires_in: u64, ext_expires_in: u64) -> serde_json::Value {
+    serde_json::json!({
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "ext_expires_in": ext_expires_in,
+        "access_token": access_token,
+    })
+}
+
+/// The identity platform's error body, as Entra sends it.
+pub fn identity_error(error: &str, code: u64, description: &str) -> serde_json::Value {
+    serde_json::json!({
+        "error": error,
+        "error_description": format!(
+            "AADSTS{code}: {description}\r\nTrace ID: 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\r\nCorrelation ID: 9a8b7c6d-5e4f-3a2b-1c0d-e9f8a7b6c5d4\r\nTimestamp: 2026-11-27 10:00:00Z"
+        ),
+        "error_codes": [code],
+        "timestamp": "2026-11-27 10:00:00Z",
+        "trace_id": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+        "correlation_id": "9a8b7c6d-5e4f-3a2b-1c0d-e9f8a7b6c5d4",
+        "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+    })
+}
+
+/// Graph's error body: `{"error":{"code","message","innerError":{..}}}`.
+pub fn graph_error(code: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "error": {
+            "code": code,
+            "message": message,
+            "innerError": {
+                "date": "2026-11-27T10:00:00",
+                "request-id": "5c3b0f0e-8d1a-4d2b-9a51-1f2e3d4c5b6a",
+                "client-request-id": "5c3b0f0e-8d1a-4d2b-9a51-1f2e3d4c5b6a"
+            }
+        }
+    })
+}
+
+/// Answers with each template in turn, then repeats the last one.
+pub struct InTurn {
+    templates: Vec<ResponseTemplate>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl InTurn {
+    pub fn new(templates: Vec<ResponseTemplate>) -> Self {
+        assert!(!templates.is_empty());
+        Self {
+            templates,
+            calls: Default::default(),
+        }
+    }
+}
+
+impl wiremock::Respond for InTurn {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.templates[n.min(self.templates.len() - 1)].clone()
+    }
+}
+
+/// A delta page whose `@odata.nextLink` (or, with `last`, `@odata.deltaLink`) carries `token`.
+pub fn delta_page(
+    base: &str,
+    items: Vec<serde_json::Value>,
+    token: &str,
+    last: bool,
+) -> serde_json::Value {
+    let (key, param) = if last {
+        ("@odata.deltaLink", "$deltatoken")
+    } else {
+        ("@odata.nextLink", "$skiptoken")
+    };
+    serde_json::json!({
+        "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#Collection(event)",
+        key: format!("{base}/users/alice@contoso.com/calendarView/delta?{param}={token}"),
+        "value": items,
+    })
+}
+
+/// A timed event in UTC as Graph sends it.
+pub fn event(id: &str, subject: &str, start: &str, end: &str) -> serde_json::Value {
+    serde_json::json!({
+        "@odata.type": "#microsoft.graph.event",
+        "@odata.etag": format!("W/\"{id}-{subject}\""),
+        "id": id,
+        "changeKey": format!("{id}-{subject}"),
+        "lastModifiedDateTime": "2026-11-25T09:00:00Z",
+        "subject": subject,
+        "isAllDay": false,
+        "isCancelled": false,
+        "showAs": "busy",
+        "type": "singleInstance",
+        "start": {"dateTime": start, "timeZone": "UTC"},
+        "end": {"dateTime": end, "timeZone": "UTC"},
+    })
+}
+
+/// Runs the three-page initial round for Alice, checks it succeeded, and clears the mocks
+/// (after verifying their expectations) so the test can mount the next round.
+pub async fn complete_initial_round(app: &TestApp) {
+    app.mount_token_ok().await;
+    mount_initial_round(app).await;
+    let result = app.sync_alice().await;
+    assert_eq!(
+        result.outcome,
+        calsync::store::RunOutcome::Ok,
+        "{:?}",
+        result.error
+    );
+    app.graph.verify().await;
+    app.graph.reset().await;
+}

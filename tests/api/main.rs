@@ -1,4 +1,5 @@
 //! One integration-test binary (one link step) with a module per subject.
 
 mod helpers;
+mod resync;
 mod sync_rounds;
