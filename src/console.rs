@@ -70,11 +70,10 @@ impl LiveView {
 
 /// `[#########.........]  9/20`
 pub fn progress_bar(label: &str, done: usize, total: usize, width: usize) -> String {
-    let filled = if total == 0 {
-        width
-    } else {
-        (done * width / total).min(width)
-    };
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
     format!(
         "{label:<18} [{}{}] {done}/{total}",
         "#".repeat(filled),
