@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use calsync::auth::TokenProviders;
 use calsync::config::Settings;
 use calsync::scheduler::{JobResult, Worker};
 use calsync::store::{MailboxRecord, Store, StoredEvent};
@@ -21,6 +22,8 @@ pub struct TestApp {
     pub settings: Settings,
     pub store: Store,
     pub worker: Arc<Worker>,
+    /// The worker's token providers, by tenant name.
+    pub tokens: Arc<TokenProviders>,
     pub dir: TempDir,
 }
 
@@ -76,12 +79,14 @@ pub async fn spawn_app_on(graph: MockServer, edit: impl FnOnce(String) -> String
     let store = calsync::app::open_store(&settings)
         .await
         .expect("store opens");
-    let (worker, _) = calsync::app::build_worker(&settings, store.clone()).expect("worker builds");
+    let (worker, tokens) =
+        calsync::app::build_worker(&settings, store.clone()).expect("worker builds");
     TestApp {
         graph,
         settings,
         store,
         worker,
+        tokens,
         dir,
     }
 }

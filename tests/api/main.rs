@@ -3,3 +3,5 @@
 mod helpers;
 mod resync;
 mod sync_rounds;
+mod token_errors;
+mod token_refresh;
