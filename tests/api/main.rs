@@ -1,5 +1,6 @@
 //! One integration-test binary (one link step) with a module per subject.
 
+mod certificate;
 mod helpers;
 mod resync;
 mod sync_rounds;
