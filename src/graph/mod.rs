@@ -161,8 +161,10 @@ impl GraphClient {
             && url.host_str() == self.base.host_str()
             && url.port_or_known_default() == self.base.port_or_known_default();
         if !same_origin {
+            // With the port: a link to another port of the same host is just as foreign.
+            let host = &url[url::Position::BeforeHost..url::Position::AfterPort];
             return Err(GraphError::ForeignLink {
-                host: url.host_str().unwrap_or("(none)").to_string(),
+                host: if host.is_empty() { "(none)" } else { host }.to_string(),
             });
         }
         Ok(url)

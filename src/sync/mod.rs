@@ -144,6 +144,11 @@ pub async fn run_round(
             Err(e) => return Err(e),
         };
         detect_loop(&page, &mut seen_pages, &mut seen_links)?;
+        // Checked before the page commits: a refused link must not become the stored cursor,
+        // where every later job would fail on it.
+        match &page.link {
+            PageLink::Next(link) | PageLink::Delta(link) => graph.check_link(link)?,
+        };
         let applied = store
             .apply_page(lease, &cursor, &page.items, &page.link, Utc::now())
             .await?;
