@@ -3,6 +3,7 @@
 mod certificate;
 mod foreign_links;
 mod helpers;
+mod malformed;
 mod resync;
 mod sync_rounds;
 mod token_errors;
