@@ -63,8 +63,13 @@ pub fn build_worker(
     .context("cannot build the token HTTP client")?;
     let mut tokens = TokenProviders::new();
     for tenant in &settings.tenants {
-        let provider = TokenProvider::new(tenant, &settings.graph, token_http.clone())
-            .with_context(|| format!("tenant `{}`: bad token endpoint URL", tenant.name))?;
+        let provider = TokenProvider::new(
+            tenant,
+            &settings.graph,
+            &settings.resilience,
+            token_http.clone(),
+        )
+        .with_context(|| format!("tenant `{}`: bad token endpoint URL", tenant.name))?;
         tokens.insert(tenant.name.clone(), Arc::new(provider));
     }
     let graph = GraphClient::new(&settings.graph, graph_http);

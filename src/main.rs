@@ -33,6 +33,11 @@ enum Command {
     SyncOnce,
     /// Validate the configuration and print a summary (no secrets).
     CheckConfig,
+    /// Run the simulator and the service together on loopback and check the store against the
+    /// simulator's ground truth (exit 0 on a match).
+    Demo(calsync::demo::DemoArgs),
+    /// Run the Microsoft Graph simulator (token endpoint, calendarView delta, faults).
+    Sim(calsync::sim::SimArgs),
     /// Ask a running calsync for /healthz; exit 0 if it answers 200 (for Docker HEALTHCHECK).
     Health {
         /// Base URL of the running service; defaults to the configured server.listen on loopback.
@@ -43,13 +48,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(cli.config.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("calsync: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,14 +58,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Serve => serve(settings).await,
-            Command::SyncOnce => sync_once(settings).await,
-            Command::CheckConfig => check_config(&settings),
-            Command::Health { url } => health(&settings, url).await,
+    let result = match cli.command {
+        // The simulator and the demo bring their own configuration.
+        Command::Demo(args) => runtime.block_on(demo(args)),
+        Command::Sim(args) => runtime.block_on(sim(args)),
+        command => {
+            let settings = match Settings::load(cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("calsync: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            runtime.block_on(async move {
+                match command {
+                    Command::Serve => serve(settings).await,
+                    Command::SyncOnce => sync_once(settings).await,
+                    Command::CheckConfig => check_config(&settings),
+                    Command::Health { url } => health(&settings, url).await,
+                    Command::Demo(_) | Command::Sim(_) => unreachable!("matched above"),
+                }
+            })
         }
-    });
+    };
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -75,6 +88,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn demo(args: calsync::demo::DemoArgs) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    let summary = calsync::demo::run(args).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", calsync::demo::render_summary(&summary));
+    }
+    Ok(if summary.matched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn sim(args: calsync::sim::SimArgs) -> anyhow::Result<ExitCode> {
+    calsync::telemetry::init(&calsync::config::LogSettings {
+        format: calsync::config::LogFormat::Pretty,
+        level: "info".into(),
+    });
+    calsync::sim::run(args).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {

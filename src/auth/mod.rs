@@ -24,8 +24,10 @@ use url::Url;
 pub use certificate::{CertificateError, ClientCertificate};
 pub use classify::{classify_token_failure, IdentityError};
 
-use crate::config::{Credential, GraphSettings, TenantSettings};
+use crate::config::{Credential, GraphSettings, ResilienceSettings, TenantSettings};
 use crate::net;
+use crate::resilience::breaker::CallOutcome;
+use crate::resilience::guard::{BreakerSnapshot, Dependency, GuardedBreaker};
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// How long to wait before asking again after a failed early refresh while the cached token
@@ -56,6 +58,13 @@ pub enum AuthError {
         reason: String,
         retry_after: Option<Duration>,
     },
+    /// The tenant's token-endpoint breaker is open: no request was sent.
+    #[error("token endpoint circuit is open{}; next probe in {}s{}", if *.permanent { " (credentials rejected)" } else { "" }, .retry_after.as_secs(), .last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default())]
+    BreakerOpen {
+        retry_after: Duration,
+        permanent: bool,
+        last_error: Option<String>,
+    },
 }
 
 fn describe(description: &Option<String>, trace_id: &Option<String>) -> String {
@@ -75,15 +84,26 @@ fn describe(description: &Option<String>, trace_id: &Option<String>) -> String {
 impl AuthError {
     pub fn class(&self) -> AuthFailureClass {
         match self {
-            Self::Permanent { .. } => AuthFailureClass::Permanent,
-            Self::Transient { .. } => AuthFailureClass::Transient,
+            Self::Permanent { .. }
+            | Self::BreakerOpen {
+                permanent: true, ..
+            } => AuthFailureClass::Permanent,
+            Self::Transient { .. } | Self::BreakerOpen { .. } => AuthFailureClass::Transient,
         }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Transient { retry_after, .. } => *retry_after,
+            Self::BreakerOpen { retry_after, .. } => Some(*retry_after),
             Self::Permanent { .. } => None,
+        }
+    }
+
+    fn breaker_outcome(&self) -> CallOutcome {
+        match self.class() {
+            AuthFailureClass::Permanent => CallOutcome::Permanent,
+            AuthFailureClass::Transient => CallOutcome::Failure,
         }
     }
 }
@@ -159,12 +179,15 @@ pub struct TokenProvider {
     http: reqwest::Client,
     cache: Mutex<Option<CachedToken>>,
     last_error: std::sync::Mutex<Option<String>>,
+    breaker: GuardedBreaker,
+    slow_call: Duration,
 }
 
 impl TokenProvider {
     pub fn new(
         tenant: &TenantSettings,
         graph: &GraphSettings,
+        resilience: &ResilienceSettings,
         http: reqwest::Client,
     ) -> Result<Self, url::ParseError> {
         let token_url = token_url(&graph.authority, &tenant.tenant_id)?;
@@ -185,6 +208,12 @@ impl TokenProvider {
             http,
             cache: Mutex::new(None),
             last_error: std::sync::Mutex::new(None),
+            breaker: GuardedBreaker::new(
+                &tenant.name,
+                Dependency::Token,
+                resilience.breaker.clone(),
+            ),
+            slow_call: resilience.slow_call,
         })
     }
 
@@ -202,7 +231,27 @@ impl TokenProvider {
                 return Ok(cached.token.clone());
             }
         }
-        match self.fetch().await {
+        if let Err(rejected) = self.breaker.acquire() {
+            // The endpoint is known to be down: no request. Serve the cached token while its
+            // extended lifetime lasts, and look again when the breaker allows a probe.
+            if let Some(cached) = cache.as_mut().filter(|c| now < c.ext_expires_at) {
+                cached.refresh_at = rejected.until.min(cached.ext_expires_at);
+                return Ok(cached.token.clone());
+            }
+            return Err(AuthError::BreakerOpen {
+                retry_after: rejected.until.saturating_duration_since(now),
+                permanent: self.breaker.snapshot().permanent,
+                last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+            });
+        }
+        let started = Instant::now();
+        let fetched = self.fetch().await;
+        self.breaker.record(match &fetched {
+            Ok(_) if started.elapsed() > self.slow_call => CallOutcome::Failure,
+            Ok(_) => CallOutcome::Success,
+            Err(e) => e.breaker_outcome(),
+        });
+        match fetched {
             Ok(fresh) => {
                 let token = fresh.token.clone();
                 *cache = Some(fresh);
@@ -241,6 +290,15 @@ impl TokenProvider {
         if cache.as_ref().is_some_and(|c| c.token.same_as(token)) {
             *cache = None;
         }
+    }
+
+    pub fn breaker(&self) -> BreakerSnapshot {
+        self.breaker.snapshot()
+    }
+
+    /// Whether a token request could be made now (false while the breaker is open).
+    pub fn endpoint_available(&self) -> Result<(), crate::resilience::breaker::Rejected> {
+        self.breaker.would_allow()
     }
 
     pub async fn status(&self) -> TokenStatus {

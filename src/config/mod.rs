@@ -45,7 +45,22 @@ pub struct Settings {
     pub graph: GraphSettings,
     pub sync: SyncSettings,
     pub log: LogSettings,
+    pub resilience: ResilienceSettings,
     pub tenants: Vec<TenantSettings>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ResilienceSettings {
+    pub retries_per_request: u32,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub retry_budget_ratio: f64,
+    pub retry_budget_min_per_second: u32,
+    pub slow_call: Duration,
+    pub breaker: crate::resilience::breaker::BreakerConfig,
+    pub mailbox_requests_per_10min: u32,
+    pub tenant_requests_per_second: u32,
+    pub app_requests_per_second: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -83,6 +98,10 @@ pub struct SyncSettings {
     pub failure_backoff_initial: Duration,
     pub failure_backoff_max: Duration,
     pub poll_interval: Duration,
+    pub lease_ttl: Duration,
+    /// Jobs of one tenant running at once (the bulkhead); never all workers.
+    pub max_jobs_per_tenant: usize,
+    pub stuck_grace: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -133,8 +152,39 @@ struct RawSettings {
     graph: RawGraph,
     sync: RawSync,
     log: RawLog,
+    resilience: RawResilience,
     #[serde(default)]
     tenants: Vec<RawTenant>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResilience {
+    #[serde(deserialize_with = "lenient_number")]
+    retries_per_request: u64,
+    retry_initial: HumanDuration,
+    retry_max: HumanDuration,
+    #[serde(deserialize_with = "lenient_float")]
+    retry_budget_ratio: f64,
+    #[serde(deserialize_with = "lenient_number")]
+    retry_budget_min_per_second: u64,
+    slow_call: HumanDuration,
+    breaker_window: HumanDuration,
+    #[serde(deserialize_with = "lenient_number")]
+    breaker_min_calls: u64,
+    #[serde(deserialize_with = "lenient_float")]
+    breaker_failure_rate: f64,
+    breaker_base_break: HumanDuration,
+    breaker_max_break: HumanDuration,
+    #[serde(deserialize_with = "lenient_number")]
+    breaker_probes: u64,
+    breaker_permanent_break: HumanDuration,
+    #[serde(deserialize_with = "lenient_number")]
+    mailbox_requests_per_10min: u64,
+    #[serde(deserialize_with = "lenient_number")]
+    tenant_requests_per_second: u64,
+    #[serde(deserialize_with = "lenient_number")]
+    app_requests_per_second: u64,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +231,10 @@ struct RawSync {
     failure_backoff_initial: HumanDuration,
     failure_backoff_max: HumanDuration,
     poll_interval: HumanDuration,
+    lease_ttl: HumanDuration,
+    #[serde(deserialize_with = "lenient_number")]
+    max_jobs_per_tenant: u64,
+    stuck_grace: HumanDuration,
 }
 
 #[derive(Deserialize)]
@@ -216,6 +270,25 @@ fn lenient_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::
         NumberOrText::Text(text) => text.trim().parse().map_err(|_| {
             serde::de::Error::custom(format!("expected a whole number, got `{text}`"))
         }),
+    }
+}
+
+/// Fractions may arrive as TOML floats or integers or, from the environment, as strings.
+fn lenient_float<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum FloatOrText {
+        Float(f64),
+        Int(i64),
+        Text(String),
+    }
+    match FloatOrText::deserialize(deserializer)? {
+        FloatOrText::Float(f) => Ok(f),
+        FloatOrText::Int(i) => Ok(i as f64),
+        FloatOrText::Text(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("expected a number, got `{text}`"))),
     }
 }
 
@@ -454,7 +527,7 @@ impl RawSettings {
                 "sync.window_past + sync.window_future must cover at least 1d",
             ));
         }
-        let sync = SyncSettings {
+        let mut sync = SyncSettings {
             interval: positive("sync.interval", s.interval)?,
             jitter: s.jitter.0,
             window_past: s.window_past.0,
@@ -464,7 +537,18 @@ impl RawSettings {
             failure_backoff_initial,
             failure_backoff_max,
             poll_interval: positive("sync.poll_interval", s.poll_interval)?,
+            lease_ttl: positive("sync.lease_ttl", s.lease_ttl)?,
+            max_jobs_per_tenant: 0,
+            stuck_grace: positive("sync.stuck_grace", s.stuck_grace)?,
         };
+        let per_tenant: usize =
+            in_range("sync.max_jobs_per_tenant", s.max_jobs_per_tenant, 0, 4096)?;
+        // 0 = automatic: half the workers (at least one), so one tenant never holds every slot.
+        sync.max_jobs_per_tenant = match per_tenant {
+            0 => sync.workers.div_ceil(2).max(1),
+            n => n.min(sync.workers),
+        };
+        let resilience = self.resilience.validate()?;
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::new(
                 "log.level",
@@ -512,7 +596,97 @@ impl RawSettings {
                 format: self.log.format,
                 level: self.log.level,
             },
+            resilience,
             tenants,
+        })
+    }
+}
+
+impl RawResilience {
+    fn validate(self) -> Result<ResilienceSettings, ConfigError> {
+        let retry_initial = positive("resilience.retry_initial", self.retry_initial)?;
+        let retry_max = positive("resilience.retry_max", self.retry_max)?;
+        if retry_max < retry_initial {
+            return Err(ConfigError::new(
+                "resilience.retry_max",
+                "must not be shorter than resilience.retry_initial",
+            ));
+        }
+        if !(0.0..=10.0).contains(&self.retry_budget_ratio) {
+            return Err(ConfigError::new(
+                "resilience.retry_budget_ratio",
+                format!(
+                    "must be between 0 and 10 (retries per successful request), got {}",
+                    self.retry_budget_ratio
+                ),
+            ));
+        }
+        if !(self.breaker_failure_rate > 0.0 && self.breaker_failure_rate <= 1.0) {
+            return Err(ConfigError::new(
+                "resilience.breaker_failure_rate",
+                format!("must be in (0, 1], got {}", self.breaker_failure_rate),
+            ));
+        }
+        let base_break = positive("resilience.breaker_base_break", self.breaker_base_break)?;
+        let max_break = positive("resilience.breaker_max_break", self.breaker_max_break)?;
+        if max_break < base_break {
+            return Err(ConfigError::new(
+                "resilience.breaker_max_break",
+                "must not be shorter than resilience.breaker_base_break",
+            ));
+        }
+        Ok(ResilienceSettings {
+            retries_per_request: in_range(
+                "resilience.retries_per_request",
+                self.retries_per_request,
+                0,
+                20,
+            )?,
+            retry_initial,
+            retry_max,
+            retry_budget_ratio: self.retry_budget_ratio,
+            retry_budget_min_per_second: in_range(
+                "resilience.retry_budget_min_per_second",
+                self.retry_budget_min_per_second,
+                0,
+                100_000,
+            )?,
+            slow_call: positive("resilience.slow_call", self.slow_call)?,
+            breaker: crate::resilience::breaker::BreakerConfig {
+                window: positive("resilience.breaker_window", self.breaker_window)?,
+                min_calls: in_range(
+                    "resilience.breaker_min_calls",
+                    self.breaker_min_calls,
+                    1,
+                    10_000,
+                )?,
+                failure_rate: self.breaker_failure_rate,
+                base_break,
+                max_break,
+                probes: in_range("resilience.breaker_probes", self.breaker_probes, 1, 100)?,
+                permanent_break: positive(
+                    "resilience.breaker_permanent_break",
+                    self.breaker_permanent_break,
+                )?,
+            },
+            mailbox_requests_per_10min: in_range(
+                "resilience.mailbox_requests_per_10min",
+                self.mailbox_requests_per_10min,
+                1,
+                1_000_000,
+            )?,
+            tenant_requests_per_second: in_range(
+                "resilience.tenant_requests_per_second",
+                self.tenant_requests_per_second,
+                1,
+                1_000_000,
+            )?,
+            app_requests_per_second: in_range(
+                "resilience.app_requests_per_second",
+                self.app_requests_per_second,
+                1,
+                1_000_000,
+            )?,
         })
     }
 }

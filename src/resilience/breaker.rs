@@ -209,6 +209,13 @@ impl Breaker {
         }
     }
 
+    /// A reserved call that ended without an outcome for this dependency.
+    pub fn release(&mut self) {
+        if self.state == BreakerState::HalfOpen {
+            self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+        }
+    }
+
     fn evict(&mut self, now: Instant) {
         while let Some((at, _)) = self.outcomes.front() {
             if now.duration_since(*at) > self.config.window {

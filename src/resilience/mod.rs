@@ -3,4 +3,7 @@
 
 pub mod backoff;
 pub mod breaker;
+pub mod budget;
+pub mod guard;
+pub mod limits;
 pub mod retry_after;

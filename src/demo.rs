@@ -1,0 +1,475 @@
+//! `calsync demo`: the simulator and the service in one process on loopback, several tenants
+//! and mailboxes, live progress, and a closing comparison of the store with the simulator's
+//! ground truth.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Application;
+use crate::config::{HumanDuration, Settings};
+use crate::console::{progress_bar, short_duration, LiveView};
+use crate::graph::model::parse_event;
+use crate::sim::{self, SimConfig, SimHandle};
+use crate::store::{MailboxRecord, Store};
+use crate::sync::window_at;
+
+/// How long the initial sync and the final convergence may take before the demo gives up.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
+const REDRAW: Duration = Duration::from_millis(250);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// How long the live phase runs, with the simulator changing calendars.
+    #[arg(long, default_value = "20s", value_parser = HumanDuration::parse)]
+    pub duration: HumanDuration,
+    /// Number of tenants.
+    #[arg(long, default_value_t = 3)]
+    pub tenants: usize,
+    /// Mailboxes per tenant.
+    #[arg(long, default_value_t = 4)]
+    pub mailboxes: usize,
+    /// Generated events per mailbox.
+    #[arg(long, default_value_t = 150)]
+    pub events: usize,
+    /// Calendar changes per second during the live phase (all mailboxes together).
+    #[arg(long, default_value_t = 8.0)]
+    pub mutations_per_second: f64,
+    /// SQLite file to keep the store in (default: a temporary file, removed afterwards).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Seed of the generated calendars.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print a machine-readable summary on stdout instead of the live view.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DemoSummary {
+    pub matched: bool,
+    pub tenants: usize,
+    pub mailboxes: usize,
+    pub initial_sync_seconds: f64,
+    pub live_seconds: f64,
+    pub converge_seconds: f64,
+    pub events_in_store: usize,
+    pub events_in_truth: usize,
+    pub missing: usize,
+    pub extra: usize,
+    pub different: usize,
+    pub examples: Vec<String>,
+    pub per_tenant: Vec<TenantSummary>,
+    pub store: String,
+}
+
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct TenantSummary {
+    pub tenant: String,
+    pub mailboxes: usize,
+    pub events_in_store: usize,
+    pub events_in_truth: usize,
+    pub missing: usize,
+    pub extra: usize,
+    pub different: usize,
+    pub failed_mailboxes: usize,
+}
+
+/// Runs the demo and returns its summary; the caller decides the exit code from `matched`.
+pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
+    if args.tenants == 0 || args.mailboxes == 0 {
+        anyhow::bail!("--tenants and --mailboxes must be at least 1");
+    }
+    let mut view = LiveView::new(!args.json);
+    let temp = match &args.store {
+        Some(_) => None,
+        None => Some(tempfile_dir()?),
+    };
+    let store_path = match (&args.store, &temp) {
+        (Some(path), _) => path.clone(),
+        (None, Some(dir)) => dir.join("calsync-demo.db"),
+        (None, None) => unreachable!("a temporary directory is made when --store is absent"),
+    };
+
+    let mut sim_config = SimConfig::generated(args.tenants, args.mailboxes, args.events, args.seed);
+    sim_config.mutations_per_second = 0.0;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot bind the simulator")?;
+    let sim = sim::start(sim_config.clone(), listener).await?;
+    view.say(&format!(
+        "calsync demo: simulated Microsoft Graph at {} with {} tenants x {} mailboxes x {} events",
+        sim.graph_base_url(),
+        args.tenants,
+        args.mailboxes,
+        args.events
+    ));
+
+    let settings = demo_settings(&sim, &sim_config, &store_path)?;
+    let window = window_at(
+        Utc::now(),
+        settings.sync.window_past,
+        settings.sync.window_future,
+    );
+    let app = Application::build(settings).await?;
+    let store = app.store().clone();
+    view.say(&format!(
+        "calsync serving on http://127.0.0.1:{}/healthz, store {}",
+        app.port(),
+        store_path.display()
+    ));
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let total = args.tenants * args.mailboxes;
+
+    // Phase 1: every mailbox completes its first (full) round.
+    let started = Instant::now();
+    wait_until(&store, &mut view, "initial sync", total, started, |m| {
+        m.last_success_at.is_some()
+    })
+    .await?;
+    let initial_sync = started.elapsed();
+
+    // Phase 2: calendars change while calsync keeps up.
+    sim.set_mutations(args.mutations_per_second);
+    let live_start = Instant::now();
+    while live_start.elapsed() < args.duration.0 {
+        let lines = live_frame(&store, &sim, "live changes", live_start, args.duration.0).await?;
+        view.draw(&lines);
+        tokio::time::sleep(REDRAW).await;
+    }
+    let lines = live_frame(&store, &sim, "live changes", live_start, args.duration.0).await?;
+    view.finish(&lines);
+
+    // Phase 3: changes stop; every mailbox completes a round that started after the last one.
+    sim.set_mutations(0.0);
+    let stopped_at = Utc::now();
+    let converge_start = Instant::now();
+    wait_until(
+        &store,
+        &mut view,
+        "converge",
+        total,
+        converge_start,
+        move |m| {
+            m.last_attempt_at.is_some_and(|a| a > stopped_at)
+                && m.consecutive_failures == 0
+                && m.last_success_at.is_some_and(|s| s > stopped_at)
+        },
+    )
+    .await?;
+    let converge = converge_start.elapsed();
+
+    shutdown.cancel();
+    service.await.context("service task failed")??;
+    let mut summary = compare(&store, &sim, window).await?;
+    sim.shutdown().await;
+    summary.initial_sync_seconds = initial_sync.as_secs_f64();
+    summary.live_seconds = args.duration.0.as_secs_f64();
+    summary.converge_seconds = converge.as_secs_f64();
+    summary.store = store_path.display().to_string();
+    if let Some(dir) = temp {
+        let _ = std::fs::remove_dir_all(&dir);
+        summary.store = "(temporary, removed)".into();
+    }
+    Ok(summary)
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("calsync-demo-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The service's configuration for the demo: the simulator's tenants and short intervals.
+pub fn demo_settings(
+    sim: &SimHandle,
+    config: &SimConfig,
+    store: &std::path::Path,
+) -> anyhow::Result<Settings> {
+    let mut toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+url = "sqlite://{store}"
+[graph]
+base_url = "{base}"
+authority = "{authority}"
+page_size = 50
+connect_timeout = "2s"
+request_timeout = "10s"
+[sync]
+interval = "2s"
+jitter = "1s"
+workers = 8
+job_deadline = "30s"
+failure_backoff_initial = "500ms"
+failure_backoff_max = "5s"
+poll_interval = "100ms"
+[log]
+level = "warn"
+"#,
+        store = store.display(),
+        base = sim.graph_base_url(),
+        authority = sim.authority(),
+    );
+    for tenant in &config.tenants {
+        let mailboxes: Vec<String> = tenant
+            .mailboxes
+            .iter()
+            .map(|m| format!("\"{m}\""))
+            .collect();
+        toml.push_str(&format!(
+            "[[tenants]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nmailboxes = [{}]\n",
+            tenant.name,
+            tenant.tenant_id,
+            tenant.client_id,
+            tenant.client_secret,
+            mailboxes.join(", ")
+        ));
+    }
+    Ok(Settings::from_toml_str(&toml)?)
+}
+
+async fn wait_until(
+    store: &Store,
+    view: &mut LiveView,
+    phase: &str,
+    total: usize,
+    started: Instant,
+    done: impl Fn(&MailboxRecord) -> bool,
+) -> anyhow::Result<()> {
+    loop {
+        let mailboxes = store.mailboxes().await?;
+        let finished = mailboxes.iter().filter(|m| done(m)).count();
+        let mut lines = vec![format!(
+            "{}  {}",
+            progress_bar(phase, finished, total, 30),
+            short_duration(started.elapsed().as_secs_f64())
+        )];
+        lines.extend(tenant_table(store, &mailboxes).await?);
+        if finished >= total {
+            view.finish(&lines);
+            return Ok(());
+        }
+        view.draw(&lines);
+        if started.elapsed() > PHASE_TIMEOUT {
+            anyhow::bail!(
+                "{phase} did not finish within {}",
+                short_duration(PHASE_TIMEOUT.as_secs_f64())
+            );
+        }
+        tokio::time::sleep(REDRAW).await;
+    }
+}
+
+async fn live_frame(
+    store: &Store,
+    sim: &SimHandle,
+    phase: &str,
+    started: Instant,
+    length: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let mailboxes = store.mailboxes().await?;
+    let elapsed = started.elapsed().min(length);
+    let stats = serde_json::to_value(sim.stats()).unwrap_or_default();
+    let mut lines = vec![format!(
+        "{}  simulator: {} mutations so far",
+        progress_bar(
+            phase,
+            elapsed.as_secs() as usize,
+            length.as_secs() as usize,
+            30
+        ),
+        stats["mutations_applied"].as_u64().unwrap_or(0)
+    )];
+    lines.extend(tenant_table(store, &mailboxes).await?);
+    Ok(lines)
+}
+
+async fn tenant_table(store: &Store, mailboxes: &[MailboxRecord]) -> anyhow::Result<Vec<String>> {
+    let counts = store.event_counts().await?;
+    let now = Utc::now();
+    let mut rows: BTreeMap<&str, (usize, usize, u64, i64, usize)> = BTreeMap::new();
+    for m in mailboxes {
+        let row = rows.entry(m.tenant.as_str()).or_default();
+        row.0 += 1;
+        row.1 += usize::from(m.last_success_at.is_some());
+        row.2 += counts.get(&m.id).copied().unwrap_or(0);
+        let lag = (now - m.last_success_at.unwrap_or(m.created_at)).num_milliseconds();
+        row.3 = row.3.max(lag);
+        row.4 += usize::from(m.consecutive_failures > 0);
+    }
+    let mut lines = vec![format!(
+        "  {:<12} {:>9} {:>8} {:>9} {:>7}",
+        "tenant", "synced", "events", "max lag", "errors"
+    )];
+    for (tenant, (total, synced, events, lag_ms, errors)) in rows {
+        lines.push(format!(
+            "  {:<12} {:>9} {:>8} {:>9} {:>7}",
+            tenant,
+            format!("{synced}/{total}"),
+            events,
+            short_duration(lag_ms as f64 / 1000.0),
+            errors
+        ));
+    }
+    Ok(lines)
+}
+
+/// Store against ground truth, mailbox by mailbox, on the fields calsync keeps.
+async fn compare(
+    store: &Store,
+    sim: &SimHandle,
+    window: crate::graph::Window,
+) -> anyhow::Result<DemoSummary> {
+    let mailboxes = store.mailboxes().await?;
+    let mut per_tenant: BTreeMap<String, TenantSummary> = BTreeMap::new();
+    let mut examples = Vec::new();
+    for m in &mailboxes {
+        let row = per_tenant
+            .entry(m.tenant.clone())
+            .or_insert_with(|| TenantSummary {
+                tenant: m.tenant.clone(),
+                ..TenantSummary::default()
+            });
+        row.mailboxes += 1;
+        row.failed_mailboxes += usize::from(m.consecutive_failures > 0);
+        let stored: HashMap<String, Fingerprint> = store
+            .events(m.id)
+            .await?
+            .into_iter()
+            .map(|e| {
+                (
+                    e.event_id.clone(),
+                    Fingerprint {
+                        change_key: e.change_key,
+                        subject: e.subject,
+                        start: e.start_utc,
+                        end: e.end_utc,
+                        cancelled: e.is_cancelled,
+                    },
+                )
+            })
+            .collect();
+        let mut truth: HashMap<String, Fingerprint> = HashMap::new();
+        for item in sim.truth(&m.user_id, Some((window.start, window.end))) {
+            let event = parse_event(item)
+                .map_err(|e| anyhow::anyhow!("ground truth of {}: {e}", m.user_id))?;
+            truth.insert(
+                event.id.clone(),
+                Fingerprint {
+                    change_key: event.change_key,
+                    subject: event.subject,
+                    start: event.start_utc,
+                    end: event.end_utc,
+                    cancelled: event.is_cancelled,
+                },
+            );
+        }
+        row.events_in_store += stored.len();
+        row.events_in_truth += truth.len();
+        for (id, expected) in &truth {
+            match stored.get(id) {
+                None => {
+                    row.missing += 1;
+                    push_example(&mut examples, format!("{}: missing {id}", m.user_id));
+                }
+                Some(actual) if actual != expected => {
+                    row.different += 1;
+                    push_example(&mut examples, format!("{}: {id} differs", m.user_id));
+                }
+                Some(_) => {}
+            }
+        }
+        for id in stored.keys().filter(|id| !truth.contains_key(*id)) {
+            row.extra += 1;
+            push_example(&mut examples, format!("{}: extra {id}", m.user_id));
+        }
+    }
+    let per_tenant: Vec<TenantSummary> = per_tenant.into_values().collect();
+    let sum = |f: fn(&TenantSummary) -> usize| per_tenant.iter().map(f).sum::<usize>();
+    let (missing, extra, different) = (sum(|t| t.missing), sum(|t| t.extra), sum(|t| t.different));
+    Ok(DemoSummary {
+        matched: missing == 0 && extra == 0 && different == 0 && sum(|t| t.failed_mailboxes) == 0,
+        tenants: per_tenant.len(),
+        mailboxes: mailboxes.len(),
+        initial_sync_seconds: 0.0,
+        live_seconds: 0.0,
+        converge_seconds: 0.0,
+        events_in_store: sum(|t| t.events_in_store),
+        events_in_truth: sum(|t| t.events_in_truth),
+        missing,
+        extra,
+        different,
+        examples,
+        per_tenant,
+        store: String::new(),
+    })
+}
+
+fn push_example(examples: &mut Vec<String>, example: String) {
+    if examples.len() < 10 {
+        examples.push(example);
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Fingerprint {
+    change_key: Option<String>,
+    subject: Option<String>,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    cancelled: bool,
+}
+
+/// The closing report for people.
+pub fn render_summary(summary: &DemoSummary) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nGround truth check: {}\n",
+        if summary.matched {
+            "MATCH - every event present and equal, none extra"
+        } else {
+            "MISMATCH"
+        }
+    ));
+    out.push_str(&format!(
+        "  {} tenants, {} mailboxes; initial sync {}, live changes {}, converged {} after changes stopped\n",
+        summary.tenants,
+        summary.mailboxes,
+        short_duration(summary.initial_sync_seconds),
+        short_duration(summary.live_seconds),
+        short_duration(summary.converge_seconds)
+    ));
+    out.push_str(&format!(
+        "  {:<12} {:>8} {:>8} {:>8} {:>6} {:>10} {:>7}\n",
+        "tenant", "store", "truth", "missing", "extra", "different", "failed"
+    ));
+    for t in &summary.per_tenant {
+        out.push_str(&format!(
+            "  {:<12} {:>8} {:>8} {:>8} {:>6} {:>10} {:>7}\n",
+            t.tenant,
+            t.events_in_store,
+            t.events_in_truth,
+            t.missing,
+            t.extra,
+            t.different,
+            t.failed_mailboxes
+        ));
+    }
+    for example in &summary.examples {
+        out.push_str(&format!("  - {example}\n"));
+    }
+    out.push_str(&format!("  store: {}\n", summary.store));
+    out
+}

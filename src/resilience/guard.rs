@@ -1,0 +1,133 @@
+//! A breaker shared by the calls of one (tenant, dependency), logging every state change.
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::breaker::{Breaker, BreakerConfig, BreakerState, CallOutcome, Rejected, Transition};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dependency {
+    Token,
+    Graph,
+}
+
+impl Dependency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Graph => "graph",
+        }
+    }
+}
+
+/// A breaker's state for health output and metrics.
+#[derive(Clone, Debug, Serialize)]
+pub struct BreakerSnapshot {
+    pub dependency: Dependency,
+    pub state: BreakerState,
+    pub permanent: bool,
+    pub since_seconds: u64,
+    /// Seconds until the next probe may start, while open.
+    pub probe_in_seconds: Option<u64>,
+    pub trips: u64,
+}
+
+pub struct GuardedBreaker {
+    tenant: String,
+    dependency: Dependency,
+    inner: Mutex<(Breaker, u64)>,
+}
+
+impl GuardedBreaker {
+    pub fn new(tenant: &str, dependency: Dependency, config: BreakerConfig) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            dependency,
+            inner: Mutex::new((Breaker::new(config, Instant::now()), 0)),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Breaker, &mut u64) -> T) -> T {
+        // A poisoned lock only means a panic elsewhere mid-update; the breaker's state is still
+        // a valid state machine, so keep using it.
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (breaker, trips) = &mut *guard;
+        f(breaker, trips)
+    }
+
+    /// Reserves a call, or says until when the breaker refuses.
+    pub fn acquire(&self) -> Result<(), Rejected> {
+        let now = Instant::now();
+        let transition = self.with(|b, _| b.acquire(now))?;
+        if let Some(t) = transition {
+            self.log(t, None);
+        }
+        Ok(())
+    }
+
+    pub fn would_allow(&self) -> Result<(), Rejected> {
+        self.with(|b, _| b.would_allow(Instant::now()))
+    }
+
+    pub fn record(&self, outcome: CallOutcome) {
+        let now = Instant::now();
+        let (transition, until) = self.with(|b, trips| {
+            let t = b.record(outcome, now);
+            if t.is_some_and(|t| t.to == BreakerState::Open) {
+                *trips += 1;
+            }
+            (t, b.open_until())
+        });
+        if let Some(t) = transition {
+            self.log(t, until.map(|u| u.saturating_duration_since(now)));
+        }
+    }
+
+    /// A reserved call that never reached the dependency (e.g. no token): frees a probe.
+    pub fn release(&self) {
+        self.with(|b, _| b.release());
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.with(|b, _| b.state())
+    }
+
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let now = Instant::now();
+        self.with(|b, trips| BreakerSnapshot {
+            dependency: self.dependency,
+            state: b.state(),
+            permanent: b.is_permanent() && b.state() != BreakerState::Closed,
+            since_seconds: now.saturating_duration_since(b.since()).as_secs(),
+            probe_in_seconds: b
+                .open_until()
+                .map(|u| u.saturating_duration_since(now).as_secs()),
+            trips: *trips,
+        })
+    }
+
+    fn log(&self, t: Transition, open_for: Option<std::time::Duration>) {
+        let permanent = self.with(|b, _| b.is_permanent());
+        match t.to {
+            BreakerState::Open => tracing::warn!(
+                tenant = %self.tenant,
+                dependency = self.dependency.as_str(),
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                permanent,
+                open_for_secs = open_for.map(|d| d.as_secs_f64()),
+                "circuit breaker opened"
+            ),
+            _ => tracing::info!(
+                tenant = %self.tenant,
+                dependency = self.dependency.as_str(),
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                "circuit breaker changed state"
+            ),
+        }
+    }
+}

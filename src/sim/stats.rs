@@ -1,0 +1,132 @@
+//! What the simulator received: request counts, concurrency peaks and rule violations, so a
+//! drill can assert that the client behaved, not only that it converged.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+
+const MAX_EXAMPLES: usize = 5;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Violation {
+    pub count: u64,
+    pub examples: Vec<Value>,
+}
+
+impl Violation {
+    fn record(&mut self, example: Value) {
+        self.count += 1;
+        if self.examples.len() < MAX_EXAMPLES {
+            self.examples.push(example);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Violations {
+    /// A request for a mailbox (or tenant token endpoint) before its Retry-After had passed.
+    pub early_retry: Violation,
+    /// More requests in flight for one mailbox than the MailboxConcurrency limit.
+    pub over_concurrency: Violation,
+    /// A bearer token from one tenant sent for another tenant's mailbox.
+    pub wrong_tenant: Violation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViolationKind {
+    EarlyRetry,
+    OverConcurrency,
+    WrongTenant,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TenantStats {
+    pub tenant_id: String,
+    pub token_requests: u64,
+    /// Token endpoint responses by HTTP status.
+    pub token_by_status: BTreeMap<u16, u64>,
+    pub graph_requests: u64,
+    pub graph_by_status: BTreeMap<u16, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MailboxStats {
+    pub tenant: String,
+    pub requests: u64,
+    /// Endpoint (`delta`, `other`) -> HTTP status -> count.
+    pub by_endpoint: BTreeMap<String, BTreeMap<u16, u64>>,
+    pub in_flight: usize,
+    pub max_in_flight: usize,
+    pub throttled: u64,
+    pub mutations: u64,
+    /// Events in the mailbox now (all of its calendar, not one window).
+    pub events: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SimStats {
+    pub requests: u64,
+    pub token_requests: u64,
+    pub graph_requests: u64,
+    /// Requests that matched no tenant or mailbox (unknown tenant, unknown user, bad path).
+    pub unmatched_requests: u64,
+    pub mutations_applied: u64,
+    pub tenants: BTreeMap<String, TenantStats>,
+    pub mailboxes: BTreeMap<String, MailboxStats>,
+    /// Fault rule id -> times it fired.
+    pub faults_fired: BTreeMap<u64, u64>,
+    pub violations: Violations,
+}
+
+impl SimStats {
+    pub fn violation(&mut self, kind: ViolationKind, example: Value) {
+        let v = match kind {
+            ViolationKind::EarlyRetry => &mut self.violations.early_retry,
+            ViolationKind::OverConcurrency => &mut self.violations.over_concurrency,
+            ViolationKind::WrongTenant => &mut self.violations.wrong_tenant,
+        };
+        v.record(example);
+    }
+
+    pub fn token_response(&mut self, tenant: Option<&str>, status: u16) {
+        self.requests += 1;
+        self.token_requests += 1;
+        match tenant.and_then(|t| self.tenants.get_mut(t)) {
+            Some(t) => {
+                t.token_requests += 1;
+                *t.token_by_status.entry(status).or_default() += 1;
+            }
+            None => self.unmatched_requests += 1,
+        }
+    }
+
+    pub fn graph_response(
+        &mut self,
+        tenant: Option<&str>,
+        mailbox: Option<&str>,
+        endpoint: &str,
+        status: u16,
+    ) {
+        self.requests += 1;
+        self.graph_requests += 1;
+        if let Some(t) = tenant.and_then(|t| self.tenants.get_mut(t)) {
+            t.graph_requests += 1;
+            *t.graph_by_status.entry(status).or_default() += 1;
+        }
+        match mailbox.and_then(|m| self.mailboxes.get_mut(m)) {
+            Some(m) => {
+                m.requests += 1;
+                *m.by_endpoint
+                    .entry(endpoint.to_string())
+                    .or_default()
+                    .entry(status)
+                    .or_default() += 1;
+                if status == 429 {
+                    m.throttled += 1;
+                }
+            }
+            None => self.unmatched_requests += 1,
+        }
+    }
+}
