@@ -59,7 +59,11 @@ fn rsa_public_key(cert: &[u8]) -> Vec<u8> {
         "the test certificate is RSA"
     );
     let (tag, bits, _) = der_element(after_algorithm);
-    assert_eq!((tag, bits[0]), (0x03, 0), "a BIT STRING with no unused bits");
+    assert_eq!(
+        (tag, bits[0]),
+        (0x03, 0),
+        "a BIT STRING with no unused bits"
+    );
     bits[1..].to_vec()
 }
 
@@ -155,7 +159,11 @@ async fn token_request_carries_a_signed_client_assertion_instead_of_a_secret() {
     public_key
         .verify(signed.as_bytes(), &signature)
         .expect("the signature verifies with the certificate's public key");
-    let tampered = format!("{}.{}", parts[0], URL_SAFE_NO_PAD.encode(b"{\"iss\":\"x\"}"));
+    let tampered = format!(
+        "{}.{}",
+        parts[0],
+        URL_SAFE_NO_PAD.encode(b"{\"iss\":\"x\"}")
+    );
     assert!(
         public_key.verify(tampered.as_bytes(), &signature).is_err(),
         "and only for what was signed"

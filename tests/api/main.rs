@@ -4,6 +4,7 @@ mod certificate;
 mod foreign_links;
 mod helpers;
 mod malformed;
+mod page_loops;
 mod resync;
 mod sync_rounds;
 mod token_errors;

@@ -259,7 +259,12 @@ async fn a_permanent_refresh_failure_drops_the_cached_token_at_once() {
         .and(path(token_path()))
         .respond_with(InTurn::new(vec![
             ResponseTemplate::new(200).set_body_json(token_body("token-A", 3600, 7200)),
-            identity(401, "invalid_client", 7000222, "The provided client secret keys for app are expired."),
+            identity(
+                401,
+                "invalid_client",
+                7000222,
+                "The provided client secret keys for app are expired.",
+            ),
         ]))
         .expect(2)
         .mount(&app.graph)

@@ -23,7 +23,10 @@ async fn mount_two_tokens(app: &TestApp) {
 
 fn unauthorized() -> ResponseTemplate {
     ResponseTemplate::new(401)
-        .insert_header("www-authenticate", "Bearer realm=\"\", error=\"invalid_token\"")
+        .insert_header(
+            "www-authenticate",
+            "Bearer realm=\"\", error=\"invalid_token\"",
+        )
         .insert_header("request-id", "rid-401")
         .set_body_json(graph_error(
             "InvalidAuthenticationToken",
