@@ -15,7 +15,13 @@ use crate::helpers::*;
 fn provider(app: &TestApp) -> TokenProvider {
     let http = calsync::net::http_client(Duration::from_secs(1), Duration::from_secs(2))
         .expect("http client");
-    TokenProvider::new(&app.settings.tenants[0], &app.settings.graph, http).expect("provider")
+    TokenProvider::new(
+        &app.settings.tenants[0],
+        &app.settings.graph,
+        &app.settings.resilience,
+        http,
+    )
+    .expect("provider")
 }
 
 /// Mounts `failure` as the token endpoint's only answer and a Graph that must not be called,
