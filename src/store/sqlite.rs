@@ -47,6 +47,10 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    // Write transactions start with BEGIN IMMEDIATE: a deferred transaction that reads first
+    // and writes later gets SQLITE_BUSY at once when another writer got there in between (the
+    // busy timeout does not apply to that upgrade), which would fail jobs under load.
+
     /// Opens (creating if missing) the database at `url` (`sqlite://PATH`).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -94,7 +98,7 @@ impl SqliteStore {
         mailboxes: &[(String, String)],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("UPDATE mailboxes SET enabled = 0 WHERE source = 'config'")
             .execute(&mut *tx)
             .await?;
@@ -220,7 +224,7 @@ impl SqliteStore {
         let window = cursor
             .window
             .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let fence = sqlx::query("SELECT lease_owner, round_id FROM mailboxes WHERE id = ?1")
             .bind(lease.mailbox)
             .fetch_optional(&mut *tx)
@@ -297,7 +301,7 @@ impl SqliteStore {
     /// error, and appends to the sync history.
     pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
         let ok = job.outcome == RunOutcome::Ok;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL, next_run_at = ?1,
                  last_attempt_at = ?2,
