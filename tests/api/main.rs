@@ -1,10 +1,12 @@
 //! One integration-test binary (one link step) with a module per subject.
 
 mod certificate;
+mod deadline;
 mod foreign_links;
 mod helpers;
 mod malformed;
 mod page_loops;
+mod raw_graph;
 mod resync;
 mod sync_rounds;
 mod token_errors;
