@@ -1,6 +1,7 @@
 //! One integration-test binary (one link step) with a module per subject.
 
 mod certificate;
+mod config;
 mod deadline;
 mod foreign_links;
 mod helpers;
