@@ -54,6 +54,25 @@ pub async fn read_body_limited(
     Ok(body)
 }
 
+/// `body` with every form in which `secret` could be echoed back (as given, form-encoded as
+/// calsync sends it, JSON-escaped) replaced by `[REDACTED]`. Applied to error bodies before any
+/// message is made from them, and before any excerpt could cut a secret in half.
+pub fn redact(body: &[u8], secret: &str) -> Vec<u8> {
+    if secret.is_empty() {
+        return body.to_vec();
+    }
+    let mut text = String::from_utf8_lossy(body).into_owned();
+    let form_encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let json_escaped = serde_json::to_string(secret).unwrap_or_default();
+    let json_escaped = json_escaped.trim_matches('"');
+    for form in [secret, form_encoded.as_str(), json_escaped] {
+        if !form.is_empty() {
+            text = text.replace(form, "[REDACTED]");
+        }
+    }
+    text.into_bytes()
+}
+
 /// A short, printable excerpt of a body for error messages (never of a request we sent).
 pub fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
@@ -75,5 +94,26 @@ pub fn describe_transport(e: &reqwest::Error) -> String {
     match std::error::Error::source(e) {
         Some(cause) => format!("{what}: {}", crate::error_chain(cause)),
         None => what.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_blanks_every_form_a_secret_is_echoed_in() {
+        let secret = "a~b\"c d";
+        let body = format!(
+            "raw {secret} form {} json {}",
+            url::form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>(),
+            serde_json::to_string(secret).expect("json")
+        );
+        let redacted = String::from_utf8(redact(body.as_bytes(), secret)).expect("utf-8");
+        assert_eq!(
+            redacted,
+            "raw [REDACTED] form [REDACTED] json \"[REDACTED]\""
+        );
+        assert_eq!(redact(b"nothing here", ""), b"nothing here");
     }
 }

@@ -117,6 +117,11 @@ impl AccessToken {
         format!("Bearer {}", self.0.expose_secret())
     }
 
+    /// `body` without this token in it.
+    pub(crate) fn redact_from(&self, body: &[u8]) -> Vec<u8> {
+        net::redact(body, self.0.expose_secret())
+    }
+
     fn same_as(&self, other: &AccessToken) -> bool {
         self.0.expose_secret() == other.0.expose_secret()
     }
@@ -346,7 +351,13 @@ impl TokenProvider {
                 .add_extra_param("client_assertion_type", ASSERTION_TYPE)
                 .add_extra_param("client_assertion", assertion);
         }
-        let transport = TokenTransport(self.http.clone());
+        let transport = TokenTransport {
+            http: self.http.clone(),
+            secret: match &self.credential {
+                Credential::Secret(secret) => Some(secret),
+                Credential::Certificate(_) => None,
+            },
+        };
         let response = request
             .request_async(&transport)
             .await
@@ -380,9 +391,14 @@ pub fn token_url(authority: &Url, tenant_id: &str) -> Result<Url, url::ParseErro
     Url::parse(&format!("{base}/{tenant_id}/oauth2/v2.0/token"))
 }
 
-struct TokenTransport(reqwest::Client);
+struct TokenTransport<'s> {
+    http: reqwest::Client,
+    /// Blanked out of error bodies: a proxy that echoes the request must not put the secret
+    /// into errors, logs or health output.
+    secret: Option<&'s SecretString>,
+}
 
-impl<'c> oauth2::AsyncHttpClient<'c> for TokenTransport {
+impl<'c> oauth2::AsyncHttpClient<'c> for TokenTransport<'_> {
     type Error = TokenTransportError;
     type Future = std::pin::Pin<
         Box<
@@ -391,7 +407,7 @@ impl<'c> oauth2::AsyncHttpClient<'c> for TokenTransport {
     >;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
-        Box::pin(send_token_request(&self.0, request))
+        Box::pin(send_token_request(&self.http, self.secret, request))
     }
 }
 
@@ -399,6 +415,7 @@ impl<'c> oauth2::AsyncHttpClient<'c> for TokenTransport {
 /// non-200 answer classified here, so oauth2 only ever parses a success.
 async fn send_token_request(
     http: &reqwest::Client,
+    secret: Option<&SecretString>,
     request: oauth2::HttpRequest,
 ) -> Result<oauth2::HttpResponse, TokenTransportError> {
     let request = reqwest::Request::try_from(request).map_err(|e| {
@@ -426,6 +443,10 @@ async fn send_token_request(
             })
         })?;
     if status != reqwest::StatusCode::OK {
+        let body = match secret {
+            Some(secret) => net::redact(&body, secret.expose_secret()),
+            None => body,
+        };
         return Err(TokenTransportError(classify_token_failure(
             status.as_u16(),
             &headers,

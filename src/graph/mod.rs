@@ -220,6 +220,8 @@ impl GraphClient {
         let body = net::read_body_limited(&mut response, MAX_ERROR_BODY)
             .await
             .unwrap_or_default();
+        // An error message may quote the request's Authorization header back.
+        let body = token.redact_from(&body);
         Err(classify_failure(
             status,
             &headers,

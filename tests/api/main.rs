@@ -4,6 +4,7 @@ mod certificate;
 mod config;
 mod deadline;
 mod foreign_links;
+mod health;
 mod helpers;
 mod malformed;
 mod page_loops;
