@@ -80,13 +80,16 @@ pub fn build_worker(
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = open_store(&settings).await?;
-        let (worker, tokens) = build_worker(&settings, store.clone())?;
+        let (worker, _) = build_worker(&settings, store.clone())?;
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
         Ok(Self {
             listener,
-            state: AppState { store, tokens },
+            state: AppState {
+                store,
+                worker: Arc::clone(&worker),
+            },
             worker,
         })
     }

@@ -62,7 +62,7 @@ CREATE TABLE sync_runs (
     mailbox_id  INTEGER NOT NULL REFERENCES mailboxes (id) ON DELETE CASCADE,
     started_at  TEXT    NOT NULL,
     finished_at TEXT    NOT NULL,
-    outcome     TEXT    NOT NULL,                   -- ok | failed | deadline_exceeded
+    outcome     TEXT    NOT NULL,                   -- ok | failed | deadline_exceeded | deferred
     full_round  INTEGER NOT NULL,
     pages       INTEGER NOT NULL,
     upserted    INTEGER NOT NULL,

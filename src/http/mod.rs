@@ -11,7 +11,10 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::auth::{TokenProviders, TokenStatus};
+use crate::auth::TokenStatus;
+use crate::resilience::breaker::BreakerState;
+use crate::resilience::guard::{BreakerSnapshot, Dependency};
+use crate::scheduler::{Worker, WorkerStatus};
 use crate::store::{MailboxRecord, Store};
 
 /// A store that does not answer this fast is reported unreachable.
@@ -20,7 +23,7 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub tokens: Arc<TokenProviders>,
+    pub worker: Arc<Worker>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -56,13 +59,28 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 pub struct Health {
     pub status: &'static str,
     pub checked_at: DateTime<Utc>,
+    pub jobs: JobsHealth,
     pub tenants: Vec<TenantHealth>,
+}
+
+#[derive(Serialize)]
+pub struct JobsHealth {
+    #[serde(flatten)]
+    pub worker: WorkerStatus,
+    /// Age of the oldest job that is due and allowed to run now (breakers closed).
+    pub oldest_due_seconds: i64,
+    /// Due mailboxes held back because their tenant's breaker is open (not a backlog of ours).
+    pub deferred_by_breaker: usize,
 }
 
 #[derive(Serialize)]
 pub struct TenantHealth {
     pub name: String,
     pub status: &'static str,
+    pub breakers: Vec<BreakerSnapshot>,
+    /// The token endpoint rejected the app's credentials (wrong or expired secret, app not in
+    /// the tenant): an operator must act.
+    pub auth_failing_permanently: bool,
     pub mailboxes: usize,
     pub never_synced: usize,
     pub failing: usize,
@@ -84,15 +102,16 @@ pub struct MailboxHealth {
     pub running: bool,
 }
 
-/// Per tenant and mailbox: last success, lag, last error. `degraded` while any mailbox's last
-/// job failed. Holds no secrets: errors are calsync's own messages, tokens are never shown.
+/// Per tenant and mailbox: last success, lag, last error; breakers; job ages. `degraded` while
+/// a breaker is not closed, a mailbox's last job failed, or a stuck job has not ended. Holds
+/// no secrets: errors are calsync's own messages, tokens are never shown.
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let mailboxes = match tokio::time::timeout(STORE_CHECK_TIMEOUT, state.store.mailboxes()).await {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => return unavailable(e.to_string()),
         Err(_) => return unavailable("store timed out".into()),
     };
-    let health = build_health(&mailboxes, &state.tokens, Utc::now()).await;
+    let health = build_health(&mailboxes, &state.worker, Utc::now()).await;
     (
         StatusCode::OK,
         Json(serde_json::to_value(health).unwrap_or_default()),
@@ -108,9 +127,10 @@ fn unavailable(reason: String) -> (StatusCode, Json<serde_json::Value>) {
 
 pub async fn build_health(
     mailboxes: &[MailboxRecord],
-    tokens: &TokenProviders,
+    worker: &Worker,
     now: DateTime<Utc>,
 ) -> Health {
+    let tokens = worker.tokens();
     let mut by_tenant: std::collections::BTreeMap<&str, Vec<&MailboxRecord>> = Default::default();
     for name in tokens.keys() {
         by_tenant.entry(name.as_str()).or_default();
@@ -119,7 +139,13 @@ pub async fn build_health(
         by_tenant.entry(m.tenant.as_str()).or_default().push(m);
     }
     let mut tenants = Vec::with_capacity(by_tenant.len());
+    let mut oldest_due_seconds = 0i64;
+    let mut deferred_by_breaker = 0usize;
     for (name, list) in by_tenant {
+        let breakers = worker.breakers(name);
+        let blocked = breakers
+            .iter()
+            .any(|b| b.state == BreakerState::Open && b.probe_in_seconds.unwrap_or(0) > 0);
         let detail: Vec<MailboxHealth> = list
             .iter()
             .map(|m| MailboxHealth {
@@ -136,14 +162,30 @@ pub async fn build_health(
                 running: m.lease_until.is_some_and(|until| until > now),
             })
             .collect();
+        for m in detail.iter().filter(|m| m.next_run_at <= now && !m.running) {
+            if blocked {
+                deferred_by_breaker += 1;
+            } else {
+                oldest_due_seconds = oldest_due_seconds.max((now - m.next_run_at).num_seconds());
+            }
+        }
         let failing = detail.iter().filter(|m| m.consecutive_failures > 0).count();
         let token = match tokens.get(name) {
             Some(provider) => Some(provider.status().await),
             None => None,
         };
+        let breakers_closed = breakers.iter().all(|b| b.state == BreakerState::Closed);
         tenants.push(TenantHealth {
             name: name.to_string(),
-            status: if failing > 0 { "degraded" } else { "ok" },
+            status: if failing == 0 && breakers_closed {
+                "ok"
+            } else {
+                "degraded"
+            },
+            auth_failing_permanently: breakers
+                .iter()
+                .any(|b| b.dependency == Dependency::Token && b.permanent),
+            breakers,
             mailboxes: detail.len(),
             never_synced: detail
                 .iter()
@@ -155,10 +197,20 @@ pub async fn build_health(
             mailbox_detail: detail,
         });
     }
-    let degraded = tenants.iter().any(|t| t.status != "ok");
+    let worker_status = worker.status();
+    let stuck_now = worker_status
+        .stuck_recent
+        .iter()
+        .any(|s| s.finished_after_seconds.is_none());
+    let degraded = stuck_now || tenants.iter().any(|t| t.status != "ok");
     Health {
         status: if degraded { "degraded" } else { "ok" },
         checked_at: now,
+        jobs: JobsHealth {
+            worker: worker_status,
+            oldest_due_seconds,
+            deferred_by_breaker,
+        },
         tenants,
     }
 }

@@ -1,5 +1,6 @@
-//! Small, pure resilience pieces with no knowledge of Graph: `Retry-After` parsing and the
-//! backoff schedule.
+//! Resilience: small, pure pieces with no knowledge of Graph (`Retry-After` parsing, the
+//! backoff schedule, the breaker state machine, the retry budget) and the per-tenant guard
+//! that puts them together for the sync jobs.
 
 pub mod backoff;
 pub mod breaker;
@@ -7,3 +8,99 @@ pub mod budget;
 pub mod guard;
 pub mod limits;
 pub mod retry_after;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use governor::DefaultDirectRateLimiter;
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::config::ResilienceSettings;
+use budget::RetryBudget;
+use guard::{Dependency, GuardedBreaker};
+
+/// What one tenant's jobs share: the Graph breaker, the tenant's request rate, its retry
+/// budget and the count of its running jobs (for the per-tenant cap).
+pub struct TenantGuard {
+    pub graph: GuardedBreaker,
+    pub rate: DefaultDirectRateLimiter,
+    budget: Mutex<RetryBudget>,
+    running: AtomicUsize,
+}
+
+impl TenantGuard {
+    pub fn new(tenant: &str, settings: &ResilienceSettings, limits: &limits::RateLimits) -> Self {
+        Self {
+            graph: GuardedBreaker::new(tenant, Dependency::Graph, settings.breaker.clone()),
+            rate: limits.tenant_limiter(),
+            budget: Mutex::new(RetryBudget::new(
+                settings.retry_budget_ratio,
+                settings.retry_budget_min_per_second,
+                Instant::now(),
+            )),
+            running: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes one retry from the tenant's budget.
+    pub fn try_retry(&self) -> bool {
+        self.budget
+            .lock()
+            .map(|mut b| b.withdraw(Instant::now()))
+            .unwrap_or(false)
+    }
+
+    pub fn deposit(&self) {
+        if let Ok(mut b) = self.budget.lock() {
+            b.deposit(Instant::now());
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Counts a job as running until the returned guard is dropped.
+    pub fn start_job(self: &std::sync::Arc<Self>) -> RunningJobCount {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        RunningJobCount(std::sync::Arc::clone(self))
+    }
+}
+
+pub struct RunningJobCount(std::sync::Arc<TenantGuard>);
+
+impl Drop for RunningJobCount {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `Retry-After` plus a little jitter, never less: obeyed exactly, and clients told the same
+/// wait do not all return at the same instant.
+pub fn after_retry_after(retry_after: Duration) -> Duration {
+    let spread = (retry_after / 10).min(Duration::from_secs(1));
+    let extra = if spread.is_zero() {
+        Duration::ZERO
+    } else {
+        spread.mul_f64(rand::thread_rng().gen_range(0.0..1.0))
+    };
+    retry_after + extra
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_never_shortened() {
+        for secs in [0u64, 1, 5, 315] {
+            for _ in 0..100 {
+                let wait = after_retry_after(Duration::from_secs(secs));
+                assert!(wait >= Duration::from_secs(secs));
+                assert!(wait <= Duration::from_secs(secs) + Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,26 +1,37 @@
-//! The worker pool: claims due mailboxes from the store, runs each job under a hard deadline
-//! enforced from outside the job, and writes the outcome and the next run time.
+//! The worker pool: picks due mailboxes fairly across tenants (skipping tenants whose breaker
+//! is open, capping each tenant's share), runs each job under a hard deadline enforced from
+//! outside the job with a heartbeat on its lease, frees the slot of a job that does not stop
+//! when cancelled, and writes each outcome with the next run time.
 
-use std::sync::Arc;
+pub mod fair;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::TokenProviders;
-use crate::config::{Settings, SyncSettings};
+use crate::config::{HumanDuration, ResilienceSettings, Settings, SyncSettings};
 use crate::graph::GraphClient;
 use crate::resilience::backoff::BackoffSchedule;
+use crate::resilience::breaker::BreakerState;
+use crate::resilience::guard::BreakerSnapshot;
+use crate::resilience::limits::RateLimits;
+use crate::resilience::{after_retry_after, RunningJobCount, TenantGuard};
 use crate::store::{JobRecord, Lease, MailboxRecord, RunOutcome, Store};
-use crate::sync::{self, RoundContext, SyncReport};
+use crate::sync::{self, RoundContext, SyncError, SyncReport};
 
-/// Extra lease time past the job deadline, so the lease never runs out under a live job.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// Stuck jobs remembered for health output.
+const STUCK_KEPT: usize = 20;
 
 /// How one job ended.
 #[derive(Clone, Debug, Serialize)]
@@ -33,15 +44,68 @@ pub struct JobResult {
     pub next_run_at: DateTime<Utc>,
 }
 
+/// A worker slot and the tenant's running-job count, held by a job. The stuck-job detector can
+/// take it from a job that does not stop, so the slot serves new work.
+struct JobSlot {
+    _permit: OwnedSemaphorePermit,
+    _count: RunningJobCount,
+}
+
+type SharedSlot = Arc<Mutex<Option<JobSlot>>>;
+
+struct RunningJob {
+    tenant: String,
+    mailbox: String,
+    started: Instant,
+    deadline: Instant,
+    slot: SharedSlot,
+}
+
+/// A job that ran past its deadline plus `sync.stuck_grace` without stopping.
+#[derive(Clone, Debug, Serialize)]
+pub struct StuckJob {
+    pub tenant: String,
+    pub mailbox: String,
+    pub detected_at: DateTime<Utc>,
+    pub running_seconds: f64,
+    /// Set if the job did end later (it was blocking, not lost).
+    pub finished_after_seconds: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunningJobInfo {
+    pub tenant: String,
+    pub mailbox: String,
+    pub running_seconds: f64,
+}
+
+/// The worker's view for `/healthz`.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerStatus {
+    pub workers: usize,
+    pub busy_slots: usize,
+    pub running: Vec<RunningJobInfo>,
+    pub longest_running_seconds: f64,
+    pub stuck_total: u64,
+    pub stuck_recent: Vec<StuckJob>,
+}
+
 pub struct Worker {
     store: Store,
     graph: GraphClient,
     tokens: TokenProviders,
+    guards: HashMap<String, Arc<TenantGuard>>,
+    limits: RateLimits,
     sync: SyncSettings,
+    resilience: ResilienceSettings,
     max_pages_per_round: u32,
     failure_backoff: BackoffSchedule,
+    retry_backoff: BackoffSchedule,
     owner: String,
+    job_seq: AtomicU64,
     slots: Arc<Semaphore>,
+    running: Mutex<HashMap<u64, RunningJob>>,
+    stuck: Mutex<(u64, Vec<StuckJob>)>,
 }
 
 impl Worker {
@@ -55,15 +119,37 @@ impl Worker {
             settings.sync.failure_backoff_initial,
             settings.sync.failure_backoff_max,
         )?;
+        let retry_backoff = BackoffSchedule::new(
+            settings.resilience.retry_initial,
+            settings.resilience.retry_max,
+        )?;
+        let limits = RateLimits::new(&settings.resilience);
+        let guards = settings
+            .tenants
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    Arc::new(TenantGuard::new(&t.name, &settings.resilience, &limits)),
+                )
+            })
+            .collect();
         Ok(Self {
             store,
             graph,
             tokens,
+            guards,
+            limits,
             sync: settings.sync.clone(),
+            resilience: settings.resilience.clone(),
             max_pages_per_round: settings.graph.max_pages_per_round,
             failure_backoff,
+            retry_backoff,
             owner: format!("calsync-{}", uuid::Uuid::new_v4()),
+            job_seq: AtomicU64::new(0),
             slots: Arc::new(Semaphore::new(settings.sync.workers)),
+            running: Mutex::new(HashMap::new()),
+            stuck: Mutex::new((0, Vec::new())),
         })
     }
 
@@ -71,12 +157,37 @@ impl Worker {
         &self.owner
     }
 
-    fn lease_length(&self) -> Duration {
-        self.sync.job_deadline + LEASE_MARGIN
+    /// Each job leases its mailbox under its own name, so a write from a job that lost its
+    /// lease (stuck, then reclaimed) is refused even within this process.
+    fn job_owner(&self) -> (u64, String) {
+        let seq = self.job_seq.fetch_add(1, Ordering::Relaxed);
+        (seq, format!("{}/{seq}", self.owner))
     }
 
-    /// Claims as many due mailboxes as there are free slots and starts their jobs in `jobs`.
-    /// Returns how many were started.
+    /// How many jobs of `tenant` may start now: none while its token or Graph breaker is
+    /// open (they wait without a slot), one probe while one is half-open, else up to the cap.
+    fn allowance(&self, tenant: &str) -> usize {
+        let (Some(guard), Some(tokens)) = (self.guards.get(tenant), self.tokens.get(tenant)) else {
+            return 0;
+        };
+        if guard.graph.would_allow().is_err() || tokens.endpoint_available().is_err() {
+            return 0;
+        }
+        let free = self
+            .sync
+            .max_jobs_per_tenant
+            .saturating_sub(guard.running());
+        let probing = guard.graph.state() != BreakerState::Closed
+            || tokens.breaker().state != BreakerState::Closed;
+        if probing {
+            free.min(1)
+        } else {
+            free
+        }
+    }
+
+    /// Claims due mailboxes for the free slots, fairly across tenants, and starts their jobs
+    /// in `jobs`. Returns how many were started.
     pub async fn dispatch_due(
         self: &Arc<Self>,
         jobs: &mut JoinSet<JobResult>,
@@ -85,18 +196,34 @@ impl Worker {
         if free == 0 {
             return Ok(0);
         }
-        let due = self
+        let now = Utc::now();
+        let candidates = self
             .store
-            .claim_due(&self.owner, Utc::now(), self.lease_length(), free as u32)
+            .due_candidates(now, self.sync.max_jobs_per_tenant as u32)
             .await?;
-        let started = due.len();
-        for mailbox in due {
-            let permit = Arc::clone(&self.slots).acquire_owned().await?;
+        let mut started = 0;
+        for due in fair::pick(candidates, free, |t| self.allowance(t)) {
+            let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+                break;
+            };
+            let (seq, owner) = self.job_owner();
+            let Some(mailbox) = self
+                .store
+                .claim(due.id, &owner, now, self.sync.lease_ttl, true)
+                .await?
+            else {
+                continue;
+            };
+            let Some(guard) = self.guards.get(&mailbox.tenant) else {
+                continue;
+            };
+            let slot = JobSlot {
+                _permit: permit,
+                _count: guard.start_job(),
+            };
             let worker = Arc::clone(self);
-            jobs.spawn(async move {
-                let _slot = permit;
-                worker.execute(mailbox).await
-            });
+            jobs.spawn(async move { worker.execute(mailbox, seq, owner, slot).await });
+            started += 1;
         }
         Ok(started)
     }
@@ -104,10 +231,16 @@ impl Worker {
     /// Runs until `shutdown`: then takes no new jobs and waits for running ones, each of which
     /// ends by its deadline.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let watchdog = tokio::spawn(Arc::clone(&self).watch_for_stuck_jobs(shutdown.clone()));
         let mut jobs = JoinSet::new();
+        let mut last_shrink = Instant::now();
         loop {
             if let Err(e) = self.dispatch_due(&mut jobs).await {
                 tracing::error!(error = %crate::error_chain(e.as_ref()), "could not claim due mailboxes");
+            }
+            if last_shrink.elapsed() > Duration::from_secs(60) {
+                self.limits.shrink();
+                last_shrink = Instant::now();
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -122,28 +255,34 @@ impl Worker {
         while let Some(done) = jobs.join_next().await {
             log_join(done);
         }
+        watchdog.abort();
     }
 
     /// One pass over every enabled mailbox, whatever its schedule (`calsync sync-once`).
     pub async fn sync_all_once(self: &Arc<Self>) -> anyhow::Result<Vec<JobResult>> {
         let mut jobs = JoinSet::new();
-        let mut results = Vec::new();
         for mailbox in self.store.mailboxes().await? {
+            let Some(guard) = self.guards.get(&mailbox.tenant) else {
+                tracing::warn!(tenant = %mailbox.tenant, "skipped: tenant not configured");
+                continue;
+            };
+            let (seq, owner) = self.job_owner();
             let Some(claimed) = self
                 .store
-                .claim(mailbox.id, &self.owner, Utc::now(), self.lease_length())
+                .claim(mailbox.id, &owner, Utc::now(), self.sync.lease_ttl, false)
                 .await?
             else {
                 tracing::warn!(mailbox = %mailbox.user_id, "skipped: leased by another worker");
                 continue;
             };
-            let permit = Arc::clone(&self.slots).acquire_owned().await?;
+            let slot = JobSlot {
+                _permit: Arc::clone(&self.slots).acquire_owned().await?,
+                _count: guard.start_job(),
+            };
             let worker = Arc::clone(self);
-            jobs.spawn(async move {
-                let _slot = permit;
-                worker.execute(claimed).await
-            });
+            jobs.spawn(async move { worker.execute(claimed, seq, owner, slot).await });
         }
+        let mut results = Vec::new();
         while let Some(done) = jobs.join_next().await {
             results.push(done?);
         }
@@ -151,105 +290,192 @@ impl Worker {
     }
 
     /// Runs one claimed mailbox's job under the job deadline and records how it ended. The
-    /// deadline wraps the whole job future, so nothing inside can outlive it.
-    pub async fn execute(&self, mailbox: MailboxRecord) -> JobResult {
-        let span = tracing::info_span!("sync_job", tenant = %mailbox.tenant, mailbox = %mailbox.user_id, id = mailbox.id);
-        async {
-            let lease = Lease {
-                mailbox: mailbox.id,
-                owner: self.owner.clone(),
-            };
-            let started_at = Utc::now();
-            let mut report = SyncReport::default();
-            let result: Result<(), (RunOutcome, String, Option<Duration>)> =
-                match self.tokens.get(&mailbox.tenant) {
-                    None => Err((
-                        RunOutcome::Failed,
-                        format!("tenant `{}` is not configured", mailbox.tenant),
-                        None,
-                    )),
-                    Some(tokens) => {
-                        let ctx = RoundContext {
-                            graph: &self.graph,
-                            store: &self.store,
-                            tokens,
-                            lease: &lease,
-                            window_past: self.sync.window_past,
-                            window_future: self.sync.window_future,
-                            max_pages_per_round: self.max_pages_per_round,
-                        };
-                        let job = sync::run_round(&ctx, &mailbox, started_at, &mut report);
-                        match tokio::time::timeout(self.sync.job_deadline, job).await {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(e)) => {
-                                if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
-                                    report.last_request_id = Some(id);
-                                }
-                                Err((RunOutcome::Failed, crate::error_chain(&e), e.retry_after()))
-                            }
-                            Err(_) => Err((
-                                RunOutcome::DeadlineExceeded,
-                                format!(
-                                    "job deadline of {} exceeded; the job was cancelled",
-                                    crate::config::HumanDuration(self.sync.job_deadline)
-                                ),
-                                None,
-                            )),
-                        }
-                    }
-                };
-            let finished_at = Utc::now();
-            let (outcome, error, retry_after) = match result {
-                Ok(()) => (RunOutcome::Ok, None, None),
-                Err((outcome, message, retry)) => (outcome, Some(message), retry),
-            };
-            let next_run_at = self.next_run(&mailbox, outcome, retry_after, finished_at);
-            match &error {
-                None => tracing::info!(
-                    pages = report.pages, upserted = report.upserted, deleted = report.deleted,
-                    full = report.full_round, "sync job done"
-                ),
-                Some(message) => tracing::warn!(
-                    outcome = outcome.as_str(), error = %message,
-                    request_id = report.last_request_id.as_deref().unwrap_or("-"),
-                    next_run_at = %next_run_at, "sync job failed"
-                ),
-            }
-            let record = JobRecord {
-                started_at,
-                finished_at,
-                outcome,
-                full_round: report.full_round,
-                pages: report.pages,
-                upserted: report.upserted,
-                deleted: report.deleted,
-                error: error.clone(),
-                request_id: report.last_request_id.clone(),
-                next_run_at,
-            };
-            if let Err(e) = self.store.finish_job(&lease, &record).await {
-                tracing::error!(error = %e, "could not record the job's end; its lease will run out");
-            }
-            JobResult {
-                tenant: mailbox.tenant.clone(),
-                mailbox: mailbox.user_id.clone(),
-                outcome,
-                error,
-                report,
-                next_run_at,
-            }
+    /// deadline wraps the whole job future, so nothing inside can outlive it; the lease is
+    /// renewed while the job runs.
+    async fn execute(
+        &self,
+        mailbox: MailboxRecord,
+        seq: u64,
+        owner: String,
+        slot: JobSlot,
+    ) -> JobResult {
+        let span = tracing::info_span!(
+            "sync_job",
+            tenant = %mailbox.tenant,
+            mailbox = %mailbox.user_id,
+            attempt = mailbox.consecutive_failures + 1,
+        );
+        let slot: SharedSlot = Arc::new(Mutex::new(Some(slot)));
+        let started = Instant::now();
+        let deadline = started + self.sync.job_deadline;
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(
+                seq,
+                RunningJob {
+                    tenant: mailbox.tenant.clone(),
+                    mailbox: mailbox.user_id.clone(),
+                    started,
+                    deadline,
+                    slot: Arc::clone(&slot),
+                },
+            );
         }
-        .instrument(span)
-        .await
+        let result = self
+            .run_job(
+                &mailbox,
+                Lease {
+                    mailbox: mailbox.id,
+                    owner,
+                },
+                deadline,
+            )
+            .instrument(span)
+            .await;
+        let was_running = self
+            .running
+            .lock()
+            .map(|mut r| r.remove(&seq).is_some())
+            .unwrap_or(true);
+        if !was_running {
+            self.note_stuck_job_finished(&mailbox, started.elapsed());
+        }
+        drop(slot.lock().map(|mut s| s.take()));
+        result
     }
 
-    /// Success: one interval later, plus jitter so mailboxes do not march in step. Failure: the
+    async fn run_job(&self, mailbox: &MailboxRecord, lease: Lease, deadline: Instant) -> JobResult {
+        let started_at = Utc::now();
+        let mut report = SyncReport::default();
+        let result: Result<(), (RunOutcome, String, Option<Duration>)> = match (
+            self.tokens.get(&mailbox.tenant),
+            self.guards.get(&mailbox.tenant),
+        ) {
+            (Some(tokens), Some(guard)) => {
+                let ctx = RoundContext {
+                    graph: &self.graph,
+                    store: &self.store,
+                    tokens,
+                    guard,
+                    limits: &self.limits,
+                    lease: &lease,
+                    window_past: self.sync.window_past,
+                    window_future: self.sync.window_future,
+                    max_pages_per_round: self.max_pages_per_round,
+                    deadline,
+                    retries_per_request: self.resilience.retries_per_request,
+                    retry_backoff: self.retry_backoff,
+                    slow_call: self.resilience.slow_call,
+                };
+                let job = tokio::time::timeout_at(
+                    deadline,
+                    sync::run_round(&ctx, mailbox, started_at, &mut report),
+                );
+                let outcome = tokio::select! {
+                    outcome = job => Some(outcome),
+                    () = self.heartbeat(&lease) => None,
+                };
+                match outcome {
+                    Some(Ok(Ok(()))) => Ok(()),
+                    Some(Ok(Err(SyncError::Deferred { wait, reason }))) => {
+                        Err((RunOutcome::Deferred, reason, Some(wait)))
+                    }
+                    Some(Ok(Err(e))) => {
+                        if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
+                            report.last_request_id = Some(id);
+                        }
+                        Err((RunOutcome::Failed, crate::error_chain(&e), e.retry_after()))
+                    }
+                    Some(Err(_elapsed)) => Err((
+                        RunOutcome::DeadlineExceeded,
+                        format!(
+                            "job deadline of {} exceeded; the job was cancelled",
+                            HumanDuration(self.sync.job_deadline)
+                        ),
+                        None,
+                    )),
+                    None => Err((
+                        RunOutcome::Failed,
+                        "lost the mailbox's lease; the job was stopped".into(),
+                        None,
+                    )),
+                }
+            }
+            _ => Err((
+                RunOutcome::Failed,
+                format!("tenant `{}` is not configured", mailbox.tenant),
+                None,
+            )),
+        };
+        let finished_at = Utc::now();
+        let (outcome, error, wait) = match result {
+            Ok(()) => (RunOutcome::Ok, None, None),
+            Err((outcome, message, wait)) => (outcome, Some(message), wait),
+        };
+        let next_run_at = self.next_run(mailbox, outcome, wait, finished_at);
+        match &error {
+            None => tracing::info!(
+                pages = report.pages,
+                upserted = report.upserted,
+                deleted = report.deleted,
+                full = report.full_round,
+                "sync job done"
+            ),
+            Some(message) => tracing::warn!(
+                outcome = outcome.as_str(),
+                error = %message,
+                request_id = report.last_request_id.as_deref().unwrap_or("-"),
+                next_run_at = %next_run_at,
+                "sync job did not complete"
+            ),
+        }
+        let record = JobRecord {
+            started_at,
+            finished_at,
+            outcome,
+            full_round: report.full_round,
+            pages: report.pages,
+            upserted: report.upserted,
+            deleted: report.deleted,
+            error: error.clone(),
+            request_id: report.last_request_id.clone(),
+            next_run_at,
+        };
+        if let Err(e) = self.store.finish_job(&lease, &record).await {
+            tracing::error!(error = %e, "could not record the job's end; its lease will run out");
+        }
+        JobResult {
+            tenant: mailbox.tenant.clone(),
+            mailbox: mailbox.user_id.clone(),
+            outcome,
+            error,
+            report,
+            next_run_at,
+        }
+    }
+
+    /// Renews the lease every third of its length; returns only when the lease was lost.
+    async fn heartbeat(&self, lease: &Lease) {
+        let every = self.sync.lease_ttl / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let until = Utc::now()
+                + chrono::Duration::from_std(self.sync.lease_ttl).unwrap_or(chrono::Duration::MAX);
+            match self.store.renew_lease(lease, until).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => tracing::warn!(error = %e, "could not renew the lease; will try again"),
+            }
+        }
+    }
+
+    /// Success: one interval later, plus jitter so mailboxes do not march in step. Deferred:
+    /// when the breaker, `Retry-After` or rate limit allows (never earlier). Failure: the
     /// server's `Retry-After` if it gave one, else exponential backoff by consecutive failures.
     fn next_run(
         &self,
         mailbox: &MailboxRecord,
         outcome: RunOutcome,
-        retry_after: Option<Duration>,
+        wait: Option<Duration>,
         now: DateTime<Utc>,
     ) -> DateTime<Utc> {
         let wait = match outcome {
@@ -262,10 +488,130 @@ impl Worker {
                 };
                 self.sync.interval + Duration::from_millis(jitter)
             }
-            RunOutcome::Failed | RunOutcome::DeadlineExceeded => retry_after
+            RunOutcome::Deferred => after_retry_after(wait.unwrap_or(self.sync.poll_interval)),
+            RunOutcome::Failed | RunOutcome::DeadlineExceeded => wait
+                .map(after_retry_after)
                 .unwrap_or_else(|| self.failure_backoff.delay(mailbox.consecutive_failures)),
         };
         now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::days(1))
+    }
+
+    /// Frees the slot of any job still running `sync.stuck_grace` after its deadline: the
+    /// deadline cancels every job that yields, so such a job is blocking its thread (a bug, or
+    /// blocking code). Its slot goes back to the pool; the job is counted and reported.
+    async fn watch_for_stuck_jobs(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = self.sync.stuck_grace.min(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.free_stuck_slots(Instant::now());
+        }
+    }
+
+    /// One pass of the stuck-job detector; returns how many jobs it freed.
+    pub fn free_stuck_slots(&self, now: Instant) -> usize {
+        let stuck: Vec<RunningJob> = match self.running.lock() {
+            Ok(mut running) => {
+                let ids: Vec<u64> = running
+                    .iter()
+                    .filter(|(_, job)| now > job.deadline + self.sync.stuck_grace)
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.iter().filter_map(|id| running.remove(id)).collect()
+            }
+            Err(_) => return 0,
+        };
+        for job in &stuck {
+            drop(job.slot.lock().map(|mut s| s.take()));
+            let running_seconds = now.duration_since(job.started).as_secs_f64();
+            tracing::error!(
+                tenant = %job.tenant,
+                mailbox = %job.mailbox,
+                running_seconds,
+                "stuck job: still running past its deadline; its worker slot was freed"
+            );
+            if let Ok(mut log) = self.stuck.lock() {
+                log.0 += 1;
+                log.1.push(StuckJob {
+                    tenant: job.tenant.clone(),
+                    mailbox: job.mailbox.clone(),
+                    detected_at: Utc::now(),
+                    running_seconds,
+                    finished_after_seconds: None,
+                });
+                if log.1.len() > STUCK_KEPT {
+                    log.1.remove(0);
+                }
+            }
+        }
+        stuck.len()
+    }
+
+    fn note_stuck_job_finished(&self, mailbox: &MailboxRecord, after: Duration) {
+        tracing::warn!(mailbox = %mailbox.user_id, seconds = after.as_secs_f64(), "a stuck job finished at last");
+        if let Ok(mut log) = self.stuck.lock() {
+            if let Some(entry) = log
+                .1
+                .iter_mut()
+                .rev()
+                .find(|s| s.mailbox == mailbox.user_id && s.finished_after_seconds.is_none())
+            {
+                entry.finished_after_seconds = Some(after.as_secs_f64());
+            }
+        }
+    }
+
+    pub fn status(&self) -> WorkerStatus {
+        let now = Instant::now();
+        let mut running: Vec<RunningJobInfo> = self
+            .running
+            .lock()
+            .map(|r| {
+                r.values()
+                    .map(|j| RunningJobInfo {
+                        tenant: j.tenant.clone(),
+                        mailbox: j.mailbox.clone(),
+                        running_seconds: now.duration_since(j.started).as_secs_f64(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        running.sort_by(|a, b| b.running_seconds.total_cmp(&a.running_seconds));
+        let (stuck_total, stuck_recent) = self
+            .stuck
+            .lock()
+            .map(|s| (s.0, s.1.clone()))
+            .unwrap_or_default();
+        WorkerStatus {
+            workers: self.sync.workers,
+            busy_slots: self.sync.workers - self.slots.available_permits(),
+            longest_running_seconds: running.first().map_or(0.0, |j| j.running_seconds),
+            running,
+            stuck_total,
+            stuck_recent,
+        }
+    }
+
+    /// Breaker states of a tenant: token endpoint and Graph.
+    pub fn breakers(&self, tenant: &str) -> Vec<BreakerSnapshot> {
+        let mut out = Vec::new();
+        if let Some(tokens) = self.tokens.get(tenant) {
+            out.push(tokens.breaker());
+        }
+        if let Some(guard) = self.guards.get(tenant) {
+            out.push(guard.graph.snapshot());
+        }
+        out
+    }
+
+    pub fn tokens(&self) -> &TokenProviders {
+        &self.tokens
+    }
+
+    pub fn settings(&self) -> &SyncSettings {
+        &self.sync
     }
 }
 

@@ -58,6 +58,14 @@ pub struct MailboxRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A mailbox waiting for a worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueMailbox {
+    pub id: MailboxId,
+    pub tenant: String,
+    pub next_run_at: DateTime<Utc>,
+}
+
 /// A lease on a mailbox: writes are accepted only while it is held.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
@@ -77,6 +85,9 @@ pub enum RunOutcome {
     Ok,
     Failed,
     DeadlineExceeded,
+    /// Not run (or stopped early) because a breaker was open, Graph asked to wait past the
+    /// job's deadline, or a rate limit had no permit before it: rescheduled for then.
+    Deferred,
 }
 
 impl RunOutcome {
@@ -85,6 +96,7 @@ impl RunOutcome {
             Self::Ok => "ok",
             Self::Failed => "failed",
             Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Deferred => "deferred",
         }
     }
 }

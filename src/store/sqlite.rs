@@ -10,8 +10,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    link_parts, migrations, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, PageApplied,
-    RunOutcome, StoreError, StoredEvent, SyncRun, RUNS_KEPT_PER_MAILBOX,
+    link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
+    PageApplied, RunOutcome, StoreError, StoredEvent, SyncRun, RUNS_KEPT_PER_MAILBOX,
 };
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
@@ -118,57 +118,61 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Leases up to `limit` enabled mailboxes whose run is due and whose lease is free,
-    /// oldest due first.
-    pub async fn claim_due(
+    /// Due, unleased mailboxes, at most `per_tenant` of each tenant, oldest due first within a
+    /// tenant. The dispatcher picks among them fairly and claims with [`claim`](Self::claim).
+    pub async fn due_candidates(
         &self,
-        owner: &str,
         now: DateTime<Utc>,
-        lease_for: Duration,
-        limit: u32,
-    ) -> Result<Vec<MailboxRecord>, StoreError> {
-        let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
+        per_tenant: u32,
+    ) -> Result<Vec<DueMailbox>, StoreError> {
         let rows = sqlx::query(
-            "UPDATE mailboxes SET lease_owner = ?1, lease_until = ?2
-             WHERE id IN (
-                 SELECT id FROM mailboxes
-                 WHERE enabled = 1 AND next_run_at <= ?3
-                   AND (lease_until IS NULL OR lease_until < ?3)
-                 ORDER BY next_run_at LIMIT ?4)
-             RETURNING *",
+            "SELECT id, tenant, next_run_at FROM (
+                 SELECT id, tenant, next_run_at,
+                        ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY next_run_at, id) AS rank
+                 FROM mailboxes
+                 WHERE enabled = 1 AND next_run_at <= ?1
+                   AND (lease_until IS NULL OR lease_until < ?1))
+             WHERE rank <= ?2
+             ORDER BY next_run_at, id",
         )
-        .bind(owner)
-        .bind(ts(until))
         .bind(ts(now))
-        .bind(i64::from(limit))
+        .bind(i64::from(per_tenant))
         .fetch_all(&self.pool)
         .await?;
-        let mut records = rows
-            .iter()
-            .map(mailbox_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        records.sort_by_key(|m| m.next_run_at);
-        Ok(records)
+        rows.iter()
+            .map(|row| {
+                let next: String = row.try_get("next_run_at")?;
+                Ok(DueMailbox {
+                    id: row.try_get("id")?,
+                    tenant: row.try_get("tenant")?,
+                    next_run_at: parse_ts("next_run_at", &next)?,
+                })
+            })
+            .collect()
     }
 
-    /// Leases one mailbox whatever its schedule (for `sync-once`), if no one else holds it.
+    /// Leases one mailbox to `owner` until `now + lease_for`, if no live lease is held on it
+    /// (and, with `only_if_due`, if it is enabled and due). `None` when someone else has it.
     pub async fn claim(
         &self,
         id: MailboxId,
         owner: &str,
         now: DateTime<Utc>,
         lease_for: Duration,
+        only_if_due: bool,
     ) -> Result<Option<MailboxRecord>, StoreError> {
         let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
         let row = sqlx::query(
             "UPDATE mailboxes SET lease_owner = ?1, lease_until = ?2
              WHERE id = ?3 AND (lease_until IS NULL OR lease_until < ?4)
+               AND (?5 = 0 OR (enabled = 1 AND next_run_at <= ?4))
              RETURNING *",
         )
         .bind(owner)
         .bind(ts(until))
         .bind(id)
         .bind(ts(now))
+        .bind(only_if_due)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(mailbox_from_row).transpose()
@@ -301,6 +305,12 @@ impl SqliteStore {
     /// error, and appends to the sync history.
     pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
         let ok = job.outcome == RunOutcome::Ok;
+        // A deferral (open breaker, Retry-After past the deadline) is not a failure of the
+        // mailbox: its failure count stays, but the reason is shown.
+        let failed = matches!(
+            job.outcome,
+            RunOutcome::Failed | RunOutcome::DeadlineExceeded
+        );
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL, next_run_at = ?1,
@@ -309,7 +319,8 @@ impl SqliteStore {
                  last_error = CASE WHEN ?3 THEN last_error ELSE ?5 END,
                  last_error_at = CASE WHEN ?3 THEN last_error_at ELSE ?4 END,
                  last_request_id = COALESCE(?6, last_request_id),
-                 consecutive_failures = CASE WHEN ?3 THEN 0 ELSE consecutive_failures + 1 END
+                 consecutive_failures = CASE WHEN ?3 THEN 0
+                     WHEN ?9 THEN consecutive_failures + 1 ELSE consecutive_failures END
              WHERE id = ?7 AND lease_owner = ?8",
         )
         .bind(ts(job.next_run_at))
@@ -320,6 +331,7 @@ impl SqliteStore {
         .bind(&job.request_id)
         .bind(lease.mailbox)
         .bind(&lease.owner)
+        .bind(failed)
         .execute(&mut *tx)
         .await?;
         sqlx::query(

@@ -11,7 +11,12 @@ use serde::Serialize;
 
 use crate::auth::{AccessToken, AuthError, TokenProvider};
 use crate::graph::{DeltaItem, DeltaPage, GraphClient, GraphError, PageLink, RequestIds, Window};
+use crate::resilience::backoff::BackoffSchedule;
+use crate::resilience::breaker::CallOutcome;
+use crate::resilience::limits::RateLimits;
+use crate::resilience::{after_retry_after, TenantGuard};
 use crate::store::{Cursor, Lease, MailboxRecord, Store, StoreError};
+use tokio::time::Instant;
 
 /// A page seen this many times in one job means Graph is looping (the known endless-nextLink
 /// fault); a single repeat can be an honest duplicate when pages are tiny.
@@ -31,6 +36,9 @@ pub enum SyncError {
     PageLoop { times: usize },
     #[error("Graph asked for a resync again right after a resync")]
     ResyncLoop,
+    /// Not an error of the mailbox: the job stops and the mailbox is rescheduled `wait` later.
+    #[error("deferred for {}: {reason}", crate::config::HumanDuration(Duration::from_millis(.wait.as_millis() as u64)))]
+    Deferred { wait: Duration, reason: String },
 }
 
 impl SyncError {
@@ -39,6 +47,33 @@ impl SyncError {
         match self {
             Self::Auth(e) => e.retry_after(),
             Self::Graph(e) => e.retry_after(),
+            Self::Deferred { wait, .. } => Some(*wait),
+            _ => None,
+        }
+    }
+
+    /// Worth another attempt within the same job: throttling, 5xx, timeouts, resets, a token
+    /// endpoint failing transiently.
+    fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Graph(GraphError::Transient { .. } | GraphError::Throttled { .. })
+                | Self::Auth(AuthError::Transient { .. })
+        )
+    }
+
+    /// How the Graph call that produced this error counts for the tenant's Graph breaker:
+    /// `None` when it says nothing about Graph's health (no call made, or a payload problem).
+    fn graph_outcome(&self) -> Option<CallOutcome> {
+        match self {
+            Self::Graph(GraphError::Transient { .. }) => Some(CallOutcome::Failure),
+            // A 429 is Graph working as designed (often one busy mailbox): obeyed, not counted.
+            Self::Graph(GraphError::Throttled { .. }) => Some(CallOutcome::Success),
+            Self::Graph(
+                GraphError::Unauthorized { .. }
+                | GraphError::ResyncRequired { .. }
+                | GraphError::Permanent { .. },
+            ) => Some(CallOutcome::Success),
             _ => None,
         }
     }
@@ -68,10 +103,17 @@ pub struct RoundContext<'a> {
     pub graph: &'a GraphClient,
     pub store: &'a Store,
     pub tokens: &'a TokenProvider,
+    pub guard: &'a TenantGuard,
+    pub limits: &'a RateLimits,
     pub lease: &'a Lease,
     pub window_past: Duration,
     pub window_future: Duration,
     pub max_pages_per_round: u32,
+    /// The job's deadline: waits (rate limits, retries) that would end after it are not started.
+    pub deadline: Instant,
+    pub retries_per_request: u32,
+    pub retry_backoff: BackoffSchedule,
+    pub slow_call: Duration,
 }
 
 /// The window a round started now covers: whole UTC days, so it moves once a day.
@@ -96,7 +138,6 @@ pub async fn run_round(
     let RoundContext {
         graph,
         store,
-        tokens,
         lease,
         ..
     } = *ctx;
@@ -121,7 +162,7 @@ pub async fn run_round(
                 pages: pages_this_job - 1,
             });
         }
-        let page = match fetch_with_fresh_token(graph, tokens, &url).await {
+        let page = match fetch_page_resilient(ctx, mailbox.id, &url).await {
             Ok((page, ids)) => {
                 report.last_request_id = ids.request_id;
                 page
@@ -181,6 +222,85 @@ async fn start_full_round(
         next_link: None,
         delta_link: None,
     })
+}
+
+/// One page, through the rate limits and the tenant's Graph breaker, retried on throttling and
+/// transient failures with backoff (or exactly `Retry-After`, plus jitter, never less), within
+/// the retry budget and never past the job's deadline: a wait that would end after it stops the
+/// job as deferred, so it holds no worker while it waits.
+async fn fetch_page_resilient(
+    ctx: &RoundContext<'_>,
+    mailbox: i64,
+    url: &url::Url,
+) -> Result<(DeltaPage, RequestIds), SyncError> {
+    let mut attempt: u32 = 0;
+    loop {
+        if let Err(wait) = ctx
+            .limits
+            .acquire(mailbox, &ctx.guard.rate, ctx.deadline)
+            .await
+        {
+            return Err(SyncError::Deferred {
+                wait: wait.ready_in,
+                reason: "request rate limit".into(),
+            });
+        }
+        if let Err(rejected) = ctx.guard.graph.acquire() {
+            return Err(SyncError::Deferred {
+                wait: rejected.until.saturating_duration_since(Instant::now()),
+                reason: "the tenant's Graph circuit is open".into(),
+            });
+        }
+        let started = Instant::now();
+        let result = fetch_with_fresh_token(ctx.graph, ctx.tokens, url).await;
+        match &result {
+            Ok(_) if started.elapsed() > ctx.slow_call => {
+                ctx.guard.graph.record(CallOutcome::Failure)
+            }
+            Ok(_) => ctx.guard.graph.record(CallOutcome::Success),
+            Err(e) => match e.graph_outcome() {
+                Some(outcome) => ctx.guard.graph.record(outcome),
+                None => ctx.guard.graph.release(),
+            },
+        }
+        let error = match result {
+            Ok(page) => {
+                ctx.guard.deposit();
+                return Ok(page);
+            }
+            Err(SyncError::Auth(
+                e @ AuthError::BreakerOpen {
+                    permanent: false, ..
+                },
+            )) => {
+                return Err(SyncError::Deferred {
+                    wait: e.retry_after().unwrap_or_default(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => e,
+        };
+        if !error.is_retryable() {
+            return Err(error);
+        }
+        let remaining = ctx.deadline.saturating_duration_since(Instant::now());
+        let (wait, told) = match error.retry_after() {
+            Some(retry_after) => (after_retry_after(retry_after), true),
+            None => (ctx.retry_backoff.delay(attempt), false),
+        };
+        if told && wait >= remaining {
+            return Err(SyncError::Deferred {
+                wait,
+                reason: format!("Graph asked to retry after {}s: {error}", wait.as_secs()),
+            });
+        }
+        if attempt >= ctx.retries_per_request || wait >= remaining || !ctx.guard.try_retry() {
+            return Err(error);
+        }
+        attempt += 1;
+        tracing::info!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying Graph request");
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// A 401 means the token expired or was revoked: drop it, fetch a fresh one, try once more.
