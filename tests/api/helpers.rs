@@ -51,6 +51,9 @@ job_deadline = "5s"
 failure_backoff_initial = "1s"
 failure_backoff_max = "10s"
 poll_interval = "50ms"
+[resilience]
+retry_initial = "10ms"
+retry_max = "50ms"
 [[tenants]]
 name = "{TENANT}"
 tenant_id = "{TENANT_ID}"
