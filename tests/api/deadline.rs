@@ -128,6 +128,59 @@ async fn a_graph_that_accepts_and_never_answers_ends_the_job_within_its_deadline
 }
 
 #[tokio::test]
+async fn a_graph_that_trickles_its_answer_ends_the_job_within_its_deadline() {
+    let raw = RawGraph::start(|base, target| {
+        if target.contains("startDateTime") {
+            Reply::Json(
+                Duration::ZERO,
+                delta_page(base, vec![kept_event()], "round1", true),
+            )
+        } else {
+            // A whole page that would take minutes to arrive, every byte of it on time.
+            Reply::Trickle(
+                Duration::from_millis(100),
+                delta_page(
+                    base,
+                    vec![event(
+                        "AAMkAGI2TG93AAA=late",
+                        "Never arrives",
+                        "2026-12-12T09:00:00.0000000",
+                        "2026-12-12T10:00:00.0000000",
+                    )],
+                    "round2",
+                    true,
+                ),
+            )
+        }
+    })
+    .await;
+    let app = app_on(&raw, "1s", "2s").await;
+    let first = app.sync_alice().await;
+    assert_eq!(first.outcome, RunOutcome::Ok, "{:?}", first.error);
+    let before = app.events(ALICE).await;
+
+    let (result, _) = timed_job(&app).await;
+
+    assert!(
+        matches!(
+            result.outcome,
+            RunOutcome::Failed | RunOutcome::DeadlineExceeded
+        ),
+        "{:?}: {:?}",
+        result.outcome,
+        result.error
+    );
+    assert_cut_off_job_recorded(&app, &result).await;
+    assert_eq!(app.events(ALICE).await, before, "nothing of the slow page");
+    assert!(app
+        .mailbox(ALICE)
+        .await
+        .cursor
+        .delta_link
+        .is_some_and(|l| l.ends_with("round1")));
+}
+
+#[tokio::test]
 async fn a_graph_too_slow_to_finish_the_round_hits_the_job_deadline() {
     // Every page is answered, each just under the request timeout, and each names a new page:
     // only the job deadline can end this.

@@ -12,6 +12,8 @@ pub enum Reply {
     Hang,
     /// Answer `200` with this JSON body after `delay`.
     Json(Duration, serde_json::Value),
+    /// Send the head at once, then the body one byte per interval.
+    Trickle(Duration, serde_json::Value),
 }
 
 type Router = dyn Fn(&str, &str) -> Reply + Send + Sync;
@@ -61,6 +63,22 @@ impl RawGraph {
                         match route(&base, &target) {
                             // The connection stays open (this task holds it) until the test ends.
                             Reply::Hang => std::future::pending::<()>().await,
+                            Reply::Trickle(interval, body) => {
+                                let body = body.to_string();
+                                let head = format!(
+                                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                                    body.len()
+                                );
+                                if write.write_all(head.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                                for byte in body.as_bytes() {
+                                    tokio::time::sleep(interval).await;
+                                    if write.write_all(&[*byte]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
                             Reply::Json(delay, body) => {
                                 tokio::time::sleep(delay).await;
                                 let body = body.to_string();

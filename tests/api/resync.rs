@@ -150,3 +150,52 @@ async fn a_second_expiry_right_after_the_resync_fails_the_job_instead_of_looping
         "nothing is reconciled away without a completed round"
     );
 }
+
+#[tokio::test]
+async fn a_stale_next_link_mid_round_restarts_the_round_from_scratch() {
+    let app = spawn_app().await;
+    app.mount_token_ok().await;
+    // Page 1 of the initial round commits; its nextLink has gone stale by the time it is used.
+    Mock::given(method("GET"))
+        .and(path(DELTA_PATH))
+        .and(has_param("startDateTime"))
+        .respond_with(InTurn::new(vec![
+            ResponseTemplate::new(200).set_body_json(app.fixture("graph/initial_page1.json")),
+            ResponseTemplate::new(200).set_body_json(app.fixture("graph/resync_page1.json")),
+        ]))
+        .expect(2)
+        .mount(&app.graph)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(DELTA_PATH))
+        .and(param("$skiptoken", "R0usmcCM996atia_s-page2"))
+        .respond_with(
+            ResponseTemplate::new(410).set_body_json(graph_error("SyncStateNotFound", "stale")),
+        )
+        .expect(1)
+        .mount(&app.graph)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(DELTA_PATH))
+        .and(param("$skiptoken", "R0usmcCM996atia_s-resync2"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(app.fixture("graph/resync_page2.json")),
+        )
+        .expect(1)
+        .mount(&app.graph)
+        .await;
+
+    let result = app.sync_alice().await;
+
+    assert_eq!(result.outcome, RunOutcome::Ok, "{:?}", result.error);
+    assert!(result.report.resynced);
+    assert_eq!(
+        app.event_ids(ALICE).await,
+        vec![
+            "AAMkAGI2TG93AAA=new1",
+            "AAMkAGI2TG93AAA=occ1",
+            "AAMkAGI2TG93AAA=single1",
+        ],
+        "allday1 came only from the abandoned round and is reconciled away"
+    );
+}
