@@ -195,15 +195,12 @@ pub fn demo_settings(
     config: &SimConfig,
     store: &std::path::Path,
 ) -> anyhow::Result<Settings> {
-    let mut toml = format!(
+    sim_service_settings(
+        sim,
+        config,
+        store,
         r#"
-[server]
-listen = "127.0.0.1:0"
-[store]
-url = "sqlite://{store}"
 [graph]
-base_url = "{base}"
-authority = "{authority}"
 page_size = 50
 connect_timeout = "2s"
 request_timeout = "10s"
@@ -215,6 +212,27 @@ job_deadline = "30s"
 failure_backoff_initial = "500ms"
 failure_backoff_max = "5s"
 poll_interval = "100ms"
+"#,
+    )
+}
+
+/// A calsync configuration pointed at `sim` with its tenants and credentials, a SQLite store
+/// at `store`, quiet logs, and `overrides` (TOML) on top.
+pub fn sim_service_settings(
+    sim: &SimHandle,
+    config: &SimConfig,
+    store: &std::path::Path,
+    overrides: &str,
+) -> anyhow::Result<Settings> {
+    let mut base = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+url = "sqlite://{store}"
+[graph]
+base_url = "{base}"
+authority = "{authority}"
 [log]
 level = "warn"
 "#,
@@ -228,7 +246,7 @@ level = "warn"
             .iter()
             .map(|m| format!("\"{m}\""))
             .collect();
-        toml.push_str(&format!(
+        base.push_str(&format!(
             "[[tenants]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nmailboxes = [{}]\n",
             tenant.name,
             tenant.tenant_id,
@@ -237,7 +255,7 @@ level = "warn"
             mailboxes.join(", ")
         ));
     }
-    Ok(Settings::from_toml_str(&toml)?)
+    Ok(Settings::from_toml_layers(&[&base, overrides])?)
 }
 
 async fn wait_until(

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod console;
 pub mod demo;
+pub mod drill;
 pub mod graph;
 pub mod http;
 pub mod net;

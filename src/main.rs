@@ -36,6 +36,9 @@ enum Command {
     /// Run the simulator and the service together on loopback and check the store against the
     /// simulator's ground truth (exit 0 on a match).
     Demo(calsync::demo::DemoArgs),
+    /// Replay the 22-minute identity outage on the simulator, compressed in time, and report
+    /// lag, slot holds, requests and recovery per tenant against the targets (exit 0 if met).
+    Drill(calsync::drill::DrillArgs),
     /// Run the Microsoft Graph simulator (token endpoint, calendarView delta, faults).
     Sim(calsync::sim::SimArgs),
     /// Ask a running calsync for /healthz; exit 0 if it answers 200 (for Docker HEALTHCHECK).
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         // The simulator and the demo bring their own configuration.
         Command::Demo(args) => runtime.block_on(demo(args)),
         Command::Sim(args) => runtime.block_on(sim(args)),
+        Command::Drill(args) => runtime.block_on(drill(args)),
         command => {
             let settings = match Settings::load(cli.config.as_deref()) {
                 Ok(s) => s,
@@ -76,7 +80,9 @@ fn main() -> ExitCode {
                     Command::SyncOnce => sync_once(settings).await,
                     Command::CheckConfig => check_config(&settings),
                     Command::Health { url } => health(&settings, url).await,
-                    Command::Demo(_) | Command::Sim(_) => unreachable!("matched above"),
+                    Command::Demo(_) | Command::Sim(_) | Command::Drill(_) => {
+                        unreachable!("matched above")
+                    }
                 }
             })
         }
@@ -99,6 +105,21 @@ async fn demo(args: calsync::demo::DemoArgs) -> anyhow::Result<ExitCode> {
         print!("{}", calsync::demo::render_summary(&summary));
     }
     Ok(if summary.matched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn drill(args: calsync::drill::DrillArgs) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    let report = calsync::drill::run(args).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", calsync::drill::render(&report));
+    }
+    Ok(if report.all_targets_met {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

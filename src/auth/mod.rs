@@ -30,9 +30,6 @@ use crate::resilience::breaker::CallOutcome;
 use crate::resilience::guard::{BreakerSnapshot, Dependency, GuardedBreaker};
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-/// How long to wait before asking again after a failed early refresh while the cached token
-/// is still usable (unless the endpoint said how long with `Retry-After`).
-const REFRESH_RETRY: Duration = Duration::from_secs(30);
 /// Largest token response accepted.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
@@ -186,6 +183,8 @@ pub struct TokenProvider {
     last_error: std::sync::Mutex<Option<String>>,
     breaker: GuardedBreaker,
     slow_call: Duration,
+    /// After a failed refresh while the cached token is still usable, ask again this much later.
+    refresh_retry: Duration,
 }
 
 impl TokenProvider {
@@ -219,6 +218,7 @@ impl TokenProvider {
                 resilience.breaker.clone(),
             ),
             slow_call: resilience.slow_call,
+            refresh_retry: resilience.retry_initial,
         })
     }
 
@@ -232,7 +232,9 @@ impl TokenProvider {
         let mut cache = self.cache.lock().await;
         let now = Instant::now();
         if let Some(cached) = cache.as_ref() {
-            if now < cached.refresh_at {
+            // `refresh_at` lies past `expires_at` only after a transient refresh failure: then
+            // the token is served up to its extended lifetime.
+            if now < cached.refresh_at && now < cached.ext_expires_at {
                 return Ok(cached.token.clone());
             }
         }
@@ -274,7 +276,9 @@ impl TokenProvider {
                             grace_left_secs = (cached.ext_expires_at - now).as_secs(),
                             "token refresh failed transiently; keeping the cached token"
                         );
-                        cached.refresh_at = now + error.retry_after().unwrap_or(REFRESH_RETRY);
+                        cached.refresh_at = (now
+                            + error.retry_after().unwrap_or(self.refresh_retry))
+                        .min(cached.ext_expires_at);
                         Ok(cached.token.clone())
                     }
                     _ => {

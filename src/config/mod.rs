@@ -329,11 +329,18 @@ impl Settings {
     }
 
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_layers(&[text])
+    }
+
+    /// Defaults, then each TOML text in turn (later ones win, tables merge).
+    pub fn from_toml_layers(layers: &[&str]) -> Result<Self, ConfigError> {
         let mut tree: toml::Table = toml::from_str(DEFAULTS)
             .map_err(|e| ConfigError::new("(embedded defaults)", e.to_string()))?;
-        let overlay: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::new("(toml)", e.to_string()))?;
-        merge_tables(&mut tree, overlay);
+        for text in layers {
+            let overlay: toml::Table =
+                toml::from_str(text).map_err(|e| ConfigError::new("(toml)", e.to_string()))?;
+            merge_tables(&mut tree, overlay);
+        }
         Self::from_table(tree)
     }
 

@@ -2,8 +2,10 @@
 //! time, so tests drive it without sleeping.
 //!
 //! closed → open when, within the sliding window, at least `min_calls` calls ended and the
-//! failure rate reached `failure_rate` (timeouts and slow calls count as failures); or at once
-//! on a permanent failure (wrong secret, app not in tenant), for `permanent_break`.
+//! failure rate reached `failure_rate` (timeouts and slow calls count as failures); or when
+//! the last `min_calls` calls all failed, however far apart (a dependency called rarely, like
+//! the token endpoint, must trip too); or at once on a permanent failure (wrong secret, app
+//! not in tenant), for `permanent_break`.
 //! open → half-open when the break time has passed; the break time doubles with each trip in
 //! a row (plus up to 25 % jitter, never less), capped at `max_break`.
 //! half-open → closed after `probes` successful probe calls; → open again on any failure.
@@ -103,6 +105,7 @@ pub struct Breaker {
     consecutive_trips: u32,
     permanent: bool,
     outcomes: VecDeque<(Instant, bool)>,
+    failures_in_a_row: u32,
     last_change: Instant,
 }
 
@@ -117,6 +120,7 @@ impl Breaker {
             consecutive_trips: 0,
             permanent: false,
             outcomes: VecDeque::new(),
+            failures_in_a_row: 0,
             last_change: now,
         }
     }
@@ -192,14 +196,15 @@ impl Breaker {
                 if outcome == CallOutcome::Permanent {
                     return Some(self.trip(now, true));
                 }
-                self.outcomes
-                    .push_back((now, outcome == CallOutcome::Success));
+                let ok = outcome == CallOutcome::Success;
+                self.failures_in_a_row = if ok { 0 } else { self.failures_in_a_row + 1 };
+                self.outcomes.push_back((now, ok));
                 self.evict(now);
                 let calls = self.outcomes.len() as u32;
                 let failures = self.outcomes.iter().filter(|(_, ok)| !ok).count() as f64;
-                if calls >= self.config.min_calls
-                    && failures / f64::from(calls) >= self.config.failure_rate
-                {
+                let rate_tripped = calls >= self.config.min_calls
+                    && failures / f64::from(calls) >= self.config.failure_rate;
+                if rate_tripped || self.failures_in_a_row >= self.config.min_calls {
                     return Some(self.trip(now, false));
                 }
                 None
@@ -244,6 +249,7 @@ impl Breaker {
         self.probes_in_flight = 0;
         self.probe_successes = 0;
         self.outcomes.clear();
+        self.failures_in_a_row = 0;
         self.change(BreakerState::Open, now)
     }
 
@@ -325,12 +331,30 @@ mod tests {
         );
         let mut b = Breaker::new(config(), t0);
         b.record(CallOutcome::Failure, t0);
+        b.record(CallOutcome::Success, t0);
         b.record(CallOutcome::Failure, t0);
-        b.record(CallOutcome::Failure, t0);
-        // 40 s later the three failures are outside the 30 s window.
+        // 40 s later those calls are outside the 30 s window: 1 of 2 recent calls failed.
         let later = t0 + Duration::from_secs(40);
+        assert_eq!(b.record(CallOutcome::Success, later), None);
         assert_eq!(b.record(CallOutcome::Failure, later), None);
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn failures_in_a_row_trip_even_when_far_apart() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(config(), t0);
+        for minute in 0..3 {
+            assert_eq!(
+                b.record(CallOutcome::Failure, t0 + Duration::from_secs(60 * minute)),
+                None
+            );
+        }
+        assert!(
+            b.record(CallOutcome::Failure, t0 + Duration::from_secs(180))
+                .is_some(),
+            "4 in a row"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod malformed;
 mod page_loops;
 mod raw_graph;
 mod resync;
+mod sim;
 mod sync_rounds;
 mod token_errors;
 mod token_refresh;

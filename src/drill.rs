@@ -1,0 +1,694 @@
+//! `calsync drill`: replays the incident on the simulator, compressed in time. Tenant A's
+//! identity platform and Graph degrade for the outage span (latency, resets, requests that
+//! are never answered, token failures), the other tenants stay healthy, one mailbox gets a 429
+//! storm; then everything recovers. The same run without faults is the baseline. The report
+//! says, per tenant and phase, what the outage did, and checks the targets.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Application;
+use crate::config::Settings;
+use crate::console::{progress_bar, short_duration, LiveView};
+use crate::demo::sim_service_settings;
+use crate::resilience::guard::Dependency;
+use crate::scheduler::Worker;
+use crate::sim::{self, Endpoint, FaultKind, FaultRule, RetryAfter, SimConfig, SimHandle};
+use crate::store::Store;
+
+const SAMPLE_EVERY: Duration = Duration::from_millis(200);
+/// The incident, in real time: 22 minutes of outage.
+const INCIDENT: Duration = Duration::from_secs(22 * 60);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DrillArgs {
+    /// Time compression: 60 replays each real minute in one second (22 min outage = 22 s).
+    #[arg(long, default_value_t = 60.0)]
+    pub scale: f64,
+    /// Tenants (tenant1 is the one whose identity platform fails).
+    #[arg(long, default_value_t = 4)]
+    pub tenants: usize,
+    /// Mailboxes per tenant.
+    #[arg(long, default_value_t = 6)]
+    pub mailboxes: usize,
+    /// Generated events per mailbox.
+    #[arg(long, default_value_t = 40)]
+    pub events: usize,
+    /// Skip the baseline run without the outage (then the lag comparison is not checked).
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Timings of one drill, derived from the scale.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timeline {
+    pub before: Duration,
+    pub outage: Duration,
+    pub after: Duration,
+    pub interval: Duration,
+    pub job_deadline: Duration,
+}
+
+impl Timeline {
+    pub fn scaled(scale: f64) -> anyhow::Result<Self> {
+        if !(1.0..=3600.0).contains(&scale) {
+            anyhow::bail!("--scale must be between 1 and 3600, got {scale}");
+        }
+        let s = |real: Duration| real.div_f64(scale);
+        Ok(Self {
+            before: s(Duration::from_secs(8 * 60)),
+            outage: s(INCIDENT),
+            after: s(Duration::from_secs(20 * 60)),
+            interval: s(Duration::from_secs(5 * 60)),
+            job_deadline: s(Duration::from_secs(120)),
+        })
+    }
+
+    fn total(&self) -> Duration {
+        self.before + self.outage + self.after
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LagStats {
+    pub p50_seconds: f64,
+    pub p99_seconds: f64,
+    pub max_seconds: f64,
+    pub samples: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TenantReport {
+    pub tenant: String,
+    pub faulted: bool,
+    pub lag_before: LagStats,
+    pub lag_during: LagStats,
+    pub lag_after: LagStats,
+    pub longest_slot_hold_seconds: f64,
+    pub token_requests_during_outage: u64,
+    pub graph_requests_during_outage: u64,
+    pub token_breaker_trips_during_outage: u64,
+    pub graph_breaker_trips_during_outage: u64,
+    /// Seconds from the end of the outage until every mailbox of the tenant had synced again.
+    pub drained_after_seconds: Option<f64>,
+    pub jobs: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub met: bool,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DrillReport {
+    pub scale: f64,
+    pub timeline: Timeline,
+    pub tenants: Vec<TenantReport>,
+    pub baseline: Option<Vec<TenantReport>>,
+    pub violations: serde_json::Value,
+    pub targets: Vec<Target>,
+    pub all_targets_met: bool,
+}
+
+/// One run's raw observations.
+struct RunObservations {
+    tenants: Vec<TenantReport>,
+    violations: serde_json::Value,
+    violation_count: u64,
+}
+
+pub async fn run(args: DrillArgs) -> anyhow::Result<DrillReport> {
+    if args.tenants < 2 || args.mailboxes == 0 {
+        anyhow::bail!(
+            "the drill needs at least 2 tenants (one faulted, one healthy) and 1 mailbox each"
+        );
+    }
+    let timeline = Timeline::scaled(args.scale)?;
+    let mut view = LiveView::new(!args.json);
+    let baseline = if args.no_baseline {
+        None
+    } else {
+        view.say("baseline run (no outage; the 429 storm only)...");
+        Some(run_once(&args, timeline, false, &mut view).await?)
+    };
+    view.say("outage run...");
+    let outage = run_once(&args, timeline, true, &mut view).await?;
+    let targets = evaluate(&outage, baseline.as_ref(), timeline);
+    let all_targets_met = targets.iter().all(|t| t.met);
+    Ok(DrillReport {
+        scale: args.scale,
+        timeline,
+        tenants: outage.tenants,
+        baseline: baseline.map(|b| b.tenants),
+        violations: outage.violations,
+        targets,
+        all_targets_met,
+    })
+}
+
+/// The service's settings for a drill: the production defaults divided by the scale.
+fn drill_settings(
+    sim: &SimHandle,
+    config: &SimConfig,
+    store: &Path,
+    t: Timeline,
+    scale: f64,
+) -> anyhow::Result<Settings> {
+    let ms = |d: Duration| format!("\"{}ms\"", d.as_millis().max(1));
+    let s = |real: Duration| ms(real.div_f64(scale));
+    let overrides = format!(
+        r#"
+[graph]
+page_size = 50
+connect_timeout = {connect}
+request_timeout = {request}
+[sync]
+interval = {interval}
+jitter = {jitter}
+workers = 8
+job_deadline = {deadline}
+failure_backoff_initial = {fb_initial}
+failure_backoff_max = {fb_max}
+poll_interval = "50ms"
+lease_ttl = {lease}
+stuck_grace = {grace}
+[resilience]
+retry_initial = {retry_initial}
+retry_max = {retry_max}
+slow_call = {slow}
+breaker_window = {window}
+breaker_min_calls = 3
+breaker_base_break = {base_break}
+breaker_max_break = {max_break}
+breaker_permanent_break = {perm}
+"#,
+        connect = s(Duration::from_secs(5)),
+        request = s(Duration::from_secs(30)),
+        interval = ms(t.interval),
+        jitter = s(Duration::from_secs(30)),
+        deadline = ms(t.job_deadline),
+        fb_initial = s(Duration::from_secs(30)),
+        fb_max = s(Duration::from_secs(300)),
+        lease = s(Duration::from_secs(60)),
+        grace = s(Duration::from_secs(10)),
+        retry_initial = s(Duration::from_secs(1)),
+        retry_max = s(Duration::from_secs(30)),
+        slow = s(Duration::from_secs(20)),
+        window = s(Duration::from_secs(60)),
+        base_break = s(Duration::from_secs(10)),
+        // Never longer than an interval: the backlog must drain within two intervals.
+        max_break = ms(t.interval),
+        perm = s(Duration::from_secs(1800)),
+    );
+    sim_service_settings(sim, config, store, &overrides)
+}
+
+/// The 429 storm (in both runs) and, with `outage`, tenant A's outage, starting `before` from now.
+fn incident_faults(config: &SimConfig, t: Timeline, outage: bool) -> Vec<FaultRule> {
+    let tenant_a = config.tenants[0].name.clone();
+    let storm_mailbox = config.tenants[1].mailboxes[0].clone();
+    let start = t.before.as_millis() as u64;
+    let span = Some(t.outage.as_millis() as u64);
+    let on_a = |kind: FaultKind, endpoint: Endpoint, p: f64| {
+        FaultRule::new(kind)
+            .tenant(tenant_a.clone())
+            .endpoint(endpoint)
+            .probability(p)
+            .window_ms(start, span)
+    };
+    let storm = FaultRule::new(FaultKind::Status {
+        code: 429,
+        graph_code: Some("ApplicationThrottled".into()),
+        message: None,
+        aadsts: None,
+        retry_after: RetryAfter::Seconds(1),
+    })
+    .mailbox(storm_mailbox)
+    .endpoint(Endpoint::Graph)
+    .window_ms(start, span);
+    if !outage {
+        return vec![storm];
+    }
+    vec![
+        storm,
+        // The identity platform: every token request fails one way or another.
+        on_a(FaultKind::Hang, Endpoint::Token, 0.3),
+        on_a(FaultKind::Reset, Endpoint::Token, 0.3),
+        on_a(
+            FaultKind::Status {
+                code: 503,
+                graph_code: Some("temporarily_unavailable".into()),
+                message: None,
+                aadsts: Some(50001),
+                retry_after: RetryAfter::None,
+            },
+            Endpoint::Token,
+            1.0,
+        ),
+        // Graph for tenant A: packet loss, silence, latency.
+        on_a(FaultKind::Reset, Endpoint::Graph, 0.25),
+        on_a(FaultKind::Hang, Endpoint::Graph, 0.15),
+        on_a(
+            FaultKind::Latency {
+                ms: (t.job_deadline.as_millis() as u64 / 8).max(1),
+            },
+            Endpoint::Graph,
+            0.5,
+        ),
+    ]
+}
+
+async fn run_once(
+    args: &DrillArgs,
+    t: Timeline,
+    faults: bool,
+    view: &mut LiveView,
+) -> anyhow::Result<RunObservations> {
+    let mut config = SimConfig::generated(args.tenants, args.mailboxes, args.events, 7);
+    config.mutations_per_second =
+        (args.tenants * args.mailboxes) as f64 / t.interval.as_secs_f64().max(0.001) / 4.0;
+    // Tokens that need refreshing during the outage, so the identity failure is felt.
+    config.access_token_lifetime = t.before + t.outage / 2;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot bind the simulator")?;
+    let sim = sim::start(config.clone(), listener).await?;
+    let dir = std::env::temp_dir().join(format!("calsync-drill-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let settings = drill_settings(&sim, &config, &dir.join("drill.db"), t, args.scale)?;
+    let app = Application::build(settings).await?;
+    let store = app.store().clone();
+    let worker = app.worker();
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+
+    // Start the clock once every mailbox has synced, so "before" is steady state.
+    let warmup = Instant::now();
+    loop {
+        let m = store.mailboxes().await?;
+        if m.iter().all(|m| m.last_success_at.is_some()) {
+            break;
+        }
+        if warmup.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("initial sync did not finish within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sim.add_faults(incident_faults(&config, t, faults));
+    let started = Instant::now();
+    let start_wall = Utc::now();
+    let outage_start = start_wall + chrono::Duration::from_std(t.before)?;
+    let outage_end = outage_start + chrono::Duration::from_std(t.outage)?;
+    let tenant_names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
+    let mut samples: BTreeMap<String, [Vec<f64>; 3]> = tenant_names
+        .iter()
+        .map(|n| (n.clone(), Default::default()))
+        .collect();
+    let mut at_outage_start: Option<Snapshot> = None;
+    let mut at_outage_end: Option<Snapshot> = None;
+    let mut drained: BTreeMap<String, f64> = BTreeMap::new();
+    while started.elapsed() < t.total() {
+        let now = Utc::now();
+        let phase = if now < outage_start {
+            0
+        } else if now < outage_end {
+            1
+        } else {
+            2
+        };
+        if phase >= 1 && at_outage_start.is_none() {
+            at_outage_start = Some((
+                serde_json::to_value(sim.stats())?,
+                trips(&worker, &tenant_names),
+            ));
+        }
+        if phase == 2 && at_outage_end.is_none() {
+            at_outage_end = Some((
+                serde_json::to_value(sim.stats())?,
+                trips(&worker, &tenant_names),
+            ));
+        }
+        let mailboxes = store.mailboxes().await?;
+        for m in &mailboxes {
+            let lag = (now - m.last_success_at.unwrap_or(m.created_at)).num_milliseconds() as f64
+                / 1000.0;
+            if let Some(s) = samples.get_mut(&m.tenant) {
+                s[phase].push(lag);
+            }
+        }
+        if phase == 2 {
+            for name in &tenant_names {
+                if drained.contains_key(name) {
+                    continue;
+                }
+                let all = mailboxes
+                    .iter()
+                    .filter(|m| &m.tenant == name)
+                    .all(|m| m.last_success_at.is_some_and(|s| s > outage_end));
+                if all {
+                    drained.insert(
+                        name.clone(),
+                        (now - outage_end).num_milliseconds() as f64 / 1000.0,
+                    );
+                }
+            }
+        }
+        view.draw(&frame(
+            &mailboxes,
+            started.elapsed(),
+            t,
+            phase,
+            faults,
+            &worker,
+        ));
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+    view.finish(&[format!(
+        "{} done",
+        if faults { "outage run" } else { "baseline run" }
+    )]);
+    let stats_end = serde_json::to_value(sim.stats())?;
+    shutdown.cancel();
+    service.await.context("service task failed")??;
+    sim.shutdown().await;
+
+    let (stats_a, trips_a) =
+        at_outage_start.unwrap_or_else(|| (stats_end.clone(), trips(&worker, &tenant_names)));
+    let (stats_b, trips_b) =
+        at_outage_end.unwrap_or_else(|| (stats_end.clone(), trips(&worker, &tenant_names)));
+    let holds = slot_holds(&store, start_wall).await?;
+    let mut tenants = Vec::new();
+    for (i, name) in tenant_names.iter().enumerate() {
+        let phases = samples.remove(name).unwrap_or_default();
+        let count = |stats: &serde_json::Value, key: &str| {
+            stats["tenants"][name][key].as_u64().unwrap_or(0)
+        };
+        let (tb_a, gb_a) = trips_a.get(name).copied().unwrap_or_default();
+        let (tb_b, gb_b) = trips_b.get(name).copied().unwrap_or_default();
+        let (hold, jobs) = holds.get(name).cloned().unwrap_or_default();
+        tenants.push(TenantReport {
+            tenant: name.clone(),
+            faulted: faults && i == 0,
+            lag_before: lag_stats(&phases[0]),
+            lag_during: lag_stats(&phases[1]),
+            lag_after: lag_stats(&phases[2]),
+            longest_slot_hold_seconds: hold,
+            token_requests_during_outage: count(&stats_b, "token_requests")
+                .saturating_sub(count(&stats_a, "token_requests")),
+            graph_requests_during_outage: count(&stats_b, "graph_requests")
+                .saturating_sub(count(&stats_a, "graph_requests")),
+            token_breaker_trips_during_outage: tb_b.saturating_sub(tb_a),
+            graph_breaker_trips_during_outage: gb_b.saturating_sub(gb_a),
+            drained_after_seconds: drained.get(name).copied(),
+            jobs,
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let v = &stats_end["violations"];
+    let violation_count = ["early_retry", "over_concurrency", "wrong_tenant"]
+        .iter()
+        .map(|k| v[k]["count"].as_u64().unwrap_or(0))
+        .sum();
+    Ok(RunObservations {
+        tenants,
+        violations: v.clone(),
+        violation_count,
+    })
+}
+
+/// Breaker trips (token, Graph) per tenant.
+type Trips = BTreeMap<String, (u64, u64)>;
+/// The simulator's counters and the breakers' trips at one moment.
+type Snapshot = (serde_json::Value, Trips);
+
+fn trips(worker: &Arc<Worker>, tenants: &[String]) -> Trips {
+    tenants
+        .iter()
+        .map(|t| {
+            let b = worker.breakers(t);
+            let of = |d: Dependency| b.iter().find(|s| s.dependency == d).map_or(0, |s| s.trips);
+            (t.clone(), (of(Dependency::Token), of(Dependency::Graph)))
+        })
+        .collect()
+}
+
+/// Per tenant: the longest job (time a worker slot was held) and job counts by outcome.
+async fn slot_holds(
+    store: &Store,
+    since: DateTime<Utc>,
+) -> anyhow::Result<BTreeMap<String, (f64, BTreeMap<String, u64>)>> {
+    let mut out: BTreeMap<String, (f64, BTreeMap<String, u64>)> = BTreeMap::new();
+    for m in store.mailboxes().await? {
+        let entry = out.entry(m.tenant.clone()).or_default();
+        for run in store
+            .runs(m.id, crate::store::RUNS_KEPT_PER_MAILBOX as u32)
+            .await?
+        {
+            if run.started_at < since {
+                continue;
+            }
+            let held = (run.finished_at - run.started_at).num_milliseconds() as f64 / 1000.0;
+            entry.0 = entry.0.max(held);
+            *entry.1.entry(run.outcome.clone()).or_default() += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn lag_stats(samples: &[f64]) -> LagStats {
+    if samples.is_empty() {
+        return LagStats::default();
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let pick = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+    LagStats {
+        p50_seconds: pick(0.50),
+        p99_seconds: pick(0.99),
+        max_seconds: sorted[sorted.len() - 1],
+        samples: sorted.len(),
+    }
+}
+
+fn frame(
+    mailboxes: &[crate::store::MailboxRecord],
+    elapsed: Duration,
+    t: Timeline,
+    phase: usize,
+    faults: bool,
+    worker: &Arc<Worker>,
+) -> Vec<String> {
+    let phase_name = match (phase, faults) {
+        (1, true) => "OUTAGE",
+        (0, _) => "before",
+        (1, false) => "during",
+        _ => "after",
+    };
+    let now = Utc::now();
+    let mut lines = vec![format!(
+        "{}  {phase_name}",
+        progress_bar(
+            "drill",
+            elapsed.as_millis() as usize,
+            t.total().as_millis() as usize,
+            30
+        )
+    )];
+    lines.push(format!(
+        "  {:<10} {:>9} {:>8} {:>8}  breakers (token / graph)",
+        "tenant", "max lag", "failing", "running"
+    ));
+    let mut tenants: BTreeMap<&str, (i64, usize)> = BTreeMap::new();
+    for m in mailboxes {
+        let e = tenants.entry(m.tenant.as_str()).or_default();
+        e.0 =
+            e.0.max((now - m.last_success_at.unwrap_or(m.created_at)).num_milliseconds());
+        e.1 += usize::from(m.consecutive_failures > 0);
+    }
+    let status = worker.status();
+    for (tenant, (lag, failing)) in tenants {
+        let running = status.running.iter().filter(|r| r.tenant == tenant).count();
+        let b = worker.breakers(tenant);
+        let state = |d: Dependency| {
+            b.iter()
+                .find(|s| s.dependency == d)
+                .map_or("-", |s| s.state.as_str())
+        };
+        lines.push(format!(
+            "  {:<10} {:>9} {:>8} {:>8}  {} / {}",
+            tenant,
+            short_duration(lag as f64 / 1000.0),
+            failing,
+            running,
+            state(Dependency::Token),
+            state(Dependency::Graph)
+        ));
+    }
+    lines
+}
+
+fn evaluate(
+    outage: &RunObservations,
+    baseline: Option<&RunObservations>,
+    t: Timeline,
+) -> Vec<Target> {
+    let mut targets = Vec::new();
+    let deadline = t.job_deadline.as_secs_f64();
+    // Bookkeeping after the deadline fires (writing the outcome) is not slot time of the job.
+    let tolerance = 0.1;
+    let longest = outage
+        .tenants
+        .iter()
+        .map(|r| r.longest_slot_hold_seconds)
+        .fold(0.0, f64::max);
+    targets.push(Target {
+        name: "no job holds a slot longer than sync.job_deadline".into(),
+        met: longest <= deadline + tolerance,
+        detail: format!("longest {longest:.3}s, deadline {deadline:.3}s"),
+    });
+    match baseline {
+        Some(base) => {
+            for (r, b) in outage.tenants.iter().zip(&base.tenants).skip(1) {
+                let limit = b.lag_during.p99_seconds * 1.10;
+                targets.push(Target {
+                    name: format!(
+                        "{}: p99 lag during the outage within 10% of the baseline",
+                        r.tenant
+                    ),
+                    met: r.lag_during.p99_seconds <= limit,
+                    detail: format!(
+                        "p99 {:.2}s vs baseline {:.2}s (limit {:.2}s)",
+                        r.lag_during.p99_seconds, b.lag_during.p99_seconds, limit
+                    ),
+                });
+            }
+        }
+        None => targets.push(Target {
+            name: "other tenants' p99 lag vs baseline".into(),
+            met: true,
+            detail: "not checked (--no-baseline)".into(),
+        }),
+    }
+    if let Some(a) = outage.tenants.first() {
+        // Detection takes breaker_min_calls (3) failed calls; then one probe per half-open.
+        let bound = 3 + a.token_breaker_trips_during_outage;
+        targets.push(Target {
+            name: format!(
+                "{}: token requests during the outage no more than the breaker's probes",
+                a.tenant
+            ),
+            met: a.token_requests_during_outage <= bound,
+            detail: format!(
+                "{} requests; bound {bound} (3 to detect + {} probes)",
+                a.token_requests_during_outage, a.token_breaker_trips_during_outage
+            ),
+        });
+        let limit = 2.0 * t.interval.as_secs_f64();
+        targets.push(Target {
+            name: format!(
+                "{}: backlog drained within two sync intervals of recovery",
+                a.tenant
+            ),
+            met: a.drained_after_seconds.is_some_and(|d| d <= limit),
+            detail: match a.drained_after_seconds {
+                Some(d) => format!("drained {d:.2}s after recovery (limit {limit:.2}s)"),
+                None => "not drained before the drill ended".into(),
+            },
+        });
+    }
+    targets.push(Target {
+        name: "zero rule violations (early retries, concurrency over 4, wrong tenant)".into(),
+        met: outage.violation_count == 0,
+        detail: format!("{} violations", outage.violation_count),
+    });
+    targets
+}
+
+/// The report for people.
+pub fn render(report: &DrillReport) -> String {
+    let mut out = String::new();
+    let t = report.timeline;
+    out.push_str(&format!(
+        "\nDrill at scale {}x: {} before, {} outage of {}, {} after; sync interval {}, job deadline {}\n\n",
+        report.scale,
+        short_duration(t.before.as_secs_f64()),
+        short_duration(t.outage.as_secs_f64()),
+        report.tenants.first().map_or("-", |r| r.tenant.as_str()),
+        short_duration(t.after.as_secs_f64()),
+        short_duration(t.interval.as_secs_f64()),
+        short_duration(t.job_deadline.as_secs_f64()),
+    ));
+    out.push_str(&format!(
+        "  {:<9} {:>21} {:>21} {:>21} {:>9} {:>7} {:>7} {:>8}\n",
+        "tenant",
+        "lag before p50/p99/max",
+        "during p50/p99/max",
+        "after p50/p99/max",
+        "max hold",
+        "token",
+        "graph",
+        "drained"
+    ));
+    let l = |s: &LagStats| {
+        format!(
+            "{:.1}/{:.1}/{:.1}s",
+            s.p50_seconds, s.p99_seconds, s.max_seconds
+        )
+    };
+    for r in &report.tenants {
+        out.push_str(&format!(
+            "  {:<9} {:>21} {:>21} {:>21} {:>8.2}s {:>7} {:>7} {:>8}\n",
+            format!("{}{}", r.tenant, if r.faulted { "*" } else { "" }),
+            l(&r.lag_before),
+            l(&r.lag_during),
+            l(&r.lag_after),
+            r.longest_slot_hold_seconds,
+            r.token_requests_during_outage,
+            r.graph_requests_during_outage,
+            r.drained_after_seconds
+                .map_or("-".into(), |d| format!("{d:.1}s")),
+        ));
+    }
+    out.push_str("  (* = the tenant whose identity platform and Graph failed; token/graph = requests during the outage)\n");
+    if let Some(base) = &report.baseline {
+        out.push_str("  baseline p99 lag during the same window: ");
+        let parts: Vec<String> = base
+            .iter()
+            .map(|b| format!("{} {:.1}s", b.tenant, b.lag_during.p99_seconds))
+            .collect();
+        out.push_str(&parts.join(", "));
+        out.push('\n');
+    }
+    out.push_str("\nTargets:\n");
+    for target in &report.targets {
+        out.push_str(&format!(
+            "  [{}] {} — {}\n",
+            if target.met { "PASS" } else { "FAIL" },
+            target.name,
+            target.detail
+        ));
+    }
+    out.push_str(&format!(
+        "\n{}\n",
+        if report.all_targets_met {
+            "All targets met."
+        } else {
+            "Some targets were missed."
+        }
+    ));
+    out
+}
