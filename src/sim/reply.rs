@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
-use chrono::Utc;
+use chrono::{DurationRound, Utc};
 use futures_util::stream;
 use serde_json::{json, Value};
 
@@ -41,7 +41,12 @@ impl Reply {
             RetryAfter::None => self,
             RetryAfter::Seconds(s) => self.header("retry-after", s.to_string()),
             RetryAfter::HttpDate(s) => {
+                // An HTTP-date has whole seconds; rounding down would name an instant before
+                // the one the simulator enforces, and a client obeying it would be "early".
                 let at = Utc::now() + chrono::Duration::seconds(s as i64);
+                let at = at
+                    .duration_round_up(chrono::Duration::seconds(1))
+                    .unwrap_or(at);
                 self.header(
                     "retry-after",
                     at.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),

@@ -3,6 +3,8 @@
 mod certificate;
 mod config;
 mod deadline;
+mod e2e;
+mod faults;
 mod foreign_links;
 mod health;
 mod helpers;
@@ -11,6 +13,7 @@ mod page_loops;
 mod raw_graph;
 mod resync;
 mod sim;
+mod sim_harness;
 mod sync_rounds;
 mod token_errors;
 mod token_refresh;

@@ -1,0 +1,685 @@
+//! The resilience guarantees of DESIGN.md under faults the simulator injects on real sockets:
+//! every job ends by its deadline and frees its slot (1), a tenant's outage stays that tenant's
+//! (2), `Retry-After` is obeyed and never slept on a slot (3), nothing is lost or doubled once
+//! the fault clears (4), and the state shows in health output (5). Millisecond settings.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use calsync::resilience::breaker::BreakerState;
+use calsync::resilience::guard::{BreakerSnapshot, Dependency};
+use calsync::sim::{Endpoint, FaultKind, FaultRule, RetryAfter, SimHandle};
+use calsync::store::RunOutcome;
+use chrono::Utc;
+use tokio::time::Instant;
+
+use crate::sim_harness::*;
+
+/// Slack over a job deadline for the cut-off job to write its end.
+const MARGIN: Duration = Duration::from_millis(500);
+const TARGET: &str = "user1@tenant1.example";
+
+fn breaker(app: &SimApp, tenant: &str, dependency: Dependency) -> BreakerSnapshot {
+    app.worker
+        .breakers(tenant)
+        .into_iter()
+        .find(|b| b.dependency == dependency)
+        .expect("the tenant has that breaker")
+}
+
+/// Until when the tenant's token breaker refuses calls, if it does.
+fn token_open_until(app: &SimApp, tenant: &str) -> Option<Instant> {
+    app.worker.tokens()[tenant]
+        .endpoint_available()
+        .err()
+        .map(|r| r.until)
+}
+
+fn running_of(app: &SimApp, tenant: &str) -> usize {
+    app.worker
+        .status()
+        .running
+        .iter()
+        .filter(|j| j.tenant == tenant)
+        .count()
+}
+
+async fn health(app: &SimApp) -> serde_json::Value {
+    let mailboxes = app.store.mailboxes().await.expect("store reads");
+    let health = calsync::http::build_health(&mailboxes, &app.worker, Utc::now()).await;
+    serde_json::to_value(health).expect("health serializes")
+}
+
+fn tenant_health<'a>(health: &'a serde_json::Value, tenant: &str) -> &'a serde_json::Value {
+    health["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .find(|t| t["name"] == tenant)
+        .expect("tenant in health")
+}
+
+// ---- 5: network faults on one mailbox's Graph requests ----
+
+/// One mailbox's Graph requests all fail with `kind`: its job ends by the deadline, frees its
+/// slot and keeps its events; the other mailboxes (same tenant too) sync as if nothing
+/// happened; after the fault clears, one pass brings the mailbox to ground truth.
+async fn graph_fault_on_one_mailbox_is_contained(kind: FaultKind) {
+    let app = sim_app(world(2, 2, 30), fast).await;
+    app.pass_ok().await;
+    let before = app.stored(TARGET).await;
+    for mailbox in app.mailbox_names() {
+        app.sim.mutate_now(&mailbox, 6);
+    }
+    let rule = app.sim.add_fault(
+        FaultRule::new(kind.clone())
+            .endpoint(Endpoint::Graph)
+            .mailbox(TARGET),
+    );
+    let deadline = app.settings.sync.job_deadline;
+
+    let started = Instant::now();
+    let results = app.pass().await;
+    let took = started.elapsed();
+
+    assert!(
+        took <= deadline + MARGIN,
+        "{kind:?}: the pass took {took:?}; job deadline {deadline:?}"
+    );
+    let status = app.worker.status();
+    assert_eq!(status.busy_slots, 0, "{kind:?}: every slot released");
+    assert!(status.running.is_empty());
+    let target = &results[TARGET];
+    assert_ne!(target.outcome, RunOutcome::Ok, "{kind:?}");
+    assert!(target.error.is_some());
+    let fired = app.sim.stats().faults_fired[&rule];
+    let attempts = 1 + u64::from(app.settings.resilience.retries_per_request);
+    assert!(
+        (1..=attempts).contains(&fired),
+        "{kind:?}: {fired} requests hit the fault; retries are bounded by {attempts}"
+    );
+    let record = app.record(TARGET).await;
+    assert_eq!(record.lease_owner, None, "lease released");
+    let run = &app.store.runs(record.id, 1).await.expect("runs")[0];
+    let ran = (run.finished_at - run.started_at)
+        .to_std()
+        .expect("ends after it starts");
+    assert!(ran <= deadline + MARGIN, "{kind:?}: job ran {ran:?}");
+    assert_eq!(run.outcome, target.outcome.as_str());
+    assert_eq!(
+        app.stored(TARGET).await,
+        before,
+        "{kind:?}: nothing of a failed page applied"
+    );
+    for (mailbox, result) in &results {
+        if mailbox != TARGET {
+            assert_eq!(
+                result.outcome,
+                RunOutcome::Ok,
+                "{mailbox}: {:?}",
+                result.error
+            );
+            app.assert_matches_truth(mailbox).await;
+        }
+    }
+    for tenant in ["tenant1", "tenant2"] {
+        assert_eq!(
+            breaker(&app, tenant, Dependency::Graph).state,
+            BreakerState::Closed,
+            "one mailbox's trouble does not open {tenant}'s breaker"
+        );
+    }
+
+    // Requests the client gave up on may still be in flight at the server (a slow answer).
+    assert!(app.sim.remove_fault(rule));
+    wait_for("abandoned requests end", Duration::from_secs(3), || {
+        app.sim.stats().mailboxes[TARGET].in_flight == 0
+    })
+    .await;
+    app.pass_ok().await;
+    app.assert_all_match_truth().await;
+    let violations = app.sim.stats().violations;
+    assert_eq!(violations.early_retry.count, 0, "{kind:?}");
+    assert_eq!(violations.over_concurrency.count, 0, "{kind:?}");
+    eprintln!(
+        "graph fault {kind:?}: pass {took:?}, target job {ran:?} ({}), {fired} faulted requests",
+        target.outcome.as_str()
+    );
+}
+
+#[tokio::test]
+async fn graph_hang_on_one_mailbox_is_contained() {
+    graph_fault_on_one_mailbox_is_contained(FaultKind::Hang).await;
+}
+
+#[tokio::test]
+async fn graph_trickle_on_one_mailbox_is_contained() {
+    graph_fault_on_one_mailbox_is_contained(FaultKind::Trickle {
+        bytes_per_second: 20,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn graph_reset_on_one_mailbox_is_contained() {
+    graph_fault_on_one_mailbox_is_contained(FaultKind::Reset).await;
+}
+
+#[tokio::test]
+async fn graph_latency_past_the_request_timeout_on_one_mailbox_is_contained() {
+    graph_fault_on_one_mailbox_is_contained(FaultKind::Latency { ms: 700 }).await;
+}
+
+#[tokio::test]
+async fn graph_malformed_json_on_one_mailbox_is_contained() {
+    graph_fault_on_one_mailbox_is_contained(FaultKind::MalformedJson).await;
+}
+
+#[tokio::test]
+async fn graph_truncated_json_on_one_mailbox_is_contained() {
+    graph_fault_on_one_mailbox_is_contained(FaultKind::TruncatedJson).await;
+}
+
+#[tokio::test]
+async fn graph_oversized_body_on_one_mailbox_is_contained() {
+    graph_fault_on_one_mailbox_is_contained(FaultKind::Oversized { bytes: 4 << 20 }).await;
+}
+
+fn status(code: u16) -> FaultKind {
+    FaultKind::Status {
+        code,
+        graph_code: None,
+        message: None,
+        aadsts: None,
+        retry_after: RetryAfter::None,
+    }
+}
+
+#[tokio::test]
+async fn graph_5xx_on_one_mailbox_is_contained() {
+    for code in [500, 502, 503, 504] {
+        graph_fault_on_one_mailbox_is_contained(status(code)).await;
+    }
+}
+
+// ---- 6: a tenant's token endpoint down ----
+
+/// Tenant A's token endpoint fails with `kind`. A's token breaker opens; while it is open A's
+/// mailboxes are not claimed and the endpoint gets no request; tenant B syncs on schedule
+/// throughout; after the break one probe goes out (half-open) and closes it, and A catches up.
+async fn token_outage_is_contained_to_its_tenant(kind: FaultKind) {
+    let (a, b) = ("tenant1", "tenant2");
+    let app = sim_app(world(2, 2, 20), |s| {
+        fast(s);
+        s.sync.interval = Duration::from_millis(150);
+        s.sync.job_deadline = Duration::from_millis(1500);
+        s.sync.workers = 4;
+        s.resilience.breaker.min_calls = 3;
+        s.resilience.breaker.base_break = Duration::from_millis(700);
+        s.resilience.breaker.max_break = Duration::from_secs(2);
+    })
+    .await;
+    let b_mailboxes: Vec<String> = app.sim.tenants()[1].mailboxes.clone();
+    let a_mailboxes: Vec<String> = app.sim.tenants()[0].mailboxes.clone();
+    let outage = app.sim.add_fault(
+        FaultRule::new(kind.clone())
+            .tenant(a)
+            .endpoint(Endpoint::Token),
+    );
+    let mut d = Dispatcher::new(app.worker.clone());
+    let mut states = vec![breaker(&app, a, Dependency::Token).state];
+    let outage_started = Instant::now();
+    let mut b_max_lag = chrono::Duration::zero();
+
+    let step = Duration::from_millis(10);
+    d.step_until(
+        "A's token breaker opens",
+        Duration::from_secs(10),
+        step,
+        |_| breaker(&app, a, Dependency::Token).state == BreakerState::Open,
+    )
+    .await;
+    states.push(BreakerState::Open);
+    let until = token_open_until(&app, a).expect("open: calls refused");
+    let opened_after = outage_started.elapsed();
+    let token_calls_at_open = app.token_requests(a);
+
+    // A's jobs that were running when it opened end at once, deferred.
+    let give_up = Instant::now() + Duration::from_secs(1);
+    while running_of(&app, a) > 0 {
+        assert!(Instant::now() < give_up, "A's jobs did not stop");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        d.collect();
+    }
+    // The open period: A is not claimed, holds no slot, and its endpoint hears nothing.
+    let mut steps_while_open = 0;
+    while Instant::now() + Duration::from_millis(30) < until {
+        d.step().await;
+        steps_while_open += 1;
+        assert_eq!(
+            running_of(&app, a),
+            0,
+            "A claimed while its breaker is open"
+        );
+        let busy = app.worker.status().busy_slots;
+        assert!(busy <= b_mailboxes.len(), "only B holds slots: {busy}");
+        for m in &b_mailboxes {
+            if let Some(last) = app.record(m).await.last_success_at {
+                b_max_lag = b_max_lag.max(Utc::now() - last);
+            }
+        }
+        tokio::time::sleep(step).await;
+    }
+    d.collect();
+    assert_eq!(
+        app.token_requests(a),
+        token_calls_at_open,
+        "no token request while the breaker is open"
+    );
+    for m in &a_mailboxes {
+        let r = app.record(m).await;
+        assert_eq!(r.lease_owner, None, "{m} not claimed while open");
+        assert_eq!(r.last_success_at, None);
+    }
+    let deferred = d
+        .finished
+        .iter()
+        .filter(|(_, r)| r.tenant == a && r.outcome == RunOutcome::Deferred)
+        .count();
+    assert!(
+        deferred >= 1,
+        "A's jobs end deferred once the breaker is open"
+    );
+    assert!(steps_while_open >= 10, "the open period was observed");
+
+    // B kept syncing on schedule during the outage.
+    let b_ok = d
+        .finished
+        .iter()
+        .filter(|(_, r)| r.tenant == b)
+        .inspect(|(_, r)| assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error))
+        .count();
+    assert!(
+        b_ok >= 2 * b_mailboxes.len(),
+        "B synced {b_ok} times during the outage"
+    );
+    assert!(
+        b_max_lag < chrono::Duration::milliseconds(600),
+        "B's lag grew to {b_max_lag}"
+    );
+    for dep in [Dependency::Token, Dependency::Graph] {
+        assert_eq!(breaker(&app, b, dep).state, BreakerState::Closed);
+    }
+
+    // Recovery: the endpoint answers (slowly, so the probe can be seen half-open).
+    assert!(app.sim.remove_fault(outage));
+    let slow = app.sim.add_fault(
+        FaultRule::new(FaultKind::Latency { ms: 150 })
+            .tenant(a)
+            .endpoint(Endpoint::Token),
+    );
+    let mut max_a_running_half_open = 0;
+    d.step_until(
+        "A's token breaker closes again",
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        |_| {
+            let state = breaker(&app, a, Dependency::Token).state;
+            if states.last() != Some(&state) {
+                states.push(state);
+            }
+            if state == BreakerState::HalfOpen {
+                max_a_running_half_open = max_a_running_half_open.max(running_of(&app, a));
+            }
+            state == BreakerState::Closed
+        },
+    )
+    .await;
+    assert_eq!(
+        states,
+        vec![
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+            BreakerState::Closed
+        ]
+    );
+    assert!(
+        Instant::now() >= until,
+        "no probe before the break time was over"
+    );
+    assert_eq!(max_a_running_half_open, 1, "one probe job while half-open");
+    assert_eq!(
+        app.token_requests(a),
+        token_calls_at_open + 1,
+        "exactly one probe"
+    );
+    app.sim.remove_fault(slow);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut synced = 0;
+        for m in &a_mailboxes {
+            synced += usize::from(app.record(m).await.last_success_at.is_some());
+        }
+        if synced == a_mailboxes.len() {
+            break;
+        }
+        assert!(Instant::now() < give_up, "A did not catch up");
+        d.step().await;
+        tokio::time::sleep(step).await;
+    }
+    d.drain().await;
+    assert_eq!(app.worker.status().busy_slots, 0);
+    app.assert_all_match_truth().await;
+    eprintln!(
+        "token outage {kind:?}: breaker opened after {opened_after:?} with {token_calls_at_open} token requests; \
+         {steps_while_open} dispatch steps while open, none claimed A; B synced {b_ok} times, max lag {} ms",
+        b_max_lag.num_milliseconds()
+    );
+}
+
+#[tokio::test]
+async fn token_endpoint_hang_for_a_tenant_is_contained() {
+    token_outage_is_contained_to_its_tenant(FaultKind::Hang).await;
+}
+
+#[tokio::test]
+async fn token_endpoint_503_for_a_tenant_is_contained() {
+    token_outage_is_contained_to_its_tenant(status(503)).await;
+}
+
+#[tokio::test]
+async fn token_endpoint_reset_for_a_tenant_is_contained() {
+    token_outage_is_contained_to_its_tenant(FaultKind::Reset).await;
+}
+
+// ---- 7: Retry-After ----
+
+/// When the simulator answered each Graph request of `mailbox` (polled every millisecond).
+struct RequestClock {
+    stop: Arc<AtomicBool>,
+    times: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl RequestClock {
+    fn start(sim: &SimHandle, mailbox: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let (sim, mailbox) = (sim.clone(), mailbox.to_string());
+        let (s, t) = (stop.clone(), times.clone());
+        tokio::spawn(async move {
+            let mut seen = 0;
+            while !s.load(Ordering::SeqCst) {
+                let n = sim.stats().mailboxes[&mailbox].requests;
+                let now = Instant::now();
+                {
+                    let mut times = t.lock().expect("lock");
+                    while seen < n {
+                        times.push(now);
+                        seen += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        Self { stop, times }
+    }
+
+    fn times(&self) -> Vec<Instant> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.times.lock().expect("lock").clone()
+    }
+}
+
+/// Polling slack when timing requests from the simulator's counters.
+const CLOCK_SLACK: Duration = Duration::from_millis(5);
+
+async fn throttled_app(deadline: Duration) -> SimApp {
+    sim_app(world(1, 1, 20), |s| {
+        fast(s);
+        s.graph.page_size = 50;
+        s.sync.job_deadline = deadline;
+        s.graph.request_timeout = Duration::from_millis(800);
+        s.resilience.retry_initial = Duration::from_millis(200);
+        s.resilience.retry_max = Duration::from_secs(1);
+    })
+    .await
+}
+
+fn throttle(retry_after: RetryAfter) -> FaultRule {
+    FaultRule::new(FaultKind::Status {
+        code: 429,
+        graph_code: Some("ApplicationThrottled".into()),
+        message: None,
+        aadsts: None,
+        retry_after,
+    })
+    .endpoint(Endpoint::Graph)
+    .mailbox("user1@tenant1.example")
+}
+
+/// A 429 with `retry_after`: the job waits at least that long in the slot (it fits in the
+/// deadline), retries once and completes; the simulator saw no early retry.
+async fn retry_after_is_obeyed(retry_after: RetryAfter, at_least: Duration) -> Duration {
+    let app = throttled_app(Duration::from_secs(4)).await;
+    let mailbox = app.mailbox_names().remove(0);
+    app.sim.add_fault(throttle(retry_after).max_count(1));
+    let clock = RequestClock::start(&app.sim, &mailbox);
+
+    let results = app.pass().await;
+
+    let times = clock.times();
+    assert_eq!(
+        results[&mailbox].outcome,
+        RunOutcome::Ok,
+        "{:?}",
+        results[&mailbox].error
+    );
+    let statuses = app.graph_statuses(&mailbox);
+    assert_eq!(statuses.get(&429), Some(&1), "{statuses:?}");
+    assert_eq!(app.sim.stats().violations.early_retry.count, 0);
+    assert!(times.len() >= 2, "{times:?}");
+    let gap = times[1] - times[0];
+    assert!(
+        gap + CLOCK_SLACK >= at_least,
+        "{retry_after:?}: retried after {gap:?}"
+    );
+    app.assert_matches_truth(&mailbox).await;
+    gap
+}
+
+#[tokio::test]
+async fn retry_after_in_seconds_is_obeyed() {
+    let gap = retry_after_is_obeyed(RetryAfter::Seconds(1), Duration::from_secs(1)).await;
+    assert!(
+        gap < Duration::from_millis(1300),
+        "and not much more: {gap:?}"
+    );
+    eprintln!("Retry-After: 1 -> retried after {gap:?}");
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_is_obeyed() {
+    // The date has whole seconds; the simulator rounds it up, so the date is never before
+    // the instant it enforces, and obeying the date means waiting at least the 2 s.
+    let gap = retry_after_is_obeyed(RetryAfter::HttpDate(2), Duration::from_secs(2)).await;
+    assert!(
+        gap < Duration::from_millis(3500),
+        "and not much more: {gap:?}"
+    );
+    eprintln!("Retry-After: <date in 2 s> -> retried after {gap:?}");
+}
+
+#[tokio::test]
+async fn a_429_without_retry_after_backs_off_exponentially() {
+    let app = throttled_app(Duration::from_secs(4)).await;
+    let mailbox = app.mailbox_names().remove(0);
+    app.sim.add_fault(throttle(RetryAfter::None).max_count(2));
+    let clock = RequestClock::start(&app.sim, &mailbox);
+
+    let results = app.pass().await;
+
+    let times = clock.times();
+    assert_eq!(
+        results[&mailbox].outcome,
+        RunOutcome::Ok,
+        "{:?}",
+        results[&mailbox].error
+    );
+    assert_eq!(app.graph_statuses(&mailbox).get(&429), Some(&2));
+    assert!(times.len() >= 3, "{times:?}");
+    let (first, second) = (times[1] - times[0], times[2] - times[1]);
+    // retry_initial 200 ms with ±50 % jitter, doubling: [100, 300] ms then [200, 600] ms.
+    assert!(
+        first + CLOCK_SLACK >= Duration::from_millis(100),
+        "{first:?}"
+    );
+    assert!(
+        second + CLOCK_SLACK >= Duration::from_millis(200),
+        "{second:?}"
+    );
+    assert!(first < Duration::from_millis(400) && second < Duration::from_millis(700));
+    assert_eq!(app.sim.stats().violations.early_retry.count, 0);
+    app.assert_matches_truth(&mailbox).await;
+    eprintln!("429 without Retry-After: backoff {first:?} then {second:?}");
+}
+
+#[tokio::test]
+async fn a_retry_after_past_the_deadline_defers_the_job_without_holding_its_slot() {
+    let app = throttled_app(Duration::from_secs(1)).await;
+    let mailbox = app.mailbox_names().remove(0);
+    app.sim
+        .add_fault(throttle(RetryAfter::Seconds(30)).max_count(1));
+
+    let started_wall = Utc::now();
+    let started = Instant::now();
+    let results = app.pass().await;
+    let took = started.elapsed();
+
+    let result = &results[&mailbox];
+    assert_eq!(result.outcome, RunOutcome::Deferred, "{:?}", result.error);
+    assert!(
+        took < Duration::from_millis(500),
+        "the job ended at once instead of sleeping on its slot: {took:?}"
+    );
+    assert_eq!(app.worker.status().busy_slots, 0);
+    assert!(
+        result.next_run_at >= started_wall + chrono::Duration::seconds(30),
+        "rescheduled for after the Retry-After: {} vs {started_wall}",
+        result.next_run_at
+    );
+    let record = app.record(&mailbox).await;
+    assert!(
+        (record.next_run_at - result.next_run_at)
+            .num_milliseconds()
+            .abs()
+            <= 1,
+        "stored as scheduled (to the millisecond)"
+    );
+    assert_eq!(
+        record.consecutive_failures, 0,
+        "a deferral is not a failure"
+    );
+    assert_eq!(record.lease_owner, None);
+    // The dispatcher leaves it alone until then; the simulator heard one request.
+    let mut d = Dispatcher::new(app.worker.clone());
+    assert_eq!(d.step().await, 0);
+    assert_eq!(app.sim.stats().mailboxes[&mailbox].requests, 1);
+    assert_eq!(app.sim.stats().violations.early_retry.count, 0);
+}
+
+// ---- 8: credentials rejected ----
+
+#[tokio::test]
+async fn rejected_credentials_open_the_token_breaker_as_permanent_and_stop_token_requests() {
+    let (a, b) = ("tenant1", "tenant2");
+    let permanent_break = Duration::from_millis(1500);
+    let app = sim_app(world(2, 1, 20), |s| {
+        fast(s);
+        s.resilience.breaker.permanent_break = permanent_break;
+        s.resilience.breaker.max_break = Duration::from_secs(1);
+    })
+    .await;
+    let a_mailbox = app.sim.tenants()[0].mailboxes[0].clone();
+    let rejected = app.sim.add_fault(
+        FaultRule::new(FaultKind::Status {
+            code: 401,
+            graph_code: Some("invalid_client".into()),
+            message: None,
+            aadsts: Some(7000215),
+            retry_after: RetryAfter::None,
+        })
+        .tenant(a)
+        .endpoint(Endpoint::Token),
+    );
+    let mut d = Dispatcher::new(app.worker.clone());
+    let closed_seen = Instant::now();
+    d.step().await;
+    d.drain().await;
+
+    let snapshot = breaker(&app, a, Dependency::Token);
+    assert_eq!(snapshot.state, BreakerState::Open);
+    assert!(snapshot.permanent);
+    let until = token_open_until(&app, a).expect("open");
+    assert!(
+        until >= closed_seen + permanent_break,
+        "open for the permanent break time"
+    );
+    assert_eq!(app.token_requests(a), 1, "a rejection is not retried");
+    let h = health(&app).await;
+    assert_eq!(
+        tenant_health(&h, a)["auth_failing_permanently"],
+        true,
+        "{h:#}"
+    );
+    assert_eq!(tenant_health(&h, a)["status"], "degraded");
+    assert_eq!(tenant_health(&h, b)["auth_failing_permanently"], false);
+    assert_eq!(tenant_health(&h, b)["status"], "ok");
+    let error = app.record(&a_mailbox).await.last_error.expect("an error");
+    assert!(error.contains("7000215"), "{error}");
+
+    // Not the dispatcher, not even a forced pass, asks again while it is open.
+    let forced = app.pass().await;
+    assert_ne!(forced[&a_mailbox].outcome, RunOutcome::Ok);
+    while Instant::now() + Duration::from_millis(30) < until {
+        d.step().await;
+        assert_eq!(running_of(&app, a), 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        app.token_requests(a),
+        1,
+        "no token request until the break is over"
+    );
+
+    // After it: one probe, still rejected, open again for the permanent break.
+    d.step_until(
+        "the probe after the permanent break",
+        Duration::from_secs(3),
+        Duration::from_millis(10),
+        |_| app.token_requests(a) >= 2,
+    )
+    .await;
+    d.drain().await;
+    assert_eq!(app.token_requests(a), 2, "one probe");
+    assert!(breaker(&app, a, Dependency::Token).permanent);
+
+    // The secret is fixed: the next probe closes it and the mailbox syncs.
+    assert!(app.sim.remove_fault(rejected));
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while app.record(&a_mailbox).await.last_success_at.is_none() {
+        assert!(Instant::now() < give_up, "A did not recover");
+        d.step().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    d.drain().await;
+    assert_eq!(
+        breaker(&app, a, Dependency::Token).state,
+        BreakerState::Closed
+    );
+    let h = health(&app).await;
+    assert_eq!(tenant_health(&h, a)["auth_failing_permanently"], false);
+    assert_eq!(app.token_requests(a), 3);
+    app.assert_all_match_truth().await;
+}
