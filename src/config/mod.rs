@@ -19,8 +19,14 @@ use crate::auth::ClientCertificate;
 
 const DEFAULTS: &str = include_str!("defaults.toml");
 const ENV_PREFIX: &str = "CALSYNC_";
-/// Environment variables with the prefix that are flags of the CLI, not settings.
-const ENV_NOT_SETTINGS: [&str; 2] = ["CALSYNC_CONFIG", "CALSYNC_URL"];
+/// Environment variables with the prefix that are flags of the CLI or of the test suite, not
+/// settings.
+const ENV_NOT_SETTINGS: [&str; 4] = [
+    "CALSYNC_CONFIG",
+    "CALSYNC_URL",
+    "CALSYNC_TEST_POSTGRES_URL",
+    "CALSYNC_REQUIRE_POSTGRES",
+];
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: `{key}`: {message}")]

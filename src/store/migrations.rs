@@ -36,6 +36,12 @@ pub const SQLITE: Embedded = Embedded(&[(
     include_str!("../../migrations/sqlite/0001_init.sql"),
 )]);
 
+pub const POSTGRES: Embedded = Embedded(&[(
+    1,
+    "init",
+    include_str!("../../migrations/postgres/0001_init.sql"),
+)]);
+
 pub async fn migrator(source: Embedded) -> Result<Migrator, sqlx::migrate::MigrateError> {
     Migrator::new(source).await
 }

@@ -1,18 +1,221 @@
 //! Persistent state: mailboxes with their delta cursors and schedule, events, sync history.
 //! A page of changes and the link after it commit in one transaction.
+//!
+//! Two backends behind one type: SQLite for a single instance, PostgreSQL for replicas sharing
+//! one database. [`Store`] is an enum over them rather than a trait object: an `async fn` trait
+//! is not object-safe without boxing every call, the callers need one cloneable concrete type,
+//! and each delegating method calls the same-named method on both backends, so a backend that
+//! drifts from the interface fails to compile.
 
 mod migrations;
+mod postgres;
 mod sqlite;
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::graph::{PageLink, Window};
+use crate::graph::{DeltaItem, PageLink, Window};
 
-/// The store the service runs on. (PostgreSQL joins SQLite behind this name.)
-pub type Store = SqliteStore;
+/// The store the service runs on, chosen by the scheme of `store.url`.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+/// Which database a store URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// `sqlite:...` or `postgres://` / `postgresql://`; anything else is `None`.
+    pub fn of_url(url: &str) -> Option<Self> {
+        let url = url.trim();
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            Store::Sqlite($store) => $call,
+            Store::Postgres($store) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the store at `url`: `sqlite://PATH` (created if missing) or `postgres://...`.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        match Backend::of_url(url) {
+            Some(Backend::Sqlite) => Ok(Self::Sqlite(
+                SqliteStore::connect(url, max_connections).await?,
+            )),
+            Some(Backend::Postgres) => Ok(Self::Postgres(
+                PgStore::connect(url, max_connections).await?,
+            )),
+            None => Err(StoreError::UnsupportedUrl),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Sqlite(_) => Backend::Sqlite,
+            Self::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies the backend's pending migrations (embedded in the binary). Safe to run from
+    /// several replicas at once: sqlx's migrator holds a lock while it runs.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        delegate!(self, s => s.migrate().await)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        delegate!(self, s => s.ping().await)
+    }
+
+    /// Closes the connections gracefully (waits for those in use to be returned).
+    pub async fn close(&self) {
+        delegate!(self, s => s.close().await)
+    }
+
+    /// Releases every lease at start, on SQLite only: a SQLite file has one process working on
+    /// it, so leases still held are a dead process's. On PostgreSQL other replicas hold live
+    /// leases, so nothing is released and a dead replica's leases simply run out (one lease
+    /// period); `PgStore` has no such method on purpose.
+    pub async fn release_stale_leases(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.release_stale_leases().await,
+            Self::Postgres(_) => Ok(0),
+        }
+    }
+
+    /// Makes the configured mailboxes exactly the enabled config-sourced ones: new ones are
+    /// added (due now), removed ones disabled (their events stay until deleted by an operator).
+    pub async fn sync_config_mailboxes(
+        &self,
+        mailboxes: &[(String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        delegate!(self, s => s.sync_config_mailboxes(mailboxes, now).await)
+    }
+
+    /// Due, unleased mailboxes, at most `per_tenant` of each tenant, oldest due first within a
+    /// tenant. The dispatcher picks among them fairly and claims with [`claim`](Self::claim).
+    pub async fn due_candidates(
+        &self,
+        now: DateTime<Utc>,
+        per_tenant: u32,
+    ) -> Result<Vec<DueMailbox>, StoreError> {
+        delegate!(self, s => s.due_candidates(now, per_tenant).await)
+    }
+
+    /// Leases one mailbox to `owner` until `now + lease_for`, if no live lease is held on it
+    /// (and, with `only_if_due`, if it is enabled and due), in one conditional UPDATE: of
+    /// several workers or replicas claiming at once, exactly one gets it. `None` when someone
+    /// else has it.
+    pub async fn claim(
+        &self,
+        id: MailboxId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_for: Duration,
+        only_if_due: bool,
+    ) -> Result<Option<MailboxRecord>, StoreError> {
+        delegate!(self, s => s.claim(id, owner, now, lease_for, only_if_due).await)
+    }
+
+    /// Extends a lease still held by its owner; `false` when it was lost.
+    pub async fn renew_lease(
+        &self,
+        lease: &Lease,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.renew_lease(lease, until).await)
+    }
+
+    /// Begins a full round over `window`: the old delta state is dropped and events not seen
+    /// by the time the round completes are deleted then. Returns the new round id.
+    pub async fn start_full_round(
+        &self,
+        lease: &Lease,
+        window: &Window,
+    ) -> Result<i64, StoreError> {
+        delegate!(self, s => s.start_full_round(lease, window).await)
+    }
+
+    /// Applies one page and moves the cursor past it, atomically, only while `lease` is held
+    /// and the round is `cursor.round_id` ([`StoreError::LeaseLost`] otherwise, nothing
+    /// written). With a deltaLink that ends a full round, events the round did not return are
+    /// deleted (reconciliation).
+    pub async fn apply_page(
+        &self,
+        lease: &Lease,
+        cursor: &Cursor,
+        items: &[DeltaItem],
+        link: &PageLink,
+        now: DateTime<Utc>,
+    ) -> Result<PageApplied, StoreError> {
+        delegate!(self, s => s.apply_page(lease, cursor, items, link, now).await)
+    }
+
+    /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
+    /// error, and appends to the sync history (keeping [`RUNS_KEPT_PER_MAILBOX`]).
+    pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
+        delegate!(self, s => s.finish_job(lease, job).await)
+    }
+
+    /// The enabled mailboxes, by tenant and user.
+    pub async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {
+        delegate!(self, s => s.mailboxes().await)
+    }
+
+    pub async fn mailbox(
+        &self,
+        tenant: &str,
+        user_id: &str,
+    ) -> Result<Option<MailboxRecord>, StoreError> {
+        delegate!(self, s => s.mailbox(tenant, user_id).await)
+    }
+
+    /// A mailbox's events, by start.
+    pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
+        delegate!(self, s => s.events(mailbox).await)
+    }
+
+    /// Events held per mailbox.
+    pub async fn event_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
+        delegate!(self, s => s.event_counts().await)
+    }
+
+    /// A mailbox's latest sync runs, newest first.
+    pub async fn runs(&self, mailbox: MailboxId, limit: u32) -> Result<Vec<SyncRun>, StoreError> {
+        delegate!(self, s => s.runs(mailbox, limit).await)
+    }
+}
 
 pub type MailboxId = i64;
 
@@ -26,6 +229,8 @@ pub enum StoreError {
     LeaseLost(MailboxId),
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+    #[error("store.url must start with sqlite:, postgres:// or postgresql://")]
+    UnsupportedUrl,
 }
 
 /// Where a mailbox's sync stands.

@@ -80,6 +80,10 @@ impl SqliteStore {
         Ok(())
     }
 
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// A SQLite file has one process working on it, so leases left by an earlier process that
     /// died are released at start instead of waiting for them to run out.
     pub async fn release_stale_leases(&self) -> Result<u64, StoreError> {

@@ -1,0 +1,541 @@
+//! PostgreSQL store: one database shared by any number of replicas.
+//!
+//! Replica safety rests on two things. A claim is one conditional `UPDATE` (under READ
+//! COMMITTED a concurrent claim waits for the row lock and re-checks the lease on the row it
+//! then sees), so exactly one claimant wins. Every write of a job checks `lease_owner` (and,
+//! for a page, the round) under the mailbox row's lock inside its transaction, so once another
+//! replica's claim has committed, nothing from the old owner can commit after it. Clocks only
+//! decide when a lease may be taken over, never whether a write is accepted.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+
+use super::{
+    link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
+    PageApplied, RunOutcome, StoreError, StoredEvent, SyncRun, RUNS_KEPT_PER_MAILBOX,
+};
+use crate::graph::{DeltaItem, Event, PageLink, Window};
+
+/// Serialises `sync_config_mailboxes` of replicas starting together (an arbitrary constant,
+/// "calsync" in ASCII).
+const CONFIG_SYNC_LOCK: i64 = 0x63_616c_7379_6e63;
+
+/// PostgreSQL text cannot hold NUL; Graph data and error bodies can. A NUL is stored as U+FFFD
+/// rather than failing the page (or the job's record) forever.
+fn text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+fn opt_text(s: &Option<String>) -> Option<Cow<'_, str>> {
+    s.as_deref().map(text)
+}
+
+/// The same for JSON stored as jsonb, which refuses `\u0000` in strings and keys.
+fn json_without_nul(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(text(s).into_owned()),
+        Value::Array(items) => Value::Array(items.iter().map(json_without_nul).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (text(k).into_owned(), json_without_nul(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/db`, libpq-style query options such as
+    /// `options[search_path]=schema` accepted).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let mut options = PgConnectOptions::from_str(url)?;
+        if options.get_application_name().is_none() {
+            options = options.application_name("calsync");
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        migrations::migrator(migrations::POSTGRES)
+            .await?
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // No `release_stale_leases`: other replicas hold live leases in this database.
+
+    pub async fn sync_config_mailboxes(
+        &self,
+        mailboxes: &[(String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CONFIG_SYNC_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE mailboxes SET enabled = false WHERE source = 'config' AND enabled")
+            .execute(&mut *tx)
+            .await?;
+        for (tenant, user_id) in mailboxes {
+            sqlx::query(
+                "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
+                 VALUES ($1, $2, 'config', true, $3, $3)
+                 ON CONFLICT (tenant, user_id) DO UPDATE SET enabled = true",
+            )
+            .bind(text(tenant))
+            .bind(text(user_id))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn due_candidates(
+        &self,
+        now: DateTime<Utc>,
+        per_tenant: u32,
+    ) -> Result<Vec<DueMailbox>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant, next_run_at FROM (
+                 SELECT id, tenant, next_run_at,
+                        ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY next_run_at, id) AS rank
+                 FROM mailboxes
+                 WHERE enabled AND next_run_at <= $1
+                   AND (lease_until IS NULL OR lease_until < $1)) AS due
+             WHERE rank <= $2
+             ORDER BY next_run_at, id",
+        )
+        .bind(now)
+        .bind(i64::from(per_tenant))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DueMailbox {
+                    id: row.try_get("id")?,
+                    tenant: row.try_get("tenant")?,
+                    next_run_at: row.try_get("next_run_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn claim(
+        &self,
+        id: MailboxId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_for: Duration,
+        only_if_due: bool,
+    ) -> Result<Option<MailboxRecord>, StoreError> {
+        let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
+        // One statement: a claimant that waited on another's row lock re-evaluates the WHERE
+        // on the row as the other left it, and finds the lease live.
+        let row = sqlx::query(
+            "UPDATE mailboxes SET lease_owner = $1, lease_until = $2
+             WHERE id = $3 AND (lease_until IS NULL OR lease_until < $4)
+               AND (NOT $5 OR (enabled AND next_run_at <= $4))
+             RETURNING *",
+        )
+        .bind(owner)
+        .bind(until)
+        .bind(id)
+        .bind(now)
+        .bind(only_if_due)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    pub async fn renew_lease(
+        &self,
+        lease: &Lease,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE mailboxes SET lease_until = $1 WHERE id = $2 AND lease_owner = $3")
+                .bind(until)
+                .bind(lease.mailbox)
+                .bind(&lease.owner)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn start_full_round(
+        &self,
+        lease: &Lease,
+        window: &Window,
+    ) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "UPDATE mailboxes SET round_id = round_id + 1, round_full = true, next_link = NULL,
+                 delta_link = NULL, window_start = $1, window_end = $2
+             WHERE id = $3 AND lease_owner = $4 RETURNING round_id",
+        )
+        .bind(window.start)
+        .bind(window.end)
+        .bind(lease.mailbox)
+        .bind(&lease.owner)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::LeaseLost(lease.mailbox))?;
+        Ok(row.try_get("round_id")?)
+    }
+
+    pub async fn apply_page(
+        &self,
+        lease: &Lease,
+        cursor: &Cursor,
+        items: &[DeltaItem],
+        link: &PageLink,
+        now: DateTime<Utc>,
+    ) -> Result<PageApplied, StoreError> {
+        let window = cursor
+            .window
+            .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
+        let mut tx = self.pool.begin().await?;
+        // The fence: the row lock is held to commit, so a claim by another replica either
+        // committed before (and this page is refused) or waits until this page has committed.
+        let fence = sqlx::query(
+            "SELECT 1 FROM mailboxes WHERE id = $1 AND lease_owner = $2 AND round_id = $3
+             FOR UPDATE",
+        )
+        .bind(lease.mailbox)
+        .bind(&lease.owner)
+        .bind(cursor.round_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if fence.is_none() {
+            return Err(StoreError::LeaseLost(lease.mailbox));
+        }
+        let mut applied = PageApplied::default();
+        for item in items {
+            match item {
+                DeltaItem::Upsert(event) => {
+                    upsert_event(&mut tx, lease.mailbox, event, cursor.round_id, now).await?;
+                    applied.upserted += 1;
+                }
+                DeltaItem::Removed { id } => {
+                    // Graph also reports changes outside the window as removals: only an event
+                    // held inside this window is deleted.
+                    let done = sqlx::query(
+                        "DELETE FROM events WHERE mailbox_id = $1 AND event_id = $2
+                           AND start_utc < $3 AND end_utc >= $4",
+                    )
+                    .bind(lease.mailbox)
+                    .bind(text(id))
+                    .bind(window.end)
+                    .bind(window.start)
+                    .execute(&mut *tx)
+                    .await?;
+                    applied.deleted += done.rows_affected();
+                }
+            }
+        }
+        let (next_link, delta_link) = link_parts(link);
+        if delta_link.is_some() && cursor.full {
+            let done = sqlx::query("DELETE FROM events WHERE mailbox_id = $1 AND seen_round <> $2")
+                .bind(lease.mailbox)
+                .bind(cursor.round_id)
+                .execute(&mut *tx)
+                .await?;
+            applied.deleted += done.rows_affected();
+        }
+        match (next_link, delta_link) {
+            (Some(next), _) => {
+                sqlx::query("UPDATE mailboxes SET next_link = $1 WHERE id = $2")
+                    .bind(text(next))
+                    .bind(lease.mailbox)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            (None, delta) => {
+                sqlx::query(
+                    "UPDATE mailboxes SET next_link = NULL, delta_link = $1, round_full = false
+                     WHERE id = $2",
+                )
+                .bind(delta.map(text))
+                .bind(lease.mailbox)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
+        let ok = job.outcome == RunOutcome::Ok;
+        // A deferral (open breaker, Retry-After past the deadline) is not a failure of the
+        // mailbox: its failure count stays, but the reason is shown.
+        let failed = matches!(
+            job.outcome,
+            RunOutcome::Failed | RunOutcome::DeadlineExceeded
+        );
+        let error = opt_text(&job.error);
+        let request_id = opt_text(&job.request_id);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL, next_run_at = $1,
+                 last_attempt_at = $2,
+                 last_success_at = CASE WHEN $3 THEN $4 ELSE last_success_at END,
+                 last_error = CASE WHEN $3 THEN last_error ELSE $5 END,
+                 last_error_at = CASE WHEN $3 THEN last_error_at ELSE $4 END,
+                 last_request_id = COALESCE($6, last_request_id),
+                 consecutive_failures = CASE WHEN $3 THEN 0
+                     WHEN $9 THEN consecutive_failures + 1 ELSE consecutive_failures END
+             WHERE id = $7 AND lease_owner = $8",
+        )
+        .bind(job.next_run_at)
+        .bind(job.started_at)
+        .bind(ok)
+        .bind(job.finished_at)
+        .bind(&error)
+        .bind(&request_id)
+        .bind(lease.mailbox)
+        .bind(&lease.owner)
+        .bind(failed)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
+                 pages, upserted, deleted, error, request_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(lease.mailbox)
+        .bind(job.started_at)
+        .bind(job.finished_at)
+        .bind(job.outcome.as_str())
+        .bind(job.full_round)
+        .bind(i64::try_from(job.pages).unwrap_or(i64::MAX))
+        .bind(i64::try_from(job.upserted).unwrap_or(i64::MAX))
+        .bind(i64::try_from(job.deleted).unwrap_or(i64::MAX))
+        .bind(&error)
+        .bind(&request_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM sync_runs WHERE mailbox_id = $1 AND id <= (
+                 SELECT id FROM sync_runs WHERE mailbox_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+        )
+        .bind(lease.mailbox)
+        .bind(RUNS_KEPT_PER_MAILBOX)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM mailboxes WHERE enabled ORDER BY tenant, user_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(mailbox_from_row).collect()
+    }
+
+    pub async fn mailbox(
+        &self,
+        tenant: &str,
+        user_id: &str,
+    ) -> Result<Option<MailboxRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM mailboxes WHERE tenant = $1 AND user_id = $2")
+            .bind(text(tenant))
+            .bind(text(user_id))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM events WHERE mailbox_id = $1 ORDER BY start_utc, event_id")
+                .bind(mailbox)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    pub async fn event_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
+        let rows = sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM events GROUP BY mailbox_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("mailbox_id")?,
+                    u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn runs(&self, mailbox: MailboxId, limit: u32) -> Result<Vec<SyncRun>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM sync_runs WHERE mailbox_id = $1 ORDER BY id DESC LIMIT $2")
+                .bind(mailbox)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SyncRun {
+                    started_at: row.try_get("started_at")?,
+                    finished_at: row.try_get("finished_at")?,
+                    outcome: row.try_get("outcome")?,
+                    full_round: row.try_get("full_round")?,
+                    pages: row.try_get("pages")?,
+                    upserted: row.try_get("upserted")?,
+                    deleted: row.try_get("deleted")?,
+                    error: row.try_get("error")?,
+                    request_id: row.try_get("request_id")?,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn upsert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    mailbox: MailboxId,
+    e: &Event,
+    round_id: i64,
+    synced_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
+             start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity,
+             event_type, series_master_id, organizer_name, organizer_address, attendees, location,
+             web_link, raw, seen_round, synced_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+             $19, $20, $21, $22, $23, $24, $25)
+         ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
+             ical_uid = EXCLUDED.ical_uid, change_key = EXCLUDED.change_key, etag = EXCLUDED.etag,
+             last_modified = EXCLUDED.last_modified, subject = EXCLUDED.subject,
+             start_utc = EXCLUDED.start_utc, end_utc = EXCLUDED.end_utc,
+             start_date = EXCLUDED.start_date, end_date = EXCLUDED.end_date,
+             is_all_day = EXCLUDED.is_all_day, is_cancelled = EXCLUDED.is_cancelled,
+             show_as = EXCLUDED.show_as, sensitivity = EXCLUDED.sensitivity,
+             event_type = EXCLUDED.event_type, series_master_id = EXCLUDED.series_master_id,
+             organizer_name = EXCLUDED.organizer_name, organizer_address = EXCLUDED.organizer_address,
+             attendees = EXCLUDED.attendees, location = EXCLUDED.location,
+             web_link = EXCLUDED.web_link, raw = EXCLUDED.raw,
+             seen_round = EXCLUDED.seen_round, synced_at = EXCLUDED.synced_at",
+    )
+    .bind(mailbox)
+    .bind(text(&e.id))
+    .bind(opt_text(&e.ical_uid))
+    .bind(opt_text(&e.change_key))
+    .bind(opt_text(&e.etag))
+    .bind(e.last_modified)
+    .bind(opt_text(&e.subject))
+    .bind(e.start_utc)
+    .bind(e.end_utc)
+    .bind(e.start_date)
+    .bind(e.end_date)
+    .bind(e.is_all_day)
+    .bind(e.is_cancelled)
+    .bind(opt_text(&e.show_as))
+    .bind(opt_text(&e.sensitivity))
+    .bind(opt_text(&e.event_type))
+    .bind(opt_text(&e.series_master_id))
+    .bind(opt_text(&e.organizer_name))
+    .bind(opt_text(&e.organizer_address))
+    .bind(json_without_nul(&e.attendees))
+    .bind(opt_text(&e.location))
+    .bind(opt_text(&e.web_link))
+    .bind(text(&e.raw))
+    .bind(round_id)
+    .bind(synced_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
+    let window = match (
+        row.try_get::<Option<DateTime<Utc>>, _>("window_start")?,
+        row.try_get::<Option<DateTime<Utc>>, _>("window_end")?,
+    ) {
+        (Some(start), Some(end)) => Some(Window { start, end }),
+        _ => None,
+    };
+    Ok(MailboxRecord {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        user_id: row.try_get("user_id")?,
+        enabled: row.try_get("enabled")?,
+        cursor: Cursor {
+            round_id: row.try_get("round_id")?,
+            full: row.try_get("round_full")?,
+            window,
+            next_link: row.try_get("next_link")?,
+            delta_link: row.try_get("delta_link")?,
+        },
+        last_success_at: row.try_get("last_success_at")?,
+        last_attempt_at: row.try_get("last_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        last_error_at: row.try_get("last_error_at")?,
+        last_request_id: row.try_get("last_request_id")?,
+        consecutive_failures: u32::try_from(row.try_get::<i32, _>("consecutive_failures")?)
+            .unwrap_or(0),
+        next_run_at: row.try_get("next_run_at")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_until: row.try_get("lease_until")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn event_from_row(row: &PgRow) -> Result<StoredEvent, StoreError> {
+    Ok(StoredEvent {
+        event_id: row.try_get("event_id")?,
+        ical_uid: row.try_get("ical_uid")?,
+        change_key: row.try_get("change_key")?,
+        subject: row.try_get("subject")?,
+        start_utc: row.try_get("start_utc")?,
+        end_utc: row.try_get("end_utc")?,
+        start_date: row.try_get("start_date")?,
+        end_date: row.try_get("end_date")?,
+        is_all_day: row.try_get("is_all_day")?,
+        is_cancelled: row.try_get("is_cancelled")?,
+        show_as: row.try_get("show_as")?,
+        event_type: row.try_get("event_type")?,
+        series_master_id: row.try_get("series_master_id")?,
+        organizer_address: row.try_get("organizer_address")?,
+        location: row.try_get("location")?,
+        raw: row.try_get("raw")?,
+    })
+}
