@@ -14,6 +14,7 @@ mod raw_graph;
 mod resync;
 mod sim;
 mod sim_harness;
+mod store_suite;
 mod sync_rounds;
 mod token_errors;
 mod token_refresh;

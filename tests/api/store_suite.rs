@@ -1,0 +1,1070 @@
+//! One store test suite, run on both backends: every test below is an `async fn(Store)`, and
+//! `store_suite!` makes a `sqlite::<name>` and a `postgres::<name>` test of it. SQLite tests get
+//! their own file; PostgreSQL tests get their own schema (dropped afterwards) in the database
+//! at `CALSYNC_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`). When
+//! PostgreSQL cannot be reached, its tests pass after saying loudly that they did not run,
+//! unless `CALSYNC_REQUIRE_POSTGRES=1`, which makes them fail.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::io::Write;
+use std::sync::Once;
+use std::time::Duration;
+
+use calsync::graph::{DeltaItem, Event, PageLink, Window};
+use calsync::store::{
+    Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, RunOutcome, Store, StoreError,
+    RUNS_KEPT_PER_MAILBOX,
+};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::Connection;
+
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+macro_rules! store_suite {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::on_sqlite(super::$test).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::on_postgres(super::$test).await;
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    migrations_run_twice,
+    config_mailboxes_are_added_disabled_and_reenabled,
+    due_candidates_follow_schedule_leases_and_tenant_cap,
+    claim_only_if_due,
+    racing_claims_have_exactly_one_winner,
+    lease_expires_and_renewal_extends_it,
+    stale_leases_are_released_at_start_only_on_sqlite,
+    stale_owners_page_is_refused_and_nothing_written,
+    stale_round_is_refused,
+    no_write_of_the_old_owner_lands_after_a_takeover,
+    upserts_are_idempotent,
+    removals_only_delete_inside_the_window,
+    full_round_reconciles_at_its_end_only,
+    cursor_resumes_from_the_last_committed_page,
+    finish_job_records_each_outcome,
+    run_history_is_pruned,
+    event_counts_per_mailbox,
+    nul_characters_do_not_poison_a_page_or_a_record,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+async fn on_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let store = Store::connect(&url, 8).await.expect("SQLite store opens");
+    store.migrate().await.expect("SQLite migrations run");
+    test(store.clone()).await;
+    store.close().await;
+}
+
+async fn on_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let base = std::env::var("CALSYNC_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_string());
+    let mut admin = match admin_connection(&base).await {
+        Ok(admin) => admin,
+        Err(reason) => return postgres_unavailable(&base, &reason),
+    };
+    let schema = format!("calsync_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .expect("create the test's schema");
+    let mut url = url::Url::parse(&base).expect("CALSYNC_TEST_POSTGRES_URL is a URL");
+    url.query_pairs_mut()
+        .append_pair("options[search_path]", &schema);
+    let outcome = match Store::connect(url.as_str(), 8).await {
+        Ok(store) => {
+            let outcome = match store.migrate().await {
+                Ok(()) => tokio::spawn(test(store.clone())).await.map_err(|e| {
+                    e.try_into_panic()
+                        .unwrap_or_else(|e| Box::new(format!("test task: {e}")))
+                }),
+                Err(e) => Err(Box::new(format!("PostgreSQL migrations: {e}")) as _),
+            };
+            store.close().await;
+            outcome
+        }
+        Err(e) => Err(Box::new(format!("PostgreSQL store: {e}")) as _),
+    };
+    let dropped = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut admin)
+        .await;
+    let _ = admin.close().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    dropped.expect("drop the test's schema");
+}
+
+async fn admin_connection(url: &str) -> Result<sqlx::PgConnection, String> {
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no connection within 5s".into()),
+    }
+}
+
+fn postgres_unavailable(url: &str, reason: &str) {
+    let url = calsync::app::redact_url(url);
+    if std::env::var("CALSYNC_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+        panic!(
+            "PostgreSQL is required (CALSYNC_REQUIRE_POSTGRES=1) but {url} is unusable: {reason}"
+        );
+    }
+    static SAID: Once = Once::new();
+    SAID.call_once(|| {
+        // Straight to the process's stderr: the test harness captures `eprintln!` of passing
+        // tests, and this must be seen.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** PostgreSQL tests were NOT run: {url}: {reason}\n*** (set \
+             CALSYNC_TEST_POSTGRES_URL; CALSYNC_REQUIRE_POSTGRES=1 makes this a failure)\n"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures. Times are whole milliseconds (SQLite keeps milliseconds, PostgreSQL microseconds).
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-02T08:00:00Z")
+        .expect("valid time")
+        .with_timezone(&Utc)
+}
+
+fn secs(n: i64) -> chrono::Duration {
+    chrono::Duration::seconds(n)
+}
+
+fn window() -> Window {
+    Window {
+        start: t0() - chrono::Duration::days(30),
+        end: t0() + chrono::Duration::days(30),
+    }
+}
+
+fn event(id: &str, subject: &str, start: DateTime<Utc>) -> Event {
+    Event {
+        id: id.to_string(),
+        ical_uid: Some(format!("uid-{id}")),
+        change_key: Some(format!("ck-{subject}")),
+        etag: Some(format!("W/\"{subject}\"")),
+        last_modified: Some(start - secs(3600)),
+        subject: Some(subject.to_string()),
+        start_utc: start,
+        end_utc: start + secs(1800),
+        start_date: None,
+        end_date: None,
+        is_all_day: false,
+        is_cancelled: false,
+        show_as: Some("busy".into()),
+        sensitivity: Some("normal".into()),
+        event_type: Some("singleInstance".into()),
+        series_master_id: None,
+        organizer_name: Some("Org".into()),
+        organizer_address: Some("org@contoso.com".into()),
+        attendees: json!([{"name": "Bob", "address": "bob@contoso.com", "type": "required",
+                           "response": "accepted"}]),
+        location: Some("Room 1".into()),
+        web_link: None,
+        raw: json!({"id": id, "subject": subject}).to_string(),
+    }
+}
+
+fn upsert(id: &str, subject: &str, start: DateTime<Utc>) -> DeltaItem {
+    DeltaItem::Upsert(Box::new(event(id, subject, start)))
+}
+
+fn removed(id: &str) -> DeltaItem {
+    DeltaItem::Removed { id: id.to_string() }
+}
+
+fn next(link: &str) -> PageLink {
+    PageLink::Next(format!("https://graph.example/next/{link}"))
+}
+
+fn delta(link: &str) -> PageLink {
+    PageLink::Delta(format!("https://graph.example/delta/{link}"))
+}
+
+/// Registers `(tenant, user)` mailboxes from config at t0 and returns their ids, in order.
+async fn register(store: &Store, mailboxes: &[(&str, &str)]) -> Vec<MailboxId> {
+    let owned: Vec<(String, String)> = mailboxes
+        .iter()
+        .map(|(t, u)| (t.to_string(), u.to_string()))
+        .collect();
+    store
+        .sync_config_mailboxes(&owned, t0())
+        .await
+        .expect("config mailboxes");
+    let mut ids = Vec::new();
+    for (tenant, user) in mailboxes {
+        ids.push(mailbox(store, tenant, user).await.id);
+    }
+    ids
+}
+
+async fn mailbox(store: &Store, tenant: &str, user: &str) -> MailboxRecord {
+    store
+        .mailbox(tenant, user)
+        .await
+        .expect("mailbox query")
+        .expect("mailbox exists")
+}
+
+async fn record_of(store: &Store, id: MailboxId) -> MailboxRecord {
+    store
+        .mailboxes()
+        .await
+        .expect("mailboxes")
+        .into_iter()
+        .find(|m| m.id == id)
+        .expect("enabled mailbox")
+}
+
+/// Claims `id` for `owner` at `now` for a minute, whatever its schedule.
+async fn lease(store: &Store, id: MailboxId, owner: &str, now: DateTime<Utc>) -> Lease {
+    store
+        .claim(id, owner, now, Duration::from_secs(60), false)
+        .await
+        .expect("claim")
+        .expect("mailbox is free");
+    Lease {
+        mailbox: id,
+        owner: owner.to_string(),
+    }
+}
+
+async fn full_round(store: &Store, lease: &Lease) -> Cursor {
+    let round_id = store
+        .start_full_round(lease, &window())
+        .await
+        .expect("full round starts");
+    Cursor {
+        round_id,
+        full: true,
+        window: Some(window()),
+        next_link: None,
+        delta_link: None,
+    }
+}
+
+fn job(outcome: RunOutcome, at: DateTime<Utc>, next_run_at: DateTime<Utc>) -> JobRecord {
+    JobRecord {
+        started_at: at,
+        finished_at: at + secs(2),
+        outcome,
+        full_round: false,
+        pages: 1,
+        upserted: 0,
+        deleted: 0,
+        error: (outcome != RunOutcome::Ok).then(|| format!("{} here", outcome.as_str())),
+        request_id: None,
+        next_run_at,
+    }
+}
+
+/// Ends any job on `id` and schedules its next run at `next_run_at`.
+async fn schedule(store: &Store, id: MailboxId, next_run_at: DateTime<Utc>) {
+    let lease = lease(store, id, "scheduler", t0()).await;
+    store
+        .finish_job(&lease, &job(RunOutcome::Ok, t0(), next_run_at))
+        .await
+        .expect("finish job");
+}
+
+async fn event_ids(store: &Store, id: MailboxId) -> BTreeSet<String> {
+    store
+        .events(id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect()
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn is_lease_lost(result: Result<impl std::fmt::Debug, StoreError>) -> bool {
+    matches!(result, Err(StoreError::LeaseLost(_)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite
+
+async fn migrations_run_twice(store: Store) {
+    store.migrate().await.expect("second run is a no-op");
+    store.ping().await.expect("ping");
+}
+
+async fn config_mailboxes_are_added_disabled_and_reenabled(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob"), ("b", "cat")]).await;
+    let all = store.mailboxes().await.expect("mailboxes");
+    assert_eq!(all.len(), 3);
+    for m in &all {
+        assert!(m.enabled);
+        assert_eq!(m.next_run_at, t0(), "new mailboxes are due at once");
+        assert_eq!(m.created_at, t0());
+        assert_eq!(
+            m.cursor,
+            Cursor {
+                full: true,
+                ..Cursor::default()
+            }
+        );
+        assert_eq!(m.consecutive_failures, 0);
+        assert_eq!((m.lease_owner.as_deref(), m.lease_until), (None, None));
+        assert_eq!(m.last_success_at, None);
+    }
+    let names: Vec<(&str, &str)> = all
+        .iter()
+        .map(|m| (m.tenant.as_str(), m.user_id.as_str()))
+        .collect();
+    assert_eq!(names, [("a", "ann"), ("a", "bob"), ("b", "cat")]);
+
+    // bob leaves the config, dan joins; the rest keep their ids.
+    let later = register(&store, &[("a", "ann"), ("b", "cat"), ("b", "dan")]).await;
+    assert_eq!((later[0], later[1]), (ids[0], ids[2]));
+    let enabled: Vec<String> = store
+        .mailboxes()
+        .await
+        .expect("mailboxes")
+        .into_iter()
+        .map(|m| m.user_id)
+        .collect();
+    assert_eq!(enabled, ["ann", "cat", "dan"]);
+    let bob = mailbox(&store, "a", "bob").await;
+    assert!(
+        !bob.enabled,
+        "a mailbox removed from the config is disabled, not deleted"
+    );
+
+    // Back in the config: the same mailbox again, not a new one; nothing duplicated.
+    let again = register(
+        &store,
+        &[("a", "ann"), ("a", "bob"), ("b", "cat"), ("b", "dan")],
+    )
+    .await;
+    assert_eq!(again[1], ids[1]);
+    register(
+        &store,
+        &[("a", "ann"), ("a", "bob"), ("b", "cat"), ("b", "dan")],
+    )
+    .await;
+    assert_eq!(store.mailboxes().await.expect("mailboxes").len(), 4);
+}
+
+async fn due_candidates_follow_schedule_leases_and_tenant_cap(store: Store) {
+    let ids = register(
+        &store,
+        &[
+            ("a", "a1"),
+            ("a", "a2"),
+            ("a", "a3"),
+            ("b", "b1"),
+            ("b", "b2"),
+        ],
+    )
+    .await;
+    let (a1, a2, a3, b1, b2) = (ids[0], ids[1], ids[2], ids[3], ids[4]);
+    schedule(&store, a1, t0() + secs(30)).await;
+    schedule(&store, a2, t0() + secs(10)).await;
+    schedule(&store, a3, t0() + secs(20)).await;
+    schedule(&store, b1, t0() + secs(15)).await;
+    schedule(&store, b2, t0() + secs(3600)).await;
+
+    let due = |now, cap| {
+        let store = store.clone();
+        async move {
+            store
+                .due_candidates(now, cap)
+                .await
+                .expect("due candidates")
+                .into_iter()
+                .map(|d| (d.id, d.tenant, d.next_run_at))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(due(t0(), 10).await.is_empty(), "nothing is due yet");
+    // Oldest due first; at most two of tenant a.
+    assert_eq!(
+        due(t0() + secs(60), 2).await,
+        [
+            (a2, "a".to_string(), t0() + secs(10)),
+            (b1, "b".to_string(), t0() + secs(15)),
+            (a3, "a".to_string(), t0() + secs(20)),
+        ]
+    );
+    // A leased mailbox is not a candidate until its lease has run out.
+    store
+        .claim(a2, "w", t0() + secs(60), Duration::from_secs(30), true)
+        .await
+        .expect("claim")
+        .expect("a2 is due and free");
+    let ids_at = |v: Vec<(MailboxId, String, DateTime<Utc>)>| {
+        v.into_iter().map(|(id, ..)| id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids_at(due(t0() + secs(61), 10).await), [b1, a3, a1]);
+    assert_eq!(ids_at(due(t0() + secs(91), 10).await), [a2, b1, a3, a1]);
+    // A disabled mailbox never is.
+    register(
+        &store,
+        &[("a", "a1"), ("a", "a2"), ("b", "b1"), ("b", "b2")],
+    )
+    .await;
+    assert_eq!(ids_at(due(t0() + secs(91), 10).await), [a2, b1, a1]);
+}
+
+async fn claim_only_if_due(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob")]).await;
+    schedule(&store, ids[0], t0() + secs(60)).await;
+    let claim = |id, owner: &'static str, only_if_due| {
+        let store = store.clone();
+        async move {
+            store
+                .claim(
+                    id,
+                    owner,
+                    t0() + secs(1),
+                    Duration::from_secs(30),
+                    only_if_due,
+                )
+                .await
+                .expect("claim")
+        }
+    };
+    assert!(claim(ids[0], "w1", true).await.is_none(), "not due yet");
+    let forced = claim(ids[0], "w1", false)
+        .await
+        .expect("sync-once claims anyway");
+    assert_eq!(forced.lease_owner.as_deref(), Some("w1"));
+    assert_eq!(forced.lease_until, Some(t0() + secs(31)));
+    // Disabled: never claimed as due.
+    register(&store, &[("a", "ann")]).await;
+    assert!(claim(ids[1], "w2", true).await.is_none(), "disabled");
+}
+
+async fn racing_claims_have_exactly_one_winner(store: Store) {
+    let ids = register(
+        &store,
+        &[("a", "m1"), ("a", "m2"), ("b", "m3"), ("b", "m4")],
+    )
+    .await;
+    for round in 0..5 {
+        let now = t0() + secs(1000 * round);
+        let mut racers = tokio::task::JoinSet::new();
+        for &id in &ids {
+            for replica in 0..6 {
+                let store = store.clone();
+                let owner = format!("replica-{replica}/round-{round}");
+                racers.spawn(async move {
+                    let won = store
+                        .claim(id, &owner, now, Duration::from_secs(60), true)
+                        .await
+                        .expect("claim");
+                    (id, owner, won)
+                });
+            }
+        }
+        let mut winners: HashMap<MailboxId, Vec<String>> = HashMap::new();
+        while let Some(done) = racers.join_next().await {
+            let (id, owner, won) = done.expect("racer");
+            if let Some(record) = won {
+                assert_eq!(record.lease_owner.as_deref(), Some(owner.as_str()));
+                winners.entry(id).or_default().push(owner);
+            }
+        }
+        for &id in &ids {
+            let won = winners.get(&id).cloned().unwrap_or_default();
+            assert_eq!(won.len(), 1, "round {round}, mailbox {id}: winners {won:?}");
+            assert_eq!(
+                record_of(&store, id).await.lease_owner,
+                Some(won[0].clone())
+            );
+            let lease = Lease {
+                mailbox: id,
+                owner: won[0].clone(),
+            };
+            store
+                .finish_job(&lease, &job(RunOutcome::Ok, now, now + secs(500)))
+                .await
+                .expect("finish");
+        }
+    }
+}
+
+async fn lease_expires_and_renewal_extends_it(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await; // until t0 + 60s
+    let try_claim = |owner: &'static str, at| {
+        let store = store.clone();
+        async move {
+            store
+                .claim(id, owner, at, Duration::from_secs(60), false)
+                .await
+                .expect("claim")
+        }
+    };
+    assert!(
+        try_claim("b", t0() + secs(30)).await.is_none(),
+        "live lease"
+    );
+    assert!(
+        try_claim("b", t0() + secs(60)).await.is_none(),
+        "live to its last instant"
+    );
+    assert!(store
+        .renew_lease(&a, t0() + secs(120))
+        .await
+        .expect("renew"));
+    assert_eq!(
+        record_of(&store, id).await.lease_until,
+        Some(t0() + secs(120))
+    );
+    assert!(try_claim("b", t0() + secs(90)).await.is_none(), "renewed");
+    let taken = try_claim("b", t0() + secs(121))
+        .await
+        .expect("expired lease is taken over");
+    assert_eq!(taken.lease_owner.as_deref(), Some("b"));
+
+    // The old owner finds out: its renewal fails and its end of job leaves b's lease alone.
+    assert!(!store
+        .renew_lease(&a, t0() + secs(180))
+        .await
+        .expect("renew"));
+    store
+        .finish_job(&a, &job(RunOutcome::Ok, t0(), t0() + secs(999)))
+        .await
+        .expect("finish");
+    let now = record_of(&store, id).await;
+    assert_eq!(now.lease_owner.as_deref(), Some("b"));
+    assert_eq!(now.lease_until, Some(t0() + secs(181)));
+    assert_eq!(
+        now.next_run_at,
+        t0(),
+        "the old owner's schedule is not applied"
+    );
+}
+
+async fn stale_leases_are_released_at_start_only_on_sqlite(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    lease(&store, id, "another-process", t0()).await;
+    let released = store.release_stale_leases().await.expect("release");
+    let owner = record_of(&store, id).await.lease_owner;
+    match store.backend() {
+        Backend::Sqlite => assert_eq!((released, owner), (1, None)),
+        // Other replicas hold live leases in a shared database.
+        Backend::Postgres => assert_eq!((released, owner.as_deref()), (0, Some("another-process"))),
+    }
+}
+
+async fn stale_owners_page_is_refused_and_nothing_written(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let cursor = full_round(&store, &a).await;
+    let page1 = [upsert("e1", "one", t0()), upsert("e2", "two", t0())];
+    store
+        .apply_page(&a, &cursor, &page1, &next("p2"), t0())
+        .await
+        .expect("page 1");
+    let cursor = Cursor {
+        next_link: Some("https://graph.example/next/p2".into()),
+        ..cursor
+    };
+
+    // a's lease runs out and b takes the mailbox over.
+    let b_view = store
+        .claim(id, "b", t0() + secs(61), Duration::from_secs(60), false)
+        .await
+        .expect("claim")
+        .expect("taken over");
+    assert_eq!(
+        b_view.cursor, cursor,
+        "b resumes where a's last commit left it"
+    );
+
+    let before = store.events(id).await.expect("events");
+    let page2 = [
+        upsert("e3", "three", t0()),
+        upsert("e1", "changed", t0()),
+        removed("e2"),
+    ];
+    assert!(is_lease_lost(
+        store
+            .apply_page(&a, &cursor, &page2, &delta("d1"), t0())
+            .await
+    ));
+    assert_eq!(
+        store.events(id).await.expect("events"),
+        before,
+        "nothing written"
+    );
+    assert_eq!(record_of(&store, id).await.cursor, cursor, "cursor unmoved");
+    assert!(is_lease_lost(store.start_full_round(&a, &window()).await));
+    assert_eq!(record_of(&store, id).await.cursor, cursor);
+
+    // The new owner carries on.
+    let b = Lease {
+        mailbox: id,
+        owner: "b".into(),
+    };
+    let applied = store
+        .apply_page(&b, &cursor, &page2, &delta("d1"), t0())
+        .await
+        .expect("b's page");
+    assert_eq!((applied.upserted, applied.deleted), (2, 1));
+    assert_eq!(event_ids(&store, id).await, set(&["e1", "e3"]));
+}
+
+async fn stale_round_is_refused(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let old = full_round(&store, &a).await;
+    let new = full_round(&store, &a).await;
+    assert_eq!(new.round_id, old.round_id + 1);
+    let page = [upsert("e1", "one", t0())];
+    assert!(is_lease_lost(
+        store.apply_page(&a, &old, &page, &next("p2"), t0()).await
+    ));
+    assert!(event_ids(&store, id).await.is_empty());
+    store
+        .apply_page(&a, &new, &page, &next("p2"), t0())
+        .await
+        .expect("current round");
+    assert_eq!(event_ids(&store, id).await, set(&["e1"]));
+}
+
+/// Replica A writes large pages as fast as it can while replica B takes the mailbox over:
+/// once B's claim has returned, none of A's pages may commit, and B's claim must have seen the
+/// cursor of A's last committed page. (Without the row lock in `apply_page`, a page whose fence
+/// check passed just before the takeover would commit after it.)
+async fn no_write_of_the_old_owner_lands_after_a_takeover(store: Store) {
+    let ids = register(&store, &[("a", "m0"), ("a", "m1"), ("a", "m2")]).await;
+    for (attempt, id) in (0..).zip(ids) {
+        let owner = format!("a{attempt}");
+        let a = lease(&store, id, &owner, t0()).await;
+        let cursor = full_round(&store, &a).await;
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut committed = Vec::new();
+                for page in 0..1000 {
+                    let items: Vec<DeltaItem> = (0..100)
+                        .map(|k| upsert(&format!("{owner}-{page}-{k}"), "x", t0()))
+                        .collect();
+                    let link = next(&format!("{owner}-{page}"));
+                    match store.apply_page(&a, &cursor, &items, &link, t0()).await {
+                        Ok(_) => committed.push(page),
+                        Err(StoreError::LeaseLost(_)) => return committed,
+                        Err(e) => panic!("page {page}: {e}"),
+                    }
+                }
+                committed
+            })
+        };
+        // Let A commit a few pages, then take over mid-write.
+        while store
+            .event_counts()
+            .await
+            .expect("counts")
+            .get(&id)
+            .copied()
+            .unwrap_or(0)
+            < 200
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let thief = format!("b{attempt}");
+        let at_takeover = store
+            .claim(id, &thief, t0() + secs(500), Duration::from_secs(60), false)
+            .await
+            .expect("claim")
+            .expect("a's lease has run out");
+        let seen = event_ids(&store, id).await;
+        let committed = writer.await.expect("writer");
+        assert!(!committed.is_empty());
+        assert_eq!(
+            event_ids(&store, id).await,
+            seen,
+            "a page of the old owner landed late"
+        );
+        let last = committed.last().copied().unwrap_or_default();
+        assert_eq!(
+            at_takeover.cursor.next_link,
+            Some(format!("https://graph.example/next/a{attempt}-{last}")),
+            "the takeover saw the last committed page"
+        );
+        assert_eq!(
+            seen.len(),
+            committed.len() * 100,
+            "each page all or nothing"
+        );
+        let b = Lease {
+            mailbox: id,
+            owner: thief,
+        };
+        store
+            .finish_job(&b, &job(RunOutcome::Ok, t0(), t0()))
+            .await
+            .expect("finish");
+    }
+}
+
+async fn upserts_are_idempotent(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let cursor = full_round(&store, &a).await;
+    let mut all_day = event("day", "holiday", t0());
+    all_day.is_all_day = true;
+    all_day.start_date = Some(t0().date_naive());
+    all_day.end_date = t0().date_naive().succ_opt();
+    let page = vec![
+        upsert("e1", "one", t0() + secs(3600)),
+        DeltaItem::Upsert(Box::new(all_day.clone())),
+        upsert("e2", "two", t0()),
+    ];
+    for _ in 0..2 {
+        let applied = store
+            .apply_page(&a, &cursor, &page, &next("p2"), t0())
+            .await
+            .expect("page (replayed after a crash the second time)");
+        assert_eq!(applied.upserted, 3);
+    }
+    let stored = store.events(id).await.expect("events");
+    assert_eq!(stored.len(), 3);
+    let day = stored
+        .iter()
+        .find(|e| e.event_id == "day")
+        .expect("all-day event");
+    assert_eq!(
+        (day.start_date, day.end_date, day.is_all_day),
+        (all_day.start_date, all_day.end_date, true)
+    );
+    assert_eq!(day.raw, all_day.raw);
+    assert_eq!(day.organizer_address.as_deref(), Some("org@contoso.com"));
+    assert_eq!(
+        stored
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .collect::<Vec<_>>(),
+        ["day", "e2", "e1"],
+        "by start"
+    );
+
+    // A changed event (twice in one page, the later version wins) is updated in place.
+    let page = [
+        upsert("e1", "one v2", t0() + secs(7200)),
+        upsert("e1", "one v3", t0() + secs(9000)),
+    ];
+    store
+        .apply_page(&a, &cursor, &page, &next("p3"), t0())
+        .await
+        .expect("changes");
+    let stored = store.events(id).await.expect("events");
+    assert_eq!(stored.len(), 3);
+    let e1 = stored.iter().find(|e| e.event_id == "e1").expect("e1");
+    assert_eq!(e1.subject.as_deref(), Some("one v3"));
+    assert_eq!(e1.change_key.as_deref(), Some("ck-one v3"));
+    assert_eq!(
+        (e1.start_utc, e1.end_utc),
+        (t0() + secs(9000), t0() + secs(10800))
+    );
+}
+
+async fn removals_only_delete_inside_the_window(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let cursor = full_round(&store, &a).await;
+    let w = window();
+    let page = [
+        upsert("inside", "in", t0()),
+        upsert("before", "old", w.start - chrono::Duration::days(2)),
+        upsert("after", "far", w.end + chrono::Duration::days(2)),
+        upsert("edge", "straddles the start", w.start - secs(600)),
+    ];
+    store
+        .apply_page(&a, &cursor, &page, &next("p2"), t0())
+        .await
+        .expect("page");
+    // Graph reports events leaving the window as removals too: only those held inside go.
+    let page = [
+        removed("inside"),
+        removed("before"),
+        removed("after"),
+        removed("edge"),
+        removed("never-seen"),
+    ];
+    let applied = store
+        .apply_page(&a, &cursor, &page, &next("p3"), t0())
+        .await
+        .expect("removals");
+    assert_eq!(applied.deleted, 2);
+    assert_eq!(event_ids(&store, id).await, set(&["after", "before"]));
+}
+
+async fn full_round_reconciles_at_its_end_only(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let round1 = full_round(&store, &a).await;
+    let page = [
+        upsert("e1", "1", t0()),
+        upsert("e2", "2", t0()),
+        upsert("e3", "3", t0()),
+    ];
+    store
+        .apply_page(&a, &round1, &page, &delta("d1"), t0())
+        .await
+        .expect("round 1");
+
+    // A full resync that no longer returns e2: it goes at the round's end, not before.
+    let round2 = full_round(&store, &a).await;
+    store
+        .apply_page(&a, &round2, &[upsert("e1", "1", t0())], &next("p2"), t0())
+        .await
+        .expect("round 2 page 1");
+    assert_eq!(event_ids(&store, id).await, set(&["e1", "e2", "e3"]));
+    let applied = store
+        .apply_page(&a, &round2, &[upsert("e3", "3", t0())], &delta("d2"), t0())
+        .await
+        .expect("round 2 page 2");
+    assert_eq!((applied.upserted, applied.deleted), (1, 1));
+    assert_eq!(event_ids(&store, id).await, set(&["e1", "e3"]));
+    let cursor = record_of(&store, id).await.cursor;
+    assert!(!cursor.full);
+
+    // An incremental round only applies what it returns.
+    store
+        .apply_page(&a, &cursor, &[upsert("e4", "4", t0())], &delta("d3"), t0())
+        .await
+        .expect("incremental round");
+    assert_eq!(event_ids(&store, id).await, set(&["e1", "e3", "e4"]));
+}
+
+async fn cursor_resumes_from_the_last_committed_page(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let cursor = full_round(&store, &a).await;
+    assert_eq!(record_of(&store, id).await.cursor, cursor);
+    store
+        .apply_page(&a, &cursor, &[upsert("e1", "1", t0())], &next("p2"), t0())
+        .await
+        .expect("page 1");
+    // The process dies here: no finish_job. The next job, after the lease ran out:
+    let resumed = store
+        .claim(id, "b", t0() + secs(3600), Duration::from_secs(60), true)
+        .await
+        .expect("claim")
+        .expect("due and expired");
+    assert_eq!(
+        resumed.cursor,
+        Cursor {
+            next_link: Some("https://graph.example/next/p2".into()),
+            ..cursor.clone()
+        }
+    );
+    let b = Lease {
+        mailbox: id,
+        owner: "b".into(),
+    };
+    store
+        .apply_page(
+            &b,
+            &resumed.cursor,
+            &[upsert("e2", "2", t0())],
+            &delta("d1"),
+            t0(),
+        )
+        .await
+        .expect("page 2");
+    assert_eq!(
+        record_of(&store, id).await.cursor,
+        Cursor {
+            round_id: cursor.round_id,
+            full: false,
+            window: Some(window()),
+            next_link: None,
+            delta_link: Some("https://graph.example/delta/d1".into()),
+        }
+    );
+    assert_eq!(event_ids(&store, id).await, set(&["e1", "e2"]));
+}
+
+async fn finish_job_records_each_outcome(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let mut at = t0();
+    let mut run = |outcome: RunOutcome, request_id: Option<&str>| {
+        at += secs(100);
+        let store = store.clone();
+        let request_id = request_id.map(str::to_string);
+        let at = at;
+        async move {
+            let l = lease(&store, id, "w", at).await;
+            let mut record = job(outcome, at, at + secs(50));
+            record.request_id = request_id;
+            record.pages = 3;
+            record.upserted = 7;
+            record.deleted = 2;
+            record.full_round = outcome == RunOutcome::Ok;
+            store.finish_job(&l, &record).await.expect("finish");
+            (record_of(&store, id).await, at)
+        }
+    };
+    let (m, at1) = run(RunOutcome::Ok, Some("req-1")).await;
+    assert_eq!(m.consecutive_failures, 0);
+    assert_eq!(m.last_success_at, Some(at1 + secs(2)));
+    assert_eq!(m.last_attempt_at, Some(at1));
+    assert_eq!(m.next_run_at, at1 + secs(50));
+    assert_eq!((m.lease_owner, m.lease_until), (None, None));
+    assert_eq!((m.last_error, m.last_error_at), (None, None));
+    assert_eq!(m.last_request_id.as_deref(), Some("req-1"));
+
+    let (m, at2) = run(RunOutcome::Failed, None).await;
+    assert_eq!(m.consecutive_failures, 1);
+    assert_eq!(m.last_error.as_deref(), Some("failed here"));
+    assert_eq!(m.last_error_at, Some(at2 + secs(2)));
+    assert_eq!(m.last_success_at, Some(at1 + secs(2)), "last success kept");
+    assert_eq!(
+        m.last_request_id.as_deref(),
+        Some("req-1"),
+        "kept when none is new"
+    );
+
+    let (m, _) = run(RunOutcome::DeadlineExceeded, Some("req-3")).await;
+    assert_eq!(m.consecutive_failures, 2);
+    assert_eq!(m.last_error.as_deref(), Some("deadline_exceeded here"));
+    assert_eq!(m.last_request_id.as_deref(), Some("req-3"));
+
+    // A deferral is not a failure of the mailbox: the count stays, the reason is shown.
+    let (m, at4) = run(RunOutcome::Deferred, None).await;
+    assert_eq!(m.consecutive_failures, 2);
+    assert_eq!(m.last_error.as_deref(), Some("deferred here"));
+    assert_eq!(m.last_error_at, Some(at4 + secs(2)));
+    assert_eq!(m.next_run_at, at4 + secs(50));
+
+    let (m, at5) = run(RunOutcome::Ok, None).await;
+    assert_eq!(m.consecutive_failures, 0);
+    assert_eq!(m.last_success_at, Some(at5 + secs(2)));
+
+    let runs = store.runs(id, 10).await.expect("runs");
+    let outcomes: Vec<&str> = runs.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["ok", "deferred", "deadline_exceeded", "failed", "ok"]
+    );
+    let first = &runs[4];
+    assert_eq!((first.started_at, first.finished_at), (at1, at1 + secs(2)));
+    assert_eq!(
+        (first.full_round, first.pages, first.upserted, first.deleted),
+        (true, 3, 7, 2)
+    );
+    assert_eq!(first.request_id.as_deref(), Some("req-1"));
+    assert_eq!(runs[3].error.as_deref(), Some("failed here"));
+    assert_eq!(store.runs(id, 2).await.expect("runs").len(), 2);
+}
+
+async fn run_history_is_pruned(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob")]).await;
+    for n in 0..(RUNS_KEPT_PER_MAILBOX + 10) {
+        let l = lease(&store, ids[0], "w", t0()).await;
+        let mut record = job(RunOutcome::Ok, t0() + secs(n), t0());
+        record.pages = n as u64;
+        store.finish_job(&l, &record).await.expect("finish");
+    }
+    let l = lease(&store, ids[1], "w", t0()).await;
+    store
+        .finish_job(&l, &job(RunOutcome::Failed, t0(), t0()))
+        .await
+        .expect("finish");
+    let runs = store.runs(ids[0], 1000).await.expect("runs");
+    let pages: Vec<i64> = runs.iter().map(|r| r.pages).collect();
+    let expected: Vec<i64> = (10..RUNS_KEPT_PER_MAILBOX + 10).rev().collect();
+    assert_eq!(pages, expected, "the newest are kept, newest first");
+    assert_eq!(
+        store.runs(ids[1], 1000).await.expect("runs").len(),
+        1,
+        "per mailbox"
+    );
+}
+
+async fn event_counts_per_mailbox(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob"), ("b", "cat")]).await;
+    assert!(store.event_counts().await.expect("counts").is_empty());
+    for (id, n) in [(ids[0], 3), (ids[1], 1)] {
+        let l = lease(&store, id, "w", t0()).await;
+        let cursor = full_round(&store, &l).await;
+        let items: Vec<DeltaItem> = (0..n)
+            .map(|k| upsert(&format!("e{k}"), "x", t0()))
+            .collect();
+        store
+            .apply_page(&l, &cursor, &items, &delta("d"), t0())
+            .await
+            .expect("page");
+    }
+    let counts = store.event_counts().await.expect("counts");
+    assert_eq!(counts, HashMap::from([(ids[0], 3), (ids[1], 1)]));
+}
+
+/// PostgreSQL text and jsonb cannot hold NUL, which Graph data and echoed error bodies can
+/// contain; such a value must not fail its page (or the job's record) forever.
+async fn nul_characters_do_not_poison_a_page_or_a_record(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let l = lease(&store, id, "w", t0()).await;
+    let cursor = full_round(&store, &l).await;
+    let mut e = event("e\u{0}1", "sub\u{0}ject", t0());
+    e.attendees = json!([{"name": "B\u{0}ob", "address": "bob@contoso.com"}]);
+    e.raw = json!({"id": "e\u{0}1", "subject": "sub\u{0}ject"}).to_string();
+    let page = [DeltaItem::Upsert(Box::new(e))];
+    store
+        .apply_page(&l, &cursor, &page, &next("p2"), t0())
+        .await
+        .expect("page with NULs");
+    let stored = store.events(id).await.expect("events");
+    assert_eq!(stored.len(), 1);
+    let subject = stored[0].subject.as_deref().unwrap_or_default();
+    assert_eq!(subject.replace('\0', "\u{FFFD}"), "sub\u{FFFD}ject");
+    // The same id, NUL and all, removes it.
+    store
+        .apply_page(&l, &cursor, &[removed("e\u{0}1")], &next("p3"), t0())
+        .await
+        .expect("removal");
+    assert!(store.events(id).await.expect("events").is_empty());
+
+    let mut record = job(RunOutcome::Failed, t0(), t0());
+    record.error = Some("Graph said: bad\u{0}body".into());
+    store
+        .finish_job(&l, &record)
+        .await
+        .expect("record with a NUL");
+    let m = record_of(&store, id).await;
+    assert_eq!(m.consecutive_failures, 1);
+    assert_eq!(m.lease_owner, None);
+}
