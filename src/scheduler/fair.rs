@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::store::DueMailbox;
 
-/// Picks up to `free` of `candidates` (oldest due first within each tenant): tenants take turns,
-/// the tenant whose oldest mailbox has waited longest going first, and no tenant gets more than
+/// Picks up to `free` of `candidates` (requested syncs first, then oldest due, within each
+/// tenant): tenants take turns, tenants with a requested sync first, then the tenant whose
+/// oldest mailbox has waited longest, and no tenant gets more than
 /// `allowance(tenant)` (0 for a tenant whose breaker is open: its mailboxes wait without
 /// holding a slot).
 pub fn pick(
@@ -26,11 +27,11 @@ pub fn pick(
             }
             queue
                 .make_contiguous()
-                .sort_by_key(|c| (c.next_run_at, c.id));
+                .sort_by_key(|c| (!c.requested, c.next_run_at, c.id));
             Some((tenant, allowed, queue))
         })
         .collect();
-    turns.sort_by_key(|(_, _, q)| q.front().map(|c| (c.next_run_at, c.id)));
+    turns.sort_by_key(|(_, _, q)| q.front().map(|c| (!c.requested, c.next_run_at, c.id)));
     let mut picked = Vec::with_capacity(free);
     while picked.len() < free {
         let mut progressed = false;
@@ -64,7 +65,25 @@ mod tests {
             id,
             tenant: tenant.into(),
             next_run_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, minute, 0).unwrap(),
+            requested: false,
         }
+    }
+
+    #[test]
+    fn requested_syncs_go_first_within_and_across_tenants() {
+        let requested = |id, tenant, minute| DueMailbox {
+            requested: true,
+            ..due(id, tenant, minute)
+        };
+        let candidates = vec![
+            due(1, "a", 0),
+            requested(2, "a", 9),
+            due(3, "b", 1),
+            requested(4, "c", 8),
+            due(5, "c", 2),
+        ];
+        let ids: Vec<i64> = pick(candidates, 5, |_| 10).iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec![4, 2, 3, 5, 1]);
     }
 
     #[test]

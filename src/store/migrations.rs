@@ -30,17 +30,31 @@ impl MigrationSource<'static> for Embedded {
     }
 }
 
-pub const SQLITE: Embedded = Embedded(&[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)]);
+pub const SQLITE: Embedded = Embedded(&[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "sync requests",
+        include_str!("../../migrations/sqlite/0002_sync_requests.sql"),
+    ),
+]);
 
-pub const POSTGRES: Embedded = Embedded(&[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)]);
+pub const POSTGRES: Embedded = Embedded(&[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "sync requests",
+        include_str!("../../migrations/postgres/0002_sync_requests.sql"),
+    ),
+]);
 
 pub async fn migrator(source: Embedded) -> Result<Migrator, sqlx::migrate::MigrateError> {
     Migrator::new(source).await

@@ -123,8 +123,9 @@ impl Store {
         delegate!(self, s => s.sync_config_mailboxes(mailboxes, now).await)
     }
 
-    /// Due, unleased mailboxes, at most `per_tenant` of each tenant, oldest due first within a
-    /// tenant. The dispatcher picks among them fairly and claims with [`claim`](Self::claim).
+    /// Due, unleased mailboxes, at most `per_tenant` of each tenant: those with a sync request
+    /// first, then oldest due first. The dispatcher picks among them fairly and claims with
+    /// [`claim`](Self::claim).
     pub async fn due_candidates(
         &self,
         now: DateTime<Utc>,
@@ -183,7 +184,9 @@ impl Store {
     }
 
     /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
-    /// error, and appends to the sync history (keeping [`RUNS_KEPT_PER_MAILBOX`]).
+    /// error, and appends to the sync history (keeping [`RUNS_KEPT_PER_MAILBOX`]). A sync
+    /// request made before the job started is served by it and cleared; one made while it ran
+    /// stays, and keeps the mailbox due at once.
     pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
         delegate!(self, s => s.finish_job(lease, job).await)
     }
@@ -201,9 +204,55 @@ impl Store {
         delegate!(self, s => s.mailbox(tenant, user_id).await)
     }
 
+    /// A mailbox by id, enabled or not.
+    pub async fn mailbox_by_id(&self, id: MailboxId) -> Result<Option<MailboxRecord>, StoreError> {
+        delegate!(self, s => s.mailbox_by_id(id).await)
+    }
+
+    /// Registers a mailbox at run time (source `api`, which a config reload does not
+    /// disable): added due now, or re-enabled (due now) if it was disabled. Returns the record
+    /// and whether it was added.
+    pub async fn register_mailbox(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(MailboxRecord, bool), StoreError> {
+        delegate!(self, s => s.register_mailbox(tenant, user_id, now).await)
+    }
+
+    /// Deletes a mailbox with its events and history; a job running on it has its next write
+    /// refused. A config-seeded mailbox comes back at the next start unless it leaves the
+    /// config. Returns whether it existed.
+    pub async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
+        delegate!(self, s => s.remove_mailbox(id).await)
+    }
+
+    /// Asks for an immediate sync of an enabled mailbox: it becomes due now and is dispatched
+    /// ahead of periodic work. `Some(true)` when queued, `Some(false)` when a request is
+    /// already pending (deduplicated), `None` when there is no such enabled mailbox.
+    pub async fn request_sync(
+        &self,
+        id: MailboxId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, StoreError> {
+        delegate!(self, s => s.request_sync(id, now).await)
+    }
+
     /// A mailbox's events, by start.
     pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
         delegate!(self, s => s.events(mailbox).await)
+    }
+
+    /// A mailbox's events that overlap `[start, end)` (an instant event at `start` included),
+    /// by start.
+    pub async fn events_between(
+        &self,
+        mailbox: MailboxId,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        delegate!(self, s => s.events_between(mailbox, start, end).await)
     }
 
     /// Events held per mailbox.
@@ -249,6 +298,8 @@ pub struct MailboxRecord {
     pub id: MailboxId,
     pub tenant: String,
     pub user_id: String,
+    /// `config` (seeded from the config file) or `api` (registered at run time).
+    pub source: String,
     pub enabled: bool,
     pub cursor: Cursor,
     pub last_success_at: Option<DateTime<Utc>>,
@@ -261,6 +312,8 @@ pub struct MailboxRecord {
     pub lease_owner: Option<String>,
     pub lease_until: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// An immediate sync was asked for at this time and no job has started since.
+    pub sync_requested_at: Option<DateTime<Utc>>,
 }
 
 /// A mailbox waiting for a worker.
@@ -269,6 +322,8 @@ pub struct DueMailbox {
     pub id: MailboxId,
     pub tenant: String,
     pub next_run_at: DateTime<Utc>,
+    /// An immediate sync was asked for: dispatched ahead of periodic work.
+    pub requested: bool,
 }
 
 /// A lease on a mailbox: writes are accepted only while it is held.
@@ -361,6 +416,14 @@ pub(crate) fn link_parts(link: &PageLink) -> (Option<&str>, Option<&str>) {
         PageLink::Next(next) => (Some(next.as_str()), None),
         PageLink::Delta(delta) => (None, Some(delta.as_str())),
     }
+}
+
+/// Applies the pending migrations of the store at `url` and closes it (`calsync migrate`).
+pub async fn migrate(url: &str) -> Result<Backend, StoreError> {
+    let store = Store::connect(url, 1).await?;
+    let migrated = store.migrate().await;
+    store.close().await;
+    migrated.map(|()| store.backend())
 }
 
 /// How many sync runs are kept per mailbox.

@@ -130,14 +130,15 @@ impl PgStore {
         per_tenant: u32,
     ) -> Result<Vec<DueMailbox>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, tenant, next_run_at FROM (
-                 SELECT id, tenant, next_run_at,
-                        ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY next_run_at, id) AS rank
+            "SELECT id, tenant, next_run_at, requested FROM (
+                 SELECT id, tenant, next_run_at, sync_requested_at IS NOT NULL AS requested,
+                        ROW_NUMBER() OVER (PARTITION BY tenant
+                            ORDER BY sync_requested_at IS NULL, next_run_at, id) AS rank
                  FROM mailboxes
                  WHERE enabled AND next_run_at <= $1
                    AND (lease_until IS NULL OR lease_until < $1)) AS due
              WHERE rank <= $2
-             ORDER BY next_run_at, id",
+             ORDER BY requested DESC, next_run_at, id",
         )
         .bind(now)
         .bind(i64::from(per_tenant))
@@ -149,6 +150,7 @@ impl PgStore {
                     id: row.try_get("id")?,
                     tenant: row.try_get("tenant")?,
                     next_run_at: row.try_get("next_run_at")?,
+                    requested: row.try_get("requested")?,
                 })
             })
             .collect()
@@ -310,7 +312,11 @@ impl PgStore {
         let request_id = opt_text(&job.request_id);
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL, next_run_at = $1,
+            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
+                 next_run_at = CASE WHEN sync_requested_at > $2 THEN LEAST($1, sync_requested_at)
+                     ELSE $1 END,
+                 sync_requested_at = CASE WHEN sync_requested_at > $2 THEN sync_requested_at
+                     ELSE NULL END,
                  last_attempt_at = $2,
                  last_success_at = CASE WHEN $3 THEN $4 ELSE last_success_at END,
                  last_error = CASE WHEN $3 THEN last_error ELSE $5 END,
@@ -334,7 +340,8 @@ impl PgStore {
         sqlx::query(
             "INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
                  pages, upserted, deleted, error, request_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+             WHERE EXISTS (SELECT 1 FROM mailboxes WHERE id = $1)",
         )
         .bind(lease.mailbox)
         .bind(job.started_at)
@@ -378,6 +385,105 @@ impl PgStore {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    pub async fn mailbox_by_id(&self, id: MailboxId) -> Result<Option<MailboxRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM mailboxes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    pub async fn register_mailbox(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(MailboxRecord, bool), StoreError> {
+        let (tenant, user_id) = (text(tenant), text(user_id));
+        // Insert, else re-enable; a delete racing in between makes the next attempt insert.
+        for _ in 0..3 {
+            let added = sqlx::query(
+                "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
+                 VALUES ($1, $2, 'api', true, $3, $3)
+                 ON CONFLICT (tenant, user_id) DO NOTHING RETURNING *",
+            )
+            .bind(&tenant)
+            .bind(&user_id)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = added {
+                return Ok((mailbox_from_row(&row)?, true));
+            }
+            let existing = sqlx::query(
+                "UPDATE mailboxes SET source = 'api', enabled = true,
+                     next_run_at = CASE WHEN enabled THEN next_run_at ELSE $3 END
+                 WHERE tenant = $1 AND user_id = $2 RETURNING *",
+            )
+            .bind(&tenant)
+            .bind(&user_id)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = existing {
+                return Ok((mailbox_from_row(&row)?, false));
+            }
+        }
+        Err(StoreError::Corrupt(format!(
+            "mailbox {tenant}/{user_id} kept disappearing while being registered"
+        )))
+    }
+
+    pub async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM mailboxes WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn request_sync(
+        &self,
+        id: MailboxId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, StoreError> {
+        let queued = sqlx::query(
+            "UPDATE mailboxes SET sync_requested_at = $2, next_run_at = LEAST(next_run_at, $2)
+             WHERE id = $1 AND enabled AND sync_requested_at IS NULL",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if queued.rows_affected() == 1 {
+            return Ok(Some(true));
+        }
+        let pending = sqlx::query("SELECT 1 FROM mailboxes WHERE id = $1 AND enabled")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(pending.map(|_| false))
+    }
+
+    pub async fn events_between(
+        &self,
+        mailbox: MailboxId,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE mailbox_id = $1 AND start_utc < $3
+                 AND (end_utc > $2 OR start_utc >= $2)
+             ORDER BY start_utc, event_id",
+        )
+        .bind(mailbox)
+        .bind(start)
+        .bind(end)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
     }
 
     pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
@@ -497,6 +603,7 @@ fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
         user_id: row.try_get("user_id")?,
+        source: row.try_get("source")?,
         enabled: row.try_get("enabled")?,
         cursor: Cursor {
             round_id: row.try_get("round_id")?,
@@ -516,6 +623,7 @@ fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
         lease_owner: row.try_get("lease_owner")?,
         lease_until: row.try_get("lease_until")?,
         created_at: row.try_get("created_at")?,
+        sync_requested_at: row.try_get("sync_requested_at")?,
     })
 }
 

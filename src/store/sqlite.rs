@@ -130,14 +130,15 @@ impl SqliteStore {
         per_tenant: u32,
     ) -> Result<Vec<DueMailbox>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, tenant, next_run_at FROM (
-                 SELECT id, tenant, next_run_at,
-                        ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY next_run_at, id) AS rank
+            "SELECT id, tenant, next_run_at, requested FROM (
+                 SELECT id, tenant, next_run_at, sync_requested_at IS NOT NULL AS requested,
+                        ROW_NUMBER() OVER (PARTITION BY tenant
+                            ORDER BY sync_requested_at IS NULL, next_run_at, id) AS rank
                  FROM mailboxes
                  WHERE enabled = 1 AND next_run_at <= ?1
                    AND (lease_until IS NULL OR lease_until < ?1))
              WHERE rank <= ?2
-             ORDER BY next_run_at, id",
+             ORDER BY requested DESC, next_run_at, id",
         )
         .bind(ts(now))
         .bind(i64::from(per_tenant))
@@ -150,6 +151,7 @@ impl SqliteStore {
                     id: row.try_get("id")?,
                     tenant: row.try_get("tenant")?,
                     next_run_at: parse_ts("next_run_at", &next)?,
+                    requested: row.try_get("requested")?,
                 })
             })
             .collect()
@@ -317,7 +319,11 @@ impl SqliteStore {
         );
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
-            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL, next_run_at = ?1,
+            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
+                 next_run_at = CASE WHEN sync_requested_at > ?2 THEN MIN(?1, sync_requested_at)
+                     ELSE ?1 END,
+                 sync_requested_at = CASE WHEN sync_requested_at > ?2 THEN sync_requested_at
+                     ELSE NULL END,
                  last_attempt_at = ?2,
                  last_success_at = CASE WHEN ?3 THEN ?4 ELSE last_success_at END,
                  last_error = CASE WHEN ?3 THEN last_error ELSE ?5 END,
@@ -341,7 +347,8 @@ impl SqliteStore {
         sqlx::query(
             "INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
                  pages, upserted, deleted, error, request_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
+             WHERE EXISTS (SELECT 1 FROM mailboxes WHERE id = ?1)",
         )
         .bind(lease.mailbox)
         .bind(ts(job.started_at))
@@ -386,6 +393,101 @@ impl SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    pub async fn mailbox_by_id(&self, id: MailboxId) -> Result<Option<MailboxRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM mailboxes WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    pub async fn register_mailbox(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(MailboxRecord, bool), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let added = sqlx::query(
+            "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
+             VALUES (?1, ?2, 'api', 1, ?3, ?3)
+             ON CONFLICT (tenant, user_id) DO NOTHING RETURNING *",
+        )
+        .bind(tenant)
+        .bind(user_id)
+        .bind(ts(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (row, is_new) = match added {
+            Some(row) => (row, true),
+            None => {
+                let row = sqlx::query(
+                    "UPDATE mailboxes SET source = 'api', enabled = 1,
+                         next_run_at = CASE WHEN enabled = 1 THEN next_run_at ELSE ?3 END
+                     WHERE tenant = ?1 AND user_id = ?2 RETURNING *",
+                )
+                .bind(tenant)
+                .bind(user_id)
+                .bind(ts(now))
+                .fetch_one(&mut *tx)
+                .await?;
+                (row, false)
+            }
+        };
+        tx.commit().await?;
+        Ok((mailbox_from_row(&row)?, is_new))
+    }
+
+    pub async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM mailboxes WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn request_sync(
+        &self,
+        id: MailboxId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, StoreError> {
+        let queued = sqlx::query(
+            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = MIN(next_run_at, ?2)
+             WHERE id = ?1 AND enabled = 1 AND sync_requested_at IS NULL",
+        )
+        .bind(id)
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        if queued.rows_affected() == 1 {
+            return Ok(Some(true));
+        }
+        let pending = sqlx::query("SELECT 1 FROM mailboxes WHERE id = ?1 AND enabled = 1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(pending.map(|_| false))
+    }
+
+    pub async fn events_between(
+        &self,
+        mailbox: MailboxId,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE mailbox_id = ?1 AND start_utc < ?3
+                 AND (end_utc > ?2 OR start_utc >= ?2)
+             ORDER BY start_utc, event_id",
+        )
+        .bind(mailbox)
+        .bind(ts(start))
+        .bind(ts(end))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
     }
 
     pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
@@ -513,6 +615,7 @@ fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
         user_id: row.try_get("user_id")?,
+        source: row.try_get("source")?,
         enabled: row.try_get("enabled")?,
         cursor: Cursor {
             round_id: row.try_get("round_id")?,
@@ -534,6 +637,7 @@ fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
         lease_owner: row.try_get("lease_owner")?,
         lease_until: parse_opt_ts(row, "lease_until")?,
         created_at: parse_ts("created_at", &created_at)?,
+        sync_requested_at: parse_opt_ts(row, "sync_requested_at")?,
     })
 }
 

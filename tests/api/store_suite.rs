@@ -62,6 +62,9 @@ store_suite!(
     run_history_is_pruned,
     event_counts_per_mailbox,
     nul_characters_do_not_poison_a_page_or_a_record,
+    mailboxes_are_registered_and_removed_at_run_time,
+    sync_requests_are_deduplicated_dispatched_first_and_survive_a_running_job,
+    events_between_returns_what_overlaps_the_range,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -85,27 +88,13 @@ where
     F: FnOnce(Store) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let base = std::env::var("CALSYNC_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_string());
-    let mut admin = match admin_connection(&base).await {
-        Ok(admin) => admin,
-        Err(reason) => return postgres_unavailable(&base, &reason),
+    let Some(schema) = TestSchema::create().await else {
+        return;
     };
-    let schema = format!("calsync_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut admin)
-        .await
-        .expect("create the test's schema");
-    let mut url = url::Url::parse(&base).expect("CALSYNC_TEST_POSTGRES_URL is a URL");
-    url.query_pairs_mut()
-        .append_pair("options[search_path]", &schema);
-    let outcome = match Store::connect(url.as_str(), 8).await {
+    let outcome = match Store::connect(&schema.url, 8).await {
         Ok(store) => {
             let outcome = match store.migrate().await {
-                Ok(()) => tokio::spawn(test(store.clone())).await.map_err(|e| {
-                    e.try_into_panic()
-                        .unwrap_or_else(|e| Box::new(format!("test task: {e}")))
-                }),
+                Ok(()) => run_caught(test(store.clone())).await,
                 Err(e) => Err(Box::new(format!("PostgreSQL migrations: {e}")) as _),
             };
             store.close().await;
@@ -113,14 +102,65 @@ where
         }
         Err(e) => Err(Box::new(format!("PostgreSQL store: {e}")) as _),
     };
-    let dropped = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut admin)
-        .await;
-    let _ = admin.close().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
+    schema.drop_after(outcome).await;
+}
+
+type Panic = Box<dyn std::any::Any + Send>;
+
+/// Runs `test` as a task, so that its panic is caught and the schema still dropped.
+async fn run_caught(test: impl Future<Output = ()> + Send + 'static) -> Result<(), Panic> {
+    tokio::spawn(test).await.map_err(|e| {
+        e.try_into_panic()
+            .unwrap_or_else(|e| Box::new(format!("test task: {e}")))
+    })
+}
+
+/// A schema of its own in the test database, for one test.
+pub struct TestSchema {
+    admin: sqlx::PgConnection,
+    name: String,
+    /// The database URL with this schema as the search path.
+    pub url: String,
+}
+
+impl TestSchema {
+    /// `None` when PostgreSQL is unreachable and not required (said once, on stderr).
+    pub async fn create() -> Option<Self> {
+        let base = std::env::var("CALSYNC_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_string());
+        let mut admin = match admin_connection(&base).await {
+            Ok(admin) => admin,
+            Err(reason) => {
+                postgres_unavailable(&base, &reason);
+                return None;
+            }
+        };
+        let name = format!("calsync_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create the test's schema");
+        let mut url = url::Url::parse(&base).expect("CALSYNC_TEST_POSTGRES_URL is a URL");
+        url.query_pairs_mut()
+            .append_pair("options[search_path]", &name);
+        Some(Self {
+            admin,
+            name,
+            url: url.to_string(),
+        })
     }
-    dropped.expect("drop the test's schema");
+
+    /// Drops the schema, then re-raises the test's panic if it had one.
+    pub async fn drop_after(mut self, outcome: Result<(), Panic>) {
+        let dropped = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name))
+            .execute(&mut self.admin)
+            .await;
+        let _ = self.admin.close().await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+        dropped.expect("drop the test's schema");
+    }
 }
 
 async fn admin_connection(url: &str) -> Result<sqlx::PgConnection, String> {
@@ -1067,4 +1107,280 @@ async fn nul_characters_do_not_poison_a_page_or_a_record(store: Store) {
     let m = record_of(&store, id).await;
     assert_eq!(m.consecutive_failures, 1);
     assert_eq!(m.lease_owner, None);
+}
+
+async fn mailboxes_are_registered_and_removed_at_run_time(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob")]).await;
+    let (added, is_new) = store
+        .register_mailbox("b", "cat", t0() + secs(5))
+        .await
+        .expect("register");
+    assert!(is_new);
+    assert_eq!((added.source.as_str(), added.enabled), ("api", true));
+    assert_eq!(added.next_run_at, t0() + secs(5), "due at once");
+    let (again, is_new) = store
+        .register_mailbox("b", "cat", t0() + secs(9))
+        .await
+        .expect("register again");
+    assert!(!is_new);
+    assert_eq!((again.id, again.next_run_at), (added.id, t0() + secs(5)));
+
+    // A config reload leaves API mailboxes alone; re-registering a mailbox the config dropped
+    // enables it again, due at once, and it is the API's from then on.
+    register(&store, &[("a", "ann")]).await;
+    assert!(!mailbox(&store, "a", "bob").await.enabled);
+    assert!(mailbox(&store, "b", "cat").await.enabled);
+    schedule(&store, ids[1], t0() + secs(3600)).await;
+    let (bob, is_new) = store
+        .register_mailbox("a", "bob", t0() + secs(20))
+        .await
+        .expect("re-enable");
+    assert!(!is_new);
+    assert_eq!(bob.id, ids[1]);
+    assert_eq!((bob.source.as_str(), bob.enabled), ("api", true));
+    assert_eq!(bob.next_run_at, t0() + secs(20));
+    register(&store, &[("a", "ann")]).await;
+    assert!(mailbox(&store, "a", "bob").await.enabled);
+
+    // Removal takes events and history with it; a job still running on it writes nothing.
+    let l = lease(&store, added.id, "w", t0()).await;
+    let cursor = full_round(&store, &l).await;
+    store
+        .apply_page(&l, &cursor, &[upsert("e1", "1", t0())], &next("p2"), t0())
+        .await
+        .expect("page");
+    assert!(store.remove_mailbox(added.id).await.expect("remove"));
+    assert!(!store.remove_mailbox(added.id).await.expect("remove again"));
+    assert!(store.mailbox_by_id(added.id).await.expect("read").is_none());
+    assert!(!store
+        .event_counts()
+        .await
+        .expect("counts")
+        .contains_key(&added.id));
+    assert!(is_lease_lost(
+        store
+            .apply_page(&l, &cursor, &[upsert("e2", "2", t0())], &next("p3"), t0())
+            .await
+    ));
+    store
+        .finish_job(&l, &job(RunOutcome::Ok, t0(), t0()))
+        .await
+        .expect("the end of a job on a removed mailbox is not an error");
+    assert!(store.runs(added.id, 10).await.expect("runs").is_empty());
+    assert_eq!(
+        store
+            .mailbox_by_id(ids[0])
+            .await
+            .expect("read")
+            .map(|m| m.user_id),
+        Some("ann".to_string())
+    );
+}
+
+async fn sync_requests_are_deduplicated_dispatched_first_and_survive_a_running_job(store: Store) {
+    let ids = register(&store, &[("a", "m1"), ("a", "m2"), ("b", "m3")]).await;
+    let (m1, m2, m3) = (ids[0], ids[1], ids[2]);
+    schedule(&store, m2, t0() + secs(100)).await;
+    let at = |n| t0() + secs(n);
+    assert_eq!(
+        store.request_sync(m2, at(10)).await.expect("request"),
+        Some(true)
+    );
+    assert_eq!(
+        store.request_sync(m2, at(11)).await.expect("request"),
+        Some(false),
+        "deduplicated"
+    );
+    assert_eq!(
+        store.request_sync(9999, at(11)).await.expect("request"),
+        None
+    );
+    let m = record_of(&store, m2).await;
+    assert_eq!((m.sync_requested_at, m.next_run_at), (Some(at(10)), at(10)));
+
+    // m1 has waited longer, but with one per tenant the requested m2 goes.
+    let due = store.due_candidates(at(12), 1).await.expect("due");
+    let picked: Vec<(MailboxId, bool)> = due.iter().map(|d| (d.id, d.requested)).collect();
+    assert_eq!(picked, [(m2, true), (m3, false)]);
+    let due = store.due_candidates(at(12), 5).await.expect("due");
+    let picked: Vec<(MailboxId, bool)> = due.iter().map(|d| (d.id, d.requested)).collect();
+    assert_eq!(picked, [(m2, true), (m1, false), (m3, false)]);
+
+    // A job that starts after the request serves it.
+    let l = lease(&store, m2, "w", at(13)).await;
+    store
+        .finish_job(&l, &job(RunOutcome::Ok, at(14), at(500)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, m2).await;
+    assert_eq!((m.sync_requested_at, m.next_run_at), (None, at(500)));
+
+    // A request made while a job runs is not served by it: it stays, and keeps the mailbox due.
+    let l = lease(&store, m2, "w", at(600)).await;
+    assert_eq!(
+        store.request_sync(m2, at(602)).await.expect("request"),
+        Some(true)
+    );
+    store
+        .finish_job(&l, &job(RunOutcome::Failed, at(601), at(1200)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, m2).await;
+    assert_eq!(
+        (m.sync_requested_at, m.next_run_at),
+        (Some(at(602)), at(602))
+    );
+    let due = store.due_candidates(at(603), 5).await.expect("due");
+    assert_eq!((due[0].id, due[0].requested), (m2, true));
+
+    // Disabled mailboxes take no requests.
+    register(&store, &[("a", "m1"), ("a", "m2")]).await;
+    assert_eq!(
+        store.request_sync(m3, at(700)).await.expect("request"),
+        None
+    );
+}
+
+async fn events_between_returns_what_overlaps_the_range(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let l = lease(&store, id, "w", t0()).await;
+    let cursor = full_round(&store, &l).await;
+    let span = |id: &str, from: i64, to: i64| {
+        let mut e = event(id, id, t0() + secs(from));
+        e.end_utc = t0() + secs(to);
+        DeltaItem::Upsert(Box::new(e))
+    };
+    let page = [
+        span("before", -7200, -3600),
+        span("ends-at-start", -1800, 0),
+        span("across-start", -1800, 1800),
+        span("instant-at-start", 0, 0),
+        span("inside", 3600, 5400),
+        span("across-end", 6000, 9000),
+        span("starts-at-end", 7200, 9000),
+    ];
+    store
+        .apply_page(&l, &cursor, &page, &next("p2"), t0())
+        .await
+        .expect("page");
+    let found: Vec<String> = store
+        .events_between(id, t0(), t0() + secs(7200))
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(
+        found,
+        ["across-start", "instant-at-start", "inside", "across-end"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replicas: the real service, twice, on one PostgreSQL schema
+
+/// Two `Application`s (two `calsync serve` replicas) on one PostgreSQL database, against the
+/// simulator while its calendars change: both replicas take jobs, and at the end the store
+/// equals ground truth (nothing lost, nothing doubled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_two_replicas_share_the_mailboxes_and_end_equal_to_ground_truth() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let outcome = run_caught(two_replicas(schema.url.clone())).await;
+    schema.drop_after(outcome).await;
+}
+
+async fn two_replicas(url: String) {
+    use crate::sim_harness::{fast, sim_settings, start_sim, SimApp};
+    use calsync::app::Application;
+    use tokio_util::sync::CancellationToken;
+
+    let config = calsync::sim::SimConfig::generated(2, 4, 60, 11);
+    let sim = start_sim(config.clone()).await;
+    let (settings, dir) = sim_settings(&sim, &config, |s| {
+        fast(s);
+        s.store.url = url;
+        s.sync.interval = Duration::from_millis(300);
+        s.sync.job_deadline = Duration::from_secs(5);
+        s.sync.workers = 3;
+    });
+    let mut replicas = Vec::new();
+    for n in 1..=2 {
+        let app = Application::build(settings.clone())
+            .await
+            .unwrap_or_else(|e| panic!("replica {n} starts: {e:#}"));
+        replicas.push(app);
+    }
+    let owners: BTreeSet<String> = replicas
+        .iter()
+        .map(|a| a.worker().owner().to_string())
+        .collect();
+    let store = replicas[0].store().clone();
+    let worker = replicas[0].worker();
+    let shutdown = CancellationToken::new();
+    let running: Vec<_> = replicas
+        .into_iter()
+        .map(|app| tokio::spawn(app.run_until_stopped(shutdown.clone())))
+        .collect();
+
+    sim.set_mutations(40.0);
+    let mut lessees = BTreeSet::new();
+    let changing_until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < changing_until {
+        for m in store.mailboxes().await.expect("store reads") {
+            if let Some(owner) = m.lease_owner.as_deref().and_then(|o| o.split('/').next()) {
+                lessees.insert(owner.to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sim.set_mutations(0.0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let quiet = Utc::now();
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mailboxes = store.mailboxes().await.expect("store reads");
+        let settled = mailboxes.iter().all(|m| {
+            m.last_attempt_at.is_some_and(|t| t > quiet)
+                && m.last_success_at >= m.last_attempt_at
+                && m.consecutive_failures == 0
+        });
+        if settled {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "not every mailbox completed a round after the changes stopped: {:?}",
+            mailboxes
+                .iter()
+                .map(|m| (
+                    &m.user_id,
+                    m.last_attempt_at,
+                    m.last_success_at,
+                    &m.last_error
+                ))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    for replica in running {
+        replica
+            .await
+            .expect("no panic")
+            .expect("the replica stops cleanly");
+    }
+
+    assert_eq!(lessees, owners, "both replicas held leases");
+    let stats = sim.stats();
+    assert_eq!(stats.violations.over_concurrency.count, 0);
+    let check = SimApp {
+        sim,
+        settings,
+        store,
+        worker,
+        dir,
+    };
+    check.assert_all_match_truth().await;
 }
