@@ -68,6 +68,14 @@ impl PgStore {
         if options.get_application_name().is_none() {
             options = options.application_name("calsync");
         }
+        // A transaction of calsync never waits on anything outside the database, so one left
+        // idle is a frozen or cut-off replica: the server ends it and frees its row locks.
+        if !options
+            .get_options()
+            .is_some_and(|o| o.contains("idle_in_transaction_session_timeout"))
+        {
+            options = options.options([("idle_in_transaction_session_timeout", "60s")]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -165,12 +173,17 @@ impl PgStore {
         only_if_due: bool,
     ) -> Result<Option<MailboxRecord>, StoreError> {
         let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
-        // One statement: a claimant that waited on another's row lock re-evaluates the WHERE
-        // on the row as the other left it, and finds the lease live.
+        // One statement. The row is locked with SKIP LOCKED: a row another transaction holds
+        // (a page being committed, another claim) is not waited for, so a dispatcher never
+        // stalls behind another replica; it is simply not claimed this time. A row updated
+        // since the statement's snapshot is re-checked as it now is.
         let row = sqlx::query(
             "UPDATE mailboxes SET lease_owner = $1, lease_until = $2
-             WHERE id = $3 AND (lease_until IS NULL OR lease_until < $4)
-               AND (NOT $5 OR (enabled AND next_run_at <= $4))
+             WHERE id = (
+                 SELECT id FROM mailboxes
+                 WHERE id = $3 AND (lease_until IS NULL OR lease_until < $4)
+                   AND (NOT $5 OR (enabled AND next_run_at <= $4))
+                 FOR UPDATE SKIP LOCKED)
              RETURNING *",
         )
         .bind(owner)

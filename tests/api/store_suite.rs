@@ -744,11 +744,17 @@ async fn no_write_of_the_old_owner_lands_after_a_takeover(store: Store) {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let thief = format!("b{attempt}");
-        let at_takeover = store
-            .claim(id, &thief, t0() + secs(500), Duration::from_secs(60), false)
-            .await
-            .expect("claim")
-            .expect("a's lease has run out");
+        // PostgreSQL skips a row locked by a page in progress instead of waiting: try again.
+        let at_takeover = loop {
+            let claimed = store
+                .claim(id, &thief, t0() + secs(500), Duration::from_secs(60), false)
+                .await
+                .expect("claim");
+            match claimed {
+                Some(record) => break record,
+                None => tokio::task::yield_now().await,
+            }
+        };
         let seen = event_ids(&store, id).await;
         let committed = writer.await.expect("writer");
         assert!(!committed.is_empty());
@@ -1274,6 +1280,66 @@ async fn events_between_returns_what_overlaps_the_range(store: Store) {
         found,
         ["across-start", "instant-at-start", "inside", "across-end"]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL only
+
+/// A replica frozen (or cut off) in the middle of a page holds the mailbox row's lock: other
+/// replicas' claims must not wait for it, and the server ends its transaction after
+/// `idle_in_transaction_session_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_claim_does_not_wait_for_a_frozen_replica() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let outcome = run_caught(frozen_replica(schema.url.clone())).await;
+    schema.drop_after(outcome).await;
+}
+
+async fn frozen_replica(url: String) {
+    let store = Store::connect(&url, 4).await.expect("store");
+    store.migrate().await.expect("migrations");
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let mut frozen = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("SET idle_in_transaction_session_timeout = '1s'")
+        .execute(&mut frozen)
+        .await
+        .expect("set");
+    sqlx::query("BEGIN")
+        .execute(&mut frozen)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT 1 FROM mailboxes WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut frozen)
+        .await
+        .expect("lock the row");
+
+    let started = std::time::Instant::now();
+    let claimed = store
+        .claim(id, "other", t0(), Duration::from_secs(60), true)
+        .await
+        .expect("claim");
+    assert!(claimed.is_none(), "the locked row is skipped");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The server ends the idle transaction; the mailbox can be claimed again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let claimed = store
+        .claim(id, "other", t0(), Duration::from_secs(60), true)
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed.and_then(|m| m.lease_owner).as_deref(),
+        Some("other")
+    );
+    let _ = frozen.close().await;
+    store.close().await;
 }
 
 // ---------------------------------------------------------------------------------------------
