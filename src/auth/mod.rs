@@ -238,22 +238,25 @@ impl TokenProvider {
                 return Ok(cached.token.clone());
             }
         }
-        if let Err(rejected) = self.breaker.acquire() {
-            // The endpoint is known to be down: no request. Serve the cached token while its
-            // extended lifetime lasts, and look again when the breaker allows a probe.
-            if let Some(cached) = cache.as_mut().filter(|c| now < c.ext_expires_at) {
-                cached.refresh_at = rejected.until.min(cached.ext_expires_at);
-                return Ok(cached.token.clone());
+        let call = match self.breaker.reserve() {
+            Ok(call) => call,
+            Err(rejected) => {
+                // The endpoint is known to be down: no request. Serve the cached token while
+                // its extended lifetime lasts, and look again when the breaker allows a probe.
+                if let Some(cached) = cache.as_mut().filter(|c| now < c.ext_expires_at) {
+                    cached.refresh_at = rejected.until.min(cached.ext_expires_at);
+                    return Ok(cached.token.clone());
+                }
+                return Err(AuthError::BreakerOpen {
+                    retry_after: rejected.until.saturating_duration_since(now),
+                    permanent: self.breaker.snapshot().permanent,
+                    last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+                });
             }
-            return Err(AuthError::BreakerOpen {
-                retry_after: rejected.until.saturating_duration_since(now),
-                permanent: self.breaker.snapshot().permanent,
-                last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
-            });
-        }
+        };
         let started = Instant::now();
         let fetched = self.fetch().await;
-        self.breaker.record(match &fetched {
+        call.record(match &fetched {
             Ok(_) if started.elapsed() > self.slow_call => CallOutcome::Failure,
             Ok(_) => CallOutcome::Success,
             Err(e) => e.breaker_outcome(),

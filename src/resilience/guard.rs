@@ -58,6 +58,18 @@ impl GuardedBreaker {
         f(breaker, trips)
     }
 
+    /// Reserves a call, or says until when the breaker refuses. The call's outcome goes to
+    /// the returned [`Reservation`]; dropped without one (its future was cancelled, e.g. at the
+    /// job deadline), it gives its probe back.
+    pub fn reserve(&self) -> Result<Reservation<'_>, Rejected> {
+        self.acquire()?;
+        Ok(Reservation {
+            breaker: self,
+            probe: self.state() == BreakerState::HalfOpen,
+            settled: false,
+        })
+    }
+
     /// Reserves a call, or says until when the breaker refuses.
     pub fn acquire(&self) -> Result<(), Rejected> {
         let now = Instant::now();
@@ -129,5 +141,68 @@ impl GuardedBreaker {
                 "circuit breaker changed state"
             ),
         }
+    }
+}
+
+/// A call reserved on a breaker, settled by [`record`](Self::record) or
+/// [`release`](Self::release). A half-open breaker lets only `probes` calls out and waits for
+/// them to report: a probe whose future is dropped (a job cut off at its deadline while the
+/// probe hung) would otherwise hold its place forever, and the breaker would refuse every
+/// later call of the tenant.
+pub struct Reservation<'a> {
+    breaker: &'a GuardedBreaker,
+    probe: bool,
+    settled: bool,
+}
+
+impl Reservation<'_> {
+    pub fn record(mut self, outcome: CallOutcome) {
+        self.settled = true;
+        self.breaker.record(outcome);
+    }
+
+    /// The call never reached the dependency (e.g. no token): frees a probe.
+    pub fn release(mut self) {
+        self.settled = true;
+        self.breaker.release();
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.settled && self.probe {
+            self.breaker.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_probe_gives_its_place_back() {
+        let config = BreakerConfig {
+            window: Duration::from_secs(60),
+            min_calls: 1,
+            failure_rate: 1.0,
+            base_break: Duration::from_secs(1),
+            max_break: Duration::from_secs(1),
+            probes: 1,
+            permanent_break: Duration::from_secs(60),
+        };
+        let b = GuardedBreaker::new("t", Dependency::Graph, config);
+        b.reserve().expect("closed").record(CallOutcome::Failure);
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let probe = b.reserve().expect("half-open lets one probe out");
+        assert!(b.reserve().is_err(), "only one");
+        drop(probe);
+        let probe = b
+            .reserve()
+            .expect("the cancelled probe's place is free again");
+        probe.record(CallOutcome::Success);
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 }

@@ -306,20 +306,7 @@ impl Worker {
             attempt = mailbox.consecutive_failures + 1,
         );
         let slot: SharedSlot = Arc::new(Mutex::new(Some(slot)));
-        let started = Instant::now();
-        let deadline = started + self.sync.job_deadline;
-        if let Ok(mut running) = self.running.lock() {
-            running.insert(
-                seq,
-                RunningJob {
-                    tenant: mailbox.tenant.clone(),
-                    mailbox: mailbox.user_id.clone(),
-                    started,
-                    deadline,
-                    slot: Arc::clone(&slot),
-                },
-            );
-        }
+        let (started, deadline) = self.track(seq, &mailbox.tenant, &mailbox.user_id, &slot);
         let result = self
             .run_job(
                 &mailbox,
@@ -331,16 +318,71 @@ impl Worker {
             )
             .instrument(span)
             .await;
+        self.untrack(seq, &mailbox.user_id, started, &slot);
+        result
+    }
+
+    /// Registers a started job with the stuck-job detector; returns its start and deadline.
+    fn track(
+        &self,
+        seq: u64,
+        tenant: &str,
+        mailbox: &str,
+        slot: &SharedSlot,
+    ) -> (Instant, Instant) {
+        let started = Instant::now();
+        let deadline = started + self.sync.job_deadline;
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(
+                seq,
+                RunningJob {
+                    tenant: tenant.to_string(),
+                    mailbox: mailbox.to_string(),
+                    started,
+                    deadline,
+                    slot: Arc::clone(slot),
+                },
+            );
+        }
+        (started, deadline)
+    }
+
+    /// A tracked job ended: its slot is released (unless the detector already took it).
+    fn untrack(&self, seq: u64, mailbox: &str, started: Instant, slot: &SharedSlot) {
         let was_running = self
             .running
             .lock()
             .map(|mut r| r.remove(&seq).is_some())
             .unwrap_or(true);
         if !was_running {
-            self.note_stuck_job_finished(&mailbox, started.elapsed());
+            self.note_stuck_job_finished(mailbox, started.elapsed());
         }
         drop(slot.lock().map(|mut s| s.take()));
-        result
+    }
+
+    /// Test seam: runs `job` in place of a sync round as a job of `tenant` on `mailbox`,
+    /// tracked like a real one (worker slot, tenant count, stuck-job detector, cut off at the
+    /// job deadline), so a test can give the pool a job that blocks its thread, which no
+    /// network fault can make a real job do. `None` without a free slot or for an unknown
+    /// tenant; else whether the job ended by itself (`false`: cut off at the deadline).
+    #[doc(hidden)]
+    pub async fn run_in_slot_for_test(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        job: impl std::future::Future<Output = ()>,
+    ) -> Option<bool> {
+        let guard = self.guards.get(tenant)?;
+        let slot = JobSlot {
+            _permit: Arc::clone(&self.slots).try_acquire_owned().ok()?,
+            _count: guard.start_job(),
+        };
+        let (seq, _) = self.job_owner();
+        let slot: SharedSlot = Arc::new(Mutex::new(Some(slot)));
+        let (started, deadline) = self.track(seq, tenant, mailbox, &slot);
+        let ended = tokio::time::timeout_at(deadline, job).await.is_ok();
+        self.untrack(seq, mailbox, started, &slot);
+        Some(ended)
     }
 
     async fn run_job(&self, mailbox: &MailboxRecord, lease: Lease, deadline: Instant) -> JobResult {
@@ -549,14 +591,18 @@ impl Worker {
         stuck.len()
     }
 
-    fn note_stuck_job_finished(&self, mailbox: &MailboxRecord, after: Duration) {
-        tracing::warn!(mailbox = %mailbox.user_id, seconds = after.as_secs_f64(), "a stuck job finished at last");
+    fn note_stuck_job_finished(&self, mailbox: &str, after: Duration) {
+        tracing::warn!(
+            mailbox,
+            seconds = after.as_secs_f64(),
+            "a stuck job finished at last"
+        );
         if let Ok(mut log) = self.stuck.lock() {
             if let Some(entry) = log
                 .1
                 .iter_mut()
                 .rev()
-                .find(|s| s.mailbox == mailbox.user_id && s.finished_after_seconds.is_none())
+                .find(|s| s.mailbox == mailbox && s.finished_after_seconds.is_none())
             {
                 entry.finished_after_seconds = Some(after.as_secs_f64());
             }

@@ -245,22 +245,23 @@ async fn fetch_page_resilient(
                 reason: "request rate limit".into(),
             });
         }
-        if let Err(rejected) = ctx.guard.graph.acquire() {
-            return Err(SyncError::Deferred {
-                wait: rejected.until.saturating_duration_since(Instant::now()),
-                reason: "the tenant's Graph circuit is open".into(),
-            });
-        }
+        let call = match ctx.guard.graph.reserve() {
+            Ok(call) => call,
+            Err(rejected) => {
+                return Err(SyncError::Deferred {
+                    wait: rejected.until.saturating_duration_since(Instant::now()),
+                    reason: "the tenant's Graph circuit is open".into(),
+                })
+            }
+        };
         let started = Instant::now();
         let result = fetch_with_fresh_token(ctx.graph, ctx.tokens, url).await;
         match &result {
-            Ok(_) if started.elapsed() > ctx.slow_call => {
-                ctx.guard.graph.record(CallOutcome::Failure)
-            }
-            Ok(_) => ctx.guard.graph.record(CallOutcome::Success),
+            Ok(_) if started.elapsed() > ctx.slow_call => call.record(CallOutcome::Failure),
+            Ok(_) => call.record(CallOutcome::Success),
             Err(e) => match e.graph_outcome() {
-                Some(outcome) => ctx.guard.graph.record(outcome),
-                None => ctx.guard.graph.release(),
+                Some(outcome) => call.record(outcome),
+                None => call.release(),
             },
         }
         let error = match result {

@@ -683,3 +683,255 @@ async fn rejected_credentials_open_the_token_breaker_as_permanent_and_stop_token
     assert_eq!(app.token_requests(a), 3);
     app.assert_all_match_truth().await;
 }
+
+// ---- 9: a job that blocks its thread ----
+
+/// Starts a job (through the worker's test seam) that blocks its runtime thread for `blocked`:
+/// the deadline cannot cancel it, since it never yields.
+fn spawn_blocking_job(
+    worker: &Arc<calsync::scheduler::Worker>,
+    tenant: &str,
+    mailbox: &str,
+    blocked: Duration,
+) -> tokio::task::JoinHandle<Option<bool>> {
+    let (worker, tenant, mailbox) = (worker.clone(), tenant.to_string(), mailbox.to_string());
+    tokio::spawn(async move {
+        worker
+            .run_in_slot_for_test(&tenant, &mailbox, async move {
+                std::thread::sleep(blocked);
+            })
+            .await
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_blocking_its_thread_past_its_deadline_loses_its_slot_and_shows_in_health() {
+    let app = sim_app(world(2, 1, 20), |s| {
+        fast(s);
+        s.sync.workers = 1;
+        s.sync.job_deadline = Duration::from_millis(400);
+        s.sync.stuck_grace = Duration::from_millis(100);
+    })
+    .await;
+    let stuck_mailbox = app.sim.tenants()[0].mailboxes[0].clone();
+    let started = Instant::now();
+    let job = spawn_blocking_job(
+        &app.worker,
+        "tenant1",
+        &stuck_mailbox,
+        Duration::from_millis(1500),
+    );
+    wait_for(
+        "the job holds the only slot",
+        Duration::from_secs(1),
+        || app.worker.status().busy_slots == 1,
+    )
+    .await;
+    assert_eq!(
+        app.worker.free_stuck_slots(Instant::now()),
+        0,
+        "not stuck within its deadline and grace"
+    );
+
+    let give_up = started + Duration::from_millis(1200);
+    while app.worker.free_stuck_slots(Instant::now()) == 0 {
+        assert!(Instant::now() < give_up, "the stuck job was not detected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let detected_after = started.elapsed();
+
+    assert!(!job.is_finished(), "the job is still blocking its thread");
+    assert!(
+        detected_after >= Duration::from_millis(500),
+        "{detected_after:?}"
+    );
+    let status = app.worker.status();
+    assert_eq!(status.busy_slots, 0, "its slot went back to the pool");
+    assert!(status.running.is_empty());
+    assert_eq!(status.stuck_total, 1);
+    assert_eq!(status.stuck_recent[0].mailbox, stuck_mailbox);
+    assert_eq!(status.stuck_recent[0].finished_after_seconds, None);
+    let h = health(&app).await;
+    assert_eq!(h["status"], "degraded", "{h:#}");
+    assert_eq!(h["jobs"]["stuck_total"], 1);
+    assert_eq!(
+        h["jobs"]["stuck_recent"][0]["mailbox"],
+        stuck_mailbox.as_str()
+    );
+    assert_eq!(h["jobs"]["busy_slots"], 0);
+
+    // The freed slot serves new work while the stuck job still blocks its thread.
+    let mut d = Dispatcher::new(app.worker.clone());
+    assert_eq!(d.step().await, 1, "one job starts in the one freed slot");
+    assert!(!job.is_finished());
+    d.drain().await;
+    assert!(d.finished.iter().all(|(_, r)| r.outcome == RunOutcome::Ok));
+
+    // When it ends at last it is reported as such, and counted once.
+    assert_eq!(job.await.expect("no panic"), Some(true));
+    let status = app.worker.status();
+    assert_eq!(status.stuck_total, 1);
+    assert_eq!(status.busy_slots, 0, "its slot is not released twice");
+    let finished_after = status.stuck_recent[0]
+        .finished_after_seconds
+        .expect("the stuck job's end is noted");
+    assert!(finished_after >= 1.5, "{finished_after}");
+    let h = health(&app).await;
+    assert!(h["jobs"]["stuck_recent"][0]["finished_after_seconds"].is_number());
+    eprintln!(
+        "stuck job: detected {detected_after:?} after start (deadline 400 ms + grace 100 ms), ended after {finished_after:.2} s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_service_frees_a_stuck_jobs_slot_and_reports_it_on_healthz() {
+    let config = world(1, 1, 20);
+    let sim = start_sim(config.clone()).await;
+    let (settings, _dir) = sim_settings(&sim, &config, |s| {
+        fast(s);
+        s.sync.workers = 1;
+        s.sync.job_deadline = Duration::from_millis(400);
+        s.sync.stuck_grace = Duration::from_millis(100);
+    });
+    let app = calsync::app::Application::build(settings)
+        .await
+        .expect("app builds");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let worker = app.worker();
+    let mailbox = config.tenants[0].mailboxes[0].clone();
+    let started = Instant::now();
+    let job = spawn_blocking_job(&worker, "tenant1", &mailbox, Duration::from_secs(2));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let client = reqwest::Client::new();
+
+    let health = loop {
+        let h: serde_json::Value = client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("healthz answers while a thread is blocked")
+            .json()
+            .await
+            .expect("JSON");
+        if h["jobs"]["stuck_total"] == 1 {
+            break h;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "not reported: {h:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reported_after = started.elapsed();
+
+    assert!(!job.is_finished(), "still blocking");
+    assert_eq!(health["status"], "degraded", "{health:#}");
+    assert_eq!(
+        health["jobs"]["stuck_recent"][0]["mailbox"],
+        mailbox.as_str()
+    );
+    assert!(health["jobs"]["stuck_recent"][0]["finished_after_seconds"].is_null());
+    // The service's own loop gets the freed slot: the mailbox syncs while the thread blocks.
+    let give_up = Instant::now() + Duration::from_secs(1);
+    loop {
+        let h: serde_json::Value = client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .json()
+            .await
+            .expect("JSON");
+        if h["tenants"][0]["never_synced"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < give_up, "no sync in the freed slot: {h:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !job.is_finished(),
+        "synced while the stuck job still blocked"
+    );
+    shutdown.cancel();
+    running
+        .await
+        .expect("no panic")
+        .expect("the service stops cleanly");
+    assert_eq!(job.await.expect("no panic"), Some(true));
+    eprintln!(
+        "running service: stuck job reported on /healthz {reported_after:?} after it started"
+    );
+}
+
+// ---- a probe cut off by the job deadline ----
+
+/// A hanging dependency, and a breaker that opens at the first failure and breaks 50 ms: the
+/// job's first call times out (300 ms) and opens it; its retry (after 100-300 ms) is the
+/// half-open probe, and it hangs past the 650 ms job deadline, which cancels it. Once the
+/// dependency is back, the tenant must sync again: a probe that was cancelled instead of
+/// reporting must not leave the breaker half-open with its only probe "in flight" forever.
+async fn a_probe_cut_off_by_the_deadline_does_not_wedge_the_breaker(endpoint: Endpoint) {
+    let app = sim_app(world(1, 1, 20), |s| {
+        fast(s);
+        s.sync.job_deadline = Duration::from_millis(650);
+        s.resilience.retry_initial = Duration::from_millis(200);
+        s.resilience.retry_max = Duration::from_millis(300);
+        s.resilience.breaker.min_calls = 1;
+        s.resilience.breaker.base_break = Duration::from_millis(50);
+        s.resilience.breaker.max_break = Duration::from_millis(400);
+    })
+    .await;
+    let mailbox = app.mailbox_names().remove(0);
+    let dependency = match endpoint {
+        Endpoint::Token => Dependency::Token,
+        _ => Dependency::Graph,
+    };
+    let hang = app.sim.add_fault(
+        FaultRule::new(FaultKind::Hang)
+            .tenant("tenant1")
+            .endpoint(endpoint),
+    );
+
+    let results = app.pass().await;
+
+    assert_eq!(
+        results[&mailbox].outcome,
+        RunOutcome::DeadlineExceeded,
+        "{:?}",
+        results[&mailbox].error
+    );
+    assert_eq!(
+        app.sim.stats().faults_fired[&hang],
+        2,
+        "a call, then the probe"
+    );
+    assert!(app.sim.remove_fault(hang));
+    let mut d = Dispatcher::new(app.worker.clone());
+    let give_up = Instant::now() + Duration::from_secs(3);
+    while app.record(&mailbox).await.last_success_at.is_none() {
+        assert!(
+            Instant::now() < give_up,
+            "the tenant never synced again; its {dependency:?} breaker: {:?}",
+            breaker(&app, "tenant1", dependency)
+        );
+        d.step().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    d.drain().await;
+    assert_eq!(
+        breaker(&app, "tenant1", dependency).state,
+        BreakerState::Closed
+    );
+    app.assert_matches_truth(&mailbox).await;
+}
+
+#[tokio::test]
+async fn a_graph_probe_cut_off_by_the_deadline_does_not_wedge_the_breaker() {
+    a_probe_cut_off_by_the_deadline_does_not_wedge_the_breaker(Endpoint::Graph).await;
+}
+
+#[tokio::test]
+async fn a_token_probe_cut_off_by_the_deadline_does_not_wedge_the_breaker() {
+    a_probe_cut_off_by_the_deadline_does_not_wedge_the_breaker(Endpoint::Token).await;
+}
