@@ -394,6 +394,135 @@ async fn token_endpoint_reset_for_a_tenant_is_contained() {
     token_outage_is_contained_to_its_tenant(FaultKind::Reset).await;
 }
 
+/// Graph down for all of tenant A's mailboxes (503): A's Graph breaker opens; while it is
+/// open (probe at least a second away) A is not claimed and Graph hears nothing of A; B syncs
+/// throughout; after the break one probe (seen half-open) closes it and A catches up.
+#[tokio::test]
+async fn graph_503_for_a_whole_tenant_opens_its_graph_breaker_and_spares_the_other() {
+    let (a, b) = ("tenant1", "tenant2");
+    let app = sim_app(world(2, 2, 20), |s| {
+        fast(s);
+        s.sync.interval = Duration::from_millis(150);
+        s.sync.workers = 4;
+        s.resilience.breaker.min_calls = 4;
+        // Health shows the time to the probe in whole seconds: break long enough to see it.
+        s.resilience.breaker.base_break = Duration::from_millis(2200);
+        s.resilience.breaker.max_break = Duration::from_secs(4);
+    })
+    .await;
+    let a_mailboxes = app.sim.tenants()[0].mailboxes.clone();
+    let b_mailboxes = app.sim.tenants()[1].mailboxes.clone();
+    let outage = app.sim.add_fault(
+        FaultRule::new(status(503))
+            .tenant(a)
+            .endpoint(Endpoint::Graph),
+    );
+    let mut d = Dispatcher::new(app.worker.clone());
+    let step = Duration::from_millis(10);
+    d.step_until(
+        "A's Graph breaker opens",
+        Duration::from_secs(10),
+        step,
+        |_| breaker(&app, a, Dependency::Graph).state == BreakerState::Open,
+    )
+    .await;
+    let give_up = Instant::now() + Duration::from_secs(1);
+    while running_of(&app, a) > 0 {
+        assert!(Instant::now() < give_up, "A's jobs did not stop");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        d.collect();
+    }
+    let graph_calls_at_open = app.sim.stats().tenants[a].graph_requests;
+    let mut steps_while_open = 0;
+    while breaker(&app, a, Dependency::Graph)
+        .probe_in_seconds
+        .is_some_and(|s| s >= 1)
+    {
+        d.step().await;
+        steps_while_open += 1;
+        assert_eq!(
+            running_of(&app, a),
+            0,
+            "A claimed while its breaker is open"
+        );
+        for m in &a_mailboxes {
+            assert_eq!(app.record(m).await.lease_owner, None);
+        }
+        tokio::time::sleep(step).await;
+    }
+    assert!(steps_while_open >= 20, "the open period was observed");
+    assert_eq!(
+        app.sim.stats().tenants[a].graph_requests,
+        graph_calls_at_open,
+        "no Graph request for A while its breaker is open"
+    );
+    let b_ok = d
+        .finished
+        .iter()
+        .filter(|(_, r)| r.tenant == b)
+        .inspect(|(_, r)| assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error))
+        .count();
+    assert!(b_ok >= 3 * b_mailboxes.len(), "B synced {b_ok} times");
+    assert_eq!(
+        breaker(&app, b, Dependency::Graph).state,
+        BreakerState::Closed
+    );
+
+    assert!(app.sim.remove_fault(outage));
+    let slow = app.sim.add_fault(
+        FaultRule::new(FaultKind::Latency { ms: 150 })
+            .tenant(a)
+            .endpoint(Endpoint::Graph),
+    );
+    let mut states = vec![BreakerState::Open];
+    let mut max_a_running_half_open = 0;
+    d.step_until(
+        "A's Graph breaker closes again",
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        |_| {
+            let state = breaker(&app, a, Dependency::Graph).state;
+            if states.last() != Some(&state) {
+                states.push(state);
+            }
+            if state == BreakerState::HalfOpen {
+                max_a_running_half_open = max_a_running_half_open.max(running_of(&app, a));
+            }
+            state == BreakerState::Closed
+        },
+    )
+    .await;
+    assert_eq!(
+        states,
+        vec![
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+            BreakerState::Closed
+        ]
+    );
+    assert_eq!(max_a_running_half_open, 1, "one probe job while half-open");
+    app.sim.remove_fault(slow);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut synced = 0;
+        for m in &a_mailboxes {
+            synced += usize::from(app.record(m).await.last_success_at.is_some());
+        }
+        if synced == a_mailboxes.len() {
+            break;
+        }
+        assert!(Instant::now() < give_up, "A did not catch up");
+        d.step().await;
+        tokio::time::sleep(step).await;
+    }
+    d.drain().await;
+    assert_eq!(app.worker.status().busy_slots, 0);
+    app.assert_all_match_truth().await;
+    eprintln!(
+        "Graph 503 for tenant A: {graph_calls_at_open} Graph requests until open; {steps_while_open} dispatch steps while open, none claimed A; B synced {b_ok} times"
+    );
+}
+
 // ---- 7: Retry-After ----
 
 /// When the simulator answered each Graph request of `mailbox` (polled every millisecond).
@@ -509,6 +638,45 @@ async fn retry_after_as_an_http_date_is_obeyed() {
         "and not much more: {gap:?}"
     );
     eprintln!("Retry-After: <date in 2 s> -> retried after {gap:?}");
+}
+
+#[tokio::test]
+async fn retry_after_on_the_token_endpoint_is_obeyed() {
+    let app = throttled_app(Duration::from_secs(4)).await;
+    let mailbox = app.mailbox_names().remove(0);
+    app.sim.add_fault(
+        FaultRule::new(FaultKind::Status {
+            code: 429,
+            graph_code: None,
+            message: None,
+            aadsts: None,
+            retry_after: RetryAfter::Seconds(1),
+        })
+        .tenant("tenant1")
+        .endpoint(Endpoint::Token)
+        .max_count(1),
+    );
+
+    let started = Instant::now();
+    let results = app.pass().await;
+    let took = started.elapsed();
+
+    assert_eq!(
+        results[&mailbox].outcome,
+        RunOutcome::Ok,
+        "{:?}",
+        results[&mailbox].error
+    );
+    let stats = app.sim.stats();
+    assert_eq!(stats.tenants["tenant1"].token_by_status.get(&429), Some(&1));
+    assert_eq!(stats.tenants["tenant1"].token_requests, 2);
+    assert_eq!(
+        stats.violations.early_retry.count, 0,
+        "{:?}",
+        stats.violations
+    );
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    app.assert_matches_truth(&mailbox).await;
 }
 
 #[tokio::test]
