@@ -79,6 +79,7 @@ pub fn build_worker(
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        crate::metrics::install();
         let store = open_store(&settings).await?;
         let (worker, _) = build_worker(&settings, store.clone())?;
         let listener = TcpListener::bind(settings.server.listen)

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod drill;
 pub mod graph;
 pub mod http;
+pub mod metrics;
 pub mod net;
 pub mod resilience;
 pub mod scheduler;

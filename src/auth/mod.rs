@@ -256,6 +256,7 @@ impl TokenProvider {
         };
         let started = Instant::now();
         let fetched = self.fetch().await;
+        crate::metrics::token_request(&self.tenant, &fetched);
         call.record(match &fetched {
             Ok(_) if started.elapsed() > self.slow_call => CallOutcome::Failure,
             Ok(_) => CallOutcome::Success,
@@ -273,6 +274,7 @@ impl TokenProvider {
                 let now = Instant::now();
                 match (cache.as_mut(), error.class()) {
                     (Some(cached), AuthFailureClass::Transient) if now < cached.ext_expires_at => {
+                        crate::metrics::token_grace_served(&self.tenant);
                         tracing::warn!(
                             tenant = %self.tenant,
                             error = %error,

@@ -1,4 +1,6 @@
-//! The HTTP side: liveness, readiness and health detail.
+//! The HTTP side: liveness, readiness, health detail, Prometheus metrics and the status page.
+
+pub mod status_page;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,8 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/", get(status))
         .with_state(state)
 }
 
@@ -115,6 +119,60 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     (
         StatusCode::OK,
         Json(serde_json::to_value(health).unwrap_or_default()),
+    )
+}
+
+/// Health detail for this Application, or why the store could not give it.
+async fn current_health(state: &AppState) -> Result<Health, String> {
+    let mailboxes = match tokio::time::timeout(STORE_CHECK_TIMEOUT, state.store.mailboxes()).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("store timed out".into()),
+    };
+    Ok(build_health(&mailboxes, &state.worker, Utc::now()).await)
+}
+
+/// Prometheus text: the process's event counters and this Application's state. Without the
+/// store, only the event counters (the store's trouble shows in `/readyz`).
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut body = crate::metrics::render_events();
+    if let Ok(health) = current_health(&state).await {
+        let sync = state.worker.settings();
+        let limits = crate::metrics::Limits {
+            job_deadline: sync.job_deadline,
+            interval: sync.interval,
+        };
+        body.push_str(&crate::metrics::render_state(
+            &health,
+            limits,
+            health.checked_at,
+        ));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+/// The status page: server-rendered HTML that refreshes itself.
+async fn status(State(state): State<AppState>) -> impl IntoResponse {
+    let (code, html) = match current_health(&state).await {
+        Ok(health) => (StatusCode::OK, status_page::render(&health)),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            status_page::render_unavailable(&reason),
+        ),
+    };
+    (
+        code,
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
     )
 }
 

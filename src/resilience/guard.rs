@@ -122,6 +122,7 @@ impl GuardedBreaker {
     }
 
     fn log(&self, t: Transition, open_for: Option<std::time::Duration>) {
+        crate::metrics::breaker_transition(&self.tenant, self.dependency, t.to);
         let permanent = self.with(|b, _| b.is_permanent());
         match t.to {
             BreakerState::Open => tracing::warn!(

@@ -305,6 +305,7 @@ impl Worker {
             mailbox = %mailbox.user_id,
             attempt = mailbox.consecutive_failures + 1,
         );
+        crate::metrics::job_started(&mailbox.tenant);
         let slot: SharedSlot = Arc::new(Mutex::new(Some(slot)));
         let (started, deadline) = self.track(seq, &mailbox.tenant, &mailbox.user_id, &slot);
         let result = self
@@ -422,6 +423,7 @@ impl Worker {
                         Err((RunOutcome::Deferred, reason, Some(wait)))
                     }
                     Some(Ok(Err(e))) => {
+                        crate::metrics::job_failed(&mailbox.tenant, &e);
                         if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
                             report.last_request_id = Some(id);
                         }
@@ -454,6 +456,7 @@ impl Worker {
             Err((outcome, message, wait)) => (outcome, Some(message), wait),
         };
         let next_run_at = self.next_run(mailbox, outcome, wait, finished_at);
+        crate::metrics::job_finished(mailbox, outcome, &report, started_at, finished_at);
         match &error {
             None => tracing::info!(
                 pages = report.pages,

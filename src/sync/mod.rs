@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::auth::{AccessToken, AuthError, TokenProvider};
 use crate::graph::{DeltaItem, DeltaPage, GraphClient, GraphError, PageLink, RequestIds, Window};
+use crate::metrics::DeferReason;
 use crate::resilience::backoff::BackoffSchedule;
 use crate::resilience::breaker::CallOutcome;
 use crate::resilience::limits::RateLimits;
@@ -240,6 +241,11 @@ async fn fetch_page_resilient(
             .acquire(mailbox, &ctx.guard.rate, ctx.deadline)
             .await
         {
+            crate::metrics::job_deferred(
+                ctx.tokens.tenant(),
+                DeferReason::RateLimit,
+                wait.ready_in,
+            );
             return Err(SyncError::Deferred {
                 wait: wait.ready_in,
                 reason: "request rate limit".into(),
@@ -248,14 +254,20 @@ async fn fetch_page_resilient(
         let call = match ctx.guard.graph.reserve() {
             Ok(call) => call,
             Err(rejected) => {
+                crate::metrics::job_deferred(
+                    ctx.tokens.tenant(),
+                    DeferReason::GraphBreaker,
+                    rejected.until.saturating_duration_since(Instant::now()),
+                );
                 return Err(SyncError::Deferred {
                     wait: rejected.until.saturating_duration_since(Instant::now()),
                     reason: "the tenant's Graph circuit is open".into(),
-                })
+                });
             }
         };
         let started = Instant::now();
         let result = fetch_with_fresh_token(ctx.graph, ctx.tokens, url).await;
+        crate::metrics::graph_request(ctx.tokens.tenant(), &result);
         match &result {
             Ok(_) if started.elapsed() > ctx.slow_call => call.record(CallOutcome::Failure),
             Ok(_) => call.record(CallOutcome::Success),
@@ -274,10 +286,15 @@ async fn fetch_page_resilient(
                     permanent: false, ..
                 },
             )) => {
+                crate::metrics::job_deferred(
+                    ctx.tokens.tenant(),
+                    DeferReason::TokenBreaker,
+                    e.retry_after().unwrap_or_default(),
+                );
                 return Err(SyncError::Deferred {
                     wait: e.retry_after().unwrap_or_default(),
                     reason: e.to_string(),
-                })
+                });
             }
             Err(e) => e,
         };
@@ -290,6 +307,7 @@ async fn fetch_page_resilient(
             None => (ctx.retry_backoff.delay(attempt), false),
         };
         if told && wait >= remaining {
+            crate::metrics::job_deferred(ctx.tokens.tenant(), DeferReason::RetryAfter, wait);
             return Err(SyncError::Deferred {
                 wait,
                 reason: format!("Graph asked to retry after {}s: {error}", wait.as_secs()),
@@ -299,6 +317,7 @@ async fn fetch_page_resilient(
             return Err(error);
         }
         attempt += 1;
+        crate::metrics::graph_retry(ctx.tokens.tenant(), told.then_some(wait));
         tracing::info!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying Graph request");
         tokio::time::sleep(wait).await;
     }
@@ -313,6 +332,7 @@ async fn fetch_with_fresh_token(
     let token: AccessToken = tokens.token().await?;
     match graph.fetch_page(url, &token).await {
         Err(GraphError::Unauthorized { ids, .. }) => {
+            crate::metrics::graph_unauthorized(tokens.tenant());
             tracing::info!(tenant = tokens.tenant(), %ids, "Graph refused the access token; refreshing it once");
             tokens.invalidate(&token).await;
             let fresh = tokens.token().await?;

@@ -9,6 +9,7 @@ mod foreign_links;
 mod health;
 mod helpers;
 mod malformed;
+mod observability;
 mod page_loops;
 mod raw_graph;
 mod resync;

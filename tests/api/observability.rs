@@ -1,0 +1,398 @@
+//! `/metrics` and `/` on the real `Application` against the simulator: jobs, requests and
+//! breakers are counted per tenant; a tenant whose breaker is open has its due mailboxes
+//! counted apart from the runnable backlog; a `Retry-After` past the deadline is a deferral,
+//! not a backlog; labels stay bounded (no mailbox, no secret, no error text).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use calsync::app::Application;
+use calsync::sim::{Endpoint, FaultKind, FaultRule, RetryAfter, SimConfig};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::sim_harness::{fast, sim_settings, start_sim, world};
+
+/// Label keys a calsync metric may carry (`le` for histogram buckets).
+const ALLOWED_LABELS: [&str; 8] = [
+    "tenant",
+    "dependency",
+    "outcome",
+    "reason",
+    "status",
+    "result",
+    "how",
+    "to",
+];
+
+#[derive(Debug)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (what this exporter writes: no timestamps, no escapes in
+/// tenant names used by the tests).
+pub fn parse(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("labels end with }");
+                let labels = body
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").expect("label is k=\"v\"");
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            }
+            None => (series.to_string(), BTreeMap::new()),
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// Sum of the samples named `name` whose labels include all of `labels`.
+pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+pub async fn scrape(http: &reqwest::Client, base: &str) -> (String, Vec<Sample>) {
+    let response = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("/metrics answers");
+    assert_eq!(response.status(), 200);
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    let text = response.text().await.expect("body");
+    let samples = parse(&text);
+    (text, samples)
+}
+
+/// Scrapes until `check` holds (bounded): the worker polls every 20 ms in these tests.
+async fn scrape_until(
+    http: &reqwest::Client,
+    base: &str,
+    what: &str,
+    check: impl Fn(&[Sample]) -> bool,
+) -> (String, Vec<Sample>) {
+    let give_up = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (text, samples) = scrape(http, base).await;
+        if check(&samples) {
+            return (text, samples);
+        }
+        assert!(Instant::now() < give_up, "{what}: not within 15s:\n{text}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Tenant names of their own: the event counters are process-wide, shared by every test.
+fn unique_world() -> SimConfig {
+    let mut config = world(2, 3, 12);
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    config.tenants[0].name = format!("obs{}a", &tag[..8]);
+    config.tenants[1].name = format!("obs{}b", &tag[..8]);
+    config
+}
+
+#[tokio::test]
+async fn metrics_count_per_tenant_and_keep_breaker_held_mailboxes_apart() {
+    let config = unique_world();
+    let a = config.tenants[0].name.clone();
+    let b = config.tenants[1].name.clone();
+    let sim = start_sim(config.clone()).await;
+    let (settings, _dir) = sim_settings(&sim, &config, |s| {
+        fast(s);
+        s.sync.interval = Duration::from_millis(300);
+        s.resilience.breaker.min_calls = 3;
+        // Open long enough to be seen holding A's due mailboxes.
+        s.resilience.breaker.base_break = Duration::from_secs(30);
+        s.resilience.breaker.max_break = Duration::from_secs(30);
+    });
+    let app = Application::build(settings).await.expect("app builds");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let store = app.store().clone();
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let http = reqwest::Client::new();
+
+    // Healthy: every mailbox synced, counted under its tenant.
+    let (_, healthy) = scrape_until(&http, &base, "all mailboxes synced", |s| {
+        value(s, "calsync_mailboxes_never_synced", &[]) == 0.0
+            && value(s, "calsync_mailboxes", &[]) == 6.0
+            && value(s, "calsync_sync_lag_seconds_count", &[("tenant", &a)]) >= 3.0
+    })
+    .await;
+    let ok = [("tenant", a.as_str()), ("outcome", "ok")];
+    assert!(value(&healthy, "calsync_jobs_finished_total", &ok) >= 3.0);
+    assert!(value(&healthy, "calsync_jobs_started_total", &[("tenant", &a)]) >= 3.0);
+    assert!(value(&healthy, "calsync_events_upserted_total", &[("tenant", &a)]) >= 36.0);
+    assert!(
+        value(
+            &healthy,
+            "calsync_graph_requests_total",
+            &[("tenant", &a), ("status", "2xx")]
+        ) >= 3.0
+    );
+    assert!(
+        value(
+            &healthy,
+            "calsync_token_requests_total",
+            &[("tenant", &a), ("result", "ok")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        value(&healthy, "calsync_breaker_state", &[("tenant", &a)]),
+        0.0
+    );
+    assert!(
+        value(
+            &healthy,
+            "calsync_last_success_timestamp_seconds",
+            &[("tenant", &a)]
+        ) > 0.0
+    );
+    assert_eq!(value(&healthy, "calsync_job_deadline_seconds", &[]), 1.0);
+
+    // Tenant A's Graph fails; one of B's mailboxes is told to come back after the deadline.
+    sim.add_fault(
+        FaultRule::new(FaultKind::Status {
+            code: 503,
+            graph_code: Some("serviceNotAvailable".into()),
+            message: None,
+            aadsts: None,
+            retry_after: RetryAfter::None,
+        })
+        .tenant(a.clone())
+        .endpoint(Endpoint::Graph),
+    );
+    let throttled_mailbox = config.tenants[1].mailboxes[0].clone();
+    sim.add_fault(
+        FaultRule::new(FaultKind::Status {
+            code: 429,
+            graph_code: Some("ApplicationThrottled".into()),
+            message: None,
+            aadsts: None,
+            retry_after: RetryAfter::Seconds(5),
+        })
+        .mailbox(throttled_mailbox.clone())
+        .endpoint(Endpoint::Graph),
+    );
+    scrape_until(&http, &base, "A's Graph breaker opens", |s| {
+        value(
+            s,
+            "calsync_breaker_state",
+            &[("tenant", &a), ("dependency", "graph")],
+        ) == 2.0
+    })
+    .await;
+    // A's mailboxes are asked for now: due, but held by the open breaker (30 s).
+    for m in store.mailboxes().await.expect("mailboxes") {
+        if m.tenant == a {
+            store
+                .request_sync(m.id, chrono::Utc::now())
+                .await
+                .expect("request sync");
+        }
+    }
+    let (text, during) = scrape_until(&http, &base, "A's breaker holds its due mailboxes", |s| {
+        value(s, "calsync_due_jobs_deferred_by_breaker", &[("tenant", &a)]) == 3.0
+            && value(
+                s,
+                "calsync_jobs_deferred_total",
+                &[("tenant", &b), ("reason", "retry_after")],
+            ) >= 1.0
+    })
+    .await;
+    // Held by the breaker: not a backlog, so not in the oldest-due age.
+    assert_eq!(
+        value(
+            &during,
+            "calsync_oldest_due_job_age_seconds",
+            &[("tenant", &a)]
+        ),
+        0.0
+    );
+    assert_eq!(value(&during, "calsync_due_jobs", &[("tenant", &a)]), 0.0);
+    assert!(
+        value(
+            &during,
+            "calsync_graph_requests_total",
+            &[("tenant", &a), ("status", "5xx")]
+        ) >= 3.0
+    );
+    // A's jobs that ran into the outage either failed on the 503s or, once the breaker opened
+    // under them, were deferred to its probe time (a mailbox not yet due when it opened never
+    // started).
+    let failed = value(
+        &during,
+        "calsync_job_failures_total",
+        &[("tenant", &a), ("reason", "graph_transient")],
+    );
+    let deferred = value(
+        &during,
+        "calsync_jobs_deferred_total",
+        &[("tenant", &a), ("reason", "graph_breaker")],
+    );
+    assert!(
+        failed + deferred >= 1.0,
+        "failed {failed}, deferred {deferred}"
+    );
+    assert_eq!(
+        value(
+            &during,
+            "calsync_jobs_finished_total",
+            &[("tenant", &a), ("outcome", "failed")]
+        ) + value(
+            &during,
+            "calsync_jobs_finished_total",
+            &[("tenant", &a), ("outcome", "deferred")]
+        ),
+        failed + deferred,
+        "every unfinished job of A is counted once, by its reason"
+    );
+    assert!(
+        value(
+            &during,
+            "calsync_breaker_transitions_total",
+            &[("tenant", &a), ("dependency", "graph"), ("to", "open")]
+        ) >= 1.0
+    );
+    assert!(value(&during, "calsync_graph_retries_total", &[("tenant", &a)]) >= 1.0);
+    // B: the 429 is counted and its Retry-After deferred, its breaker untouched.
+    assert!(value(&during, "calsync_graph_throttled_total", &[("tenant", &b)]) >= 1.0);
+    assert!(
+        value(
+            &during,
+            "calsync_retry_after_seconds_total",
+            &[("tenant", &b), ("how", "deferred")]
+        ) >= 5.0
+    );
+    assert_eq!(
+        value(&during, "calsync_breaker_state", &[("tenant", &b)]),
+        0.0
+    );
+    // The same split in /healthz.
+    let health: serde_json::Value = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz")
+        .json()
+        .await
+        .expect("json");
+    assert!(health["jobs"]["deferred_by_breaker"].as_u64().unwrap_or(0) >= 3);
+
+    // Bounded labels: no mailbox, no secret, no error text.
+    for s in during.iter().filter(|s| s.name.starts_with("calsync_")) {
+        for key in s.labels.keys() {
+            assert!(
+                ALLOWED_LABELS.contains(&key.as_str()) || key == "le",
+                "{} has label {key}",
+                s.name
+            );
+        }
+    }
+    for tenant in &config.tenants {
+        assert!(!text.contains(&tenant.client_secret), "secret in /metrics");
+        for mailbox in &tenant.mailboxes {
+            assert!(!text.contains(mailbox.as_str()), "{mailbox} in /metrics");
+        }
+    }
+    let reasons: BTreeSet<&str> = during
+        .iter()
+        .filter_map(|s| s.labels.get("reason").map(String::as_str))
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.chars().all(|c| c.is_ascii_lowercase() || c == '_')),
+        "{reasons:?}"
+    );
+    promtool_accepts(&text);
+
+    // The status page says the same thing.
+    let page = http
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .expect("status page");
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.expect("html");
+    assert!(html.contains(&format!("data-tenant=\"{a}\" data-status=\"degraded\"")));
+    assert!(html.contains("data-breaker=\"graph\" data-state=\"open\""));
+    assert!(html.contains("<table id=\"errors\">"), "{html}");
+    assert!(html.contains(&config.tenants[0].mailboxes[0]), "{html}");
+    for tenant in &config.tenants {
+        assert!(!html.contains(&tenant.client_secret), "secret on the page");
+    }
+
+    shutdown.cancel();
+    service.await.expect("joins").expect("stops cleanly");
+    sim.shutdown().await;
+}
+
+/// `promtool check metrics` on a scrape, when promtool is installed (CI installs it and sets
+/// `CALSYNC_REQUIRE_TOOLS=1`, which turns a missing promtool into a failure).
+fn promtool_accepts(text: &str) {
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var("CALSYNC_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                "promtool is required (CALSYNC_REQUIRE_TOOLS=1) but cannot run: {e}"
+            );
+            eprintln!("SKIPPED promtool check metrics: promtool not installed ({e})");
+            return;
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(text.as_bytes()).expect("write to promtool");
+    }
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
