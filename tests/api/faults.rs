@@ -203,6 +203,85 @@ async fn graph_5xx_on_one_mailbox_is_contained() {
     }
 }
 
+// ---- 10: a fault in the middle of a full round ----
+
+/// A full round is cut by `kind` after a few pages have committed (calendars changing too):
+/// the pages before it stay, the next job resumes from the stored nextLink instead of starting
+/// over, and the mailbox ends equal to ground truth with no event lost or stored twice.
+async fn a_round_cut_mid_way_resumes_without_loss_or_duplicates(kind: FaultKind) {
+    let app = sim_app(world(1, 1, 90), fast).await;
+    let mailbox = app.mailbox_names().remove(0);
+    app.sim.add_fault(
+        FaultRule::new(FaultKind::Latency { ms: 30 })
+            .endpoint(Endpoint::Graph)
+            .mailbox(&mailbox),
+    );
+    let pass = {
+        let worker = app.worker.clone();
+        tokio::spawn(async move { worker.sync_all_once().await })
+    };
+    wait_for("three pages served", Duration::from_secs(5), || {
+        app.graph_statuses(&mailbox).get(&200).copied().unwrap_or(0) >= 3
+    })
+    .await;
+    let fault = app.sim.add_fault(
+        FaultRule::new(kind.clone())
+            .endpoint(Endpoint::Graph)
+            .mailbox(&mailbox),
+    );
+    app.sim.mutate_now(&mailbox, 10);
+    let cut = pass.await.expect("no panic").expect("pass runs").remove(0);
+
+    assert_ne!(cut.outcome, RunOutcome::Ok, "{kind:?}");
+    assert!(cut.report.pages >= 3, "{kind:?}: {:?}", cut.report);
+    let record = app.record(&mailbox).await;
+    assert!(
+        record.cursor.full && record.cursor.next_link.is_some(),
+        "mid-round"
+    );
+    let partial = app.stored(&mailbox).await.len() as u64;
+    assert_eq!(
+        partial, cut.report.upserted,
+        "{kind:?}: committed pages kept"
+    );
+    assert!(app.sim.remove_fault(fault));
+
+    let resumed = app.pass_ok().await.remove(&mailbox).expect("result");
+    assert!(resumed.report.full_round && resumed.report.completed);
+    assert!(!resumed.report.resynced, "resumed, not restarted");
+    let whole = app.truth(&mailbox).await.len() as u64;
+    assert!(
+        resumed.report.pages + cut.report.pages <= whole.div_ceil(10) + 2,
+        "{kind:?}: {} + {} pages for {whole} events: the round was not started over",
+        cut.report.pages,
+        resumed.report.pages
+    );
+    // The changes made after the round began come with the next (incremental) round.
+    let next = app.pass_ok().await.remove(&mailbox).expect("result");
+    assert!(!next.report.full_round);
+    app.assert_matches_truth(&mailbox).await;
+    eprintln!(
+        "round cut by {kind:?} after {} pages ({partial} events kept); resumed with {} more pages",
+        cut.report.pages, resumed.report.pages
+    );
+}
+
+#[tokio::test]
+async fn a_round_cut_by_a_reset_resumes_without_loss_or_duplicates() {
+    a_round_cut_mid_way_resumes_without_loss_or_duplicates(FaultKind::Reset).await;
+}
+
+#[tokio::test]
+async fn a_round_cut_by_a_hang_resumes_without_loss_or_duplicates() {
+    a_round_cut_mid_way_resumes_without_loss_or_duplicates(FaultKind::Hang).await;
+}
+
+#[tokio::test]
+async fn a_round_cut_by_truncated_json_or_503_resumes_without_loss_or_duplicates() {
+    a_round_cut_mid_way_resumes_without_loss_or_duplicates(FaultKind::TruncatedJson).await;
+    a_round_cut_mid_way_resumes_without_loss_or_duplicates(status(503)).await;
+}
+
 // ---- 6: a tenant's token endpoint down ----
 
 /// Tenant A's token endpoint fails with `kind`. A's token breaker opens; while it is open A's
