@@ -292,7 +292,7 @@ fn recent_errors(b: &mut String, tenants: &[TenantHealth], now: DateTime<Utc>) {
     }
     b.push_str(
         "<table id=\"errors\"><thead><tr><th>When</th><th>Tenant</th><th>Mailbox</th>\
-<th>Error</th><th>Graph request-id</th></tr></thead><tbody>",
+<th>Error</th><th>Last Graph request-id</th></tr></thead><tbody>",
     );
     for (tenant, m) in rows.into_iter().take(ERROR_ROWS) {
         let error: String = m

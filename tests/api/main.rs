@@ -15,6 +15,7 @@ mod raw_graph;
 mod resync;
 mod sim;
 mod sim_harness;
+mod status_page;
 mod store_suite;
 mod sync_rounds;
 mod token_errors;
