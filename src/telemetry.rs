@@ -18,3 +18,13 @@ pub fn init(settings: &LogSettings) {
     // A second init (tests, or a command that already set one) keeps the first subscriber.
     drop(result);
 }
+
+/// Puts the ids of the latest Graph response on the current `sync_job` span, so every line the
+/// job logs from here on carries them (Graph support asks for both).
+pub fn record_request_ids(ids: Option<&crate::graph::RequestIds>) {
+    if let Some(ids) = ids {
+        let span = tracing::Span::current();
+        span.record("request_id", ids.request_id.as_deref().unwrap_or("-"));
+        span.record("client_request_id", ids.client_request_id.as_str());
+    }
+}

@@ -304,6 +304,8 @@ impl Worker {
             tenant = %mailbox.tenant,
             mailbox = %mailbox.user_id,
             attempt = mailbox.consecutive_failures + 1,
+            request_id = tracing::field::Empty,
+            client_request_id = tracing::field::Empty,
         );
         crate::metrics::job_started(&mailbox.tenant);
         let slot: SharedSlot = Arc::new(Mutex::new(Some(slot)));

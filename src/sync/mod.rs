@@ -268,6 +268,10 @@ async fn fetch_page_resilient(
         let started = Instant::now();
         let result = fetch_with_fresh_token(ctx.graph, ctx.tokens, url).await;
         crate::metrics::graph_request(ctx.tokens.tenant(), &result);
+        crate::telemetry::record_request_ids(match &result {
+            Ok((_, ids)) => Some(ids),
+            Err(e) => e.request_ids(),
+        });
         match &result {
             Ok(_) if started.elapsed() > ctx.slow_call => call.record(CallOutcome::Failure),
             Ok(_) => call.record(CallOutcome::Success),

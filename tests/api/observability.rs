@@ -396,3 +396,159 @@ fn promtool_accepts(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// JSON log lines of this test binary's tenants named `obs...` (the other tests' lines are
+/// dropped), collected by a process-wide subscriber in the format `log.format = "json"` selects.
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One event is one write of one line.
+        if String::from_utf8_lossy(buf).contains("\"tenant\":\"obs") {
+            self.0.lock().expect("log buffer").extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
+    type Writer = Lines;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Lines {
+    /// The lines that mention `tenant`.
+    fn json(&self, tenant: &str) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().expect("log buffer").clone();
+        let needle = format!("\"{tenant}\"");
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+/// A global subscriber (a scoped one misses events other threads registered first).
+fn captured_logs() -> &'static Lines {
+    static LOGS: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter("calsync::scheduler=info,calsync::resilience=info,calsync::sync=info")
+            .with_writer(lines.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in the test binary");
+        lines
+    })
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_job_span_with_request_ids_and_one_line_per_breaker_transition() {
+    let lines = captured_logs();
+    let config = unique_world();
+    let a = config.tenants[0].name.clone();
+    let app = crate::sim_harness::sim_app(config.clone(), |s| {
+        fast(s);
+        s.resilience.breaker.min_calls = 3;
+        s.resilience.breaker.base_break = Duration::from_secs(30);
+        s.resilience.breaker.max_break = Duration::from_secs(30);
+    })
+    .await;
+    app.pass_ok().await;
+
+    let done: Vec<serde_json::Value> = lines
+        .json(&a)
+        .into_iter()
+        .chain(lines.json(&config.tenants[1].name))
+        .filter(|l| l["message"] == "sync job done")
+        .collect();
+    assert_eq!(done.len(), 6, "one line per job");
+    for line in &done {
+        let span = &line["span"];
+        assert_eq!(span["name"], "sync_job", "{line}");
+        assert!(
+            span["tenant"].is_string() && span["mailbox"].is_string(),
+            "{line}"
+        );
+        assert_eq!(span["attempt"], 1, "{line}");
+        let request_id = span["request_id"].as_str().unwrap_or("-");
+        assert!(request_id != "-" && !request_id.is_empty(), "{line}");
+        let client_request_id = span["client_request_id"].as_str().unwrap_or_default();
+        assert!(uuid::Uuid::parse_str(client_request_id).is_ok(), "{line}");
+    }
+
+    // A's Graph fails until its breaker opens: one line per transition, no more.
+    sim_fault_graph_503(&app.sim, &a);
+    app.pass().await;
+    let trips = app
+        .worker
+        .breakers(&a)
+        .into_iter()
+        .find(|b| b.dependency == calsync::resilience::guard::Dependency::Graph)
+        .map(|b| b.trips)
+        .unwrap_or(0);
+    assert!(trips >= 1, "A's Graph breaker opened");
+    let all = lines.json(&a);
+    let opened = all
+        .iter()
+        .filter(|l| l["message"] == "circuit breaker opened")
+        .filter(|l| l["tenant"] == a.as_str() && l["dependency"] == "graph")
+        .count();
+    assert_eq!(opened as u64, trips, "one line per opening");
+    let failed: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|l| {
+            l["message"] == "sync job did not complete" && l["span"]["tenant"] == a.as_str()
+        })
+        .collect();
+    // After a Graph answer, the job's lines carry its ids (a job deferred before any request
+    // has none to carry).
+    assert!(!failed.is_empty());
+    assert!(
+        failed.iter().any(|l| l["span"]["request_id"].is_string()),
+        "{failed:#?}"
+    );
+    for line in failed.iter().filter(|l| l["outcome"] == "failed") {
+        assert!(line["span"]["client_request_id"].is_string(), "{line}");
+    }
+    let retries: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|l| l["message"] == "retrying Graph request" && l["span"]["tenant"] == a.as_str())
+        .collect();
+    for line in retries {
+        assert!(line["span"]["client_request_id"].is_string(), "{line}");
+    }
+    let text = lines.text();
+    for tenant in &config.tenants {
+        assert!(!text.contains(&tenant.client_secret), "secret in the logs");
+    }
+    app.sim.clone().shutdown().await;
+}
+
+fn sim_fault_graph_503(sim: &calsync::sim::SimHandle, tenant: &str) {
+    sim.add_fault(
+        FaultRule::new(FaultKind::Status {
+            code: 503,
+            graph_code: Some("serviceNotAvailable".into()),
+            message: None,
+            aadsts: None,
+            retry_after: RetryAfter::None,
+        })
+        .tenant(tenant.to_string())
+        .endpoint(Endpoint::Graph),
+    );
+}
