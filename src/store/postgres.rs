@@ -258,27 +258,40 @@ impl PgStore {
             return Err(StoreError::LeaseLost(lease.mailbox));
         }
         let mut applied = PageApplied::default();
-        for item in items {
-            match item {
-                DeltaItem::Upsert(event) => {
-                    upsert_event(&mut tx, lease.mailbox, event, cursor.round_id, now).await?;
-                    applied.upserted += 1;
-                }
-                DeltaItem::Removed { id } => {
-                    // Graph also reports changes outside the window as removals: only an event
-                    // held inside this window is deleted.
-                    let done = sqlx::query(
-                        "DELETE FROM events WHERE mailbox_id = $1 AND event_id = $2
-                           AND start_utc < $3 AND end_utc >= $4",
-                    )
-                    .bind(lease.mailbox)
-                    .bind(text(id))
-                    .bind(window.end)
-                    .bind(window.start)
-                    .execute(&mut *tx)
-                    .await?;
-                    applied.deleted += done.rows_affected();
-                }
+        // One statement per run of consecutive upserts or removals (a round trip per item made
+        // a page five times slower than on SQLite); runs keep the page's order between them.
+        for run in items.chunk_by(|a, b| is_removal(a) == is_removal(b)) {
+            let removals: Vec<Cow<'_, str>> = run
+                .iter()
+                .filter_map(|item| match item {
+                    DeltaItem::Removed { id } => Some(text(id)),
+                    DeltaItem::Upsert(_) => None,
+                })
+                .collect();
+            if removals.is_empty() {
+                let events: Vec<&Event> = run
+                    .iter()
+                    .filter_map(|item| match item {
+                        DeltaItem::Upsert(event) => Some(event.as_ref()),
+                        DeltaItem::Removed { .. } => None,
+                    })
+                    .collect();
+                upsert_events(&mut tx, lease.mailbox, &events, cursor.round_id, now).await?;
+                applied.upserted += events.len() as u64;
+            } else {
+                // Graph also reports changes outside the window as removals: only an event
+                // held inside this window is deleted.
+                let done = sqlx::query(
+                    "DELETE FROM events WHERE mailbox_id = $1 AND event_id = ANY($2)
+                       AND start_utc < $3 AND end_utc >= $4",
+                )
+                .bind(lease.mailbox)
+                .bind(&removals)
+                .bind(window.end)
+                .bind(window.start)
+                .execute(&mut *tx)
+                .await?;
+                applied.deleted += done.rows_affected();
             }
         }
         let (next_link, delta_link) = link_parts(link);
@@ -547,20 +560,43 @@ impl PgStore {
     }
 }
 
-async fn upsert_event(
+fn is_removal(item: &DeltaItem) -> bool {
+    matches!(item, DeltaItem::Removed { .. })
+}
+
+/// Upserts `events` in one statement over arrays. An id repeated within them keeps its last
+/// version, as one-by-one upserts would (one statement cannot update a row twice).
+async fn upsert_events(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     mailbox: MailboxId,
-    e: &Event,
+    events: &[&Event],
     round_id: i64,
     synced_at: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut latest: Vec<&Event> = events
+        .iter()
+        .rev()
+        .filter(|e| seen.insert(text(&e.id)))
+        .copied()
+        .collect();
+    latest.reverse();
+    let texts = |f: fn(&Event) -> &Option<String>| -> Vec<Option<String>> {
+        latest
+            .iter()
+            .map(|e| opt_text(f(e)).map(Cow::into_owned))
+            .collect()
+    };
     sqlx::query(
-        "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
-             start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity,
-             event_type, series_master_id, organizer_name, organizer_address, attendees, location,
-             web_link, raw, seen_round, synced_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-             $19, $20, $21, $22, $23, $24, $25)
+        "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified,
+             subject, start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as,
+             sensitivity, event_type, series_master_id, organizer_name, organizer_address,
+             attendees, location, web_link, raw, seen_round, synced_at)
+         SELECT $1, page.*, $24, $25 FROM UNNEST($2::text[], $3::text[], $4::text[],
+             $5::text[], $6::timestamptz[], $7::text[], $8::timestamptz[], $9::timestamptz[],
+             $10::date[], $11::date[], $12::boolean[], $13::boolean[], $14::text[], $15::text[],
+             $16::text[], $17::text[], $18::text[], $19::text[], $20::jsonb[], $21::text[],
+             $22::text[], $23::text[]) AS page
          ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
              ical_uid = EXCLUDED.ical_uid, change_key = EXCLUDED.change_key, etag = EXCLUDED.etag,
              last_modified = EXCLUDED.last_modified, subject = EXCLUDED.subject,
@@ -575,28 +611,43 @@ async fn upsert_event(
              seen_round = EXCLUDED.seen_round, synced_at = EXCLUDED.synced_at",
     )
     .bind(mailbox)
-    .bind(text(&e.id))
-    .bind(opt_text(&e.ical_uid))
-    .bind(opt_text(&e.change_key))
-    .bind(opt_text(&e.etag))
-    .bind(e.last_modified)
-    .bind(opt_text(&e.subject))
-    .bind(e.start_utc)
-    .bind(e.end_utc)
-    .bind(e.start_date)
-    .bind(e.end_date)
-    .bind(e.is_all_day)
-    .bind(e.is_cancelled)
-    .bind(opt_text(&e.show_as))
-    .bind(opt_text(&e.sensitivity))
-    .bind(opt_text(&e.event_type))
-    .bind(opt_text(&e.series_master_id))
-    .bind(opt_text(&e.organizer_name))
-    .bind(opt_text(&e.organizer_address))
-    .bind(json_without_nul(&e.attendees))
-    .bind(opt_text(&e.location))
-    .bind(opt_text(&e.web_link))
-    .bind(text(&e.raw))
+    .bind(
+        latest
+            .iter()
+            .map(|e| text(&e.id).into_owned())
+            .collect::<Vec<_>>(),
+    )
+    .bind(texts(|e| &e.ical_uid))
+    .bind(texts(|e| &e.change_key))
+    .bind(texts(|e| &e.etag))
+    .bind(latest.iter().map(|e| e.last_modified).collect::<Vec<_>>())
+    .bind(texts(|e| &e.subject))
+    .bind(latest.iter().map(|e| e.start_utc).collect::<Vec<_>>())
+    .bind(latest.iter().map(|e| e.end_utc).collect::<Vec<_>>())
+    .bind(latest.iter().map(|e| e.start_date).collect::<Vec<_>>())
+    .bind(latest.iter().map(|e| e.end_date).collect::<Vec<_>>())
+    .bind(latest.iter().map(|e| e.is_all_day).collect::<Vec<_>>())
+    .bind(latest.iter().map(|e| e.is_cancelled).collect::<Vec<_>>())
+    .bind(texts(|e| &e.show_as))
+    .bind(texts(|e| &e.sensitivity))
+    .bind(texts(|e| &e.event_type))
+    .bind(texts(|e| &e.series_master_id))
+    .bind(texts(|e| &e.organizer_name))
+    .bind(texts(|e| &e.organizer_address))
+    .bind(
+        latest
+            .iter()
+            .map(|e| json_without_nul(&e.attendees))
+            .collect::<Vec<_>>(),
+    )
+    .bind(texts(|e| &e.location))
+    .bind(texts(|e| &e.web_link))
+    .bind(
+        latest
+            .iter()
+            .map(|e| text(&e.raw).into_owned())
+            .collect::<Vec<_>>(),
+    )
     .bind(round_id)
     .bind(synced_at)
     .execute(&mut **tx)

@@ -55,6 +55,7 @@ store_suite!(
     stale_round_is_refused,
     no_write_of_the_old_owner_lands_after_a_takeover,
     upserts_are_idempotent,
+    a_page_applies_its_items_in_order,
     removals_only_delete_inside_the_window,
     full_round_reconciles_at_its_end_only,
     cursor_resumes_from_the_last_committed_page,
@@ -843,6 +844,49 @@ async fn upserts_are_idempotent(store: Store) {
     assert_eq!(
         (e1.start_utc, e1.end_utc),
         (t0() + secs(9000), t0() + secs(10800))
+    );
+}
+
+async fn a_page_applies_its_items_in_order(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let l = lease(&store, id, "w", t0()).await;
+    let cursor = full_round(&store, &l).await;
+    store
+        .apply_page(
+            &l,
+            &cursor,
+            &[upsert("back", "v1", t0())],
+            &next("p2"),
+            t0(),
+        )
+        .await
+        .expect("page 1");
+    let page = [
+        upsert("gone", "v1", t0()),
+        upsert("kept", "v1", t0()),
+        removed("gone"),
+        removed("back"),
+        upsert("back", "v2", t0()),
+        upsert("kept", "v2", t0()),
+        removed("never-seen"),
+        upsert("last", "v1", t0()),
+    ];
+    let applied = store
+        .apply_page(&l, &cursor, &page, &next("p3"), t0())
+        .await
+        .expect("page 2");
+    assert_eq!((applied.upserted, applied.deleted), (5, 2));
+    let stored: Vec<(String, Option<String>)> = store
+        .events(id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.event_id, e.subject))
+        .collect();
+    let want = |id: &str, v: &str| (id.to_string(), Some(v.to_string()));
+    assert_eq!(
+        stored,
+        [want("back", "v2"), want("kept", "v2"), want("last", "v1")]
     );
 }
 
