@@ -106,10 +106,12 @@ where
     schema.drop_after(outcome).await;
 }
 
-type Panic = Box<dyn std::any::Any + Send>;
+pub type Panic = Box<dyn std::any::Any + Send>;
 
-/// Runs `test` as a task, so that its panic is caught and the schema still dropped.
-async fn run_caught(test: impl Future<Output = ()> + Send + 'static) -> Result<(), Panic> {
+/// Runs `test` as a task, so that its panic is caught and the schema still dropped. For any
+/// test on PostgreSQL: `let Some(schema) = TestSchema::create().await else { return };`, run
+/// the body with `run_caught` against `schema.url`, then `schema.drop_after(outcome)`.
+pub async fn run_caught(test: impl Future<Output = ()> + Send + 'static) -> Result<(), Panic> {
     tokio::spawn(test).await.map_err(|e| {
         e.try_into_panic()
             .unwrap_or_else(|e| Box::new(format!("test task: {e}")))
