@@ -46,6 +46,26 @@ pub const GRAPH_RETRIES: &str = "calsync_graph_retries_total";
 pub const RETRY_AFTER_SECONDS: &str = "calsync_retry_after_seconds_total";
 pub const BREAKER_TRANSITIONS: &str = "calsync_breaker_transitions_total";
 
+/// Every event metric, for checks that dashboards and alert rules name only real series.
+pub const EVENT_COUNTERS: [&str; 15] = [
+    JOBS_STARTED,
+    JOBS_FINISHED,
+    JOB_FAILURES,
+    JOBS_DEFERRED,
+    EVENTS_UPSERTED,
+    EVENTS_DELETED,
+    PAGES,
+    RESYNCS,
+    TOKEN_REQUESTS,
+    TOKEN_GRACE,
+    GRAPH_REQUESTS,
+    GRAPH_THROTTLED,
+    GRAPH_RETRIES,
+    RETRY_AFTER_SECONDS,
+    BREAKER_TRANSITIONS,
+];
+pub const EVENT_HISTOGRAMS: [&str; 2] = [JOB_DURATION, SYNC_LAG];
+
 /// Sync lag buckets: from a few seconds (the drill, tests) to a day; the default interval is 5m.
 const LAG_BUCKETS: [f64; 14] = [
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 420.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 86400.0,

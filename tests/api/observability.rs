@@ -342,6 +342,7 @@ async fn metrics_count_per_tenant_and_keep_breaker_held_mailboxes_apart() {
         "{reasons:?}"
     );
     promtool_accepts(&text);
+    deploy_files_name_only_exported_metrics(&during);
 
     // The status page says the same thing.
     let page = http
@@ -551,4 +552,41 @@ fn sim_fault_graph_503(sim: &calsync::sim::SimHandle, tenant: &str) {
         .tenant(tenant.to_string())
         .endpoint(Endpoint::Graph),
     );
+}
+
+/// The alert rules and the dashboard name only series calsync exports: the state gauges in a
+/// scrape, and the event counters and histograms it declares (present once they happened).
+fn deploy_files_name_only_exported_metrics(scrape: &[Sample]) {
+    let mut known: BTreeSet<String> = scrape.iter().map(|s| s.name.clone()).collect();
+    known.extend(
+        calsync::metrics::EVENT_COUNTERS
+            .iter()
+            .map(|n| n.to_string()),
+    );
+    for h in calsync::metrics::EVENT_HISTOGRAMS {
+        for suffix in ["_bucket", "_sum", "_count"] {
+            known.insert(format!("{h}{suffix}"));
+        }
+    }
+    for file in [
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana/calsync.json",
+    ] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut named = BTreeSet::new();
+        for (at, _) in text.match_indices("calsync_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            named.insert(name);
+        }
+        assert!(named.len() > 5, "{file} names calsync metrics");
+        let unknown: Vec<&String> = named.difference(&known).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} names series calsync does not export: {unknown:?}"
+        );
+    }
 }
