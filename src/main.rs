@@ -39,6 +39,8 @@ enum Command {
     /// Replay the 22-minute identity outage on the simulator, compressed in time, and report
     /// lag, slot holds, requests and recovery per tenant against the targets (exit 0 if met).
     Drill(calsync::drill::DrillArgs),
+    /// Measure sync throughput, idle-round cost, the raw HTTP ceiling and memory on this machine.
+    Bench(calsync::bench::BenchArgs),
     /// Run the Microsoft Graph simulator (token endpoint, calendarView delta, faults).
     Sim(calsync::sim::SimArgs),
     /// Ask a running calsync for /healthz; exit 0 if it answers 200 (for Docker HEALTHCHECK).
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => runtime.block_on(demo(args)),
         Command::Sim(args) => runtime.block_on(sim(args)),
         Command::Drill(args) => runtime.block_on(drill(args)),
+        Command::Bench(args) => runtime.block_on(bench(args)),
         command => {
             let settings = match Settings::load(cli.config.as_deref()) {
                 Ok(s) => s,
@@ -80,7 +83,7 @@ fn main() -> ExitCode {
                     Command::SyncOnce => sync_once(settings).await,
                     Command::CheckConfig => check_config(&settings),
                     Command::Health { url } => health(&settings, url).await,
-                    Command::Demo(_) | Command::Sim(_) | Command::Drill(_) => {
+                    Command::Demo(_) | Command::Sim(_) | Command::Drill(_) | Command::Bench(_) => {
                         unreachable!("matched above")
                     }
                 }
@@ -124,6 +127,17 @@ async fn drill(args: calsync::drill::DrillArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn bench(args: calsync::bench::BenchArgs) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    let report = calsync::bench::run(args).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", calsync::bench::render(&report));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn sim(args: calsync::sim::SimArgs) -> anyhow::Result<ExitCode> {

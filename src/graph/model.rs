@@ -69,8 +69,11 @@ pub struct Event {
 pub struct PayloadError(pub String);
 
 #[derive(Deserialize)]
-struct RawPage {
-    value: Vec<serde_json::Value>,
+struct RawPage<'a> {
+    /// Items stay raw JSON text until parsed one by one: each is stored exactly as sent, with
+    /// no parse-to-tree and re-serialisation.
+    #[serde(borrow)]
+    value: Vec<&'a serde_json::value::RawValue>,
     #[serde(rename = "@odata.nextLink")]
     next_link: Option<String>,
     #[serde(rename = "@odata.deltaLink")]
@@ -80,6 +83,9 @@ struct RawPage {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawEvent {
+    id: Option<String>,
+    #[serde(rename = "@removed")]
+    removed: Option<serde::de::IgnoredAny>,
     #[serde(rename = "iCalUId")]
     ical_uid: Option<String>,
     change_key: Option<String>,
@@ -163,7 +169,7 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, PayloadError> {
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            parse_item(item).map_err(|e| PayloadError(format!("value[{index}]: {}", e.0)))
+            parse_item(item.get()).map_err(|e| PayloadError(format!("value[{index}]: {}", e.0)))
         })
         .collect::<Result<_, _>>()?;
     Ok(DeltaPage { items, link })
@@ -172,7 +178,7 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, PayloadError> {
 /// Parses one event as Graph represents it (e.g. a simulator's ground truth) the way a page
 /// item is parsed, so both sides of a comparison are normalised alike.
 pub fn parse_event(item: serde_json::Value) -> Result<Event, PayloadError> {
-    match parse_item(item)? {
+    match parse_item(&item.to_string())? {
         DeltaItem::Upsert(event) => Ok(*event),
         DeltaItem::Removed { id } => Err(PayloadError(format!(
             "item {id} is a removal, not an event"
@@ -180,19 +186,26 @@ pub fn parse_event(item: serde_json::Value) -> Result<Event, PayloadError> {
     }
 }
 
-fn parse_item(item: serde_json::Value) -> Result<DeltaItem, PayloadError> {
-    let id = item
-        .get("id")
-        .and_then(|v| v.as_str())
+fn parse_item(text: &str) -> Result<DeltaItem, PayloadError> {
+    // One pass over the item; a removal has only `id` and `@removed` of these fields.
+    let raw: RawEvent = serde_json::from_str(text).map_err(|e| {
+        let id = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string));
+        match id {
+            Some(id) => PayloadError(format!("event {id}: {e}")),
+            None => PayloadError(format!("item is not an event object: {e}")),
+        }
+    })?;
+    let id = raw
+        .id
+        .clone()
         .filter(|id| !id.is_empty())
-        .ok_or_else(|| PayloadError("item has no `id`".into()))?
-        .to_string();
-    if item.get("@removed").is_some() {
+        .ok_or_else(|| PayloadError("item has no `id`".into()))?;
+    if raw.removed.is_some() {
         return Ok(DeltaItem::Removed { id });
     }
-    let raw_text = item.to_string();
-    let raw: RawEvent =
-        serde_json::from_value(item).map_err(|e| PayloadError(format!("event {id}: {e}")))?;
+    let raw_text = text.to_string();
     let is_all_day = raw.is_all_day.unwrap_or(false);
     let start = raw
         .start

@@ -15,10 +15,9 @@ use super::{
 };
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
-const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.3fZ";
-
+/// `2026-12-09T20:30:00.000Z`: fixed width, so text order is time order.
 fn ts(t: DateTime<Utc>) -> String {
-    t.format(TS_FORMAT).to_string()
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 fn parse_ts(column: &str, text: &str) -> Result<DateTime<Utc>, StoreError> {
@@ -43,7 +42,12 @@ fn parse_opt_date(row: &SqliteRow, column: &str) -> Result<Option<NaiveDate>, St
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// Readers (WAL lets them run beside a write).
     pool: SqlitePool,
+    /// The one connection that writes. SQLite admits one writer at a time; queueing writers
+    /// here, in order, beats letting them collide in SQLite, whose busy handler sleeps up to
+    /// 100 ms per retry.
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -62,9 +66,15 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await?;
+        // Waiting for the writer is bounded by the job deadline around every job.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(60))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, writer })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -82,6 +92,7 @@ impl SqliteStore {
 
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     /// A SQLite file has one process working on it, so leases left by an earlier process that
@@ -90,7 +101,7 @@ impl SqliteStore {
         let done = sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL",
         )
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
     }
@@ -102,7 +113,7 @@ impl SqliteStore {
         mailboxes: &[(String, String)],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("UPDATE mailboxes SET enabled = 0 WHERE source = 'config'")
             .execute(&mut *tx)
             .await?;
@@ -179,7 +190,7 @@ impl SqliteStore {
         .bind(id)
         .bind(ts(now))
         .bind(only_if_due)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
         row.as_ref().map(mailbox_from_row).transpose()
     }
@@ -194,7 +205,7 @@ impl SqliteStore {
                 .bind(ts(until))
                 .bind(lease.mailbox)
                 .bind(&lease.owner)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -215,7 +226,7 @@ impl SqliteStore {
         .bind(ts(window.end))
         .bind(lease.mailbox)
         .bind(&lease.owner)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?
         .ok_or(StoreError::LeaseLost(lease.mailbox))?;
         Ok(row.try_get("round_id")?)
@@ -234,7 +245,7 @@ impl SqliteStore {
         let window = cursor
             .window
             .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let fence = sqlx::query("SELECT lease_owner, round_id FROM mailboxes WHERE id = ?1")
             .bind(lease.mailbox)
             .fetch_optional(&mut *tx)
@@ -252,14 +263,17 @@ impl SqliteStore {
         }
         let mut applied = PageApplied::default();
         let synced_at = ts(now);
+        // Runs of upserts go in multi-row statements; a removal flushes the run before it, so
+        // the page is applied in its order.
+        let mut run: Vec<&Event> = Vec::new();
         for item in items {
             match item {
-                DeltaItem::Upsert(event) => {
-                    upsert_event(&mut tx, lease.mailbox, event, cursor.round_id, &synced_at)
-                        .await?;
-                    applied.upserted += 1;
-                }
+                DeltaItem::Upsert(event) => run.push(event),
                 DeltaItem::Removed { id } => {
+                    applied.upserted +=
+                        upsert_events(&mut tx, lease.mailbox, &run, cursor.round_id, &synced_at)
+                            .await?;
+                    run.clear();
                     // Graph also reports changes outside the window as removals: only an event
                     // held inside this window is deleted.
                     let done = sqlx::query(
@@ -276,6 +290,8 @@ impl SqliteStore {
                 }
             }
         }
+        applied.upserted +=
+            upsert_events(&mut tx, lease.mailbox, &run, cursor.round_id, &synced_at).await?;
         let (next_link, delta_link) = link_parts(link);
         if delta_link.is_some() && cursor.full {
             let done = sqlx::query("DELETE FROM events WHERE mailbox_id = ?1 AND seen_round <> ?2")
@@ -317,7 +333,7 @@ impl SqliteStore {
             job.outcome,
             RunOutcome::Failed | RunOutcome::DeadlineExceeded
         );
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
                  next_run_at = CASE WHEN sync_requested_at > ?2 THEN MIN(?1, sync_requested_at)
@@ -409,7 +425,7 @@ impl SqliteStore {
         user_id: &str,
         now: DateTime<Utc>,
     ) -> Result<(MailboxRecord, bool), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let added = sqlx::query(
             "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
              VALUES (?1, ?2, 'api', 1, ?3, ?3)
@@ -443,7 +459,7 @@ impl SqliteStore {
     pub async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
         let done = sqlx::query("DELETE FROM mailboxes WHERE id = ?1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -459,7 +475,7 @@ impl SqliteStore {
         )
         .bind(id)
         .bind(ts(now))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         if queued.rows_affected() == 1 {
             return Ok(Some(true));
@@ -544,61 +560,73 @@ impl SqliteStore {
     }
 }
 
-async fn upsert_event(
+/// Rows per multi-row upsert: 25 parameters each, far below SQLite's 32766-variable limit.
+const UPSERT_CHUNK: usize = 200;
+const EVENT_COLUMNS: usize = 25;
+
+/// Upserts `events` (in order: a later duplicate wins) in multi-row statements; returns how
+/// many rows were written.
+async fn upsert_events(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     mailbox: MailboxId,
-    e: &Event,
+    events: &[&Event],
     round_id: i64,
     synced_at: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
-             start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity,
-             event_type, series_master_id, organizer_name, organizer_address, attendees, location,
-             web_link, raw, seen_round, synced_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-             ?19, ?20, ?21, ?22, ?23, ?24, ?25)
-         ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
-             ical_uid = excluded.ical_uid, change_key = excluded.change_key, etag = excluded.etag,
-             last_modified = excluded.last_modified, subject = excluded.subject,
-             start_utc = excluded.start_utc, end_utc = excluded.end_utc,
-             start_date = excluded.start_date, end_date = excluded.end_date,
-             is_all_day = excluded.is_all_day, is_cancelled = excluded.is_cancelled,
-             show_as = excluded.show_as, sensitivity = excluded.sensitivity,
-             event_type = excluded.event_type, series_master_id = excluded.series_master_id,
-             organizer_name = excluded.organizer_name, organizer_address = excluded.organizer_address,
-             attendees = excluded.attendees, location = excluded.location,
-             web_link = excluded.web_link, raw = excluded.raw,
-             seen_round = excluded.seen_round, synced_at = excluded.synced_at",
-    )
-    .bind(mailbox)
-    .bind(&e.id)
-    .bind(&e.ical_uid)
-    .bind(&e.change_key)
-    .bind(&e.etag)
-    .bind(e.last_modified.map(ts))
-    .bind(&e.subject)
-    .bind(ts(e.start_utc))
-    .bind(ts(e.end_utc))
-    .bind(e.start_date.map(|d| d.to_string()))
-    .bind(e.end_date.map(|d| d.to_string()))
-    .bind(e.is_all_day)
-    .bind(e.is_cancelled)
-    .bind(&e.show_as)
-    .bind(&e.sensitivity)
-    .bind(&e.event_type)
-    .bind(&e.series_master_id)
-    .bind(&e.organizer_name)
-    .bind(&e.organizer_address)
-    .bind(e.attendees.to_string())
-    .bind(&e.location)
-    .bind(&e.web_link)
-    .bind(&e.raw)
-    .bind(round_id)
-    .bind(synced_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+) -> Result<u64, StoreError> {
+    for chunk in events.chunks(UPSERT_CHUNK) {
+        let row = format!("({})", vec!["?"; EVENT_COLUMNS].join(", "));
+        let sql = format!(
+            "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
+                 start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity,
+                 event_type, series_master_id, organizer_name, organizer_address, attendees, location,
+                 web_link, raw, seen_round, synced_at)
+             VALUES {}
+             ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
+                 ical_uid = excluded.ical_uid, change_key = excluded.change_key, etag = excluded.etag,
+                 last_modified = excluded.last_modified, subject = excluded.subject,
+                 start_utc = excluded.start_utc, end_utc = excluded.end_utc,
+                 start_date = excluded.start_date, end_date = excluded.end_date,
+                 is_all_day = excluded.is_all_day, is_cancelled = excluded.is_cancelled,
+                 show_as = excluded.show_as, sensitivity = excluded.sensitivity,
+                 event_type = excluded.event_type, series_master_id = excluded.series_master_id,
+                 organizer_name = excluded.organizer_name, organizer_address = excluded.organizer_address,
+                 attendees = excluded.attendees, location = excluded.location,
+                 web_link = excluded.web_link, raw = excluded.raw,
+                 seen_round = excluded.seen_round, synced_at = excluded.synced_at",
+            vec![row; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for e in chunk {
+            query = query
+                .bind(mailbox)
+                .bind(&e.id)
+                .bind(&e.ical_uid)
+                .bind(&e.change_key)
+                .bind(&e.etag)
+                .bind(e.last_modified.map(ts))
+                .bind(&e.subject)
+                .bind(ts(e.start_utc))
+                .bind(ts(e.end_utc))
+                .bind(e.start_date.map(|d| d.to_string()))
+                .bind(e.end_date.map(|d| d.to_string()))
+                .bind(e.is_all_day)
+                .bind(e.is_cancelled)
+                .bind(&e.show_as)
+                .bind(&e.sensitivity)
+                .bind(&e.event_type)
+                .bind(&e.series_master_id)
+                .bind(&e.organizer_name)
+                .bind(&e.organizer_address)
+                .bind(e.attendees.to_string())
+                .bind(&e.location)
+                .bind(&e.web_link)
+                .bind(&e.raw)
+                .bind(round_id)
+                .bind(synced_at);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(events.len() as u64)
 }
 
 fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {

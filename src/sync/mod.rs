@@ -362,9 +362,8 @@ fn detect_loop(
     let mut hasher = DefaultHasher::new();
     for item in &page.items {
         match item {
-            DeltaItem::Upsert(event) => {
-                (&event.id, &event.change_key, &event.raw).hash(&mut hasher)
-            }
+            // The change key moves with every change, so (id, changeKey) identifies the content.
+            DeltaItem::Upsert(event) => (&event.id, &event.change_key).hash(&mut hasher),
             DeltaItem::Removed { id } => ("removed", id).hash(&mut hasher),
         }
     }

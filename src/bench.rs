@@ -1,0 +1,503 @@
+//! `calsync bench`: speed and memory on this machine, against the simulator running as a
+//! separate process on loopback (so CPU time and RSS are calsync's own):
+//! initial-sync throughput, the cost of an idle incremental round, the raw ceiling (the same
+//! delta page requests by a bare reqwest loop, same concurrency, no parsing or storing),
+//! peak RSS, and the memory and scheduling cost of many registered mailboxes.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use serde::Serialize;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use crate::app;
+use crate::config::Settings;
+use crate::sim::SimConfig;
+use crate::store::RunOutcome;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Tenants in the simulator.
+    #[arg(long, default_value_t = 10)]
+    pub tenants: usize,
+    /// Mailboxes per tenant.
+    #[arg(long, default_value_t = 100)]
+    pub mailboxes: usize,
+    /// Events per mailbox.
+    #[arg(long, default_value_t = 200)]
+    pub events: usize,
+    /// Concurrent sync jobs (and concurrent requests of the raw loop).
+    #[arg(long, default_value_t = 16)]
+    pub workers: usize,
+    /// Mailboxes registered for the scheduling and memory measurement.
+    #[arg(long, default_value_t = 100_000)]
+    pub registered: usize,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub machine: String,
+    pub mailboxes: usize,
+    pub events_per_mailbox: usize,
+    pub workers: usize,
+    pub initial_seconds: f64,
+    pub initial_events: u64,
+    pub initial_pages: u64,
+    pub events_per_second: f64,
+    pub mailboxes_per_second: f64,
+    pub pages_per_second: f64,
+    pub raw_pages: u64,
+    pub raw_seconds: f64,
+    pub raw_pages_per_second: f64,
+    pub ratio_to_raw: f64,
+    pub idle_round_requests_per_mailbox: f64,
+    pub idle_round_cpu_ms_per_mailbox: f64,
+    pub idle_round_seconds: f64,
+    pub peak_rss_mib: f64,
+    pub registered_mailboxes: usize,
+    pub rss_per_registered_mailbox_bytes: f64,
+    pub dispatch_selection_ms: f64,
+    pub claims_per_second: f64,
+    pub failed_jobs: usize,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    let seed = 99;
+    let sim_config = SimConfig::generated(args.tenants, args.mailboxes, args.events, seed);
+    let addr = free_port()?;
+    let mut sim = spawn_sim(&args, addr, seed).await?;
+    let dir = std::env::temp_dir().join(format!("calsync-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let result = measure(&args, &sim_config, addr, &dir).await;
+    let _ = sim.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn measure(
+    args: &BenchArgs,
+    config: &SimConfig,
+    addr: SocketAddr,
+    dir: &Path,
+) -> anyhow::Result<BenchReport> {
+    let settings = bench_settings(config, addr, &dir.join("bench.db"), args.workers)?;
+    let store = app::open_store(&settings).await?;
+    let (worker, tokens) = app::build_worker(&settings, store.clone())?;
+    let mailboxes = args.tenants * args.mailboxes;
+    let progress = |s: &str| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+
+    progress(&format!(
+        "initial sync of {mailboxes} mailboxes x {} events...",
+        args.events
+    ));
+    let started = Instant::now();
+    let results = worker.sync_all_once().await?;
+    let initial_seconds = started.elapsed().as_secs_f64();
+    let failed_jobs = results
+        .iter()
+        .filter(|r| r.outcome != RunOutcome::Ok)
+        .count();
+    let initial_events: u64 = results.iter().map(|r| r.report.upserted).sum();
+    let initial_pages: u64 = results.iter().map(|r| r.report.pages).sum();
+
+    progress("idle incremental round...");
+    let requests_before = sim_requests(addr).await?;
+    let cpu_before = cpu_seconds()?;
+    let started = Instant::now();
+    let idle = worker.sync_all_once().await?;
+    let idle_round_seconds = started.elapsed().as_secs_f64();
+    let cpu_used = cpu_seconds()? - cpu_before;
+    let requests = sim_requests(addr).await?.saturating_sub(requests_before);
+    let failed_jobs = failed_jobs + idle.iter().filter(|r| r.outcome != RunOutcome::Ok).count();
+
+    progress("raw ceiling: the same initial rounds by a bare reqwest loop...");
+    let (raw_pages, raw_seconds) = raw_ceiling(&settings, config, &tokens, args.workers).await?;
+    let peak_rss_mib = status_kib("VmHWM:")? as f64 / 1024.0;
+
+    progress(&format!(
+        "registering {} mailboxes for the scheduling measurement...",
+        args.registered
+    ));
+    let (rss_per_mailbox, selection_ms, claims_per_second) =
+        registered_cost(&settings, dir, args.registered).await?;
+
+    let pages_per_second = initial_pages as f64 / initial_seconds;
+    let raw_pages_per_second = raw_pages as f64 / raw_seconds;
+    Ok(BenchReport {
+        machine: machine(),
+        mailboxes,
+        events_per_mailbox: args.events,
+        workers: args.workers,
+        initial_seconds,
+        initial_events,
+        initial_pages,
+        events_per_second: initial_events as f64 / initial_seconds,
+        mailboxes_per_second: mailboxes as f64 / initial_seconds,
+        pages_per_second,
+        raw_pages,
+        raw_seconds,
+        raw_pages_per_second,
+        ratio_to_raw: pages_per_second / raw_pages_per_second,
+        idle_round_requests_per_mailbox: requests as f64 / mailboxes as f64,
+        idle_round_cpu_ms_per_mailbox: cpu_used * 1000.0 / mailboxes as f64,
+        idle_round_seconds,
+        peak_rss_mib,
+        registered_mailboxes: args.registered,
+        rss_per_registered_mailbox_bytes: rss_per_mailbox,
+        dispatch_selection_ms: selection_ms,
+        claims_per_second,
+        failed_jobs,
+    })
+}
+
+fn bench_settings(
+    config: &SimConfig,
+    addr: SocketAddr,
+    store: &Path,
+    workers: usize,
+) -> anyhow::Result<Settings> {
+    let mut toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+url = "sqlite://{store}"
+max_connections = 8
+[graph]
+base_url = "http://{addr}/v1.0"
+authority = "http://{addr}"
+page_size = 100
+[sync]
+workers = {workers}
+max_jobs_per_tenant = {workers}
+[log]
+level = "error"
+[resilience]
+# Rate limits are policy, not client cost: raised so they do not cap the comparison.
+tenant_requests_per_second = 100000
+app_requests_per_second = 100000
+"#,
+        store = store.display()
+    );
+    for tenant in &config.tenants {
+        let mailboxes: Vec<String> = tenant
+            .mailboxes
+            .iter()
+            .map(|m| format!("\"{m}\""))
+            .collect();
+        toml.push_str(&format!(
+            "[[tenants]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nmailboxes = [{}]\n",
+            tenant.name,
+            tenant.tenant_id,
+            tenant.client_id,
+            tenant.client_secret,
+            mailboxes.join(", ")
+        ));
+    }
+    Ok(Settings::from_toml_str(&toml)?)
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+async fn spawn_sim(args: &BenchArgs, addr: SocketAddr, seed: u64) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the calsync executable")?;
+    let child = Command::new(exe)
+        .args([
+            "sim",
+            "--listen",
+            &addr.to_string(),
+            "--tenants",
+            &args.tenants.to_string(),
+            "--mailboxes",
+            &args.mailboxes.to_string(),
+            "--events",
+            &args.events.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the simulator process")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            anyhow::bail!("the simulator did not start listening on {addr} within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(child)
+}
+
+async fn sim_requests(addr: SocketAddr) -> anyhow::Result<u64> {
+    let client = crate::net::http_client(Duration::from_secs(2), Duration::from_secs(10))?;
+    let stats: serde_json::Value = client
+        .get(format!("http://{addr}/_sim/stats"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(stats["graph_requests"].as_u64().unwrap_or(0))
+}
+
+/// Every mailbox's initial round, fetched with `workers` concurrent loops: a bearer token, a
+/// GET, the nextLink found by a substring search, nothing parsed or stored.
+async fn raw_ceiling(
+    settings: &Settings,
+    config: &SimConfig,
+    tokens: &crate::auth::TokenProviders,
+    workers: usize,
+) -> anyhow::Result<(u64, f64)> {
+    let http = crate::net::http_client(
+        settings.graph.connect_timeout,
+        settings.graph.request_timeout,
+    )?;
+    let graph = crate::graph::GraphClient::new(&settings.graph, http.clone());
+    let window = crate::sync::window_at(
+        Utc::now(),
+        settings.sync.window_past,
+        settings.sync.window_future,
+    );
+    let mut work = Vec::new();
+    for tenant in &config.tenants {
+        let token = tokens
+            .get(&tenant.name)
+            .context("bench tenant has no token provider")?
+            .token()
+            .await?;
+        for mailbox in &tenant.mailboxes {
+            work.push((
+                graph.initial_link(mailbox, &window).to_string(),
+                token.bearer_header(),
+            ));
+        }
+    }
+    let queue = Arc::new(tokio::sync::Mutex::new(work));
+    let pages = Arc::new(AtomicU64::new(0));
+    let page_size = settings.graph.page_size;
+    let started = Instant::now();
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (queue, pages, http) = (Arc::clone(&queue), Arc::clone(&pages), http.clone());
+        loops.spawn(async move {
+            loop {
+                let Some((mut url, bearer)) = queue.lock().await.pop() else {
+                    return Ok::<(), anyhow::Error>(());
+                };
+                loop {
+                    let body = http
+                        .get(&url)
+                        .header("Authorization", &bearer)
+                        .header("Prefer", format!("odata.maxpagesize={page_size}"))
+                        .send()
+                        .await?
+                        .text()
+                        .await?;
+                    pages.fetch_add(1, Ordering::Relaxed);
+                    match next_link(&body) {
+                        Some(next) => url = next,
+                        None => break,
+                    }
+                }
+            }
+        });
+    }
+    while let Some(done) = loops.join_next().await {
+        done??;
+    }
+    Ok((
+        pages.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+fn next_link(body: &str) -> Option<String> {
+    let key = "\"@odata.nextLink\":\"";
+    let start = body.find(key)? + key.len();
+    let end = body[start..].find('"')? + start;
+    Some(body[start..end].replace("\\/", "/"))
+}
+
+/// Registers `count` mailboxes in a fresh store and measures the process's RSS growth and the
+/// dispatcher's due-selection query with all of them due.
+async fn registered_cost(
+    settings: &Settings,
+    dir: &Path,
+    count: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let mut settings = settings.clone();
+    settings.store.url = format!("sqlite://{}", dir.join("registered.db").display());
+    let tenants: Vec<String> = settings.tenants.iter().map(|t| t.name.clone()).collect();
+    settings
+        .tenants
+        .iter_mut()
+        .for_each(|t| t.mailboxes.clear());
+    let store = app::open_store(&settings).await?;
+    let mailboxes: Vec<(String, String)> = (0..count)
+        .map(|i| {
+            (
+                tenants[i % tenants.len()].clone(),
+                format!("idle{i}@bench.example"),
+            )
+        })
+        .collect();
+    store.sync_config_mailboxes(&mailboxes, Utc::now()).await?;
+    drop(mailboxes);
+    let rss_before = status_kib("VmRSS:")?;
+    let (worker, _) = app::build_worker(&settings, store.clone())?;
+    // What a serving process does per poll: select due mailboxes, fairly per tenant.
+    let rounds = 20;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        store
+            .due_candidates(Utc::now(), settings.sync.max_jobs_per_tenant as u32)
+            .await?;
+    }
+    let selection_ms = started.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds);
+    // Claiming (the write per job start), a thousand times.
+    let claims = 1000.min(count);
+    let started = Instant::now();
+    for id in 1..=claims as i64 {
+        store
+            .claim(
+                id,
+                worker.owner(),
+                Utc::now(),
+                Duration::from_secs(60),
+                true,
+            )
+            .await?;
+    }
+    let claims_per_second = claims as f64 / started.elapsed().as_secs_f64();
+    let rss_after = status_kib("VmRSS:")?;
+    let per_mailbox = (rss_after.saturating_sub(rss_before) * 1024) as f64 / count as f64;
+    Ok((per_mailbox, selection_ms, claims_per_second))
+}
+
+/// User + system CPU seconds of this process (Linux `/proc`, whose clock ticks are 1/100 s).
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("cannot read /proc/self/stat")?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
+fn status_kib(field: &str) -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} in /proc/self/status"))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    format!("{cores} cores, {cpu}")
+}
+
+pub fn render(r: &BenchReport) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("\ncalsync bench on {}\n", r.machine));
+    out.push_str(&format!(
+        "  {} mailboxes x {} events, {} workers, simulator in a separate process on loopback\n\n",
+        r.mailboxes, r.events_per_mailbox, r.workers
+    ));
+    let rows = [
+        (
+            "initial sync",
+            format!(
+                "{:.2} s for {} events in {} pages",
+                r.initial_seconds, r.initial_events, r.initial_pages
+            ),
+        ),
+        ("  events/s", format!("{:.0}", r.events_per_second)),
+        ("  mailboxes/s", format!("{:.1}", r.mailboxes_per_second)),
+        ("  pages/s", format!("{:.1}", r.pages_per_second)),
+        (
+            "raw ceiling pages/s",
+            format!(
+                "{:.1} ({} pages in {:.2} s)",
+                r.raw_pages_per_second, r.raw_pages, r.raw_seconds
+            ),
+        ),
+        (
+            "ratio to raw",
+            format!("{:.2} (target >= 0.70)", r.ratio_to_raw),
+        ),
+        (
+            "idle round",
+            format!(
+                "{:.2} s for {} mailboxes",
+                r.idle_round_seconds, r.mailboxes
+            ),
+        ),
+        (
+            "  requests/mailbox",
+            format!("{:.2}", r.idle_round_requests_per_mailbox),
+        ),
+        (
+            "  CPU ms/mailbox",
+            format!("{:.3}", r.idle_round_cpu_ms_per_mailbox),
+        ),
+        ("peak RSS", format!("{:.1} MiB", r.peak_rss_mib)),
+        (
+            "registered mailboxes",
+            format!("{}", r.registered_mailboxes),
+        ),
+        (
+            "  RSS per mailbox",
+            format!(
+                "{:.0} bytes (target < 2048)",
+                r.rss_per_registered_mailbox_bytes
+            ),
+        ),
+        (
+            "  due selection",
+            format!("{:.1} ms per dispatch cycle", r.dispatch_selection_ms),
+        ),
+        ("  claims/s", format!("{:.0}", r.claims_per_second)),
+        ("failed jobs", format!("{}", r.failed_jobs)),
+    ];
+    for (name, value) in rows {
+        out.push_str(&format!("  {name:<22} {value}\n"));
+    }
+    out
+}
