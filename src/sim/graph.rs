@@ -47,6 +47,7 @@ impl<'a> InFlight<'a> {
         if let Some(m) = lock(&sim.stats).mailboxes.get_mut(&entry.address) {
             m.in_flight = n;
             m.max_in_flight = m.max_in_flight.max(n);
+            m.arrived(tokio::time::Instant::now());
         }
         (Self { sim, entry }, n)
     }

@@ -62,6 +62,22 @@ pub struct MailboxStats {
     pub mutations: u64,
     /// Events in the mailbox now (all of its calendar, not one window).
     pub events: usize,
+    /// When the most recent requests arrived (at most [`ARRIVALS_KEPT`]), for tests that check
+    /// the spacing of retries exactly instead of sampling counters.
+    #[serde(skip)]
+    pub arrivals: Vec<tokio::time::Instant>,
+}
+
+/// Request arrival times kept per mailbox.
+pub const ARRIVALS_KEPT: usize = 64;
+
+impl MailboxStats {
+    pub fn arrived(&mut self, at: tokio::time::Instant) {
+        if self.arrivals.len() == ARRIVALS_KEPT {
+            self.arrivals.remove(0);
+        }
+        self.arrivals.push(at);
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
