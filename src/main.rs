@@ -31,6 +31,8 @@ enum Command {
     Serve,
     /// Sync every mailbox once and exit: 0 if all succeeded, 1 otherwise.
     SyncOnce,
+    /// Create or upgrade the store's tables (also done by `serve` at start), then exit.
+    Migrate,
     /// Validate the configuration and print a summary (no secrets).
     CheckConfig,
     /// Run the simulator and the service together on loopback and check the store against the
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
                     Command::Serve => serve(settings).await,
                     Command::SyncOnce => sync_once(settings).await,
                     Command::CheckConfig => check_config(&settings),
+                    Command::Migrate => migrate(&settings).await,
                     Command::Health { url } => health(&settings, url).await,
                     Command::Demo(_) | Command::Sim(_) | Command::Drill(_) | Command::Bench(_) => {
                         unreachable!("matched above")
@@ -199,6 +202,15 @@ async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let shown = app::redact_url(&settings.store.url);
+    let backend = calsync::store::migrate(&settings.store.url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot migrate the store at {shown}: {e}"))?;
+    println!("store at {shown} is up to date ({})", backend.as_str());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check_config(settings: &Settings) -> anyhow::Result<ExitCode> {

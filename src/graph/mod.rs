@@ -55,7 +55,7 @@ pub enum GraphError {
     #[error("Graph answered 401 ({code}); the access token was refused [{ids}]")]
     Unauthorized { code: String, ids: RequestIds },
     #[error(
-        "Graph throttled the request (HTTP {status} {code}), retry after {retry_after:?} [{ids}]"
+        "Graph throttled the request (HTTP {status} {code}), {} [{ids}]", retry_after.map_or("no Retry-After".to_string(), |d| format!("retry after {}s", d.as_secs_f64()))
     )]
     Throttled {
         status: u16,

@@ -31,9 +31,9 @@ pub enum SyncError {
     Graph(#[from] GraphError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("delta round stopped after {pages} pages (graph.max_pages_per_round)")]
+    #[error("delta round stopped after {pages} pages (graph.max_pages_per_round); the next job starts a fresh round")]
     RoundTooLong { pages: u64 },
-    #[error("delta round is looping: the same page came back {times} times")]
+    #[error("delta round is looping: the same page came back {times} times; the next job starts a fresh round")]
     PageLoop { times: usize },
     #[error("Graph asked for a resync again right after a resync")]
     ResyncLoop,
@@ -159,6 +159,9 @@ pub async fn run_round(
         };
         pages_this_job += 1;
         if pages_this_job > u64::from(ctx.max_pages_per_round) {
+            // The stored nextLink is inside the endless chain: drop it, or every later job
+            // would resume the loop. Events stay until a completed round reconciles them.
+            start_full_round(store, lease, window).await?;
             return Err(SyncError::RoundTooLong {
                 pages: pages_this_job - 1,
             });
@@ -185,7 +188,10 @@ pub async fn run_round(
             }
             Err(e) => return Err(e),
         };
-        detect_loop(&page, &mut seen_pages, &mut seen_links)?;
+        if let Err(looping) = detect_loop(&page, &mut seen_pages, &mut seen_links) {
+            start_full_round(store, lease, window).await?;
+            return Err(looping);
+        }
         // Checked before the page commits: a refused link must not become the stored cursor,
         // where every later job would fail on it.
         match &page.link {
@@ -314,7 +320,7 @@ async fn fetch_page_resilient(
             crate::metrics::job_deferred(ctx.tokens.tenant(), DeferReason::RetryAfter, wait);
             return Err(SyncError::Deferred {
                 wait,
-                reason: format!("Graph asked to retry after {}s: {error}", wait.as_secs()),
+                reason: format!("asked to retry after {}s: {error}", wait.as_secs()),
             });
         }
         if attempt >= ctx.retries_per_request || wait >= remaining || !ctx.guard.try_retry() {

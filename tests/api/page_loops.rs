@@ -68,9 +68,16 @@ async fn the_same_page_with_ever_new_next_links_stops_with_the_loop_error() {
         vec!["AAMkAGI2TG93AAA=loop1"],
         "stored once"
     );
+    let mailbox = app.mailbox(ALICE).await;
+    assert_eq!(mailbox.last_error.as_deref(), Some(error.as_str()));
     assert_eq!(
-        app.mailbox(ALICE).await.last_error.as_deref(),
-        Some(error.as_str())
+        (
+            mailbox.cursor.next_link,
+            mailbox.cursor.delta_link,
+            mailbox.cursor.full
+        ),
+        (None, None, true),
+        "the link inside the endless chain is dropped: the next job starts a fresh full round"
     );
 }
 
