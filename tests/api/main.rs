@@ -12,6 +12,7 @@ mod malformed;
 mod observability;
 mod page_loops;
 mod raw_graph;
+mod replicas;
 mod resync;
 mod sim;
 mod sim_harness;
