@@ -2,7 +2,9 @@
 //! separate process on loopback (so CPU time and RSS are calsync's own):
 //! initial-sync throughput, the cost of an idle incremental round, the raw ceiling (the same
 //! delta page requests by a bare reqwest loop, same concurrency, no parsing or storing),
-//! peak RSS, and the memory and scheduling cost of many registered mailboxes.
+//! peak RSS, and the memory and scheduling cost of many registered mailboxes. With
+//! `--replicas 1,2,4 --postgres URL`, also initial-sync throughput of that many `calsync serve`
+//! processes sharing one PostgreSQL schema (a fresh one per count, dropped afterwards).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -41,6 +43,14 @@ pub struct BenchArgs {
     /// Print the results as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Replica mode: also time the initial sync by this many `calsync serve` processes on one
+    /// PostgreSQL schema, for each count given (e.g. `1,2,4`); each has `--workers` workers.
+    #[arg(long, value_delimiter = ',', requires = "postgres")]
+    pub replicas: Vec<usize>,
+    /// PostgreSQL database for the replica mode (`postgres://user@host:port/db`); each replica
+    /// count gets a schema of its own in it, dropped afterwards.
+    #[arg(long)]
+    pub postgres: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +78,25 @@ pub struct BenchReport {
     pub dispatch_selection_ms: f64,
     pub claims_per_second: f64,
     pub failed_jobs: usize,
+    /// Replica mode, one entry per replica count (empty without `--replicas`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replica_runs: Vec<ReplicaRun>,
+}
+
+/// The initial sync of every mailbox by `replicas` serving processes on one PostgreSQL schema:
+/// from starting them until every mailbox has its first successful round (read from the store).
+#[derive(Debug, Serialize)]
+pub struct ReplicaRun {
+    pub replicas: usize,
+    pub workers_per_replica: usize,
+    pub seconds: f64,
+    pub events: u64,
+    pub events_per_second: f64,
+    pub mailboxes_per_second: f64,
+    /// User + system CPU of the replica processes (not PostgreSQL's or the simulator's).
+    pub replica_cpu_seconds: f64,
+    /// Mailboxes with a failed job before their first success.
+    pub mailboxes_with_errors: usize,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
@@ -77,7 +106,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let mut sim = spawn_sim(&args, addr, seed).await?;
     let dir = std::env::temp_dir().join(format!("calsync-bench-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
-    let result = measure(&args, &sim_config, addr, &dir).await;
+    let mut result = measure(&args, &sim_config, addr, &dir).await;
+    if let (Ok(report), Some(postgres)) = (&mut result, &args.postgres) {
+        for &replicas in &args.replicas {
+            match replica_run(&args, &sim_config, addr, &dir, postgres, replicas).await {
+                Ok(run) => report.replica_runs.push(run),
+                Err(e) => {
+                    result = Err(e.context(format!("replica mode with {replicas} replicas")));
+                    break;
+                }
+            }
+        }
+    }
     let _ = sim.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -160,6 +200,132 @@ async fn measure(
         dispatch_selection_ms: selection_ms,
         claims_per_second,
         failed_jobs,
+        replica_runs: Vec::new(),
+    })
+}
+
+/// One replica-mode measurement in a fresh schema of `postgres`, dropped afterwards.
+async fn replica_run(
+    args: &BenchArgs,
+    config: &SimConfig,
+    addr: SocketAddr,
+    dir: &Path,
+    postgres: &str,
+    replicas: usize,
+) -> anyhow::Result<ReplicaRun> {
+    use sqlx::Connection;
+    anyhow::ensure!(replicas >= 1, "--replicas counts must be at least 1");
+    let mut admin = sqlx::PgConnection::connect(postgres)
+        .await
+        .with_context(|| format!("cannot connect to {}", app::redact_url(postgres)))?;
+    let schema = format!("calsync_bench_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .context("cannot create the bench schema")?;
+    let mut url = url::Url::parse(postgres).context("--postgres is not a URL")?;
+    url.query_pairs_mut()
+        .append_pair("options[search_path]", &schema);
+    let result = replicas_initial_sync(args, config, addr, dir, url.as_str(), replicas).await;
+    let dropped = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut admin)
+        .await;
+    let _ = admin.close().await;
+    let run = result?;
+    dropped.with_context(|| format!("cannot drop the bench schema {schema}"))?;
+    Ok(run)
+}
+
+async fn replicas_initial_sync(
+    args: &BenchArgs,
+    config: &SimConfig,
+    addr: SocketAddr,
+    dir: &Path,
+    store_url: &str,
+    replicas: usize,
+) -> anyhow::Result<ReplicaRun> {
+    let mailboxes = args.tenants * args.mailboxes;
+    if !args.json {
+        eprintln!(
+            "replica mode: {replicas} x calsync serve on PostgreSQL, initial sync of {mailboxes} mailboxes..."
+        );
+    }
+    // A dispatcher that lost every claim to another replica waits a poll interval: shorter
+    // than the default second, so the figure is not the poll interval's.
+    let toml = bench_toml(
+        config,
+        addr,
+        store_url,
+        args.workers,
+        "poll_interval = \"100ms\"\n",
+    );
+    let settings = Settings::from_toml_str(&toml)?;
+    // Tables and mailboxes first, so the clock measures syncing only.
+    let store = app::open_store(&settings).await?;
+    let config_path = dir.join(format!("replicas-{replicas}.toml"));
+    std::fs::write(&config_path, &toml)?;
+    let exe = std::env::current_exe().context("cannot find the calsync executable")?;
+    let started_at = Utc::now();
+    let started = Instant::now();
+    let mut children = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        let mut command = Command::new(&exe);
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .env("RUST_LOG", "error")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CALSYNC_") {
+                command.env_remove(key);
+            }
+        }
+        children.push(command.spawn().context("cannot start calsync serve")?);
+    }
+    let done = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let records = store.mailboxes().await?;
+        if records.len() == mailboxes && records.iter().all(|m| m.last_success_at.is_some()) {
+            break records;
+        }
+        for child in &mut children {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("a replica exited during the initial sync: {status}");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("the replicas did not sync every mailbox within 10 minutes");
+        }
+    };
+    let mut replica_cpu_seconds = 0.0;
+    for child in &mut children {
+        if let Some(pid) = child.id() {
+            replica_cpu_seconds += cpu_seconds_of(&format!("/proc/{pid}/stat")).unwrap_or(0.0);
+        }
+        let _ = child.kill().await;
+    }
+    let finished_at = done
+        .iter()
+        .filter_map(|m| m.last_success_at)
+        .max()
+        .unwrap_or(started_at);
+    let seconds =
+        ((finished_at - started_at).num_microseconds().unwrap_or(0) as f64 / 1e6).max(f64::EPSILON);
+    let events: u64 = store.event_counts().await?.values().sum();
+    store.close().await;
+    Ok(ReplicaRun {
+        replicas,
+        workers_per_replica: args.workers,
+        seconds,
+        events,
+        events_per_second: events as f64 / seconds,
+        mailboxes_per_second: mailboxes as f64 / seconds,
+        replica_cpu_seconds,
+        mailboxes_with_errors: done.iter().filter(|m| m.last_error_at.is_some()).count(),
     })
 }
 
@@ -169,12 +335,27 @@ fn bench_settings(
     store: &Path,
     workers: usize,
 ) -> anyhow::Result<Settings> {
+    let url = format!("sqlite://{}", store.display());
+    Ok(Settings::from_toml_str(&bench_toml(
+        config, addr, &url, workers, "",
+    ))?)
+}
+
+/// The bench's calsync configuration (TOML) for the simulator at `addr`, with `sync_extra`
+/// lines added to its `[sync]` table.
+fn bench_toml(
+    config: &SimConfig,
+    addr: SocketAddr,
+    store_url: &str,
+    workers: usize,
+    sync_extra: &str,
+) -> String {
     let mut toml = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 [store]
-url = "sqlite://{store}"
+url = "{store_url}"
 max_connections = 8
 [graph]
 base_url = "http://{addr}/v1.0"
@@ -183,14 +364,13 @@ page_size = 100
 [sync]
 workers = {workers}
 max_jobs_per_tenant = {workers}
-[log]
+{sync_extra}[log]
 level = "error"
 [resilience]
 # Rate limits are policy, not client cost: raised so they do not cap the comparison.
 tenant_requests_per_second = 100000
 app_requests_per_second = 100000
-"#,
-        store = store.display()
+"#
     );
     for tenant in &config.tenants {
         let mailboxes: Vec<String> = tenant
@@ -207,7 +387,7 @@ app_requests_per_second = 100000
             mailboxes.join(", ")
         ));
     }
-    Ok(Settings::from_toml_str(&toml)?)
+    toml
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {
@@ -394,7 +574,12 @@ async fn registered_cost(
 
 /// User + system CPU seconds of this process (Linux `/proc`, whose clock ticks are 1/100 s).
 fn cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").context("cannot read /proc/self/stat")?;
+    cpu_seconds_of("/proc/self/stat")
+}
+
+/// User + system CPU seconds from a `/proc/<pid>/stat` file.
+fn cpu_seconds_of(path: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
     // Fields after the command name (which is in parentheses and may contain spaces).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -499,5 +684,103 @@ pub fn render(r: &BenchReport) -> String {
     for (name, value) in rows {
         out.push_str(&format!("  {name:<22} {value}\n"));
     }
+    if !r.replica_runs.is_empty() {
+        out.push_str(&format!(
+            "\n  replicas on one PostgreSQL schema: initial sync of {} mailboxes x {} events, \
+             calsync serve processes with {} workers each\n\n",
+            r.mailboxes, r.events_per_mailbox, r.replica_runs[0].workers_per_replica
+        ));
+        out.push_str(&format!(
+            "  {:>8} {:>9} {:>10} {:>12} {:>14} {:>12}\n",
+            "replicas", "seconds", "events/s", "mailboxes/s", "replica CPU s", "mbx w/ err"
+        ));
+        for run in &r.replica_runs {
+            out.push_str(&format!(
+                "  {:>8} {:>9.2} {:>10.0} {:>12.1} {:>14.2} {:>12}\n",
+                run.replicas,
+                run.seconds,
+                run.events_per_second,
+                run.mailboxes_per_second,
+                run.replica_cpu_seconds,
+                run.mailboxes_with_errors
+            ));
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn replica_mode_takes_counts_and_needs_a_database() {
+        let cli = Cli::try_parse_from([
+            "bench",
+            "--replicas",
+            "1,2,4",
+            "--postgres",
+            "postgres://postgres@127.0.0.1:5432/test",
+        ])
+        .expect("replica mode parses");
+        assert_eq!(cli.bench.replicas, [1, 2, 4]);
+        assert!(Cli::try_parse_from(["bench", "--replicas", "2"]).is_err());
+        let plain = Cli::try_parse_from(["bench"]).expect("defaults parse");
+        assert!(plain.bench.replicas.is_empty() && plain.bench.postgres.is_none());
+    }
+
+    #[test]
+    fn the_replica_table_is_rendered_only_in_replica_mode() {
+        let mut report = BenchReport {
+            machine: "test".into(),
+            mailboxes: 10,
+            events_per_mailbox: 5,
+            workers: 2,
+            initial_seconds: 1.0,
+            initial_events: 50,
+            initial_pages: 10,
+            events_per_second: 50.0,
+            mailboxes_per_second: 10.0,
+            pages_per_second: 10.0,
+            raw_pages: 10,
+            raw_seconds: 0.5,
+            raw_pages_per_second: 20.0,
+            ratio_to_raw: 0.5,
+            idle_round_requests_per_mailbox: 1.0,
+            idle_round_cpu_ms_per_mailbox: 0.1,
+            idle_round_seconds: 0.1,
+            peak_rss_mib: 10.0,
+            registered_mailboxes: 100,
+            rss_per_registered_mailbox_bytes: 100.0,
+            dispatch_selection_ms: 1.0,
+            claims_per_second: 1000.0,
+            failed_jobs: 0,
+            replica_runs: Vec::new(),
+        };
+        assert!(!render(&report).contains("replicas on one PostgreSQL"));
+        let json = serde_json::to_value(&report).expect("serialises");
+        assert!(json.get("replica_runs").is_none());
+        report.replica_runs.push(ReplicaRun {
+            replicas: 2,
+            workers_per_replica: 2,
+            seconds: 2.0,
+            events: 50,
+            events_per_second: 25.0,
+            mailboxes_per_second: 5.0,
+            replica_cpu_seconds: 0.5,
+            mailboxes_with_errors: 0,
+        });
+        let table = render(&report);
+        assert!(table.contains("replicas on one PostgreSQL"), "{table}");
+        assert!(table.contains("        2      2.00         25"), "{table}");
+        let json = serde_json::to_value(&report).expect("serialises");
+        assert_eq!(json["replica_runs"][0]["replicas"], 2);
+    }
 }
