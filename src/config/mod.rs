@@ -53,7 +53,18 @@ pub struct Settings {
     pub log: LogSettings,
     pub resilience: ResilienceSettings,
     pub tenants: Vec<TenantSettings>,
+    pub api: ApiSettings,
 }
+
+/// The admin API under `/v1`. `Debug` shows no token (`SecretString` redacts itself).
+#[derive(Clone, Debug, Default)]
+pub struct ApiSettings {
+    /// The bearer token callers must present; `None` disables the API.
+    pub token: Option<SecretString>,
+}
+
+/// Shortest admin API token accepted, in characters (`openssl rand -hex 32` gives 64).
+pub const API_TOKEN_MIN_LEN: usize = 32;
 
 #[derive(Clone, Debug)]
 pub struct ResilienceSettings {
@@ -161,6 +172,15 @@ struct RawSettings {
     resilience: RawResilience,
     #[serde(default)]
     tenants: Vec<RawTenant>,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    token: Option<SecretString>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -584,6 +604,7 @@ impl RawSettings {
             }
             tenants.push(tenant);
         }
+        let api = self.api.validate()?;
 
         Ok(Settings {
             server: ServerSettings {
@@ -611,7 +632,54 @@ impl RawSettings {
             },
             resilience,
             tenants,
+            api,
         })
+    }
+}
+
+impl RawApi {
+    fn validate(self) -> Result<ApiSettings, ConfigError> {
+        let (key, token) = match (self.token, self.token_file) {
+            (None, None) => return Ok(ApiSettings::default()),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "api.token",
+                    "set at most one of api.token, api.token_file",
+                ))
+            }
+            (Some(token), None) => ("api.token", token),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::new(
+                        "api.token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                (
+                    "api.token_file",
+                    SecretString::from(text.trim().to_string()),
+                )
+            }
+        };
+        let text = token.expose_secret();
+        // Visible ASCII only: it travels in an `Authorization` header, and a stray space or
+        // newline would make a token that no client can send.
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                key,
+                "must be visible ASCII characters only (no spaces or line breaks)",
+            ));
+        }
+        if text.len() < API_TOKEN_MIN_LEN {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "must be at least {API_TOKEN_MIN_LEN} characters (e.g. `openssl rand -hex 32`), got {}",
+                    text.len()
+                ),
+            ));
+        }
+        Ok(ApiSettings { token: Some(token) })
     }
 }
 
