@@ -87,10 +87,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
         Ok(Self {
             listener,
-            state: AppState {
-                store,
-                worker: Arc::clone(&worker),
-            },
+            state: AppState::new(&settings, store, Arc::clone(&worker)),
             worker,
         })
     }

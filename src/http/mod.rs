@@ -1,5 +1,7 @@
-//! The HTTP side: liveness, readiness, health detail, Prometheus metrics and the status page.
+//! The HTTP side: liveness, readiness, health detail, Prometheus metrics, the status page and
+//! the admin API (`/v1`).
 
+pub mod admin;
 pub mod status_page;
 
 use std::sync::Arc;
@@ -26,6 +28,18 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct AppState {
     pub store: Store,
     pub worker: Arc<Worker>,
+    /// The admin API's token check and configured tenants.
+    pub admin: Arc<admin::AdminApi>,
+}
+
+impl AppState {
+    pub fn new(settings: &crate::config::Settings, store: Store, worker: Arc<Worker>) -> Self {
+        Self {
+            store,
+            worker,
+            admin: Arc::new(admin::AdminApi::new(settings)),
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -35,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/", get(status))
+        .nest(admin::PREFIX, admin::router(&state))
         .with_state(state)
 }
 

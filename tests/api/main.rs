@@ -1,5 +1,6 @@
 //! One integration-test binary (one link step) with a module per subject.
 
+mod admin_api;
 mod certificate;
 mod config;
 mod deadline;
