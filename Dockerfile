@@ -5,6 +5,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
+COPY docs/openapi.json ./docs/openapi.json
 RUN cargo build --release --locked --bin calsync
 
 # Runtime stage: slim Debian with only CA certificates added.
