@@ -229,6 +229,14 @@ fn check_config(settings: &Settings) -> anyhow::Result<ExitCode> {
         settings.sync.workers,
         calsync::config::HumanDuration(settings.sync.job_deadline)
     );
+    println!(
+        "  admin API (/v1)    {}",
+        if settings.api.token.is_some() {
+            "enabled"
+        } else {
+            "disabled (no api.token)"
+        }
+    );
     for t in &settings.tenants {
         println!(
             "  tenant {:<12} tenant_id {} client_id {} credential {:?} mailboxes {}",
