@@ -2,6 +2,7 @@
 //! Loaded and validated once at start; every error names the key and what is allowed.
 
 mod duration;
+mod notifications;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use serde::{Deserialize, Deserializer};
 use url::Url;
 
 pub use duration::HumanDuration;
+pub use notifications::{NotificationSettings, MAX_EVENT_SUBSCRIPTION};
 
 use crate::auth::ClientCertificate;
 
@@ -54,6 +56,7 @@ pub struct Settings {
     pub resilience: ResilienceSettings,
     pub tenants: Vec<TenantSettings>,
     pub api: ApiSettings,
+    pub notifications: NotificationSettings,
 }
 
 /// The admin API under `/v1`. `Debug` shows no token (`SecretString` redacts itself).
@@ -174,6 +177,8 @@ struct RawSettings {
     tenants: Vec<RawTenant>,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    notifications: notifications::RawNotifications,
 }
 
 #[derive(Default, Deserialize)]
@@ -605,6 +610,7 @@ impl RawSettings {
             tenants.push(tenant);
         }
         let api = self.api.validate()?;
+        let notifications = self.notifications.validate()?;
 
         Ok(Settings {
             server: ServerSettings {
@@ -633,6 +639,7 @@ impl RawSettings {
             resilience,
             tenants,
             api,
+            notifications,
         })
     }
 }

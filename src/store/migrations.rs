@@ -41,6 +41,11 @@ pub const SQLITE: Embedded = Embedded(&[
         "sync requests",
         include_str!("../../migrations/sqlite/0002_sync_requests.sql"),
     ),
+    (
+        3,
+        "subscriptions",
+        include_str!("../../migrations/sqlite/0003_subscriptions.sql"),
+    ),
 ]);
 
 pub const POSTGRES: Embedded = Embedded(&[
@@ -53,6 +58,11 @@ pub const POSTGRES: Embedded = Embedded(&[
         2,
         "sync requests",
         include_str!("../../migrations/postgres/0002_sync_requests.sql"),
+    ),
+    (
+        3,
+        "subscriptions",
+        include_str!("../../migrations/postgres/0003_subscriptions.sql"),
     ),
 ]);
 

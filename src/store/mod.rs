@@ -10,6 +10,7 @@
 mod migrations;
 mod postgres;
 mod sqlite;
+mod subscriptions;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use serde::Serialize;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
 
 use crate::graph::{DeltaItem, PageLink, Window};
 

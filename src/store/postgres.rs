@@ -57,7 +57,7 @@ fn json_without_nul(value: &serde_json::Value) -> serde_json::Value {
 
 #[derive(Clone, Debug)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl PgStore {

@@ -43,11 +43,11 @@ fn parse_opt_date(row: &SqliteRow, column: &str) -> Result<Option<NaiveDate>, St
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     /// Readers (WAL lets them run beside a write).
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
     /// The one connection that writes. SQLite admits one writer at a time; queueing writers
     /// here, in order, beats letting them collide in SQLite, whose busy handler sleeps up to
     /// 100 ms per retry.
-    writer: SqlitePool,
+    pub(super) writer: SqlitePool,
 }
 
 impl SqliteStore {
