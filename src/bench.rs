@@ -93,8 +93,12 @@ pub struct ReplicaRun {
     pub events: u64,
     pub events_per_second: f64,
     pub mailboxes_per_second: f64,
-    /// User + system CPU of the replica processes (not PostgreSQL's or the simulator's).
+    /// User + system CPU of the replica processes.
     pub replica_cpu_seconds: f64,
+    /// User + system CPU of the simulator process in the same time.
+    pub sim_cpu_seconds: f64,
+    /// How busy the machine's CPUs were (all processes, PostgreSQL's included), 0-100.
+    pub machine_cpu_busy_percent: f64,
     /// Mailboxes with a failed job before their first success.
     pub mailboxes_with_errors: usize,
 }
@@ -108,8 +112,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     std::fs::create_dir_all(&dir)?;
     let mut result = measure(&args, &sim_config, addr, &dir).await;
     if let (Ok(report), Some(postgres)) = (&mut result, &args.postgres) {
+        let sim_stat = sim.id().map(|pid| format!("/proc/{pid}/stat"));
         for &replicas in &args.replicas {
-            match replica_run(&args, &sim_config, addr, &dir, postgres, replicas).await {
+            let run = replica_run(
+                &args,
+                &sim_config,
+                addr,
+                &dir,
+                postgres,
+                replicas,
+                &sim_stat,
+            );
+            match run.await {
                 Ok(run) => report.replica_runs.push(run),
                 Err(e) => {
                     result = Err(e.context(format!("replica mode with {replicas} replicas")));
@@ -212,6 +226,7 @@ async fn replica_run(
     dir: &Path,
     postgres: &str,
     replicas: usize,
+    sim_stat: &Option<String>,
 ) -> anyhow::Result<ReplicaRun> {
     use sqlx::Connection;
     anyhow::ensure!(replicas >= 1, "--replicas counts must be at least 1");
@@ -226,7 +241,8 @@ async fn replica_run(
     let mut url = url::Url::parse(postgres).context("--postgres is not a URL")?;
     url.query_pairs_mut()
         .append_pair("options[search_path]", &schema);
-    let result = replicas_initial_sync(args, config, addr, dir, url.as_str(), replicas).await;
+    let result =
+        replicas_initial_sync(args, config, addr, dir, url.as_str(), replicas, sim_stat).await;
     let dropped = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&mut admin)
         .await;
@@ -243,7 +259,14 @@ async fn replicas_initial_sync(
     dir: &Path,
     store_url: &str,
     replicas: usize,
+    sim_stat: &Option<String>,
 ) -> anyhow::Result<ReplicaRun> {
+    let sim_cpu = || {
+        sim_stat
+            .as_deref()
+            .and_then(|path| cpu_seconds_of(path).ok())
+            .unwrap_or(0.0)
+    };
     let mailboxes = args.tenants * args.mailboxes;
     if !args.json {
         eprintln!(
@@ -265,6 +288,7 @@ async fn replicas_initial_sync(
     let config_path = dir.join(format!("replicas-{replicas}.toml"));
     std::fs::write(&config_path, &toml)?;
     let exe = std::env::current_exe().context("cannot find the calsync executable")?;
+    let (sim_cpu_before, machine_before) = (sim_cpu(), machine_ticks());
     let started_at = Utc::now();
     let started = Instant::now();
     let mut children = Vec::with_capacity(replicas);
@@ -301,6 +325,13 @@ async fn replicas_initial_sync(
             anyhow::bail!("the replicas did not sync every mailbox within 10 minutes");
         }
     };
+    let (sim_cpu_seconds, machine_after) = (sim_cpu() - sim_cpu_before, machine_ticks());
+    let machine_cpu_busy_percent = match (machine_before, machine_after) {
+        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+            (busy1 - busy0) as f64 * 100.0 / (total1 - total0) as f64
+        }
+        _ => 0.0,
+    };
     let mut replica_cpu_seconds = 0.0;
     for child in &mut children {
         if let Some(pid) = child.id() {
@@ -325,6 +356,8 @@ async fn replicas_initial_sync(
         events_per_second: events as f64 / seconds,
         mailboxes_per_second: mailboxes as f64 / seconds,
         replica_cpu_seconds,
+        sim_cpu_seconds,
+        machine_cpu_busy_percent,
         mailboxes_with_errors: done.iter().filter(|m| m.last_error_at.is_some()).count(),
     })
 }
@@ -592,6 +625,21 @@ fn cpu_seconds_of(path: &str) -> anyhow::Result<f64> {
     Ok((ticks(11) + ticks(12)) as f64 / 100.0)
 }
 
+/// Busy and total CPU ticks of the whole machine, from the first line of `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
 fn status_kib(field: &str) -> anyhow::Result<u64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
@@ -691,17 +739,26 @@ pub fn render(r: &BenchReport) -> String {
             r.mailboxes, r.events_per_mailbox, r.replica_runs[0].workers_per_replica
         ));
         out.push_str(&format!(
-            "  {:>8} {:>9} {:>10} {:>12} {:>14} {:>12}\n",
-            "replicas", "seconds", "events/s", "mailboxes/s", "replica CPU s", "mbx w/ err"
+            "  {:>8} {:>9} {:>10} {:>12} {:>14} {:>10} {:>11} {:>11}\n",
+            "replicas",
+            "seconds",
+            "events/s",
+            "mailboxes/s",
+            "replica CPU s",
+            "sim CPU s",
+            "machine CPU",
+            "mbx w/ err"
         ));
         for run in &r.replica_runs {
             out.push_str(&format!(
-                "  {:>8} {:>9.2} {:>10.0} {:>12.1} {:>14.2} {:>12}\n",
+                "  {:>8} {:>9.2} {:>10.0} {:>12.1} {:>14.2} {:>10.2} {:>10.0}% {:>11}\n",
                 run.replicas,
                 run.seconds,
                 run.events_per_second,
                 run.mailboxes_per_second,
                 run.replica_cpu_seconds,
+                run.sim_cpu_seconds,
+                run.machine_cpu_busy_percent,
                 run.mailboxes_with_errors
             ));
         }
@@ -775,6 +832,8 @@ mod tests {
             events_per_second: 25.0,
             mailboxes_per_second: 5.0,
             replica_cpu_seconds: 0.5,
+            sim_cpu_seconds: 0.5,
+            machine_cpu_busy_percent: 50.0,
             mailboxes_with_errors: 0,
         });
         let table = render(&report);
