@@ -327,7 +327,7 @@ fn unauthorized(message: &str, ids: &RequestIds) -> Reply {
     )
 }
 
-fn check_bearer(
+pub(super) fn check_bearer(
     sim: &Shared,
     headers: &HeaderMap,
 ) -> Result<super::tokens::AccessClaims, &'static str> {

@@ -6,7 +6,9 @@
 //! under `/calendars/{cal}/`); control: `GET|POST|PUT|DELETE /_sim/faults`, `DELETE
 //! /_sim/faults/{id}`, `GET /_sim/truth/{mailbox}?startDateTime=&endDateTime=`, `GET /_sim/stats`,
 //! `GET /_sim/tenants`, `POST /_sim/mutations {"per_second"}`, `POST /_sim/mutate/{mailbox}
-//! {"n"}`, `POST /_sim/clock {"advance_ms"}`.
+//! {"n"}`, `POST /_sim/clock {"advance_ms"}`. Change notifications: `POST|GET /v1.0/subscriptions`,
+//! `GET|PATCH|DELETE /v1.0/subscriptions/{id}`; control `POST /_sim/lifecycle {"mailbox","event"}`,
+//! `GET /_sim/subscriptions`.
 
 mod calendar;
 mod config;
@@ -17,6 +19,7 @@ mod graph;
 mod reply;
 mod state;
 mod stats;
+mod subscriptions;
 mod token;
 mod tokens;
 
@@ -38,6 +41,7 @@ pub use faults::{
     load_scenario, parse_scenario, Endpoint, FaultId, FaultKind, FaultRule, RetryAfter,
 };
 pub use stats::{MailboxStats, SimStats, TenantStats, Violation, Violations};
+pub use subscriptions::{SentNotification, SimSubscription, MAX_EXPIRATION_MINUTES};
 pub use token::{
     check_assertion, rsa_public_key_from_pem, AssertionClaims, GRAPH_SCOPE, JWT_BEARER,
 };
@@ -83,6 +87,18 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/_sim/mutations", post(control::set_mutations))
         .route("/_sim/mutate/{mailbox}", post(control::mutate))
         .route("/_sim/clock", post(control::advance_clock))
+        .route(
+            "/v1.0/subscriptions",
+            post(subscriptions::create).get(subscriptions::list),
+        )
+        .route(
+            "/v1.0/subscriptions/{id}",
+            get(subscriptions::get_one)
+                .patch(subscriptions::renew)
+                .delete(subscriptions::delete),
+        )
+        .route("/_sim/lifecycle", post(subscriptions::control_lifecycle))
+        .route("/_sim/subscriptions", get(subscriptions::control_list))
         .fallback(graph::not_found)
         .with_state(shared)
 }
@@ -207,9 +223,42 @@ impl SimHandle {
     /// Moves one event so that it starts at `start` (e.g. out of a client's window).
     pub fn move_event(&self, mailbox: &str, event_id: &str, start: DateTime<Utc>) -> bool {
         let now = self.shared.now();
-        self.shared
-            .mailbox(mailbox)
-            .is_some_and(|entry| lock(&entry.state).calendar.move_event(event_id, start, now))
+        let Some(entry) = self.shared.mailbox(mailbox) else {
+            return false;
+        };
+        let moved = lock(&entry.state).calendar.move_event(event_id, start, now);
+        if moved {
+            let change = [(MutationKind::Update, event_id.to_string())];
+            subscriptions::notify_changes(&self.shared, entry, &change);
+        }
+        moved
+    }
+
+    /// Change-notification subscriptions the simulator holds (expired ones included).
+    pub fn subscriptions(&self) -> Vec<SimSubscription> {
+        self.shared.subscriptions.list()
+    }
+
+    /// Every validation request, notification and lifecycle event sent to clients, oldest first.
+    pub fn notifications_sent(&self) -> Vec<SentNotification> {
+        self.shared.subscriptions.sent()
+    }
+
+    /// Sends a lifecycle event (`reauthorizationRequired`, `subscriptionRemoved` — which drops
+    /// the subscription first — or `missed`) for every live subscription of `mailbox`; returns
+    /// how many were delivered.
+    pub async fn lifecycle(&self, mailbox: &str, event: &str) -> usize {
+        subscriptions::send_lifecycle(&self.shared, mailbox, event).await
+    }
+
+    /// The next `n` requests to `/subscriptions` fail with HTTP `status`.
+    pub fn fail_subscription_requests(&self, n: u32, status: u16) {
+        self.shared.subscriptions.fail_next(n, status);
+    }
+
+    /// How many of the failures ordered by `fail_subscription_requests` are still to come.
+    pub fn subscription_failures_left(&self) -> u32 {
+        self.shared.subscriptions.failures_left()
     }
 
     /// Moves the simulator clock forward: access tokens and delta tokens age without sleeping.

@@ -15,6 +15,7 @@ use super::calendar::{MailboxCalendar, Window};
 use super::config::{SimConfig, SimTenant};
 use super::faults::FaultSet;
 use super::stats::{MailboxStats, SimStats, TenantStats};
+use super::subscriptions::{notify_changes, Subscriptions};
 use super::tokens::Signer;
 
 /// Locks a mutex, tolerating poison: a panicked handler must not take the simulator down.
@@ -53,6 +54,8 @@ pub struct Shared {
     clock_offset: Mutex<chrono::Duration>,
     pub mutation_rate: watch::Sender<f64>,
     pub mutation_rng: Mutex<StdRng>,
+    /// Change-notification subscriptions and what was sent to clients.
+    pub subscriptions: Arc<Subscriptions>,
 }
 
 impl Shared {
@@ -133,6 +136,7 @@ impl Shared {
             clock_offset: Mutex::new(chrono::Duration::zero()),
             mutation_rate,
             mutation_rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0x7a7e)),
+            subscriptions: Arc::new(Subscriptions::new()),
             config,
         }))
     }
@@ -159,15 +163,15 @@ impl Shared {
     /// Applies `n` mutations to one mailbox; returns how many took effect.
     pub fn mutate_mailbox(&self, entry: &MailboxEntry, n: usize) -> usize {
         let now = self.now();
-        let mut done = 0;
+        let mut changes = Vec::new();
         {
             let mut st = lock(&entry.state);
             for _ in 0..n {
-                if st.calendar.mutate(now).is_some() {
-                    done += 1;
-                }
+                changes.extend(st.calendar.mutate(now));
             }
         }
+        let done = changes.len();
+        notify_changes(self, entry, &changes);
         let mut stats = lock(&self.stats);
         stats.mutations_applied += done as u64;
         if let Some(m) = stats.mailboxes.get_mut(&entry.address) {
