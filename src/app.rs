@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::graph::GraphClient;
 use crate::http::{self, AppState};
 use crate::net;
+use crate::notifications::SubscriptionUpkeep;
 use crate::scheduler::Worker;
 use crate::store::Store;
 
@@ -20,6 +21,8 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     worker: Arc<Worker>,
+    /// Keeps Graph subscriptions when `notifications.public_url` is set.
+    subscriptions: Option<Arc<SubscriptionUpkeep>>,
 }
 
 /// Opens the store, runs migrations, and makes the configured mailboxes the enabled ones.
@@ -82,6 +85,7 @@ impl Application {
         crate::metrics::install();
         let store = open_store(&settings).await?;
         let (worker, _) = build_worker(&settings, store.clone())?;
+        let subscriptions = SubscriptionUpkeep::new(&settings, store.clone(), Arc::clone(&worker))?;
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
@@ -89,6 +93,7 @@ impl Application {
             listener,
             state: AppState::new(&settings, store, Arc::clone(&worker)),
             worker,
+            subscriptions,
         })
     }
 
@@ -113,9 +118,18 @@ impl Application {
         let server = axum::serve(self.listener, http::router(self.state))
             .with_graceful_shutdown(http_stop.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
+        // After the server: creating a subscription makes Graph call us back first.
+        let subscriptions = self
+            .subscriptions
+            .map(|s| tokio::spawn(s.run(shutdown.clone())));
         shutdown.cancelled().await;
         if let Err(e) = worker.await {
             tracing::error!(error = %e, "worker task failed");
+        }
+        if let Some(task) = subscriptions {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "subscription task failed");
+            }
         }
         http_stop.cancel();
         server

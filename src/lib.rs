@@ -12,6 +12,7 @@ pub mod graph;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod notifications;
 pub mod resilience;
 pub mod scheduler;
 pub mod sim;

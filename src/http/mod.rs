@@ -2,6 +2,7 @@
 //! the admin API (`/v1`).
 
 pub mod admin;
+pub mod notifications;
 pub mod status_page;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .merge(notifications::routes())
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/healthz", get(healthz))

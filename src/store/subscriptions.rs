@@ -38,13 +38,16 @@ pub struct SubscriptionDue {
     pub user_id: String,
     /// The subscription to renew; `None`: create one.
     pub subscription_id: Option<String>,
+    /// The mailbox was subscribed before (Graph removed it): changes may have been missed.
+    pub had_subscription: bool,
     pub consecutive_failures: u32,
 }
 
 /// What a successful create or renew stores.
 pub struct SubscriptionSaved<'a> {
     pub subscription_id: &'a str,
-    pub client_state: &'a SecretString,
+    /// `None` keeps the stored one (a renewal).
+    pub client_state: Option<&'a SecretString>,
     pub expires_at: DateTime<Utc>,
     /// Created (else renewed).
     pub created: bool,
@@ -228,6 +231,7 @@ impl SqliteStore {
     ) -> Result<Vec<SubscriptionDue>, StoreError> {
         let rows = sqlx::query(
             "SELECT m.id, m.tenant, m.user_id, s.subscription_id,
+                    s.created_at IS NOT NULL AS had_subscription,
                     COALESCE(s.consecutive_failures, 0) AS consecutive_failures
              FROM mailboxes m LEFT JOIN subscriptions s ON s.mailbox_id = m.id
              WHERE m.enabled = 1
@@ -248,6 +252,7 @@ impl SqliteStore {
                     tenant: row.try_get("tenant")?,
                     user_id: row.try_get("user_id")?,
                     subscription_id: row.try_get("subscription_id")?,
+                    had_subscription: row.try_get("had_subscription")?,
                     consecutive_failures: failures(row.try_get("consecutive_failures")?),
                 })
             })
@@ -290,7 +295,8 @@ impl SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE subscriptions SET subscription_id = ?2, client_state = ?3, expires_at = ?4,
+            "UPDATE subscriptions SET subscription_id = ?2,
+                 client_state = COALESCE(?3, client_state), expires_at = ?4,
                  created_at = CASE WHEN ?5 THEN ?6 ELSE created_at END,
                  renewed_at = CASE WHEN ?5 THEN NULL ELSE ?6 END,
                  renew_requested = 0, last_error = NULL, last_error_at = NULL,
@@ -299,7 +305,7 @@ impl SqliteStore {
         )
         .bind(mailbox)
         .bind(saved.subscription_id)
-        .bind(saved.client_state.expose_secret())
+        .bind(saved.client_state.map(|c| c.expose_secret()))
         .bind(ts(saved.expires_at))
         .bind(saved.created)
         .bind(ts(now))
@@ -382,6 +388,7 @@ impl PgStore {
     ) -> Result<Vec<SubscriptionDue>, StoreError> {
         let rows = sqlx::query(
             "SELECT m.id, m.tenant, m.user_id, s.subscription_id,
+                    s.created_at IS NOT NULL AS had_subscription,
                     COALESCE(s.consecutive_failures, 0) AS consecutive_failures
              FROM mailboxes m LEFT JOIN subscriptions s ON s.mailbox_id = m.id
              WHERE m.enabled
@@ -403,6 +410,7 @@ impl PgStore {
                     tenant: row.try_get("tenant")?,
                     user_id: row.try_get("user_id")?,
                     subscription_id: row.try_get("subscription_id")?,
+                    had_subscription: row.try_get("had_subscription")?,
                     consecutive_failures: failures(i64::from(n)),
                 })
             })
@@ -445,7 +453,8 @@ impl PgStore {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE subscriptions SET subscription_id = $2, client_state = $3, expires_at = $4,
+            "UPDATE subscriptions SET subscription_id = $2,
+                 client_state = COALESCE($3, client_state), expires_at = $4,
                  created_at = CASE WHEN $5 THEN $6 ELSE created_at END,
                  renewed_at = CASE WHEN $5 THEN NULL ELSE $6 END,
                  renew_requested = false, last_error = NULL, last_error_at = NULL,
@@ -454,7 +463,7 @@ impl PgStore {
         )
         .bind(mailbox)
         .bind(saved.subscription_id)
-        .bind(saved.client_state.expose_secret())
+        .bind(saved.client_state.map(|c| c.expose_secret()))
         .bind(saved.expires_at)
         .bind(saved.created)
         .bind(now)

@@ -10,6 +10,7 @@ mod foreign_links;
 mod health;
 mod helpers;
 mod malformed;
+mod notifications;
 mod observability;
 mod page_loops;
 mod raw_graph;

@@ -1,0 +1,784 @@
+//! Graph change notifications end to end: the real service (its own HTTP server as the
+//! notification URL, on loopback) against the simulator, which creates subscriptions only after
+//! validating that URL, and POSTs notifications and lifecycle events to it. The periodic
+//! interval is an hour, so any round after the first was triggered by a notification.
+
+use std::time::Duration;
+
+use calsync::app::Application;
+use calsync::config::Settings;
+use calsync::sim::{SimConfig, SimHandle};
+use calsync::store::{MailboxRecord, Store, SubscriptionSaved};
+use chrono::Utc;
+use secrecy::SecretString;
+use serde_json::json;
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::sim_harness::*;
+use crate::store_suite::{run_caught, TestSchema};
+
+struct Service {
+    sim: SimHandle,
+    store: Store,
+    base: String,
+    config: SimConfig,
+    settings: Settings,
+    shutdown: CancellationToken,
+    running: JoinHandle<anyhow::Result<()>>,
+    dir: TempDir,
+}
+
+/// A free loopback port: the service's public URL must be known before it is built.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Periodic rounds an hour apart, subscriptions checked every 50 ms, `tune` on top.
+async fn service(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> Service {
+    let sim = start_sim(config.clone()).await;
+    let port = free_port();
+    let (settings, dir) = sim_settings(&sim, &config, |s| {
+        fast(s);
+        s.sync.interval = Duration::from_secs(3600);
+        s.server.listen = ([127, 0, 0, 1], port).into();
+        let n = &mut s.notifications;
+        n.public_url = Some(format!("http://127.0.0.1:{port}").parse().expect("a URL"));
+        n.check_interval = Duration::from_millis(50);
+        n.retry_initial = Duration::from_millis(100);
+        n.retry_max = Duration::from_millis(400);
+        tune(s);
+    });
+    let app = Application::build(settings.clone())
+        .await
+        .expect("app builds");
+    let store = app.store().clone();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    Service {
+        sim,
+        store,
+        base: format!("http://127.0.0.1:{port}"),
+        config,
+        settings,
+        shutdown,
+        running,
+        dir,
+    }
+}
+
+impl Service {
+    async fn stop(self) -> SimApp {
+        self.shutdown.cancel();
+        self.running
+            .await
+            .expect("no panic")
+            .expect("the service stops cleanly");
+        let (worker, _) =
+            calsync::app::build_worker(&self.settings, self.store.clone()).expect("worker builds");
+        let _ = &self.config;
+        SimApp {
+            sim: self.sim,
+            settings: self.settings,
+            store: self.store,
+            worker,
+            dir: self.dir,
+        }
+    }
+
+    fn mailboxes(&self) -> Vec<String> {
+        self.sim
+            .tenants()
+            .iter()
+            .flat_map(|t| t.mailboxes.clone())
+            .collect()
+    }
+
+    async fn record(&self, mailbox: &str) -> MailboxRecord {
+        self.store
+            .mailboxes()
+            .await
+            .expect("store reads")
+            .into_iter()
+            .find(|m| m.user_id == mailbox)
+            .expect("mailbox registered")
+    }
+
+    async fn runs(&self, mailbox: &str) -> usize {
+        let id = self.record(mailbox).await.id;
+        self.store.runs(id, 50).await.expect("store reads").len()
+    }
+
+    /// Every mailbox synced once and subscribed, the store agreeing with the simulator.
+    async fn wait_until_subscribed(&self) {
+        let mailboxes = self.mailboxes();
+        wait_async(
+            "every mailbox synced and subscribed",
+            Duration::from_secs(10),
+            || async {
+                let synced = self
+                    .store
+                    .mailboxes()
+                    .await
+                    .expect("store reads")
+                    .iter()
+                    .all(|m| m.last_success_at.is_some());
+                let stored = self.store.subscriptions().await.expect("store reads");
+                let live = self.sim.subscriptions();
+                synced
+                    && mailboxes.iter().all(|m| {
+                        stored.iter().any(|s| {
+                            &s.user_id == m
+                                && s.subscription_id.as_ref().is_some_and(|id| {
+                                    live.iter().any(|l| &l.id == id && &l.mailbox == m)
+                                })
+                        })
+                    })
+            },
+        )
+        .await;
+    }
+
+    async fn subscription_id(&self, mailbox: &str) -> String {
+        self.store
+            .subscriptions()
+            .await
+            .expect("store reads")
+            .into_iter()
+            .find(|s| s.user_id == mailbox)
+            .and_then(|s| s.subscription_id)
+            .expect("a stored subscription")
+    }
+
+    async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("calsync answers")
+    }
+}
+
+async fn wait_async<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let give_up = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < give_up, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_change_in_a_mailbox_is_notified_and_synced_at_once_not_at_the_next_interval() {
+    let svc = service(world(2, 2, 40), |_| {}).await;
+    svc.wait_until_subscribed().await;
+
+    // Graph validated both URLs of every subscription before creating it.
+    let sent = svc.sim.notifications_sent();
+    let validations = sent.iter().filter(|n| n.kind == "validation").count();
+    assert_eq!(validations, 2 * svc.mailboxes().len(), "{sent:#?}");
+    assert!(sent
+        .iter()
+        .filter(|n| n.kind == "validation")
+        .all(|n| n.status == Some(200)));
+
+    let mailbox = svc.mailboxes()[0].clone();
+    let other = svc.mailboxes()[1].clone();
+    let before = svc.record(&mailbox).await.last_success_at;
+    assert_eq!(svc.runs(&mailbox).await, 1);
+    let changed = Instant::now();
+    svc.sim.mutate_now(&mailbox, 4);
+    wait_async(
+        "the notified mailbox synced again",
+        Duration::from_secs(5),
+        || async { svc.record(&mailbox).await.last_success_at > before },
+    )
+    .await;
+    let took = changed.elapsed();
+    let notified: Vec<_> = svc
+        .sim
+        .notifications_sent()
+        .into_iter()
+        .filter(|n| n.kind == "change")
+        .collect();
+    assert!(!notified.is_empty());
+    assert!(
+        notified
+            .iter()
+            .all(|n| n.status == Some(202) && n.mailbox == mailbox && n.took_ms < 3000),
+        "{notified:#?}"
+    );
+    // Only the changed mailbox ran again.
+    assert_eq!(svc.runs(&mailbox).await, 2);
+    assert_eq!(svc.runs(&other).await, 1);
+    eprintln!("change to stored via notification: {took:?}");
+    let app = svc.stop().await;
+    app.assert_matches_truth(&mailbox).await;
+    app.assert_matches_truth(&other).await;
+}
+
+#[tokio::test]
+async fn the_endpoints_answer_the_handshake_and_ignore_a_wrong_client_state() {
+    let svc = service(world(1, 1, 20), |_| {}).await;
+    svc.wait_until_subscribed().await;
+    let mailbox = svc.mailboxes()[0].clone();
+    let id = svc.subscription_id(&mailbox).await;
+
+    // Validation: the token URL-decoded, as text/plain.
+    for path in ["/notifications", "/notifications/lifecycle"] {
+        let r = svc
+            .post(
+                &format!("{path}?validationToken=Validation%3A%20Testing%20a%2Bb"),
+                "",
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let content_type = r.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        assert!(content_type.starts_with("text/plain"), "{content_type}");
+        assert_eq!(r.text().await.expect("body"), "Validation: Testing a+b");
+    }
+
+    let runs = svc.runs(&mailbox).await;
+    let bad = |subscription: &str, state: &str| {
+        json!({"value": [{
+            "subscriptionId": subscription, "clientState": state, "changeType": "updated",
+            "resource": format!("Users/{mailbox}/Events/x"), "tenantId": "t",
+            "resourceData": {"id": "x"}
+        }]})
+        .to_string()
+    };
+    for body in [
+        bad(&id, "not-the-client-state"),
+        bad(&id, ""),
+        bad("no-such-subscription", "whatever"),
+        json!({"value": [{"subscriptionId": id, "changeType": "updated"}]}).to_string(),
+    ] {
+        let r = svc.post("/notifications", body.clone()).await;
+        assert_eq!(r.status(), 202, "{body}");
+        let r = svc
+            .post(
+                "/notifications/lifecycle",
+                body.replace("changeType\":\"updated", "lifecycleEvent\":\"missed"),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    assert_eq!(
+        svc.record(&mailbox).await.sync_requested_at,
+        None,
+        "nothing was triggered"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(svc.runs(&mailbox).await, runs, "no round ran");
+
+    // Malformed and oversized bodies.
+    assert_eq!(svc.post("/notifications", "{not json").await.status(), 400);
+    assert_eq!(svc.post("/notifications", "{}").await.status(), 400);
+    let huge = format!(
+        "{{\"value\":[],\"pad\":\"{}\"}}",
+        "x".repeat(2 * 1024 * 1024)
+    );
+    assert_eq!(svc.post("/notifications", huge).await.status(), 413);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn subscriptions_are_renewed_before_they_expire() {
+    let svc = service(world(1, 2, 10), |s| {
+        s.notifications.expiration = Duration::from_secs(3);
+        s.notifications.renew_before = Duration::from_millis(2200);
+    })
+    .await;
+    svc.wait_until_subscribed().await;
+    let ids: Vec<String> = svc
+        .sim
+        .subscriptions()
+        .iter()
+        .map(|s| s.id.clone())
+        .collect();
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let now = Utc::now();
+        for s in svc.sim.subscriptions() {
+            assert!(s.expires_at > now, "{} expired before it was renewed", s.id);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let subs = svc.sim.subscriptions();
+    assert_eq!(
+        subs.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+        ids,
+        "same subscriptions, not new ones"
+    );
+    for s in &subs {
+        assert!(
+            s.renewals >= 3,
+            "{} renewed {} times in 4s",
+            s.id,
+            s.renewals
+        );
+    }
+    for s in svc.store.subscriptions().await.expect("store reads") {
+        assert!(s.renewed_at.is_some());
+        assert!(s.last_error.is_none());
+    }
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn lifecycle_events_renew_resync_and_recreate() {
+    let svc = service(world(1, 1, 20), |_| {}).await;
+    svc.wait_until_subscribed().await;
+    let mailbox = svc.mailboxes()[0].clone();
+    let first = svc.subscription_id(&mailbox).await;
+
+    // reauthorizationRequired: renewed (the default lifetime is days: no renewal was due).
+    assert_eq!(svc.sim.subscriptions()[0].renewals, 0);
+    assert_eq!(
+        svc.sim.lifecycle(&mailbox, "reauthorizationRequired").await,
+        1
+    );
+    wait_async("renewed on request", Duration::from_secs(5), || async {
+        svc.sim.subscriptions()[0].renewals == 1
+    })
+    .await;
+    assert_eq!(svc.subscription_id(&mailbox).await, first);
+
+    // missed: a delta round at once.
+    let runs = svc.runs(&mailbox).await;
+    assert_eq!(svc.sim.lifecycle(&mailbox, "missed").await, 1);
+    wait_async("a round after `missed`", Duration::from_secs(5), || async {
+        svc.runs(&mailbox).await > runs
+    })
+    .await;
+
+    // subscriptionRemoved: a new subscription, and a round for what may have been missed.
+    let runs = svc.runs(&mailbox).await;
+    svc.sim.mutate_now(&mailbox, 2); // notified on the old subscription
+    wait_async("the change's round", Duration::from_secs(5), || async {
+        svc.runs(&mailbox).await > runs
+    })
+    .await;
+    let runs = svc.runs(&mailbox).await;
+    assert_eq!(svc.sim.lifecycle(&mailbox, "subscriptionRemoved").await, 1);
+    wait_async("recreated", Duration::from_secs(5), || async {
+        let live = svc.sim.subscriptions();
+        live.len() == 1 && live[0].id != first
+    })
+    .await;
+    wait_async(
+        "stored the new one and ran a round",
+        Duration::from_secs(5),
+        || async {
+            svc.subscription_id(&svc.mailboxes()[0]).await == svc.sim.subscriptions()[0].id
+                && svc.runs(&mailbox).await > runs
+        },
+    )
+    .await;
+    let sent = svc.sim.notifications_sent();
+    for event in ["reauthorizationRequired", "missed", "subscriptionRemoved"] {
+        assert!(
+            sent.iter()
+                .any(|n| n.kind == event && n.status == Some(202)),
+            "{event}: {sent:#?}"
+        );
+    }
+    // The new subscription notifies too.
+    let runs = svc.runs(&mailbox).await;
+    svc.sim.mutate_now(&mailbox, 2);
+    wait_async(
+        "a round via the new subscription",
+        Duration::from_secs(5),
+        || async { svc.runs(&mailbox).await > runs },
+    )
+    .await;
+    let app = svc.stop().await;
+    app.assert_matches_truth(&mailbox).await;
+}
+
+#[tokio::test]
+async fn failed_subscription_requests_back_off_show_their_error_and_recover() {
+    let config = world(1, 2, 10);
+    let svc = service(config, |_| {}).await;
+    svc.sim.fail_subscription_requests(1_000, 503);
+    wait_async("a failure recorded", Duration::from_secs(5), || async {
+        let subs = svc.store.subscriptions().await.expect("store reads");
+        subs.len() == 2 && subs.iter().all(|s| s.consecutive_failures >= 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Backoff 100 ms doubling to 400 ms (jittered): a few attempts per mailbox in ~1 s, not
+    // one per 50 ms check.
+    let attempts = 1_000 - svc.sim.subscription_failures_left();
+    assert!((2..=2 * 8).contains(&attempts), "{attempts} attempts");
+    let health = calsync::notifications::subscription_health(&svc.store, 2)
+        .await
+        .expect("store reads");
+    assert_eq!((health.active, health.failing, health.missing), (0, 2, 2));
+    assert!(health.failures.iter().all(|f| f.error.contains("503")));
+    for s in svc.store.subscriptions().await.expect("store reads") {
+        let error = s.last_error.expect("the error is kept");
+        assert!(error.contains("503"), "{error}");
+        assert!(s.subscription_id.is_none());
+    }
+    // Sync jobs were not held up.
+    for m in svc.mailboxes() {
+        assert!(svc.record(&m).await.last_success_at.is_some());
+    }
+    svc.sim.fail_subscription_requests(0, 503);
+    svc.wait_until_subscribed().await;
+    for s in svc.store.subscriptions().await.expect("store reads") {
+        assert_eq!(s.consecutive_failures, 0);
+        assert!(s.last_error.is_none());
+    }
+    let health = calsync::notifications::subscription_health(&svc.store, 2)
+        .await
+        .expect("store reads");
+    assert_eq!((health.active, health.failing, health.missing), (2, 0, 0));
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn the_simulator_refuses_bad_subscriptions() {
+    let config = world(1, 1, 5);
+    let sim = start_sim(config.clone()).await;
+    let tenant = &sim.tenants()[0];
+    let token: serde_json::Value = reqwest::Client::new()
+        .post(sim.token_url(&tenant.tenant_id))
+        .form(&[
+            ("client_id", tenant.client_id.as_str()),
+            ("client_secret", tenant.client_secret.as_str()),
+            ("scope", "https://graph.microsoft.com/.default"),
+            ("grant_type", "client_credentials"),
+        ])
+        .send()
+        .await
+        .expect("token endpoint answers")
+        .json()
+        .await
+        .expect("token JSON");
+    let bearer = format!(
+        "Bearer {}",
+        token["access_token"].as_str().expect("a token")
+    );
+    let mailbox = tenant.mailboxes[0].clone();
+    let create = |body: serde_json::Value| {
+        let bearer = bearer.clone();
+        let url = format!("{}/subscriptions", sim.graph_base_url());
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("authorization", bearer)
+                .json(&body)
+                .send()
+                .await
+                .expect("simulator answers")
+                .status()
+                .as_u16()
+        }
+    };
+    let soon = |minutes: i64| (Utc::now() + chrono::Duration::minutes(minutes)).to_rfc3339();
+    let good = json!({
+        "changeType": "created,updated,deleted",
+        "notificationUrl": "http://127.0.0.1:9/notifications",
+        "resource": format!("/users/{mailbox}/events"),
+        "expirationDateTime": soon(60),
+        "clientState": "s".repeat(40),
+    });
+    let with = |key: &str, value: serde_json::Value| {
+        let mut body = good.clone();
+        body[key] = value;
+        body
+    };
+    assert_eq!(
+        create(with("expirationDateTime", json!(soon(10_081)))).await,
+        400
+    );
+    assert_eq!(
+        create(with("expirationDateTime", json!(soon(-1)))).await,
+        400
+    );
+    assert_eq!(
+        create(with("changeType", json!("created,moved"))).await,
+        400
+    );
+    assert_eq!(
+        create(with("notificationUrl", json!("http://example.com/n"))).await,
+        400
+    );
+    assert_eq!(
+        create(with("clientState", json!("s".repeat(129)))).await,
+        400
+    );
+    assert_eq!(
+        create(with("resource", json!("/users/nobody@nowhere.test/events"))).await,
+        404
+    );
+    // Nothing listens on port 9: the validation request fails, so no subscription.
+    assert_eq!(create(good.clone()).await, 400);
+    assert!(sim.subscriptions().is_empty());
+    let unauthorized = reqwest::Client::new()
+        .post(format!("{}/subscriptions", sim.graph_base_url()))
+        .json(&good)
+        .send()
+        .await
+        .expect("simulator answers");
+    assert_eq!(unauthorized.status(), 401);
+    sim.shutdown().await;
+}
+
+// ---- the store's subscription table, on both backends ----
+
+async fn subscription_rows(store: Store) {
+    let now = Utc::now();
+    let mailboxes = vec![
+        ("t".to_string(), "a@x.test".to_string()),
+        ("t".to_string(), "b@x.test".to_string()),
+    ];
+    store
+        .sync_config_mailboxes(&mailboxes, now)
+        .await
+        .expect("mailboxes");
+    let later = now + chrono::Duration::hours(1);
+    let due = store.subscriptions_due(now, later, 10).await.expect("due");
+    assert_eq!(due.len(), 2);
+    assert!(due.iter().all(|d| d.subscription_id.is_none()));
+    let a = due[0].mailbox_id;
+    let b = due[1].mailbox_id;
+
+    // One claimant wins; the claim hides the row until it runs out.
+    let until = now + chrono::Duration::seconds(30);
+    assert!(store
+        .claim_subscription(a, now, until)
+        .await
+        .expect("claim"));
+    assert!(!store
+        .claim_subscription(a, now, until)
+        .await
+        .expect("claim"));
+    let due = store.subscriptions_due(now, later, 10).await.expect("due");
+    assert_eq!(
+        due.iter().map(|d| d.mailbox_id).collect::<Vec<_>>(),
+        vec![b]
+    );
+
+    let state = SecretString::from("a-client-state-of-some-length");
+    let expires = now + chrono::Duration::days(3);
+    let saved = SubscriptionSaved {
+        subscription_id: "sub-a",
+        client_state: Some(&state),
+        expires_at: expires,
+        created: true,
+    };
+    store
+        .subscription_saved(a, &saved, now)
+        .await
+        .expect("saved");
+    let record = store
+        .subscription_by_id("sub-a")
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(record.mailbox_id, a);
+    assert_eq!(record.user_id, "a@x.test");
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(record.client_state.as_ref().expect("state")),
+        "a-client-state-of-some-length"
+    );
+    assert_eq!(
+        record.expires_at.map(|t| t.timestamp_millis()),
+        Some(expires.timestamp_millis())
+    );
+    assert!(record.created_at.is_some() && record.renewed_at.is_none());
+    // Not due until its expiry comes within the renewal margin.
+    let due = store.subscriptions_due(now, later, 10).await.expect("due");
+    assert!(due.iter().all(|d| d.mailbox_id != a));
+    let due = store
+        .subscriptions_due(now, expires + chrono::Duration::seconds(1), 10)
+        .await
+        .expect("due");
+    assert!(due
+        .iter()
+        .any(|d| d.mailbox_id == a && d.subscription_id.as_deref() == Some("sub-a")));
+
+    // reauthorizationRequired: due now, same subscription.
+    assert!(store
+        .subscription_needs_work("sub-a", false, now)
+        .await
+        .expect("mark"));
+    let due = store.subscriptions_due(now, later, 10).await.expect("due");
+    assert!(due
+        .iter()
+        .any(|d| d.mailbox_id == a && d.subscription_id.as_deref() == Some("sub-a")));
+    // subscriptionRemoved: forgotten, to be created anew.
+    assert!(store
+        .subscription_needs_work("sub-a", true, now)
+        .await
+        .expect("forget"));
+    assert!(store
+        .subscription_by_id("sub-a")
+        .await
+        .expect("read")
+        .is_none());
+    assert!(!store
+        .subscription_needs_work("sub-a", true, now)
+        .await
+        .expect("gone"));
+    let due = store.subscriptions_due(now, later, 10).await.expect("due");
+    assert!(due
+        .iter()
+        .any(|d| d.mailbox_id == a && d.subscription_id.is_none()));
+
+    // A failure backs off and is kept until a success clears it.
+    assert!(store
+        .claim_subscription(b, now, until)
+        .await
+        .expect("claim"));
+    let retry = now + chrono::Duration::minutes(5);
+    store
+        .subscription_failed(b, "HTTP 503 \0 ServiceUnavailable", now, retry)
+        .await
+        .expect("failed");
+    let due = store.subscriptions_due(now, later, 10).await.expect("due");
+    assert!(due.iter().all(|d| d.mailbox_id != b));
+    let due = store
+        .subscriptions_due(retry, later, 10)
+        .await
+        .expect("due");
+    let row = due
+        .iter()
+        .find(|d| d.mailbox_id == b)
+        .expect("due after the backoff");
+    assert_eq!(row.consecutive_failures, 1);
+    let all = store.subscriptions().await.expect("rows");
+    let rb = all.iter().find(|r| r.mailbox_id == b).expect("row b");
+    assert!(rb.last_error.as_deref().is_some_and(|e| e.contains("503")));
+    assert!(store
+        .claim_subscription(b, retry, retry + chrono::Duration::seconds(30))
+        .await
+        .expect("claim"));
+    let saved = SubscriptionSaved {
+        subscription_id: "sub-b",
+        client_state: Some(&state),
+        expires_at: expires,
+        created: false,
+    };
+    store
+        .subscription_saved(b, &saved, retry)
+        .await
+        .expect("saved");
+    let rb = store
+        .subscription_by_id("sub-b")
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(
+        (rb.consecutive_failures, rb.last_error.is_none()),
+        (0, true)
+    );
+    assert!(rb.renewed_at.is_some());
+    // A renewal keeps the stored clientState.
+    let renewed = SubscriptionSaved {
+        subscription_id: "sub-b",
+        client_state: None,
+        expires_at: expires + chrono::Duration::days(1),
+        created: false,
+    };
+    store
+        .subscription_saved(b, &renewed, retry)
+        .await
+        .expect("renewed");
+    let rb = store
+        .subscription_by_id("sub-b")
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(
+        rb.client_state
+            .as_ref()
+            .map(secrecy::ExposeSecret::expose_secret),
+        Some("a-client-state-of-some-length")
+    );
+    // A forgotten subscription is known to have existed: its recreation is a catch-up.
+    let due = store.subscriptions_due(now, later, 10).await.expect("due");
+    assert!(due.iter().any(|d| d.mailbox_id == a && d.had_subscription));
+
+    // A mailbox leaving the config is no longer kept subscribed.
+    store
+        .sync_config_mailboxes(&mailboxes[..1], now)
+        .await
+        .expect("mailboxes");
+    let due = store
+        .subscriptions_due(retry, expires + chrono::Duration::days(1), 10)
+        .await
+        .expect("due");
+    assert!(due.iter().all(|d| d.mailbox_id != b));
+    // Removing a mailbox removes its row.
+    assert!(store.remove_mailbox(b).await.expect("removed"));
+    assert!(store
+        .subscription_by_id("sub-b")
+        .await
+        .expect("read")
+        .is_none());
+}
+
+#[tokio::test]
+async fn subscription_rows_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let store = Store::connect(&url, 4).await.expect("store opens");
+    store.migrate().await.expect("migrations run");
+    subscription_rows(store.clone()).await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn subscription_rows_on_postgres() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let url = schema.url.clone();
+    let outcome = run_caught(async move {
+        let store = Store::connect(&url, 4).await.expect("store opens");
+        store.migrate().await.expect("migrations run");
+        subscription_rows(store.clone()).await;
+        store.close().await;
+    })
+    .await;
+    schema.drop_after(outcome).await;
+}
+
+#[tokio::test]
+async fn change_to_stored_latency_is_measured_both_ways() {
+    let poll = Duration::from_millis(800);
+    let latency = calsync::notifications::latency::change_to_stored(3, poll)
+        .await
+        .expect("measured");
+    assert_eq!(latency.via_notification.len(), 3);
+    assert_eq!(latency.via_polling.len(), 3);
+    assert!(
+        latency.via_notification.iter().all(|d| *d < poll),
+        "{latency:?}"
+    );
+    assert!(
+        latency
+            .via_polling
+            .iter()
+            .all(|d| *d < poll + Duration::from_secs(2)),
+        "{latency:?}"
+    );
+    eprintln!("{latency:?}");
+}
