@@ -31,6 +31,8 @@ pub struct AppState {
     pub worker: Arc<Worker>,
     /// The admin API's token check and configured tenants.
     pub admin: Arc<admin::AdminApi>,
+    /// Whether Graph change notifications are on (`notifications.public_url` set).
+    pub notifications: bool,
 }
 
 impl AppState {
@@ -39,6 +41,7 @@ impl AppState {
             store,
             worker,
             admin: Arc::new(admin::AdminApi::new(settings)),
+            notifications: settings.notifications.public_url.is_some(),
         }
     }
 }
@@ -133,10 +136,23 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         Err(_) => return unavailable("store timed out".into()),
     };
     let health = build_health(&mailboxes, &state.worker, Utc::now()).await;
-    (
-        StatusCode::OK,
-        Json(serde_json::to_value(health).unwrap_or_default()),
-    )
+    let mut body = serde_json::to_value(health).unwrap_or_default();
+    if state.notifications {
+        // Subscriptions are a trigger only (delta stays the source of truth), so their state is
+        // shown but does not make calsync degraded.
+        let enabled = mailboxes.iter().filter(|m| m.enabled).count();
+        let subscriptions = tokio::time::timeout(
+            STORE_CHECK_TIMEOUT,
+            crate::notifications::subscription_health(&state.store, enabled),
+        )
+        .await;
+        body["notifications"] = match subscriptions {
+            Ok(Ok(h)) => serde_json::to_value(h).unwrap_or_default(),
+            Ok(Err(e)) => serde_json::json!({"error": e.to_string()}),
+            Err(_) => serde_json::json!({"error": "store timed out"}),
+        };
+    }
+    (StatusCode::OK, Json(body))
 }
 
 /// Health detail for this Application, or why the store could not give it.

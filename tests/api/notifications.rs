@@ -429,6 +429,14 @@ async fn failed_subscription_requests_back_off_show_their_error_and_recover() {
         .expect("store reads");
     assert_eq!((health.active, health.failing, health.missing), (0, 2, 2));
     assert!(health.failures.iter().all(|f| f.error.contains("503")));
+    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.base))
+        .await
+        .expect("healthz answers")
+        .json()
+        .await
+        .expect("healthz is JSON");
+    assert_eq!(healthz["notifications"]["failing"], 2, "{healthz}");
+    assert_eq!(healthz["notifications"]["active"], 0);
     for s in svc.store.subscriptions().await.expect("store reads") {
         let error = s.last_error.expect("the error is kept");
         assert!(error.contains("503"), "{error}");
@@ -448,6 +456,13 @@ async fn failed_subscription_requests_back_off_show_their_error_and_recover() {
         .await
         .expect("store reads");
     assert_eq!((health.active, health.failing, health.missing), (2, 0, 0));
+    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.base))
+        .await
+        .expect("healthz answers")
+        .json()
+        .await
+        .expect("healthz is JSON");
+    assert_eq!(healthz["notifications"]["active"], 2, "{healthz}");
     svc.stop().await;
 }
 
