@@ -51,6 +51,13 @@ pub struct BenchArgs {
     /// count gets a schema of its own in it, dropped afterwards.
     #[arg(long)]
     pub postgres: Option<String>,
+    /// Calendar changes timed from the change to the stored event, via change notification and
+    /// via polling (0 skips the measurement).
+    #[arg(long, default_value_t = 20)]
+    pub latency_samples: usize,
+    /// The polling service's sync interval in the latency measurement.
+    #[arg(long, default_value = "2s", value_parser = crate::config::HumanDuration::parse)]
+    pub latency_poll_interval: crate::config::HumanDuration,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +75,12 @@ pub struct BenchReport {
     pub raw_pages: u64,
     pub raw_seconds: f64,
     pub raw_pages_per_second: f64,
+    /// CPU seconds of calsync and of the simulator during the initial sync and the raw loop: on a
+    /// small machine both compete for the same cores.
+    pub initial_cpu_seconds: f64,
+    pub initial_sim_cpu_seconds: f64,
+    pub raw_cpu_seconds: f64,
+    pub raw_sim_cpu_seconds: f64,
     pub ratio_to_raw: f64,
     pub idle_round_requests_per_mailbox: f64,
     pub idle_round_cpu_ms_per_mailbox: f64,
@@ -81,6 +94,8 @@ pub struct BenchReport {
     /// Replica mode, one entry per replica count (empty without `--replicas`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replica_runs: Vec<ReplicaRun>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_to_stored: Option<LatencySummary>,
 }
 
 /// The initial sync of every mailbox by `replicas` serving processes on one PostgreSQL schema:
@@ -110,9 +125,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let mut sim = spawn_sim(&args, addr, seed).await?;
     let dir = std::env::temp_dir().join(format!("calsync-bench-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
-    let mut result = measure(&args, &sim_config, addr, &dir).await;
+    let sim_stat = sim.id().map(|pid| format!("/proc/{pid}/stat"));
+    let mut result = measure(&args, &sim_config, addr, &dir, &sim_stat).await;
     if let (Ok(report), Some(postgres)) = (&mut result, &args.postgres) {
-        let sim_stat = sim.id().map(|pid| format!("/proc/{pid}/stat"));
         for &replicas in &args.replicas {
             let run = replica_run(
                 &args,
@@ -134,7 +149,53 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     }
     let _ = sim.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
+    if let (Ok(report), true) = (&mut result, args.latency_samples > 0) {
+        if !args.json {
+            eprintln!(
+                "change-to-stored latency: {} changes via notification and via polling...",
+                args.latency_samples
+            );
+        }
+        let latency = crate::notifications::latency::change_to_stored(
+            args.latency_samples,
+            args.latency_poll_interval.0,
+        )
+        .await?;
+        report.change_to_stored = Some(LatencySummary::of(&latency));
+    }
     result
+}
+
+/// Change-to-stored times in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySummary {
+    pub samples: usize,
+    pub poll_interval_ms: f64,
+    pub notification_p50_ms: f64,
+    pub notification_max_ms: f64,
+    pub polling_p50_ms: f64,
+    pub polling_max_ms: f64,
+}
+
+impl LatencySummary {
+    fn of(l: &crate::notifications::latency::ChangeLatency) -> Self {
+        let stats = |d: &[Duration]| {
+            let mut ms: Vec<f64> = d.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+            ms.sort_by(f64::total_cmp);
+            let p50 = ms.get(ms.len() / 2).copied().unwrap_or(0.0);
+            (p50, ms.last().copied().unwrap_or(0.0))
+        };
+        let (n50, nmax) = stats(&l.via_notification);
+        let (p50, pmax) = stats(&l.via_polling);
+        Self {
+            samples: l.via_notification.len(),
+            poll_interval_ms: l.poll_interval.as_secs_f64() * 1000.0,
+            notification_p50_ms: n50,
+            notification_max_ms: nmax,
+            polling_p50_ms: p50,
+            polling_max_ms: pmax,
+        }
+    }
 }
 
 async fn measure(
@@ -142,6 +203,7 @@ async fn measure(
     config: &SimConfig,
     addr: SocketAddr,
     dir: &Path,
+    sim_stat: &Option<String>,
 ) -> anyhow::Result<BenchReport> {
     let settings = bench_settings(config, addr, &dir.join("bench.db"), args.workers)?;
     let store = app::open_store(&settings).await?;
@@ -153,13 +215,21 @@ async fn measure(
         }
     };
 
+    // The simulator builds each page's JSON on first use; one unmeasured pass warms it, so
+    // calsync and the raw loop below meet the same simulator.
+    progress("warming the simulator...");
+    raw_ceiling(&settings, config, &tokens, args.workers).await?;
+
     progress(&format!(
         "initial sync of {mailboxes} mailboxes x {} events...",
         args.events
     ));
+    let cpu_at_start = (cpu_seconds()?, sim_cpu(sim_stat));
     let started = Instant::now();
     let results = worker.sync_all_once().await?;
     let initial_seconds = started.elapsed().as_secs_f64();
+    let initial_cpu_seconds = cpu_seconds()? - cpu_at_start.0;
+    let initial_sim_cpu_seconds = sim_cpu(sim_stat) - cpu_at_start.1;
     let failed_jobs = results
         .iter()
         .filter(|r| r.outcome != RunOutcome::Ok)
@@ -178,7 +248,10 @@ async fn measure(
     let failed_jobs = failed_jobs + idle.iter().filter(|r| r.outcome != RunOutcome::Ok).count();
 
     progress("raw ceiling: the same initial rounds by a bare reqwest loop...");
+    let cpu_at_start = (cpu_seconds()?, sim_cpu(sim_stat));
     let (raw_pages, raw_seconds) = raw_ceiling(&settings, config, &tokens, args.workers).await?;
+    let raw_cpu_seconds = cpu_seconds()? - cpu_at_start.0;
+    let raw_sim_cpu_seconds = sim_cpu(sim_stat) - cpu_at_start.1;
     let peak_rss_mib = status_kib("VmHWM:")? as f64 / 1024.0;
 
     progress(&format!(
@@ -204,6 +277,10 @@ async fn measure(
         raw_pages,
         raw_seconds,
         raw_pages_per_second,
+        initial_cpu_seconds,
+        initial_sim_cpu_seconds,
+        raw_cpu_seconds,
+        raw_sim_cpu_seconds,
         ratio_to_raw: pages_per_second / raw_pages_per_second,
         idle_round_requests_per_mailbox: requests as f64 / mailboxes as f64,
         idle_round_cpu_ms_per_mailbox: cpu_used * 1000.0 / mailboxes as f64,
@@ -215,6 +292,7 @@ async fn measure(
         claims_per_second,
         failed_jobs,
         replica_runs: Vec::new(),
+        change_to_stored: None,
     })
 }
 
@@ -606,6 +684,13 @@ async fn registered_cost(
 }
 
 /// User + system CPU seconds of this process (Linux `/proc`, whose clock ticks are 1/100 s).
+/// The simulator process's CPU seconds so far (0 if unknown).
+fn sim_cpu(stat: &Option<String>) -> f64 {
+    stat.as_deref()
+        .and_then(|path| cpu_seconds_of(path).ok())
+        .unwrap_or(0.0)
+}
+
 fn cpu_seconds() -> anyhow::Result<f64> {
     cpu_seconds_of("/proc/self/stat")
 }
@@ -696,6 +781,16 @@ pub fn render(r: &BenchReport) -> String {
             format!("{:.2} (target >= 0.70)", r.ratio_to_raw),
         ),
         (
+            "CPU s, calsync / sim",
+            format!(
+                "initial sync {:.1} / {:.1}; raw loop {:.1} / {:.1}",
+                r.initial_cpu_seconds,
+                r.initial_sim_cpu_seconds,
+                r.raw_cpu_seconds,
+                r.raw_sim_cpu_seconds
+            ),
+        ),
+        (
             "idle round",
             format!(
                 "{:.2} s for {} mailboxes",
@@ -763,6 +858,12 @@ pub fn render(r: &BenchReport) -> String {
             ));
         }
     }
+    if let Some(l) = &r.change_to_stored {
+        out.push_str(&format!(
+            "\n  change -> stored ({} changes)  via notification p50 {:.0} ms, max {:.0} ms; via polling every {:.0} ms p50 {:.0} ms, max {:.0} ms\n",
+            l.samples, l.notification_p50_ms, l.notification_max_ms, l.poll_interval_ms, l.polling_p50_ms, l.polling_max_ms
+        ));
+    }
     out
 }
 
@@ -809,6 +910,10 @@ mod tests {
             raw_pages: 10,
             raw_seconds: 0.5,
             raw_pages_per_second: 20.0,
+            initial_cpu_seconds: 1.0,
+            initial_sim_cpu_seconds: 1.0,
+            raw_cpu_seconds: 0.1,
+            raw_sim_cpu_seconds: 0.4,
             ratio_to_raw: 0.5,
             idle_round_requests_per_mailbox: 1.0,
             idle_round_cpu_ms_per_mailbox: 0.1,
@@ -820,6 +925,7 @@ mod tests {
             claims_per_second: 1000.0,
             failed_jobs: 0,
             replica_runs: Vec::new(),
+            change_to_stored: None,
         };
         assert!(!render(&report).contains("replicas on one PostgreSQL"));
         let json = serde_json::to_value(&report).expect("serialises");
