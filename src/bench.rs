@@ -483,21 +483,7 @@ tenant_requests_per_second = 100000
 app_requests_per_second = 100000
 "#
     );
-    for tenant in &config.tenants {
-        let mailboxes: Vec<String> = tenant
-            .mailboxes
-            .iter()
-            .map(|m| format!("\"{m}\""))
-            .collect();
-        toml.push_str(&format!(
-            "[[tenants]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nmailboxes = [{}]\n",
-            tenant.name,
-            tenant.tenant_id,
-            tenant.client_id,
-            tenant.client_secret,
-            mailboxes.join(", ")
-        ));
-    }
+    toml.push_str(&crate::demo::tenants_toml(config));
     toml
 }
 

@@ -240,22 +240,26 @@ level = "warn"
         base = sim.graph_base_url(),
         authority = sim.authority(),
     );
+    base.push_str(&tenants_toml(config));
+    Ok(Settings::from_toml_layers(&[&base, overrides])?)
+}
+
+/// The simulator's tenants as calsync `[[tenants]]` tables (TOML-quoted).
+pub fn tenants_toml(config: &SimConfig) -> String {
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut out = String::new();
     for tenant in &config.tenants {
-        let mailboxes: Vec<String> = tenant
-            .mailboxes
-            .iter()
-            .map(|m| format!("\"{m}\""))
-            .collect();
-        base.push_str(&format!(
-            "[[tenants]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nmailboxes = [{}]\n",
-            tenant.name,
-            tenant.tenant_id,
-            tenant.client_id,
-            tenant.client_secret,
+        let mailboxes: Vec<String> = tenant.mailboxes.iter().map(|m| quote(m)).collect();
+        out.push_str(&format!(
+            "[[tenants]]\nname = {}\ntenant_id = {}\nclient_id = {}\nclient_secret = {}\nmailboxes = [{}]\n",
+            quote(&tenant.name),
+            quote(&tenant.tenant_id),
+            quote(&tenant.client_id),
+            quote(&tenant.client_secret),
             mailboxes.join(", ")
         ));
     }
-    Ok(Settings::from_toml_layers(&[&base, overrides])?)
+    out
 }
 
 async fn wait_until(
