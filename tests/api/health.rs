@@ -246,6 +246,12 @@ async fn health_endpoints_report_failures_without_secrets_and_the_app_stops_on_c
     let ready: serde_json::Value = ready.json().await.expect("JSON");
     assert_eq!(ready["status"], "ready");
 
+    // `calsync health`, the container's HEALTHCHECK: exit 0 while the service answers, even
+    // degraded (an Azure outage must not get the container restarted).
+    let check = health_command(&base).await;
+    assert!(check.status.success(), "{check:?}");
+    assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "degraded");
+
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), running)
         .await
@@ -256,4 +262,16 @@ async fn health_endpoints_report_failures_without_secrets_and_the_app_stops_on_c
         client.get(format!("{base}/livez")).send().await.is_err(),
         "the listener is closed after shutdown"
     );
+    let check = health_command(&base).await;
+    assert!(!check.status.success(), "no service, no health: {check:?}");
+    assert!(String::from_utf8_lossy(&check.stdout).contains("unreachable"));
+}
+
+async fn health_command(base: &str) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_calsync"))
+        .args(["health", "--url", base])
+        .env_remove("CALSYNC_CONFIG")
+        .output()
+        .await
+        .expect("calsync health runs")
 }
