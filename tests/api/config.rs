@@ -244,3 +244,26 @@ fn check_config_prints_a_summary_without_the_secret() {
         }
     }
 }
+
+/// The example file documents every key with its default: it must parse, and (its tenant aside)
+/// mean exactly what no file at all means.
+#[test]
+fn the_example_config_parses_and_states_the_defaults() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/calsync.example.toml");
+    let text = std::fs::read_to_string(path).expect("the example file exists");
+    let text = text.replace(
+        "client_secret_file = \"/run/secrets/contoso-client-secret\"",
+        "client_secret = \"example-secret\"",
+    );
+    let example = Settings::from_toml_str(&text).expect("the example parses");
+    let defaults = Settings::from_toml_str("").expect("the defaults parse");
+    let shown = |s: &Settings| {
+        format!(
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            s.server, s.store, s.graph, s.sync, s.log, s.resilience, s.notifications
+        )
+    };
+    assert_eq!(shown(&example), shown(&defaults));
+    assert_eq!(example.tenants.len(), 1);
+    assert_eq!(example.tenants[0].mailboxes.len(), 2);
+}
