@@ -21,14 +21,46 @@ use crate::auth::ClientCertificate;
 
 const DEFAULTS: &str = include_str!("defaults.toml");
 const ENV_PREFIX: &str = "CALSYNC_";
-/// Environment variables with the prefix that are flags of the CLI or of the test suite, not
-/// settings.
-const ENV_NOT_SETTINGS: [&str; 4] = [
-    "CALSYNC_CONFIG",
-    "CALSYNC_URL",
-    "CALSYNC_TEST_POSTGRES_URL",
-    "CALSYNC_REQUIRE_POSTGRES",
+/// The top-level tables: a setting's variable is `CALSYNC_<TABLE>__<KEY>`.
+const SECTIONS: [&str; 9] = [
+    "server",
+    "store",
+    "graph",
+    "sync",
+    "log",
+    "resilience",
+    "api",
+    "notifications",
+    "tenants",
 ];
+
+/// Every setting lives in a table, so its variable has a `__`. Other `CALSYNC_*` variables are
+/// flags of the CLI (`CALSYNC_CONFIG`, `CALSYNC_URL`) or of the test suite, not settings; but
+/// one that starts like a table with a single `_` is a typo for a setting, and is refused.
+fn env_setting(name: &str) -> Result<bool, ConfigError> {
+    let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        return Ok(false);
+    };
+    if rest.contains("__") {
+        return Ok(true);
+    }
+    let lower = rest.to_ascii_lowercase();
+    if let Some(section) = SECTIONS
+        .iter()
+        .find(|s| lower.strip_prefix(**s).is_some_and(|r| r.starts_with('_')))
+    {
+        return Err(ConfigError::new(
+            name,
+            format!(
+                "looks like a setting but has one `_` after `{}`: write CALSYNC_{}__{}",
+                section.to_ascii_uppercase(),
+                section.to_ascii_uppercase(),
+                &rest[section.len() + 1..]
+            ),
+        ));
+    }
+    Ok(false)
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: `{key}`: {message}")]
@@ -347,10 +379,13 @@ impl Settings {
             })?;
             merge_tables(&mut tree, overlay);
         }
-        let mut env: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_NOT_SETTINGS.contains(&k.as_str()))
-            .collect();
+        let mut settings_env = Vec::new();
+        for (name, value) in env {
+            if env_setting(&name)? {
+                settings_env.push((name, value));
+            }
+        }
+        let mut env = settings_env;
         // Sorted so that TENANTS__0__ is created before TENANTS__1__.
         env.sort();
         for (name, value) in env {

@@ -267,3 +267,37 @@ fn the_example_config_parses_and_states_the_defaults() {
     assert_eq!(example.tenants.len(), 1);
     assert_eq!(example.tenants[0].mailboxes.len(), 2);
 }
+
+/// Variables of the CLI and of the test harness share the prefix but are not settings; a
+/// setting written with one `_` instead of `__` is refused, naming the fix.
+#[test]
+fn non_setting_variables_are_ignored_and_single_underscore_settings_refused() {
+    let env = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let loaded = Settings::load_from(
+        None,
+        env(&[
+            ("CALSYNC_REQUIRE_TOOLS", "1"),
+            ("CALSYNC_CHROMIUM", "/usr/bin/chromium"),
+            ("CALSYNC_TEST_POSTGRES_URL", "postgres://x@127.0.0.1/test"),
+            ("CALSYNC_REQUIRE_POSTGRES", "1"),
+            ("CALSYNC_URL", "http://127.0.0.1:8080"),
+            ("CALSYNC_SYNC__WORKERS", "3"),
+        ]),
+    )
+    .expect("only CALSYNC_SYNC__WORKERS is a setting");
+    assert_eq!(loaded.sync.workers, 3);
+
+    let error = Settings::load_from(None, env(&[("CALSYNC_SYNC_WORKERS", "3")]))
+        .expect_err("a one-underscore setting is a typo");
+    assert_eq!(error.key, "CALSYNC_SYNC_WORKERS");
+    assert!(
+        error.message.contains("CALSYNC_SYNC__WORKERS"),
+        "{}",
+        error.message
+    );
+}
