@@ -16,17 +16,20 @@ use super::{
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
 /// `2026-12-09T20:30:00.000Z`: fixed width, so text order is time order.
-fn ts(t: DateTime<Utc>) -> String {
+pub(super) fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn parse_ts(column: &str, text: &str) -> Result<DateTime<Utc>, StoreError> {
+pub(super) fn parse_ts(column: &str, text: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| StoreError::Corrupt(format!("{column} `{text}`: {e}")))
 }
 
-fn parse_opt_ts(row: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+pub(super) fn parse_opt_ts(
+    row: &SqliteRow,
+    column: &str,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
     let text: Option<String> = row.try_get(column)?;
     text.map(|t| parse_ts(column, &t)).transpose()
 }

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::Row;
 
+use super::sqlite::{parse_opt_ts, parse_ts, ts};
 use super::{MailboxId, PgStore, SqliteStore, Store, StoreError};
 
 /// A mailbox's subscription as stored. `client_state` is a secret: compared, never shown.
@@ -152,25 +153,6 @@ impl Store {
 const SELECT_RECORD: &str = "SELECT s.*, m.tenant, m.user_id, m.enabled AS mailbox_enabled
      FROM subscriptions s JOIN mailboxes m ON m.id = s.mailbox_id";
 
-/// `2026-12-09T20:30:00.000Z`, as the SQLite store writes every timestamp.
-fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn parse_ts(column: &str, text: &str) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| StoreError::Corrupt(format!("{column} `{text}`: {e}")))
-}
-
-fn sqlite_opt_ts(
-    row: &sqlx::sqlite::SqliteRow,
-    column: &str,
-) -> Result<Option<DateTime<Utc>>, StoreError> {
-    let text: Option<String> = row.try_get(column)?;
-    text.map(|t| parse_ts(column, &t)).transpose()
-}
-
 fn failures(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
@@ -185,12 +167,12 @@ fn sqlite_record(row: &sqlx::sqlite::SqliteRow) -> Result<SubscriptionRecord, St
         mailbox_enabled: row.try_get("mailbox_enabled")?,
         subscription_id: row.try_get("subscription_id")?,
         client_state: client_state.map(SecretString::from),
-        expires_at: sqlite_opt_ts(row, "expires_at")?,
-        created_at: sqlite_opt_ts(row, "created_at")?,
-        renewed_at: sqlite_opt_ts(row, "renewed_at")?,
+        expires_at: parse_opt_ts(row, "expires_at")?,
+        created_at: parse_opt_ts(row, "created_at")?,
+        renewed_at: parse_opt_ts(row, "renewed_at")?,
         renew_requested: row.try_get("renew_requested")?,
         last_error: row.try_get("last_error")?,
-        last_error_at: sqlite_opt_ts(row, "last_error_at")?,
+        last_error_at: parse_opt_ts(row, "last_error_at")?,
         consecutive_failures: failures(row.try_get("consecutive_failures")?),
         next_attempt_at: parse_ts("next_attempt_at", &next)?,
     })
