@@ -390,30 +390,31 @@ pub struct DueJobs {
     pub deferred_by_breaker: usize,
 }
 
-pub fn due_jobs(health: &Health, tenant: &str, now: DateTime<Utc>) -> DueJobs {
-    let mut due = DueJobs::default();
-    let Some(t) = health.tenants.iter().find(|t| t.name == tenant) else {
-        return due;
-    };
-    let blocked = t
-        .breakers
-        .iter()
-        .any(|b| b.state == BreakerState::Open && b.probe_in_seconds.unwrap_or(0) > 0);
-    for m in t
-        .mailbox_detail
-        .iter()
-        .filter(|m| m.next_run_at <= now && !m.running)
-    {
-        if blocked {
-            due.deferred_by_breaker += 1;
-        } else {
-            due.eligible += 1;
-            due.oldest_eligible_seconds = due
-                .oldest_eligible_seconds
-                .max((now - m.next_run_at).num_seconds());
+impl crate::http::TenantHealth {
+    /// The tenant's due mailboxes, split into those that may run now and those its open
+    /// breaker holds. `/healthz` totals these; the metrics report them per tenant.
+    pub fn due_jobs(&self, now: DateTime<Utc>) -> DueJobs {
+        let blocked = self
+            .breakers
+            .iter()
+            .any(|b| b.state == BreakerState::Open && b.probe_in_seconds.unwrap_or(0) > 0);
+        let mut due = DueJobs::default();
+        for m in self
+            .mailbox_detail
+            .iter()
+            .filter(|m| m.next_run_at <= now && !m.running)
+        {
+            if blocked {
+                due.deferred_by_breaker += 1;
+            } else {
+                due.eligible += 1;
+                due.oldest_eligible_seconds = due
+                    .oldest_eligible_seconds
+                    .max((now - m.next_run_at).num_seconds());
+            }
         }
+        due
     }
-    due
 }
 
 /// Settings the alert rules compare against.
@@ -517,7 +518,7 @@ pub fn render_state(health: &Health, limits: Limits, now: DateTime<Utc>) -> Stri
     let due: Vec<(&str, DueJobs)> = health
         .tenants
         .iter()
-        .map(|t| (t.name.as_str(), due_jobs(health, &t.name, now)))
+        .map(|t| (t.name.as_str(), t.due_jobs(now)))
         .collect();
     let due_families: [Family<DueJobs>; 3] = [
         (

@@ -230,13 +230,8 @@ pub async fn build_health(
         by_tenant.entry(m.tenant.as_str()).or_default().push(m);
     }
     let mut tenants = Vec::with_capacity(by_tenant.len());
-    let mut oldest_due_seconds = 0i64;
-    let mut deferred_by_breaker = 0usize;
     for (name, list) in by_tenant {
         let breakers = worker.breakers(name);
-        let blocked = breakers
-            .iter()
-            .any(|b| b.state == BreakerState::Open && b.probe_in_seconds.unwrap_or(0) > 0);
         let detail: Vec<MailboxHealth> = list
             .iter()
             .map(|m| MailboxHealth {
@@ -253,13 +248,6 @@ pub async fn build_health(
                 running: m.lease_until.is_some_and(|until| until > now),
             })
             .collect();
-        for m in detail.iter().filter(|m| m.next_run_at <= now && !m.running) {
-            if blocked {
-                deferred_by_breaker += 1;
-            } else {
-                oldest_due_seconds = oldest_due_seconds.max((now - m.next_run_at).num_seconds());
-            }
-        }
         let failing = detail.iter().filter(|m| m.consecutive_failures > 0).count();
         let token = match tokens.get(name) {
             Some(provider) => Some(provider.status().await),
@@ -288,6 +276,13 @@ pub async fn build_health(
             mailbox_detail: detail,
         });
     }
+    let due: Vec<_> = tenants.iter().map(|t| t.due_jobs(now)).collect();
+    let oldest_due_seconds = due
+        .iter()
+        .map(|d| d.oldest_eligible_seconds)
+        .max()
+        .unwrap_or(0);
+    let deferred_by_breaker = due.iter().map(|d| d.deferred_by_breaker).sum();
     let worker_status = worker.status();
     let stuck_now = worker_status
         .stuck_recent
