@@ -128,6 +128,20 @@ fn tenant<'a>(health: &'a serde_json::Value, name: &str) -> &'a serde_json::Valu
         .unwrap_or(&serde_json::Value::Null)
 }
 
+/// A mailbox whose last error is newer than its last success (what the page lists).
+fn error_after_success(m: &serde_json::Value) -> bool {
+    let at = |key: &str| {
+        m[key]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    match (at("last_error_at"), at("last_success_at")) {
+        (Some(error), Some(success)) => error > success,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
 fn row(name: &str, status: &str) -> String {
     format!("data-tenant=\"{name}\" data-status=\"{status}\"")
 }
@@ -187,15 +201,25 @@ async fn status_page_in_chromium_shows_an_outage_and_the_recovery() {
         .tenant(a.clone())
         .endpoint(Endpoint::Token),
     );
-    health_until(&http, &base, "A's token breaker opens", |h| {
-        let t = tenant(h, &a);
-        t["status"] == "degraded"
-            && t["breakers"].as_array().is_some_and(|b| {
-                b.iter()
-                    .any(|b| b["dependency"] == "token" && b["state"] != "closed")
-            })
-            && tenant(h, &b)["status"] == "ok"
-    })
+    // The breaker can open on failed refreshes while jobs still run on the cached token, so
+    // also wait for a job of A to have ended on the outage (the page's error row).
+    health_until(
+        &http,
+        &base,
+        "A's token breaker opens and a job of A fails",
+        |h| {
+            let t = tenant(h, &a);
+            t["status"] == "degraded"
+                && t["breakers"].as_array().is_some_and(|b| {
+                    b.iter()
+                        .any(|b| b["dependency"] == "token" && b["state"] != "closed")
+                })
+                && t["mailbox_detail"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(error_after_success))
+                && tenant(h, &b)["status"] == "ok"
+        },
+    )
     .await;
     let page = dom(&browser, &format!("{base}/")).await;
     assert!(page.contains("<title>calsync: degraded</title>"), "{page}");
