@@ -242,6 +242,7 @@ pub fn failure_reason(error: &SyncError) -> &'static str {
             GraphError::Throttled { .. } => "graph_throttled",
             GraphError::ResyncRequired { .. } => "graph_resync_required",
             GraphError::Transient { .. } => "graph_transient",
+            GraphError::NotFound { .. } => "graph_not_found",
             GraphError::Permanent { .. } => "graph_permanent",
             GraphError::Malformed { .. } => "graph_malformed",
             GraphError::ForeignLink { .. } | GraphError::BadLink(_) => "graph_bad_link",
@@ -307,6 +308,7 @@ pub fn graph_unauthorized(tenant: &str) {
 fn graph_status(error: &GraphError) -> &'static str {
     match error {
         GraphError::Unauthorized { .. } => "401",
+        GraphError::NotFound { .. } => "4xx",
         GraphError::Throttled { status: 429, .. } => "429",
         GraphError::Throttled { status, .. }
         | GraphError::ResyncRequired { status, .. }

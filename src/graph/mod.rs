@@ -1,14 +1,16 @@
-//! Microsoft Graph client for `calendarView/delta`: one page per call, with deadlines, size caps,
-//! error classification and request ids. Retrying is the caller's decision.
+//! Microsoft Graph client: the one request path every Graph call takes (delta pages, series
+//! masters, subscriptions), with a deadline, a size cap, request ids, redaction of what was sent
+//! and error classification. Retrying is the caller's decision.
 
 pub mod model;
 
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
-pub use model::{DeltaItem, DeltaPage, Event, PageLink};
+pub use model::{DeltaItem, DeltaPage, Event, OccurrenceStub, PageItem, PageLink};
 
 use crate::auth::AccessToken;
 use crate::config::GraphSettings;
@@ -75,6 +77,9 @@ pub enum GraphError {
         retry_after: Option<Duration>,
         ids: RequestIds,
     },
+    /// 404: the item (a series master, a subscription) does not exist (any more).
+    #[error("Graph has no such item (HTTP 404 {code}) [{ids}]")]
+    NotFound { code: String, ids: RequestIds },
     #[error("Graph refused the request (HTTP {status} {code}): {message} [{ids}]")]
     Permanent {
         status: u16,
@@ -106,6 +111,7 @@ impl GraphError {
             | Self::Throttled { ids, .. }
             | Self::ResyncRequired { ids, .. }
             | Self::Transient { ids, .. }
+            | Self::NotFound { ids, .. }
             | Self::Permanent { ids, .. }
             | Self::Malformed { ids, .. } => Some(ids),
             Self::ForeignLink { .. } | Self::BadLink(_) => None,
@@ -119,7 +125,54 @@ pub struct GraphClient {
     base: Url,
     page_size: u32,
     max_body: usize,
+    /// Bounds every call from outside, body included, whatever the HTTP client was built with.
+    deadline: Duration,
 }
+
+/// One request to Graph. Its URL is one calsync built on the configured base or a link that
+/// passed [`GraphClient::check_link`].
+pub struct GraphRequest<'a> {
+    method: http::Method,
+    url: Url,
+    body: Option<serde_json::Value>,
+    /// Statuses that mean success; anything else is classified as an error.
+    success: &'a [u16],
+    max_body: usize,
+    /// A secret the body carries (a subscription's clientState), redacted from error answers.
+    secret: Option<&'a SecretString>,
+    page_size: Option<u32>,
+}
+
+impl<'a> GraphRequest<'a> {
+    fn new(method: http::Method, url: Url, success: &'a [u16], max_body: usize) -> Self {
+        Self {
+            method,
+            url,
+            body: None,
+            success,
+            max_body,
+            secret: None,
+            page_size: None,
+        }
+    }
+
+    /// A JSON body; `secret`, if it holds one, is redacted from whatever Graph answers.
+    pub fn json(mut self, body: serde_json::Value, secret: Option<&'a SecretString>) -> Self {
+        self.body = Some(body);
+        self.secret = secret;
+        self
+    }
+}
+
+/// A successful answer.
+pub struct GraphResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub ids: RequestIds,
+}
+
+/// Small answers (an event, a subscription) are read only this far.
+const MAX_ITEM_BODY: usize = 1024 * 1024;
 
 impl GraphClient {
     pub fn new(settings: &GraphSettings, http: reqwest::Client) -> Self {
@@ -128,20 +181,38 @@ impl GraphClient {
             base: settings.base_url.clone(),
             page_size: settings.page_size,
             max_body: settings.max_response_bytes,
+            deadline: settings.request_timeout,
         }
+    }
+
+    /// `{base}/{segments...}`, each segment percent-encoded.
+    pub fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    pub fn get(&self, url: Url) -> GraphRequest<'static> {
+        GraphRequest::new(http::Method::GET, url, &[200], MAX_ITEM_BODY)
+    }
+
+    pub fn post<'a>(&self, url: Url, success: &'a [u16]) -> GraphRequest<'a> {
+        GraphRequest::new(http::Method::POST, url, success, MAX_ITEM_BODY)
+    }
+
+    pub fn patch<'a>(&self, url: Url, success: &'a [u16]) -> GraphRequest<'a> {
+        GraphRequest::new(http::Method::PATCH, url, success, MAX_ITEM_BODY)
+    }
+
+    pub fn delete<'a>(&self, url: Url, success: &'a [u16]) -> GraphRequest<'a> {
+        GraphRequest::new(http::Method::DELETE, url, success, MAX_ITEM_BODY)
     }
 
     /// The first request of a round: `/users/{id}/calendarView/delta?startDateTime&endDateTime`.
     pub fn initial_link(&self, mailbox: &str, window: &Window) -> Url {
-        let mut url = self.base.clone();
-        if let Ok(mut segments) = url.path_segments_mut() {
-            segments
-                .pop_if_empty()
-                .push("users")
-                .push(mailbox)
-                .push("calendarView")
-                .push("delta");
-        }
+        let mut url = self.url(&["users", mailbox, "calendarView", "delta"]);
         url.query_pairs_mut()
             .append_pair(
                 "startDateTime",
@@ -177,22 +248,81 @@ impl GraphClient {
         url: &Url,
         token: &AccessToken,
     ) -> Result<(DeltaPage, RequestIds), GraphError> {
+        let mut request = GraphRequest::new(http::Method::GET, url.clone(), &[200], self.max_body);
+        request.page_size = Some(self.page_size);
+        let answer = self.send(request, token).await?;
+        model::parse_page(&answer.body)
+            .map(|page| (page, answer.ids.clone()))
+            .map_err(|e| GraphError::Malformed {
+                reason: e.0,
+                ids: answer.ids,
+            })
+    }
+
+    /// `GET /users/{mailbox}/events/{id}?$select=...`: one event in full (a series master,
+    /// whose fields its occurrences take). [`GraphError::NotFound`] when it is gone.
+    pub async fn fetch_event(
+        &self,
+        mailbox: &str,
+        id: &str,
+        select: &str,
+        token: &AccessToken,
+    ) -> Result<(Event, RequestIds), GraphError> {
+        let mut url = self.url(&["users", mailbox, "events", id]);
+        url.query_pairs_mut().append_pair("$select", select);
+        let answer = self.send(self.get(url), token).await?;
+        model::parse_event_text(&String::from_utf8_lossy(&answer.body))
+            .map(|event| (event, answer.ids.clone()))
+            .map_err(|e| GraphError::Malformed {
+                reason: e.0,
+                ids: answer.ids,
+            })
+    }
+
+    /// Sends one request: bearer token, a fresh `client-request-id`, UTC times, the body read
+    /// under its cap, all within the deadline; a failure classified, with the request ids and
+    /// with anything secret that was sent redacted from what Graph answered.
+    pub async fn send(
+        &self,
+        request: GraphRequest<'_>,
+        token: &AccessToken,
+    ) -> Result<GraphResponse, GraphError> {
         let client_request_id = uuid::Uuid::new_v4().to_string();
-        let mut ids = RequestIds {
+        let ids = RequestIds {
             request_id: None,
             client_request_id: client_request_id.clone(),
         };
-        let response = self
+        let deadline = self.deadline;
+        match tokio::time::timeout(deadline, self.exchange(request, token, ids.clone())).await {
+            Ok(answer) => answer,
+            Err(_) => Err(GraphError::Transient {
+                reason: format!("no complete answer within {}ms", deadline.as_millis()),
+                retry_after: None,
+                ids,
+            }),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        request: GraphRequest<'_>,
+        token: &AccessToken,
+        mut ids: RequestIds,
+    ) -> Result<GraphResponse, GraphError> {
+        let mut builder = self
             .http
-            .get(url.clone())
+            .request(request.method.clone(), request.url.clone())
             .header(http::header::AUTHORIZATION, token.bearer_header())
             .header(http::header::ACCEPT, "application/json")
-            .header("Prefer", format!("odata.maxpagesize={}", self.page_size))
             .header("Prefer", "outlook.timezone=\"UTC\"")
-            .header("client-request-id", &client_request_id)
-            .send()
-            .await;
-        let mut response = match response {
+            .header("client-request-id", &ids.client_request_id);
+        if let Some(size) = request.page_size {
+            builder = builder.header("Prefer", format!("odata.maxpagesize={size}"));
+        }
+        if let Some(body) = &request.body {
+            builder = builder.json(body);
+        }
+        let mut response = match builder.send().await {
             Ok(r) => r,
             Err(e) => {
                 return Err(GraphError::Transient {
@@ -208,20 +338,22 @@ impl GraphClient {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let status = response.status().as_u16();
-        if status == 200 {
-            let body = net::read_body_limited(&mut response, self.max_body)
+        if request.success.contains(&status) {
+            let body = net::read_body_limited(&mut response, request.max_body)
                 .await
                 .map_err(|e| body_error(e, ids.clone()))?;
-            return model::parse_page(&body)
-                .map(|page| (page, ids.clone()))
-                .map_err(|e| GraphError::Malformed { reason: e.0, ids });
+            return Ok(GraphResponse { status, body, ids });
         }
         let headers = response.headers().clone();
         let body = net::read_body_limited(&mut response, MAX_ERROR_BODY)
             .await
             .unwrap_or_default();
-        // An error message may quote the request's Authorization header back.
-        let body = token.redact_from(&body);
+        // An error message may quote the request back: its Authorization header, or a secret
+        // its body carried.
+        let mut body = token.redact_from(&body);
+        if let Some(secret) = request.secret {
+            body = net::redact(&body, secret.expose_secret());
+        }
         Err(classify_failure(
             status,
             &headers,
@@ -286,6 +418,7 @@ pub fn classify_failure(
     }
     match status {
         401 => GraphError::Unauthorized { code, ids },
+        404 => GraphError::NotFound { code, ids },
         429 => GraphError::Throttled {
             status,
             code,

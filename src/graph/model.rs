@@ -4,12 +4,107 @@
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::Deserialize;
 
-/// One page of a delta round.
+/// One page of a delta round, as Graph sent it.
 #[derive(Debug)]
 pub struct DeltaPage {
-    pub items: Vec<DeltaItem>,
+    pub items: Vec<PageItem>,
     pub link: PageLink,
 }
+
+/// An item of a delta page. Graph sends occurrences of a recurring series as stubs and the
+/// series master as an event of its own: neither is a calendar entry as it stands.
+#[derive(Debug)]
+pub enum PageItem {
+    /// A single event, an exception, or an occurrence Graph sent in full: stored as it is.
+    Event(Box<Event>),
+    /// An occurrence as calendarView delta sends it (id, seriesMasterId, start, end): stored
+    /// once filled in from its series master.
+    Occurrence(Box<OccurrenceStub>),
+    /// A series master (`type: seriesMaster`), dated at its first occurrence: kept apart, never
+    /// stored as a calendar entry.
+    Master(Box<Event>),
+    Removed { id: String },
+}
+
+impl PageItem {
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Event(e) | Self::Master(e) => &e.id,
+            Self::Occurrence(o) => &o.id,
+            Self::Removed { id } => id,
+        }
+    }
+}
+
+/// An occurrence stub: what Graph's calendarView delta sends for an occurrence of a series.
+/// Its times are kept as sent until the master says whether the series is all-day.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OccurrenceStub {
+    pub id: String,
+    pub series_master_id: String,
+    pub etag: Option<String>,
+    start: GraphDateTime,
+    end: GraphDateTime,
+    /// The item exactly as Graph sent it.
+    pub raw: String,
+}
+
+/// A `dateTimeTimeZone` as Graph sent it, checked to be a date-time.
+#[derive(Clone, Debug, PartialEq)]
+struct GraphDateTime {
+    date_time: NaiveDateTime,
+    time_zone: Option<String>,
+}
+
+impl OccurrenceStub {
+    /// The occurrence as the user sees it: what the series master says, at the occurrence's own
+    /// time. `iCalUId` is left out: Graph gives each occurrence its own, which the stub lacks.
+    pub fn hydrate(&self, master: &Event) -> Result<Event, PayloadError> {
+        let all_day = master.is_all_day;
+        let (start_utc, start_date) = event_time(&self.id, "start", &self.start, all_day)?;
+        let (end_utc, end_date) = event_time(&self.id, "end", &self.end, all_day)?;
+        if end_utc < start_utc {
+            return Err(PayloadError(format!(
+                "event {}: `end` is before `start`",
+                self.id
+            )));
+        }
+        Ok(Event {
+            id: self.id.clone(),
+            ical_uid: None,
+            change_key: master.change_key.clone(),
+            etag: self.etag.clone(),
+            last_modified: master.last_modified,
+            subject: master.subject.clone(),
+            start_utc,
+            end_utc,
+            start_date,
+            end_date,
+            is_all_day: all_day,
+            is_cancelled: master.is_cancelled,
+            show_as: master.show_as.clone(),
+            sensitivity: master.sensitivity.clone(),
+            event_type: Some(OCCURRENCE.to_string()),
+            series_master_id: Some(self.series_master_id.clone()),
+            organizer_name: master.organizer_name.clone(),
+            organizer_address: master.organizer_address.clone(),
+            attendees: master.attendees.clone(),
+            location: master.location.clone(),
+            categories: master.categories.clone(),
+            web_link: master.web_link.clone(),
+            raw: self.raw.clone(),
+        })
+    }
+}
+
+/// `type` values of recurring items.
+pub const OCCURRENCE: &str = "occurrence";
+pub const SERIES_MASTER: &str = "seriesMaster";
+
+/// The properties a series master is fetched with (`GET /users/{id}/events/{id}?$select=`):
+/// those an occurrence takes from it.
+pub const MASTER_SELECT: &str = "subject,isAllDay,isCancelled,showAs,sensitivity,organizer,\
+attendees,location,categories,changeKey,lastModifiedDateTime,webLink,type,start,end";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PageLink {
@@ -19,6 +114,7 @@ pub enum PageLink {
     Delta(String),
 }
 
+/// A change the store applies: an event to upsert (complete) or an id to delete.
 #[derive(Debug)]
 pub enum DeltaItem {
     Upsert(Box<Event>),
@@ -59,6 +155,7 @@ pub struct Event {
     /// `[{"name","address","type","response"}]`
     pub attendees: serde_json::Value,
     pub location: Option<String>,
+    pub categories: Vec<String>,
     pub web_link: Option<String>,
     /// The item exactly as Graph sent it.
     pub raw: String,
@@ -108,6 +205,8 @@ struct RawEvent {
     #[serde(default)]
     attendees: Option<Vec<RawAttendee>>,
     location: Option<RawLocation>,
+    #[serde(default)]
+    categories: Option<Vec<String>>,
     web_link: Option<String>,
 }
 
@@ -178,15 +277,25 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, PayloadError> {
 /// Parses one event as Graph represents it (e.g. a simulator's ground truth) the way a page
 /// item is parsed, so both sides of a comparison are normalised alike.
 pub fn parse_event(item: serde_json::Value) -> Result<Event, PayloadError> {
-    match parse_item(&item.to_string())? {
-        DeltaItem::Upsert(event) => Ok(*event),
-        DeltaItem::Removed { id } => Err(PayloadError(format!(
+    parse_event_text(&item.to_string())
+}
+
+/// Parses one event object, such as the answer to `GET /users/{id}/events/{id}`: a series
+/// master, an exception or a single event, in full.
+pub fn parse_event_text(text: &str) -> Result<Event, PayloadError> {
+    match parse_item(text)? {
+        PageItem::Event(event) | PageItem::Master(event) => Ok(*event),
+        PageItem::Occurrence(stub) => Err(PayloadError(format!(
+            "event {}: an occurrence without its series' fields, not a whole event",
+            stub.id
+        ))),
+        PageItem::Removed { id } => Err(PayloadError(format!(
             "item {id} is a removal, not an event"
         ))),
     }
 }
 
-fn parse_item(text: &str) -> Result<DeltaItem, PayloadError> {
+fn parse_item(text: &str) -> Result<PageItem, PayloadError> {
     // One pass over the item; a removal has only `id` and `@removed` of these fields.
     let raw: RawEvent = serde_json::from_str(text).map_err(|e| {
         let id = serde_json::from_str::<serde_json::Value>(text)
@@ -203,9 +312,15 @@ fn parse_item(text: &str) -> Result<DeltaItem, PayloadError> {
         .filter(|id| !id.is_empty())
         .ok_or_else(|| PayloadError("item has no `id`".into()))?;
     if raw.removed.is_some() {
-        return Ok(DeltaItem::Removed { id });
+        return Ok(PageItem::Removed { id });
     }
     let raw_text = text.to_string();
+    let is_occurrence = raw.event_type.as_deref() == Some(OCCURRENCE);
+    // A stub carries none of the fields a user reads; an occurrence that does (a Graph fake, or
+    // a future Graph) is whole as it stands.
+    if is_occurrence && raw.subject.is_none() && raw.is_all_day.is_none() {
+        return parse_stub(id, raw, raw_text).map(|stub| PageItem::Occurrence(Box::new(stub)));
+    }
     let is_all_day = raw.is_all_day.unwrap_or(false);
     let start = raw
         .start
@@ -213,6 +328,8 @@ fn parse_item(text: &str) -> Result<DeltaItem, PayloadError> {
     let end = raw
         .end
         .ok_or_else(|| PayloadError(format!("event {id}: missing `end`")))?;
+    let start = graph_date_time(&id, "start", start)?;
+    let end = graph_date_time(&id, "end", end)?;
     let (start_utc, start_date) = event_time(&id, "start", &start, is_all_day)?;
     let (end_utc, end_date) = event_time(&id, "end", &end, is_all_day)?;
     if end_utc < start_utc {
@@ -249,7 +366,8 @@ fn parse_item(text: &str) -> Result<DeltaItem, PayloadError> {
             })
         })
         .collect();
-    Ok(DeltaItem::Upsert(Box::new(Event {
+    let is_master = raw.event_type.as_deref() == Some(SERIES_MASTER);
+    let event = Box::new(Event {
         id,
         ical_uid: raw.ical_uid,
         change_key: raw.change_key,
@@ -273,9 +391,51 @@ fn parse_item(text: &str) -> Result<DeltaItem, PayloadError> {
             .location
             .and_then(|l| l.display_name)
             .filter(|l| !l.is_empty()),
+        categories: raw.categories.unwrap_or_default(),
         web_link: raw.web_link,
         raw: raw_text,
-    })))
+    });
+    Ok(if is_master {
+        PageItem::Master(event)
+    } else {
+        PageItem::Event(event)
+    })
+}
+
+fn parse_stub(id: String, raw: RawEvent, raw_text: String) -> Result<OccurrenceStub, PayloadError> {
+    let series_master_id = raw
+        .series_master_id
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| PayloadError(format!("occurrence {id}: missing `seriesMasterId`")))?;
+    let start = raw
+        .start
+        .ok_or_else(|| PayloadError(format!("occurrence {id}: missing `start`")))?;
+    let end = raw
+        .end
+        .ok_or_else(|| PayloadError(format!("occurrence {id}: missing `end`")))?;
+    Ok(OccurrenceStub {
+        start: graph_date_time(&id, "start", start)?,
+        end: graph_date_time(&id, "end", end)?,
+        id,
+        series_master_id,
+        etag: raw.etag,
+        raw: raw_text,
+    })
+}
+
+fn graph_date_time(id: &str, field: &str, value: RawDateTime) -> Result<GraphDateTime, PayloadError> {
+    let text = value.date_time.trim();
+    let date_time = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+        .or_else(|_| DateTime::parse_from_rfc3339(text).map(|d| d.naive_utc()))
+        .map_err(|_| {
+            PayloadError(format!(
+                "event {id}: `{field}.dateTime` `{text}` is not an ISO 8601 date-time"
+            ))
+        })?;
+    Ok(GraphDateTime {
+        date_time,
+        time_zone: value.time_zone,
+    })
 }
 
 /// Zone names meaning UTC. calsync asks for UTC (`Prefer: outlook.timezone="UTC"`, also Graph's
@@ -291,17 +451,10 @@ const UTC_NAMES: [&str; 5] = [
 fn event_time(
     id: &str,
     field: &str,
-    value: &RawDateTime,
+    value: &GraphDateTime,
     all_day: bool,
 ) -> Result<(DateTime<Utc>, Option<NaiveDate>), PayloadError> {
-    let text = value.date_time.trim();
-    let naive = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
-        .or_else(|_| DateTime::parse_from_rfc3339(text).map(|d| d.naive_utc()))
-        .map_err(|_| {
-            PayloadError(format!(
-                "event {id}: `{field}.dateTime` `{text}` is not an ISO 8601 date-time"
-            ))
-        })?;
+    let naive = value.date_time;
     if all_day {
         // All-day events are dates in whatever zone the event was made in; keep the date.
         let date = naive.date();
@@ -346,7 +499,7 @@ mod tests {
             .contains("Pacific Standard Time"));
         let all_day = br#"{"value":[{"id":"E3","isAllDay":true,"start":{"dateTime":"2026-01-01T00:00:00.0000000","timeZone":"Pacific Standard Time"},"end":{"dateTime":"2026-01-02T00:00:00.0000000","timeZone":"Pacific Standard Time"}}],"@odata.deltaLink":"x"}"#;
         let page = parse_page(all_day).expect("all-day parses");
-        let DeltaItem::Upsert(event) = &page.items[0] else {
+        let PageItem::Event(event) = &page.items[0] else {
             panic!("expected an event")
         };
         assert_eq!(event.start_date, NaiveDate::from_ymd_opt(2026, 1, 1));

@@ -605,7 +605,8 @@ impl MailboxView {
     }
 }
 
-/// An event: the store's columns, the ones derived from Graph's item, and the item itself.
+/// An event as stored: every column, and the item exactly as Graph sent it. An occurrence
+/// carries its series master's fields; its `raw` is the stub Graph sent.
 #[derive(Serialize)]
 pub struct EventView {
     pub event_id: String,
@@ -615,6 +616,7 @@ pub struct EventView {
     pub last_modified: Option<DateTime<Utc>>,
     pub subject: Option<String>,
     pub location: Option<String>,
+    pub categories: Vec<String>,
     pub web_link: Option<String>,
     pub sensitivity: Option<String>,
     pub show_as: Option<String>,
@@ -629,39 +631,23 @@ pub struct EventView {
     pub organizer_name: Option<String>,
     pub organizer_address: Option<String>,
     pub attendees: Value,
-    /// The event exactly as Graph sent it.
+    /// The item exactly as Graph sent it.
     pub raw: Option<Box<RawValue>>,
 }
 
 impl EventView {
     fn of(e: StoredEvent) -> Self {
-        // The columns the store row does not carry come from the item, parsed as the sync
-        // parsed it when storing it.
-        let parsed = serde_json::from_str::<Value>(&e.raw)
-            .ok()
-            .and_then(|item| crate::graph::model::parse_event(item).ok());
-        let raw = RawValue::from_string(e.raw).ok();
-        let (etag, last_modified, web_link, sensitivity, organizer_name, attendees) = match parsed {
-            Some(p) => (
-                p.etag,
-                p.last_modified,
-                p.web_link,
-                p.sensitivity,
-                p.organizer_name,
-                p.attendees,
-            ),
-            None => (None, None, None, None, None, Value::Array(Vec::new())),
-        };
         Self {
             event_id: e.event_id,
             ical_uid: e.ical_uid,
             change_key: e.change_key,
-            etag,
-            last_modified,
+            etag: e.etag,
+            last_modified: e.last_modified,
             subject: e.subject,
             location: e.location,
-            web_link,
-            sensitivity,
+            categories: e.categories,
+            web_link: e.web_link,
+            sensitivity: e.sensitivity,
             show_as: e.show_as,
             start_utc: e.start_utc,
             end_utc: e.end_utc,
@@ -671,10 +657,10 @@ impl EventView {
             is_cancelled: e.is_cancelled,
             event_type: e.event_type,
             series_master_id: e.series_master_id,
-            organizer_name,
+            organizer_name: e.organizer_name,
             organizer_address: e.organizer_address,
-            attendees,
-            raw,
+            attendees: e.attendees,
+            raw: RawValue::from_string(e.raw).ok(),
         }
     }
 }

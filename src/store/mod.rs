@@ -22,7 +22,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
 
-use crate::graph::{DeltaItem, PageLink, Window};
+use crate::graph::{DeltaItem, Event, PageLink, Window};
 
 /// The store the service runs on, chosen by the scheme of `store.url`.
 #[derive(Clone, Debug)]
@@ -172,17 +172,31 @@ impl Store {
 
     /// Applies one page and moves the cursor past it, atomically, only while `lease` is held
     /// and the round is `cursor.round_id` ([`StoreError::LeaseLost`] otherwise, nothing
-    /// written). With a deltaLink that ends a full round, events the round did not return are
-    /// deleted (reconciliation).
+    /// written). The page's series masters are written first (a changed one re-fills every
+    /// stored occurrence of its series), series Graph no longer has are deleted, then the
+    /// items in the page's order. With a deltaLink that ends a full round, events the round did
+    /// not return are deleted (reconciliation), and masters no stored event belongs to.
     pub async fn apply_page(
         &self,
         lease: &Lease,
         cursor: &Cursor,
-        items: &[DeltaItem],
+        page: &PageWrite<'_>,
         link: &PageLink,
         now: DateTime<Utc>,
     ) -> Result<PageApplied, StoreError> {
-        delegate!(self, s => s.apply_page(lease, cursor, items, link, now).await)
+        delegate!(self, s => s.apply_page(lease, cursor, page, link, now).await)
+    }
+
+    /// The stored series masters of `mailbox` among `ids`, by id.
+    pub async fn series_masters(
+        &self,
+        mailbox: MailboxId,
+        ids: &[&str],
+    ) -> Result<HashMap<String, StoredMaster>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        delegate!(self, s => s.series_masters(mailbox, ids).await)
     }
 
     /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
@@ -284,6 +298,50 @@ pub enum StoreError {
     UnsupportedUrl,
 }
 
+/// What one page writes: its events and removals, and what it learnt of recurring series.
+#[derive(Debug, Default)]
+pub struct PageWrite<'a> {
+    /// Complete events to upsert (occurrences already filled in) and removals, in page order.
+    pub items: &'a [DeltaItem],
+    /// Series masters met in this round (in the page, or fetched for its occurrences).
+    pub masters: &'a [MasterWrite],
+    /// Series Graph no longer has (its master answered 404): the master and every event of
+    /// the series are deleted.
+    pub gone_series: &'a [String],
+    /// The delta round the masters were seen or fetched in (see [`Cursor::round_marker`]).
+    pub round: &'a str,
+}
+
+impl<'a> PageWrite<'a> {
+    /// A page of events and removals only.
+    pub fn items(items: &'a [DeltaItem]) -> Self {
+        Self {
+            items,
+            ..Self::default()
+        }
+    }
+}
+
+/// A series master to keep.
+#[derive(Clone, Debug)]
+pub struct MasterWrite {
+    pub master: Event,
+    /// Its `changeKey` differs from the stored one (or none was stored): every stored
+    /// occurrence of the series takes its fields again.
+    pub refill_occurrences: bool,
+}
+
+/// A stored series master.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredMaster {
+    pub master_id: String,
+    pub change_key: Option<String>,
+    /// The round that last saw or fetched it.
+    pub checked_round: String,
+    /// The master as Graph sent it.
+    pub raw: String,
+}
+
 /// Where a mailbox's sync stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
@@ -293,6 +351,22 @@ pub struct Cursor {
     pub window: Option<Window>,
     pub next_link: Option<String>,
     pub delta_link: Option<String>,
+}
+
+impl Cursor {
+    /// Names the delta round in progress: the full round's id and the deltaLink it continues
+    /// from change with every round, and neither changes within one (a round split over several
+    /// jobs keeps both), so a master fetched once in a round is not fetched again in it.
+    pub fn round_marker(&self) -> String {
+        // A stable digest: markers outlive the process (and its Rust version).
+        let link = self.delta_link.as_deref().unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, link.as_bytes());
+        let hex: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{}:{hex}", self.round_id)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -378,11 +452,40 @@ pub struct JobRecord {
     pub next_run_at: DateTime<Utc>,
 }
 
-/// An event row as the main app reads it.
+/// An event row as the main app reads it, every column. For an occurrence, the fields a user
+/// reads are its series master's, and `raw` is the stub Graph sent.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StoredEvent {
     pub event_id: String,
     pub ical_uid: Option<String>,
+    pub change_key: Option<String>,
+    pub etag: Option<String>,
+    pub last_modified: Option<DateTime<Utc>>,
+    pub subject: Option<String>,
+    pub start_utc: DateTime<Utc>,
+    pub end_utc: DateTime<Utc>,
+    pub start_date: Option<NaiveDate>,
+    pub end_date: Option<NaiveDate>,
+    pub is_all_day: bool,
+    pub is_cancelled: bool,
+    pub show_as: Option<String>,
+    pub sensitivity: Option<String>,
+    pub event_type: Option<String>,
+    pub series_master_id: Option<String>,
+    pub organizer_name: Option<String>,
+    pub organizer_address: Option<String>,
+    /// `[{"name","address","type","response"}]`
+    pub attendees: serde_json::Value,
+    pub location: Option<String>,
+    pub categories: Vec<String>,
+    pub web_link: Option<String>,
+    pub raw: String,
+}
+
+/// The fields of an event a user reads in Outlook, to compare what is stored with what Graph
+/// holds (the demo's and the tests' ground-truth checks).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UserView {
     pub change_key: Option<String>,
     pub subject: Option<String>,
     pub start_utc: DateTime<Utc>,
@@ -392,11 +495,63 @@ pub struct StoredEvent {
     pub is_all_day: bool,
     pub is_cancelled: bool,
     pub show_as: Option<String>,
+    pub sensitivity: Option<String>,
     pub event_type: Option<String>,
     pub series_master_id: Option<String>,
+    pub organizer_name: Option<String>,
     pub organizer_address: Option<String>,
+    pub attendees: serde_json::Value,
     pub location: Option<String>,
-    pub raw: String,
+    pub categories: Vec<String>,
+}
+
+impl StoredEvent {
+    pub fn user_view(&self) -> UserView {
+        UserView {
+            change_key: self.change_key.clone(),
+            subject: self.subject.clone(),
+            start_utc: self.start_utc,
+            end_utc: self.end_utc,
+            start_date: self.start_date,
+            end_date: self.end_date,
+            is_all_day: self.is_all_day,
+            is_cancelled: self.is_cancelled,
+            show_as: self.show_as.clone(),
+            sensitivity: self.sensitivity.clone(),
+            event_type: self.event_type.clone(),
+            series_master_id: self.series_master_id.clone(),
+            organizer_name: self.organizer_name.clone(),
+            organizer_address: self.organizer_address.clone(),
+            attendees: self.attendees.clone(),
+            location: self.location.clone(),
+            categories: self.categories.clone(),
+        }
+    }
+}
+
+impl UserView {
+    /// The same fields of an event as Graph represents it in full.
+    pub fn of_event(e: &Event) -> Self {
+        Self {
+            change_key: e.change_key.clone(),
+            subject: e.subject.clone(),
+            start_utc: e.start_utc,
+            end_utc: e.end_utc,
+            start_date: e.start_date,
+            end_date: e.end_date,
+            is_all_day: e.is_all_day,
+            is_cancelled: e.is_cancelled,
+            show_as: e.show_as.clone(),
+            sensitivity: e.sensitivity.clone(),
+            event_type: e.event_type.clone(),
+            series_master_id: e.series_master_id.clone(),
+            organizer_name: e.organizer_name.clone(),
+            organizer_address: e.organizer_address.clone(),
+            attendees: e.attendees.clone(),
+            location: e.location.clone(),
+            categories: e.categories.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

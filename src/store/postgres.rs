@@ -18,7 +18,8 @@ use sqlx::{PgPool, Row};
 
 use super::{
     link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
-    PageApplied, RunOutcome, StoreError, StoredEvent, SyncRun, RUNS_KEPT_PER_MAILBOX,
+    MasterWrite, PageApplied, PageWrite, RunOutcome, StoreError, StoredEvent, StoredMaster,
+    SyncRun, RUNS_KEPT_PER_MAILBOX,
 };
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
@@ -235,7 +236,7 @@ impl PgStore {
         &self,
         lease: &Lease,
         cursor: &Cursor,
-        items: &[DeltaItem],
+        page: &PageWrite<'_>,
         link: &PageLink,
         now: DateTime<Utc>,
     ) -> Result<PageApplied, StoreError> {
@@ -258,9 +259,28 @@ impl PgStore {
             return Err(StoreError::LeaseLost(lease.mailbox));
         }
         let mut applied = PageApplied::default();
+        for write in page.masters {
+            upsert_master(&mut tx, lease.mailbox, write, page.round, now).await?;
+        }
+        if !page.gone_series.is_empty() {
+            let gone: Vec<Cow<'_, str>> = page.gone_series.iter().map(|s| text(s)).collect();
+            let done = sqlx::query(
+                "DELETE FROM events WHERE mailbox_id = $1 AND series_master_id = ANY($2)",
+            )
+            .bind(lease.mailbox)
+            .bind(&gone)
+            .execute(&mut *tx)
+            .await?;
+            applied.deleted += done.rows_affected();
+            sqlx::query("DELETE FROM series_masters WHERE mailbox_id = $1 AND master_id = ANY($2)")
+                .bind(lease.mailbox)
+                .bind(&gone)
+                .execute(&mut *tx)
+                .await?;
+        }
         // One statement per run of consecutive upserts or removals (a round trip per item made
         // a page five times slower than on SQLite); runs keep the page's order between them.
-        for run in items.chunk_by(|a, b| is_removal(a) == is_removal(b)) {
+        for run in page.items.chunk_by(|a, b| is_removal(a) == is_removal(b)) {
             let removals: Vec<Cow<'_, str>> = run
                 .iter()
                 .filter_map(|item| match item {
@@ -292,6 +312,15 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?;
                 applied.deleted += done.rows_affected();
+                // A removed master is only forgotten: its occurrences go by their own
+                // removals, and a later stub of the series fetches it again.
+                sqlx::query(
+                    "DELETE FROM series_masters WHERE mailbox_id = $1 AND master_id = ANY($2)",
+                )
+                .bind(lease.mailbox)
+                .bind(&removals)
+                .execute(&mut *tx)
+                .await?;
             }
         }
         let (next_link, delta_link) = link_parts(link);
@@ -302,6 +331,14 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?;
             applied.deleted += done.rows_affected();
+            sqlx::query(
+                "DELETE FROM series_masters m WHERE m.mailbox_id = $1 AND NOT EXISTS (
+                     SELECT 1 FROM events e WHERE e.mailbox_id = $1
+                       AND e.series_master_id = m.master_id)",
+            )
+            .bind(lease.mailbox)
+            .execute(&mut *tx)
+            .await?;
         }
         match (next_link, delta_link) {
             (Some(next), _) => {
@@ -324,6 +361,33 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(applied)
+    }
+
+    pub async fn series_masters(
+        &self,
+        mailbox: MailboxId,
+        ids: &[&str],
+    ) -> Result<HashMap<String, StoredMaster>, StoreError> {
+        let ids: Vec<Cow<'_, str>> = ids.iter().map(|id| text(id)).collect();
+        let rows = sqlx::query(
+            "SELECT master_id, change_key, checked_round, raw FROM series_masters
+             WHERE mailbox_id = $1 AND master_id = ANY($2)",
+        )
+        .bind(mailbox)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let master = StoredMaster {
+                    master_id: row.try_get("master_id")?,
+                    change_key: row.try_get("change_key")?,
+                    checked_round: row.try_get("checked_round")?,
+                    raw: row.try_get("raw")?,
+                };
+                Ok((master.master_id.clone(), master))
+            })
+            .collect()
     }
 
     pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
@@ -591,12 +655,12 @@ async fn upsert_events(
         "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified,
              subject, start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as,
              sensitivity, event_type, series_master_id, organizer_name, organizer_address,
-             attendees, location, web_link, raw, seen_round, synced_at)
-         SELECT $1, page.*, $24, $25 FROM UNNEST($2::text[], $3::text[], $4::text[],
+             attendees, location, categories, web_link, raw, seen_round, synced_at)
+         SELECT $1, page.*, $25, $26 FROM UNNEST($2::text[], $3::text[], $4::text[],
              $5::text[], $6::timestamptz[], $7::text[], $8::timestamptz[], $9::timestamptz[],
              $10::date[], $11::date[], $12::boolean[], $13::boolean[], $14::text[], $15::text[],
              $16::text[], $17::text[], $18::text[], $19::text[], $20::jsonb[], $21::text[],
-             $22::text[], $23::text[]) AS page
+             $22::jsonb[], $23::text[], $24::text[]) AS page
          ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
              ical_uid = EXCLUDED.ical_uid, change_key = EXCLUDED.change_key, etag = EXCLUDED.etag,
              last_modified = EXCLUDED.last_modified, subject = EXCLUDED.subject,
@@ -607,7 +671,7 @@ async fn upsert_events(
              event_type = EXCLUDED.event_type, series_master_id = EXCLUDED.series_master_id,
              organizer_name = EXCLUDED.organizer_name, organizer_address = EXCLUDED.organizer_address,
              attendees = EXCLUDED.attendees, location = EXCLUDED.location,
-             web_link = EXCLUDED.web_link, raw = EXCLUDED.raw,
+             categories = EXCLUDED.categories, web_link = EXCLUDED.web_link, raw = EXCLUDED.raw,
              seen_round = EXCLUDED.seen_round, synced_at = EXCLUDED.synced_at",
     )
     .bind(mailbox)
@@ -641,6 +705,12 @@ async fn upsert_events(
             .collect::<Vec<_>>(),
     )
     .bind(texts(|e| &e.location))
+    .bind(
+        latest
+            .iter()
+            .map(|e| categories_json(&e.categories))
+            .collect::<Vec<_>>(),
+    )
     .bind(texts(|e| &e.web_link))
     .bind(
         latest
@@ -649,6 +719,75 @@ async fn upsert_events(
             .collect::<Vec<_>>(),
     )
     .bind(round_id)
+    .bind(synced_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn categories_json(categories: &[String]) -> serde_json::Value {
+    serde_json::Value::Array(
+        categories
+            .iter()
+            .map(|c| serde_json::Value::String(text(c).into_owned()))
+            .collect(),
+    )
+}
+
+/// Keeps a series master and, when it changed, gives every stored occurrence of its series the
+/// master's fields again (their own id, times and stub stay).
+async fn upsert_master(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    mailbox: MailboxId,
+    write: &MasterWrite,
+    round: &str,
+    synced_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let m = &write.master;
+    sqlx::query(
+        "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (mailbox_id, master_id) DO UPDATE SET change_key = EXCLUDED.change_key,
+             raw = EXCLUDED.raw, checked_round = EXCLUDED.checked_round,
+             synced_at = EXCLUDED.synced_at",
+    )
+    .bind(mailbox)
+    .bind(text(&m.id))
+    .bind(opt_text(&m.change_key))
+    .bind(text(&m.raw))
+    .bind(round)
+    .bind(synced_at)
+    .execute(&mut **tx)
+    .await?;
+    if !write.refill_occurrences {
+        return Ok(());
+    }
+    // The same fields `OccurrenceStub::hydrate` takes from the master; an all-day series keeps
+    // its occurrences' dates (their times are midnights).
+    sqlx::query(
+        "UPDATE events SET change_key = $3, last_modified = $4, subject = $5, is_all_day = $6,
+             start_date = CASE WHEN $6 THEN (start_utc AT TIME ZONE 'UTC')::date END,
+             end_date = CASE WHEN $6 THEN (end_utc AT TIME ZONE 'UTC')::date END,
+             is_cancelled = $7, show_as = $8, sensitivity = $9, organizer_name = $10,
+             organizer_address = $11, attendees = $12, location = $13, categories = $14,
+             web_link = $15, synced_at = $16
+         WHERE mailbox_id = $1 AND series_master_id = $2 AND event_type = 'occurrence'",
+    )
+    .bind(mailbox)
+    .bind(text(&m.id))
+    .bind(opt_text(&m.change_key))
+    .bind(m.last_modified)
+    .bind(opt_text(&m.subject))
+    .bind(m.is_all_day)
+    .bind(m.is_cancelled)
+    .bind(opt_text(&m.show_as))
+    .bind(opt_text(&m.sensitivity))
+    .bind(opt_text(&m.organizer_name))
+    .bind(opt_text(&m.organizer_address))
+    .bind(json_without_nul(&m.attendees))
+    .bind(opt_text(&m.location))
+    .bind(categories_json(&m.categories))
+    .bind(opt_text(&m.web_link))
     .bind(synced_at)
     .execute(&mut **tx)
     .await?;
@@ -692,10 +831,13 @@ fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
 }
 
 fn event_from_row(row: &PgRow) -> Result<StoredEvent, StoreError> {
+    let categories: serde_json::Value = row.try_get("categories")?;
     Ok(StoredEvent {
         event_id: row.try_get("event_id")?,
         ical_uid: row.try_get("ical_uid")?,
         change_key: row.try_get("change_key")?,
+        etag: row.try_get("etag")?,
+        last_modified: row.try_get("last_modified")?,
         subject: row.try_get("subject")?,
         start_utc: row.try_get("start_utc")?,
         end_utc: row.try_get("end_utc")?,
@@ -704,10 +846,16 @@ fn event_from_row(row: &PgRow) -> Result<StoredEvent, StoreError> {
         is_all_day: row.try_get("is_all_day")?,
         is_cancelled: row.try_get("is_cancelled")?,
         show_as: row.try_get("show_as")?,
+        sensitivity: row.try_get("sensitivity")?,
         event_type: row.try_get("event_type")?,
         series_master_id: row.try_get("series_master_id")?,
+        organizer_name: row.try_get("organizer_name")?,
         organizer_address: row.try_get("organizer_address")?,
+        attendees: row.try_get("attendees")?,
         location: row.try_get("location")?,
+        categories: serde_json::from_value(categories)
+            .map_err(|e| StoreError::Corrupt(format!("categories: {e}")))?,
+        web_link: row.try_get("web_link")?,
         raw: row.try_get("raw")?,
     })
 }

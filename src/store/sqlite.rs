@@ -11,7 +11,8 @@ use sqlx::{Row, SqlitePool};
 
 use super::{
     link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
-    PageApplied, RunOutcome, StoreError, StoredEvent, SyncRun, RUNS_KEPT_PER_MAILBOX,
+    MasterWrite, PageApplied, PageWrite, RunOutcome, StoreError, StoredEvent, StoredMaster,
+    SyncRun, RUNS_KEPT_PER_MAILBOX,
 };
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
@@ -241,7 +242,7 @@ impl SqliteStore {
         &self,
         lease: &Lease,
         cursor: &Cursor,
-        items: &[DeltaItem],
+        page: &PageWrite<'_>,
         link: &PageLink,
         now: DateTime<Utc>,
     ) -> Result<PageApplied, StoreError> {
@@ -266,10 +267,28 @@ impl SqliteStore {
         }
         let mut applied = PageApplied::default();
         let synced_at = ts(now);
+        for write in page.masters {
+            upsert_master(&mut tx, lease.mailbox, write, page.round, &synced_at).await?;
+        }
+        for series in page.gone_series {
+            let done = sqlx::query(
+                "DELETE FROM events WHERE mailbox_id = ?1 AND series_master_id = ?2",
+            )
+            .bind(lease.mailbox)
+            .bind(series)
+            .execute(&mut *tx)
+            .await?;
+            applied.deleted += done.rows_affected();
+            sqlx::query("DELETE FROM series_masters WHERE mailbox_id = ?1 AND master_id = ?2")
+                .bind(lease.mailbox)
+                .bind(series)
+                .execute(&mut *tx)
+                .await?;
+        }
         // Runs of upserts go in multi-row statements; a removal flushes the run before it, so
         // the page is applied in its order.
         let mut run: Vec<&Event> = Vec::new();
-        for item in items {
+        for item in page.items {
             match item {
                 DeltaItem::Upsert(event) => run.push(event),
                 DeltaItem::Removed { id } => {
@@ -290,6 +309,15 @@ impl SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                     applied.deleted += done.rows_affected();
+                    // A removed master is only forgotten: its occurrences go by their own
+                    // removals, and a later stub of the series fetches it again.
+                    sqlx::query(
+                        "DELETE FROM series_masters WHERE mailbox_id = ?1 AND master_id = ?2",
+                    )
+                    .bind(lease.mailbox)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
         }
@@ -303,6 +331,14 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
             applied.deleted += done.rows_affected();
+            sqlx::query(
+                "DELETE FROM series_masters WHERE mailbox_id = ?1 AND NOT EXISTS (
+                     SELECT 1 FROM events e WHERE e.mailbox_id = ?1
+                       AND e.series_master_id = series_masters.master_id)",
+            )
+            .bind(lease.mailbox)
+            .execute(&mut *tx)
+            .await?;
         }
         match (next_link, delta_link) {
             (Some(next), _) => {
@@ -324,6 +360,36 @@ impl SqliteStore {
         }
         tx.commit().await?;
         Ok(applied)
+    }
+
+    pub async fn series_masters(
+        &self,
+        mailbox: MailboxId,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, StoredMaster>, StoreError> {
+        let mut out = std::collections::HashMap::new();
+        // Within SQLite's variable limit, with room for the mailbox id.
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT master_id, change_key, checked_round, raw FROM series_masters
+                 WHERE mailbox_id = ?1 AND master_id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query(&sql).bind(mailbox);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let master = StoredMaster {
+                    master_id: row.try_get("master_id")?,
+                    change_key: row.try_get("change_key")?,
+                    checked_round: row.try_get("checked_round")?,
+                    raw: row.try_get("raw")?,
+                };
+                out.insert(master.master_id.clone(), master);
+            }
+        }
+        Ok(out)
     }
 
     /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
@@ -565,7 +631,7 @@ impl SqliteStore {
 
 /// Rows per multi-row upsert: 25 parameters each, far below SQLite's 32766-variable limit.
 const UPSERT_CHUNK: usize = 200;
-const EVENT_COLUMNS: usize = 25;
+const EVENT_COLUMNS: usize = 26;
 
 /// Upserts `events` (in order: a later duplicate wins) in multi-row statements; returns how
 /// many rows were written.
@@ -582,7 +648,7 @@ async fn upsert_events(
             "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
                  start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity,
                  event_type, series_master_id, organizer_name, organizer_address, attendees, location,
-                 web_link, raw, seen_round, synced_at)
+                 categories, web_link, raw, seen_round, synced_at)
              VALUES {}
              ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
                  ical_uid = excluded.ical_uid, change_key = excluded.change_key, etag = excluded.etag,
@@ -594,7 +660,7 @@ async fn upsert_events(
                  event_type = excluded.event_type, series_master_id = excluded.series_master_id,
                  organizer_name = excluded.organizer_name, organizer_address = excluded.organizer_address,
                  attendees = excluded.attendees, location = excluded.location,
-                 web_link = excluded.web_link, raw = excluded.raw,
+                 categories = excluded.categories, web_link = excluded.web_link, raw = excluded.raw,
                  seen_round = excluded.seen_round, synced_at = excluded.synced_at",
             vec![row; chunk.len()].join(", ")
         );
@@ -622,6 +688,7 @@ async fn upsert_events(
                 .bind(&e.organizer_address)
                 .bind(e.attendees.to_string())
                 .bind(&e.location)
+                .bind(categories_json(&e.categories))
                 .bind(&e.web_link)
                 .bind(&e.raw)
                 .bind(round_id)
@@ -630,6 +697,70 @@ async fn upsert_events(
         query.execute(&mut **tx).await?;
     }
     Ok(events.len() as u64)
+}
+
+fn categories_json(categories: &[String]) -> String {
+    serde_json::to_string(categories).unwrap_or_else(|_| "[]".into())
+}
+
+/// Keeps a series master and, when it changed, gives every stored occurrence of its series the
+/// master's fields again (their own id, times and stub stay).
+async fn upsert_master(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    mailbox: MailboxId,
+    write: &MasterWrite,
+    round: &str,
+    synced_at: &str,
+) -> Result<(), StoreError> {
+    let m = &write.master;
+    sqlx::query(
+        "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (mailbox_id, master_id) DO UPDATE SET change_key = excluded.change_key,
+             raw = excluded.raw, checked_round = excluded.checked_round,
+             synced_at = excluded.synced_at",
+    )
+    .bind(mailbox)
+    .bind(&m.id)
+    .bind(&m.change_key)
+    .bind(&m.raw)
+    .bind(round)
+    .bind(synced_at)
+    .execute(&mut **tx)
+    .await?;
+    if !write.refill_occurrences {
+        return Ok(());
+    }
+    // The same fields `OccurrenceStub::hydrate` takes from the master; an all-day series keeps
+    // its occurrences' dates (their times are midnights).
+    sqlx::query(
+        "UPDATE events SET change_key = ?3, last_modified = ?4, subject = ?5, is_all_day = ?6,
+             start_date = CASE WHEN ?6 THEN substr(start_utc, 1, 10) END,
+             end_date = CASE WHEN ?6 THEN substr(end_utc, 1, 10) END,
+             is_cancelled = ?7, show_as = ?8, sensitivity = ?9, organizer_name = ?10,
+             organizer_address = ?11, attendees = ?12, location = ?13, categories = ?14,
+             web_link = ?15, synced_at = ?16
+         WHERE mailbox_id = ?1 AND series_master_id = ?2 AND event_type = 'occurrence'",
+    )
+    .bind(mailbox)
+    .bind(&m.id)
+    .bind(&m.change_key)
+    .bind(m.last_modified.map(ts))
+    .bind(&m.subject)
+    .bind(m.is_all_day)
+    .bind(m.is_cancelled)
+    .bind(&m.show_as)
+    .bind(&m.sensitivity)
+    .bind(&m.organizer_name)
+    .bind(&m.organizer_address)
+    .bind(m.attendees.to_string())
+    .bind(&m.location)
+    .bind(categories_json(&m.categories))
+    .bind(&m.web_link)
+    .bind(synced_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
@@ -675,10 +806,18 @@ fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
 fn event_from_row(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
     let start: String = row.try_get("start_utc")?;
     let end: String = row.try_get("end_utc")?;
+    let json = |column: &str| -> Result<serde_json::Value, StoreError> {
+        let text: String = row.try_get(column)?;
+        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+    };
+    let categories = serde_json::from_value(json("categories")?)
+        .map_err(|e| StoreError::Corrupt(format!("categories: {e}")))?;
     Ok(StoredEvent {
         event_id: row.try_get("event_id")?,
         ical_uid: row.try_get("ical_uid")?,
         change_key: row.try_get("change_key")?,
+        etag: row.try_get("etag")?,
+        last_modified: parse_opt_ts(row, "last_modified")?,
         subject: row.try_get("subject")?,
         start_utc: parse_ts("start_utc", &start)?,
         end_utc: parse_ts("end_utc", &end)?,
@@ -687,10 +826,15 @@ fn event_from_row(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
         is_all_day: row.try_get("is_all_day")?,
         is_cancelled: row.try_get("is_cancelled")?,
         show_as: row.try_get("show_as")?,
+        sensitivity: row.try_get("sensitivity")?,
         event_type: row.try_get("event_type")?,
         series_master_id: row.try_get("series_master_id")?,
+        organizer_name: row.try_get("organizer_name")?,
         organizer_address: row.try_get("organizer_address")?,
+        attendees: json("attendees")?,
         location: row.try_get("location")?,
+        categories,
+        web_link: row.try_get("web_link")?,
         raw: row.try_get("raw")?,
     })
 }

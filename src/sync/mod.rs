@@ -2,7 +2,10 @@
 //! page committed with the link after it. A job may be cancelled at any await point (its
 //! deadline is enforced from outside): the store then holds the last committed page.
 
+mod series;
+
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
@@ -10,13 +13,13 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::auth::{AccessToken, AuthError, TokenProvider};
-use crate::graph::{DeltaItem, DeltaPage, GraphClient, GraphError, PageLink, RequestIds, Window};
+use crate::graph::{DeltaPage, GraphClient, GraphError, PageItem, PageLink, RequestIds, Window};
 use crate::metrics::DeferReason;
 use crate::resilience::backoff::BackoffSchedule;
 use crate::resilience::breaker::CallOutcome;
 use crate::resilience::limits::RateLimits;
 use crate::resilience::{after_retry_after, TenantGuard};
-use crate::store::{Cursor, Lease, MailboxRecord, Store, StoreError};
+use crate::store::{Cursor, Lease, MailboxRecord, PageWrite, Store, StoreError};
 use tokio::time::Instant;
 
 /// A page seen this many times in one job means Graph is looping (the known endless-nextLink
@@ -73,6 +76,7 @@ impl SyncError {
             Self::Graph(
                 GraphError::Unauthorized { .. }
                 | GraphError::ResyncRequired { .. }
+                | GraphError::NotFound { .. }
                 | GraphError::Permanent { .. },
             ) => Some(CallOutcome::Success),
             _ => None,
@@ -96,6 +100,8 @@ pub struct SyncReport {
     pub upserted: u64,
     pub deleted: u64,
     pub completed: bool,
+    /// Series masters fetched because stubs of their series came without them.
+    pub master_requests: u64,
     pub last_request_id: Option<String>,
 }
 
@@ -151,6 +157,7 @@ pub async fn run_round(
     report.full_round = cursor.full;
     let mut seen_pages: HashMap<u64, usize> = HashMap::new();
     let mut seen_links: HashSet<String> = HashSet::new();
+    let mut masters = series::RoundMasters::default();
     let mut pages_this_job: u64 = 0;
     loop {
         let url = match (&cursor.next_link, &cursor.delta_link) {
@@ -166,7 +173,12 @@ pub async fn run_round(
                 pages: pages_this_job - 1,
             });
         }
-        let page = match fetch_page_resilient(ctx, mailbox.id, &url).await {
+        let page = match call_graph(ctx, mailbox.id, |token| {
+            let url = &url;
+            async move { graph.fetch_page(url, &token).await }
+        })
+        .await
+        {
             Ok((page, ids)) => {
                 report.last_request_id = ids.request_id;
                 page
@@ -197,8 +209,16 @@ pub async fn run_round(
         match &page.link {
             PageLink::Next(link) | PageLink::Delta(link) => graph.check_link(link)?,
         };
+        let resolved =
+            series::resolve_page(ctx, mailbox, &cursor, page.items, &mut masters, report).await?;
+        let write = PageWrite {
+            items: &resolved.items,
+            masters: &resolved.masters,
+            gone_series: &resolved.gone_series,
+            round: &resolved.round,
+        };
         let applied = store
-            .apply_page(lease, &cursor, &page.items, &page.link, Utc::now())
+            .apply_page(lease, &cursor, &write, &page.link, Utc::now())
             .await?;
         report.pages += 1;
         report.upserted += applied.upserted;
@@ -231,15 +251,20 @@ async fn start_full_round(
     })
 }
 
-/// One page, through the rate limits and the tenant's Graph breaker, retried on throttling and
-/// transient failures with backoff (or exactly `Retry-After`, plus jitter, never less), within
-/// the retry budget and never past the job's deadline: a wait that would end after it stops the
-/// job as deferred, so it holds no worker while it waits.
-async fn fetch_page_resilient(
+/// One Graph call (a page, a series master), through the rate limits and the tenant's Graph
+/// breaker, with a fresh token after a 401, retried on throttling and transient failures with
+/// backoff (or exactly `Retry-After`, plus jitter, never less), within the retry budget and
+/// never past the job's deadline: a wait that would end after it stops the job as deferred, so
+/// it holds no worker while it waits.
+async fn call_graph<T, F, Fut>(
     ctx: &RoundContext<'_>,
     mailbox: i64,
-    url: &url::Url,
-) -> Result<(DeltaPage, RequestIds), SyncError> {
+    call: F,
+) -> Result<(T, RequestIds), SyncError>
+where
+    F: Fn(AccessToken) -> Fut,
+    Fut: Future<Output = Result<(T, RequestIds), GraphError>>,
+{
     let mut attempt: u32 = 0;
     loop {
         if let Err(wait) = ctx
@@ -257,8 +282,8 @@ async fn fetch_page_resilient(
                 reason: "request rate limit".into(),
             });
         }
-        let call = match ctx.guard.graph.reserve() {
-            Ok(call) => call,
+        let reservation = match ctx.guard.graph.reserve() {
+            Ok(reservation) => reservation,
             Err(rejected) => {
                 crate::metrics::job_deferred(
                     ctx.tokens.tenant(),
@@ -272,24 +297,26 @@ async fn fetch_page_resilient(
             }
         };
         let started = Instant::now();
-        let result = fetch_with_fresh_token(ctx.graph, ctx.tokens, url).await;
+        let result = with_fresh_token(ctx.tokens, &call).await;
         crate::metrics::graph_request(ctx.tokens.tenant(), &result);
         crate::telemetry::record_request_ids(match &result {
             Ok((_, ids)) => Some(ids),
             Err(e) => e.request_ids(),
         });
         match &result {
-            Ok(_) if started.elapsed() > ctx.slow_call => call.record(CallOutcome::Failure),
-            Ok(_) => call.record(CallOutcome::Success),
+            Ok(_) if started.elapsed() > ctx.slow_call => {
+                reservation.record(CallOutcome::Failure)
+            }
+            Ok(_) => reservation.record(CallOutcome::Success),
             Err(e) => match e.graph_outcome() {
-                Some(outcome) => call.record(outcome),
-                None => call.release(),
+                Some(outcome) => reservation.record(outcome),
+                None => reservation.release(),
             },
         }
         let error = match result {
-            Ok(page) => {
+            Ok(answer) => {
                 ctx.guard.deposit();
-                return Ok(page);
+                return Ok(answer);
             }
             Err(SyncError::Auth(
                 e @ AuthError::BreakerOpen {
@@ -334,19 +361,22 @@ async fn fetch_page_resilient(
 }
 
 /// A 401 means the token expired or was revoked: drop it, fetch a fresh one, try once more.
-async fn fetch_with_fresh_token(
-    graph: &GraphClient,
+async fn with_fresh_token<T, F, Fut>(
     tokens: &TokenProvider,
-    url: &url::Url,
-) -> Result<(DeltaPage, RequestIds), SyncError> {
+    call: &F,
+) -> Result<(T, RequestIds), SyncError>
+where
+    F: Fn(AccessToken) -> Fut,
+    Fut: Future<Output = Result<(T, RequestIds), GraphError>>,
+{
     let token: AccessToken = tokens.token().await?;
-    match graph.fetch_page(url, &token).await {
+    match call(token.clone()).await {
         Err(GraphError::Unauthorized { ids, .. }) => {
             crate::metrics::graph_unauthorized(tokens.tenant());
             tracing::info!(tenant = tokens.tenant(), %ids, "Graph refused the access token; refreshing it once");
             tokens.invalidate(&token).await;
             let fresh = tokens.token().await?;
-            Ok(graph.fetch_page(url, &fresh).await?)
+            Ok(call(fresh).await?)
         }
         other => Ok(other?),
     }
@@ -369,8 +399,12 @@ fn detect_loop(
     for item in &page.items {
         match item {
             // The change key moves with every change, so (id, changeKey) identifies the content.
-            DeltaItem::Upsert(event) => (&event.id, &event.change_key).hash(&mut hasher),
-            DeltaItem::Removed { id } => ("removed", id).hash(&mut hasher),
+            PageItem::Event(event) | PageItem::Master(event) => {
+                (&event.id, &event.change_key).hash(&mut hasher)
+            }
+            // A stub has no changeKey; its etag moves with its series.
+            PageItem::Occurrence(stub) => (&stub.id, &stub.etag).hash(&mut hasher),
+            PageItem::Removed { id } => ("removed", id).hash(&mut hasher),
         }
     }
     let times = seen_pages.entry(hasher.finish()).or_insert(0);

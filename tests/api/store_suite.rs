@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use calsync::graph::{DeltaItem, Event, PageLink, Window};
 use calsync::store::{
-    Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, RunOutcome, Store, StoreError,
+    Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, PageWrite, RunOutcome, Store, StoreError,
     RUNS_KEPT_PER_MAILBOX,
 };
 use chrono::{DateTime, Utc};
@@ -236,6 +236,7 @@ fn event(id: &str, subject: &str, start: DateTime<Utc>) -> Event {
         attendees: json!([{"name": "Bob", "address": "bob@contoso.com", "type": "required",
                            "response": "accepted"}]),
         location: Some("Room 1".into()),
+        categories: vec!["Blue category".into()],
         web_link: None,
         raw: json!({"id": id, "subject": subject}).to_string(),
     }
@@ -636,7 +637,7 @@ async fn stale_owners_page_is_refused_and_nothing_written(store: Store) {
     let cursor = full_round(&store, &a).await;
     let page1 = [upsert("e1", "one", t0()), upsert("e2", "two", t0())];
     store
-        .apply_page(&a, &cursor, &page1, &next("p2"), t0())
+        .apply_page(&a, &cursor, &PageWrite::items(&page1), &next("p2"), t0())
         .await
         .expect("page 1");
     let cursor = Cursor {
@@ -663,7 +664,7 @@ async fn stale_owners_page_is_refused_and_nothing_written(store: Store) {
     ];
     assert!(is_lease_lost(
         store
-            .apply_page(&a, &cursor, &page2, &delta("d1"), t0())
+            .apply_page(&a, &cursor, &PageWrite::items(&page2), &delta("d1"), t0())
             .await
     ));
     assert_eq!(
@@ -681,7 +682,7 @@ async fn stale_owners_page_is_refused_and_nothing_written(store: Store) {
         owner: "b".into(),
     };
     let applied = store
-        .apply_page(&b, &cursor, &page2, &delta("d1"), t0())
+        .apply_page(&b, &cursor, &PageWrite::items(&page2), &delta("d1"), t0())
         .await
         .expect("b's page");
     assert_eq!((applied.upserted, applied.deleted), (2, 1));
@@ -696,11 +697,11 @@ async fn stale_round_is_refused(store: Store) {
     assert_eq!(new.round_id, old.round_id + 1);
     let page = [upsert("e1", "one", t0())];
     assert!(is_lease_lost(
-        store.apply_page(&a, &old, &page, &next("p2"), t0()).await
+        store.apply_page(&a, &old, &PageWrite::items(&page), &next("p2"), t0()).await
     ));
     assert!(event_ids(&store, id).await.is_empty());
     store
-        .apply_page(&a, &new, &page, &next("p2"), t0())
+        .apply_page(&a, &new, &PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("current round");
     assert_eq!(event_ids(&store, id).await, set(&["e1"]));
@@ -725,7 +726,7 @@ async fn no_write_of_the_old_owner_lands_after_a_takeover(store: Store) {
                         .map(|k| upsert(&format!("{owner}-{page}-{k}"), "x", t0()))
                         .collect();
                     let link = next(&format!("{owner}-{page}"));
-                    match store.apply_page(&a, &cursor, &items, &link, t0()).await {
+                    match store.apply_page(&a, &cursor, &PageWrite::items(&items), &link, t0()).await {
                         Ok(_) => committed.push(page),
                         Err(StoreError::LeaseLost(_)) => return committed,
                         Err(e) => panic!("page {page}: {e}"),
@@ -803,7 +804,7 @@ async fn upserts_are_idempotent(store: Store) {
     ];
     for _ in 0..2 {
         let applied = store
-            .apply_page(&a, &cursor, &page, &next("p2"), t0())
+            .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p2"), t0())
             .await
             .expect("page (replayed after a crash the second time)");
         assert_eq!(applied.upserted, 3);
@@ -835,7 +836,7 @@ async fn upserts_are_idempotent(store: Store) {
         upsert("e1", "one v3", t0() + secs(9000)),
     ];
     store
-        .apply_page(&a, &cursor, &page, &next("p3"), t0())
+        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p3"), t0())
         .await
         .expect("changes");
     let stored = store.events(id).await.expect("events");
@@ -857,7 +858,7 @@ async fn a_page_applies_its_items_in_order(store: Store) {
         .apply_page(
             &l,
             &cursor,
-            &[upsert("back", "v1", t0())],
+            &PageWrite::items(&[upsert("back", "v1", t0())]),
             &next("p2"),
             t0(),
         )
@@ -874,7 +875,7 @@ async fn a_page_applies_its_items_in_order(store: Store) {
         upsert("last", "v1", t0()),
     ];
     let applied = store
-        .apply_page(&l, &cursor, &page, &next("p3"), t0())
+        .apply_page(&l, &cursor, &PageWrite::items(&page), &next("p3"), t0())
         .await
         .expect("page 2");
     assert_eq!((applied.upserted, applied.deleted), (5, 2));
@@ -904,7 +905,7 @@ async fn removals_only_delete_inside_the_window(store: Store) {
         upsert("edge", "straddles the start", w.start - secs(600)),
     ];
     store
-        .apply_page(&a, &cursor, &page, &next("p2"), t0())
+        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("page");
     // Graph reports events leaving the window as removals too: only those held inside go.
@@ -916,7 +917,7 @@ async fn removals_only_delete_inside_the_window(store: Store) {
         removed("never-seen"),
     ];
     let applied = store
-        .apply_page(&a, &cursor, &page, &next("p3"), t0())
+        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p3"), t0())
         .await
         .expect("removals");
     assert_eq!(applied.deleted, 2);
@@ -933,19 +934,19 @@ async fn full_round_reconciles_at_its_end_only(store: Store) {
         upsert("e3", "3", t0()),
     ];
     store
-        .apply_page(&a, &round1, &page, &delta("d1"), t0())
+        .apply_page(&a, &round1, &PageWrite::items(&page), &delta("d1"), t0())
         .await
         .expect("round 1");
 
     // A full resync that no longer returns e2: it goes at the round's end, not before.
     let round2 = full_round(&store, &a).await;
     store
-        .apply_page(&a, &round2, &[upsert("e1", "1", t0())], &next("p2"), t0())
+        .apply_page(&a, &round2, &PageWrite::items(&[upsert("e1", "1", t0())]), &next("p2"), t0())
         .await
         .expect("round 2 page 1");
     assert_eq!(event_ids(&store, id).await, set(&["e1", "e2", "e3"]));
     let applied = store
-        .apply_page(&a, &round2, &[upsert("e3", "3", t0())], &delta("d2"), t0())
+        .apply_page(&a, &round2, &PageWrite::items(&[upsert("e3", "3", t0())]), &delta("d2"), t0())
         .await
         .expect("round 2 page 2");
     assert_eq!((applied.upserted, applied.deleted), (1, 1));
@@ -955,7 +956,7 @@ async fn full_round_reconciles_at_its_end_only(store: Store) {
 
     // An incremental round only applies what it returns.
     store
-        .apply_page(&a, &cursor, &[upsert("e4", "4", t0())], &delta("d3"), t0())
+        .apply_page(&a, &cursor, &PageWrite::items(&[upsert("e4", "4", t0())]), &delta("d3"), t0())
         .await
         .expect("incremental round");
     assert_eq!(event_ids(&store, id).await, set(&["e1", "e3", "e4"]));
@@ -967,7 +968,7 @@ async fn cursor_resumes_from_the_last_committed_page(store: Store) {
     let cursor = full_round(&store, &a).await;
     assert_eq!(record_of(&store, id).await.cursor, cursor);
     store
-        .apply_page(&a, &cursor, &[upsert("e1", "1", t0())], &next("p2"), t0())
+        .apply_page(&a, &cursor, &PageWrite::items(&[upsert("e1", "1", t0())]), &next("p2"), t0())
         .await
         .expect("page 1");
     // The process dies here: no finish_job. The next job, after the lease ran out:
@@ -991,7 +992,7 @@ async fn cursor_resumes_from_the_last_committed_page(store: Store) {
         .apply_page(
             &b,
             &resumed.cursor,
-            &[upsert("e2", "2", t0())],
+            &PageWrite::items(&[upsert("e2", "2", t0())]),
             &delta("d1"),
             t0(),
         )
@@ -1117,7 +1118,7 @@ async fn event_counts_per_mailbox(store: Store) {
             .map(|k| upsert(&format!("e{k}"), "x", t0()))
             .collect();
         store
-            .apply_page(&l, &cursor, &items, &delta("d"), t0())
+            .apply_page(&l, &cursor, &PageWrite::items(&items), &delta("d"), t0())
             .await
             .expect("page");
     }
@@ -1136,7 +1137,7 @@ async fn nul_characters_do_not_poison_a_page_or_a_record(store: Store) {
     e.raw = json!({"id": "e\u{0}1", "subject": "sub\u{0}ject"}).to_string();
     let page = [DeltaItem::Upsert(Box::new(e))];
     store
-        .apply_page(&l, &cursor, &page, &next("p2"), t0())
+        .apply_page(&l, &cursor, &PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("page with NULs");
     let stored = store.events(id).await.expect("events");
@@ -1145,7 +1146,7 @@ async fn nul_characters_do_not_poison_a_page_or_a_record(store: Store) {
     assert_eq!(subject.replace('\0', "\u{FFFD}"), "sub\u{FFFD}ject");
     // The same id, NUL and all, removes it.
     store
-        .apply_page(&l, &cursor, &[removed("e\u{0}1")], &next("p3"), t0())
+        .apply_page(&l, &cursor, &PageWrite::items(&[removed("e\u{0}1")]), &next("p3"), t0())
         .await
         .expect("removal");
     assert!(store.events(id).await.expect("events").is_empty());
@@ -1198,7 +1199,7 @@ async fn mailboxes_are_registered_and_removed_at_run_time(store: Store) {
     let l = lease(&store, added.id, "w", t0()).await;
     let cursor = full_round(&store, &l).await;
     store
-        .apply_page(&l, &cursor, &[upsert("e1", "1", t0())], &next("p2"), t0())
+        .apply_page(&l, &cursor, &PageWrite::items(&[upsert("e1", "1", t0())]), &next("p2"), t0())
         .await
         .expect("page");
     assert!(store.remove_mailbox(added.id).await.expect("remove"));
@@ -1211,7 +1212,7 @@ async fn mailboxes_are_registered_and_removed_at_run_time(store: Store) {
         .contains_key(&added.id));
     assert!(is_lease_lost(
         store
-            .apply_page(&l, &cursor, &[upsert("e2", "2", t0())], &next("p3"), t0())
+            .apply_page(&l, &cursor, &PageWrite::items(&[upsert("e2", "2", t0())]), &next("p3"), t0())
             .await
     ));
     store
@@ -1312,7 +1313,7 @@ async fn events_between_returns_what_overlaps_the_range(store: Store) {
         span("starts-at-end", 7200, 9000),
     ];
     store
-        .apply_page(&l, &cursor, &page, &next("p2"), t0())
+        .apply_page(&l, &cursor, &PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("page");
     let found: Vec<String> = store
