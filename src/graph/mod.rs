@@ -141,6 +141,9 @@ pub struct GraphRequest<'a> {
     /// A secret the body carries (a subscription's clientState), redacted from error answers.
     secret: Option<&'a SecretString>,
     page_size: Option<u32>,
+    /// Longer than the client's own deadline, for a call Graph answers only after work of its
+    /// own (a subscription create waits for Graph's validation request).
+    deadline: Option<Duration>,
 }
 
 impl<'a> GraphRequest<'a> {
@@ -153,7 +156,13 @@ impl<'a> GraphRequest<'a> {
             max_body,
             secret: None,
             page_size: None,
+            deadline: None,
         }
+    }
+
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// A JSON body; `secret`, if it holds one, is redacted from whatever Graph answers.
@@ -292,7 +301,7 @@ impl GraphClient {
             request_id: None,
             client_request_id: client_request_id.clone(),
         };
-        let deadline = self.deadline;
+        let deadline = request.deadline.unwrap_or(self.deadline);
         match tokio::time::timeout(deadline, self.exchange(request, token, ids.clone())).await {
             Ok(answer) => answer,
             Err(_) => Err(GraphError::Transient {
@@ -321,6 +330,9 @@ impl GraphClient {
         }
         if let Some(body) = &request.body {
             builder = builder.json(body);
+        }
+        if let Some(deadline) = request.deadline {
+            builder = builder.timeout(deadline);
         }
         let mut response = match builder.send().await {
             Ok(r) => r,

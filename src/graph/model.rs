@@ -23,7 +23,9 @@ pub enum PageItem {
     /// A series master (`type: seriesMaster`), dated at its first occurrence: kept apart, never
     /// stored as a calendar entry.
     Master(Box<Event>),
-    Removed { id: String },
+    Removed {
+        id: String,
+    },
 }
 
 impl PageItem {
@@ -423,7 +425,11 @@ fn parse_stub(id: String, raw: RawEvent, raw_text: String) -> Result<OccurrenceS
     })
 }
 
-fn graph_date_time(id: &str, field: &str, value: RawDateTime) -> Result<GraphDateTime, PayloadError> {
+fn graph_date_time(
+    id: &str,
+    field: &str,
+    value: RawDateTime,
+) -> Result<GraphDateTime, PayloadError> {
     let text = value.date_time.trim();
     let date_time = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
         .or_else(|_| DateTime::parse_from_rfc3339(text).map(|d| d.naive_utc()))

@@ -1,19 +1,15 @@
-//! Graph's `/subscriptions` endpoint: create, renew, delete. One request per call, each under a
-//! deadline; errors classified like the delta client's (`graph::classify_failure`).
+//! Graph's `/subscriptions` endpoint: create, renew, delete, each one request on the one Graph
+//! request path ([`GraphClient::send`]): the same deadline, size cap, request ids, redaction
+//! and error classification as every other Graph call.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use url::Url;
 
 use crate::auth::AccessToken;
-use crate::graph::{classify_failure, GraphError, RequestIds};
-use crate::net;
-
-/// Subscription responses are small; anything bigger is not one.
-const MAX_BODY: usize = 64 * 1024;
+use crate::graph::{GraphClient, GraphError, RequestIds};
 
 /// What calsync asks Graph to subscribe to.
 pub struct NewSubscription<'a> {
@@ -44,47 +40,48 @@ pub enum SubscriptionError {
     #[error("Graph has no such subscription (HTTP 404) [{0}]")]
     NotFound(RequestIds),
     #[error(transparent)]
-    Graph(#[from] GraphError),
-    #[error("no answer from Graph within {0:?}")]
-    Deadline(Duration),
+    Graph(GraphError),
+}
+
+impl From<GraphError> for SubscriptionError {
+    fn from(e: GraphError) -> Self {
+        match e {
+            GraphError::NotFound { ids, .. } => Self::NotFound(ids),
+            other => Self::Graph(other),
+        }
+    }
 }
 
 impl SubscriptionError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Graph(e) => e.retry_after(),
-            _ => None,
+            Self::NotFound(_) => None,
+        }
+    }
+
+    /// The Graph error behind it, for the tenant's breaker.
+    pub fn graph(&self) -> Option<&GraphError> {
+        match self {
+            Self::Graph(e) => Some(e),
+            Self::NotFound(_) => None,
         }
     }
 }
 
 #[derive(Clone)]
 pub struct SubscriptionClient {
-    http: reqwest::Client,
-    base: Url,
-    deadline: Duration,
+    graph: GraphClient,
+    /// A create waits for Graph's validation request to us before Graph answers.
+    create_deadline: Duration,
 }
 
 impl SubscriptionClient {
-    /// `http` carries the connect timeout and total deadline of `graph.*`; `deadline` bounds
-    /// each call again from outside, body included.
-    pub fn new(http: reqwest::Client, base: Url, deadline: Duration) -> Self {
+    pub fn new(graph: GraphClient, create_deadline: Duration) -> Self {
         Self {
-            http,
-            base,
-            deadline,
+            graph,
+            create_deadline,
         }
-    }
-
-    fn url(&self, id: Option<&str>) -> Url {
-        let mut url = self.base.clone();
-        if let Ok(mut segments) = url.path_segments_mut() {
-            segments.pop_if_empty().push("subscriptions");
-            if let Some(id) = id {
-                segments.push(id);
-            }
-        }
-        url
     }
 
     /// `POST /subscriptions`: Graph validates the notification URL before it answers 201.
@@ -101,11 +98,13 @@ impl SubscriptionClient {
             "expirationDateTime": new.expires_at.to_rfc3339_opts(SecondsFormat::Millis, true),
             "clientState": new.client_state.expose_secret(),
         });
-        let request = self.http.post(self.url(None)).json(&body);
-        let answer = self
-            .send(request, token, 201, Some(new.client_state))
-            .await?;
-        parse(&answer.0, new.expires_at, answer.1)
+        let request = self
+            .graph
+            .post(self.graph.url(&["subscriptions"]), &[201, 200])
+            .json(body, Some(new.client_state))
+            .deadline(self.create_deadline);
+        let answer = self.graph.send(request, token).await?;
+        parse(&answer.body, new.expires_at, answer.ids)
     }
 
     /// `PATCH /subscriptions/{id}` with a new expiry.
@@ -118,85 +117,28 @@ impl SubscriptionClient {
         let body = serde_json::json!({
             "expirationDateTime": expires_at.to_rfc3339_opts(SecondsFormat::Millis, true),
         });
-        let request = self.http.patch(self.url(Some(id))).json(&body);
-        let answer = self.send(request, token, 200, None).await?;
-        parse(&answer.0, expires_at, answer.1)
+        let request = self
+            .graph
+            .patch(self.graph.url(&["subscriptions", id]), &[200])
+            .json(body, None);
+        let answer = self.graph.send(request, token).await?;
+        parse(&answer.body, expires_at, answer.ids)
     }
 
     /// `DELETE /subscriptions/{id}`; one already gone counts as deleted.
     pub async fn delete(&self, id: &str, token: &AccessToken) -> Result<(), SubscriptionError> {
-        let request = self.http.delete(self.url(Some(id)));
-        match self.send(request, token, 204, None).await {
+        let request = self
+            .graph
+            .delete(self.graph.url(&["subscriptions", id]), &[204, 200]);
+        match self
+            .graph
+            .send(request, token)
+            .await
+            .map_err(SubscriptionError::from)
+        {
             Ok(_) | Err(SubscriptionError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
-    }
-
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-        token: &AccessToken,
-        expected: u16,
-        client_state: Option<&SecretString>,
-    ) -> Result<(Vec<u8>, RequestIds), SubscriptionError> {
-        let client_request_id = uuid::Uuid::new_v4().to_string();
-        let call = async {
-            let mut ids = RequestIds {
-                request_id: None,
-                client_request_id: client_request_id.clone(),
-            };
-            let sent = request
-                .header(http::header::AUTHORIZATION, token.bearer_header())
-                .header(http::header::ACCEPT, "application/json")
-                .header("client-request-id", &client_request_id)
-                .send()
-                .await;
-            let mut response = match sent {
-                Ok(r) => r,
-                Err(e) => {
-                    return Err(SubscriptionError::Graph(GraphError::Transient {
-                        reason: net::describe_transport(&e),
-                        retry_after: None,
-                        ids,
-                    }))
-                }
-            };
-            ids.request_id = response
-                .headers()
-                .get("request-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let status = response.status().as_u16();
-            let headers = response.headers().clone();
-            let body = net::read_body_limited(&mut response, MAX_BODY).await;
-            let body = match body {
-                // An error message may quote the request (token, clientState) back.
-                Ok(b) => {
-                    let b = token.redact_from(&b);
-                    match client_state {
-                        Some(state) => net::redact(&b, state.expose_secret()),
-                        None => b,
-                    }
-                }
-                Err(e) => {
-                    return Err(SubscriptionError::Graph(GraphError::Transient {
-                        reason: e.to_string(),
-                        retry_after: None,
-                        ids,
-                    }))
-                }
-            };
-            if status == expected || (expected != 204 && status == 200) {
-                return Ok((body, ids));
-            }
-            if status == 404 {
-                return Err(SubscriptionError::NotFound(ids));
-            }
-            Err(classify_failure(status, &headers, &body, ids, SystemTime::now()).into())
-        };
-        tokio::time::timeout(self.deadline, call)
-            .await
-            .unwrap_or(Err(SubscriptionError::Deadline(self.deadline)))
     }
 }
 

@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 pub use client::{NewSubscription, Subscription, SubscriptionClient, SubscriptionError};
 
 use crate::config::{NotificationSettings, Settings};
+use crate::graph::GraphError;
 use crate::resilience::backoff::BackoffSchedule;
-use crate::resilience::breaker::BreakerState;
+use crate::resilience::breaker::{BreakerState, CallOutcome};
 use crate::scheduler::Worker;
 use crate::store::{Store, SubscriptionDue, SubscriptionSaved};
 
@@ -101,10 +102,11 @@ impl SubscriptionUpkeep {
         )?;
         // Graph answers a create only after its validation request to us: allow for that.
         let deadline = settings.graph.request_timeout + Duration::from_secs(10);
+        let graph = crate::graph::GraphClient::new(&settings.graph, http);
         Ok(Some(Arc::new(Self {
             store,
             worker,
-            client: SubscriptionClient::new(http, settings.graph.base_url.clone(), deadline),
+            client: SubscriptionClient::new(graph, deadline),
             notification_url,
             lifecycle_url,
             backoff: BackoffSchedule::new(n.retry_initial, n.retry_max)?,
@@ -287,7 +289,10 @@ impl UpkeepCall {
         let expires_at = Utc::now() + chrono_duration(self.settings.expiration);
         let mut recreated = item.had_subscription;
         if let Some(id) = &item.subscription_id {
-            match self.client.renew(id, expires_at, &token).await {
+            match self
+                .guarded(&item.tenant, self.client.renew(id, expires_at, &token))
+                .await?
+            {
                 // The clientState stays the one stored with the id.
                 Ok(renewed) => return Ok((renewed, None, None)),
                 Err(SubscriptionError::NotFound(_)) => recreated = true,
@@ -306,10 +311,38 @@ impl UpkeepCall {
             expires_at,
             client_state: &client_state,
         };
-        match self.client.create(&new, &token).await {
+        match self
+            .guarded(&item.tenant, self.client.create(&new, &token))
+            .await?
+        {
             Ok(created) => Ok((created, Some(client_state), Some(recreated))),
             Err(e) => Err((crate::error_chain(&e), e.retry_after())),
         }
+    }
+
+    /// A subscription call counts in the tenant's Graph breaker like any Graph call: refused
+    /// while it is open, and its failures are evidence of Graph's health.
+    async fn guarded<T>(
+        &self,
+        tenant: &str,
+        call: impl std::future::Future<Output = Result<T, SubscriptionError>>,
+    ) -> Result<Result<T, SubscriptionError>, (String, Option<Duration>)> {
+        let Some(guard) = self.worker.guard(tenant) else {
+            return Err((format!("tenant `{tenant}` is not configured"), None));
+        };
+        let reservation = guard.graph.reserve().map_err(|rejected| {
+            let wait = rejected
+                .until
+                .saturating_duration_since(tokio::time::Instant::now());
+            ("the tenant's Graph circuit is open".to_string(), Some(wait))
+        })?;
+        let result = call.await;
+        let outcome = match result.as_ref().map_err(SubscriptionError::graph) {
+            Err(Some(GraphError::Transient { .. })) => CallOutcome::Failure,
+            _ => CallOutcome::Success,
+        };
+        reservation.record(outcome);
+        Ok(result)
     }
 }
 

@@ -661,6 +661,11 @@ impl Worker {
         &self.tokens
     }
 
+    /// The tenant's shared Graph breaker, rate and retry budget.
+    pub fn guard(&self, tenant: &str) -> Option<&Arc<TenantGuard>> {
+        self.guards.get(tenant)
+    }
+
     pub fn settings(&self) -> &SyncSettings {
         &self.sync
     }

@@ -271,13 +271,12 @@ impl SqliteStore {
             upsert_master(&mut tx, lease.mailbox, write, page.round, &synced_at).await?;
         }
         for series in page.gone_series {
-            let done = sqlx::query(
-                "DELETE FROM events WHERE mailbox_id = ?1 AND series_master_id = ?2",
-            )
-            .bind(lease.mailbox)
-            .bind(series)
-            .execute(&mut *tx)
-            .await?;
+            let done =
+                sqlx::query("DELETE FROM events WHERE mailbox_id = ?1 AND series_master_id = ?2")
+                    .bind(lease.mailbox)
+                    .bind(series)
+                    .execute(&mut *tx)
+                    .await?;
             applied.deleted += done.rows_affected();
             sqlx::query("DELETE FROM series_masters WHERE mailbox_id = ?1 AND master_id = ?2")
                 .bind(lease.mailbox)

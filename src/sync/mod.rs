@@ -304,9 +304,7 @@ where
             Err(e) => e.request_ids(),
         });
         match &result {
-            Ok(_) if started.elapsed() > ctx.slow_call => {
-                reservation.record(CallOutcome::Failure)
-            }
+            Ok(_) if started.elapsed() > ctx.slow_call => reservation.record(CallOutcome::Failure),
             Ok(_) => reservation.record(CallOutcome::Success),
             Err(e) => match e.graph_outcome() {
                 Some(outcome) => reservation.record(outcome),

@@ -78,7 +78,11 @@ pub(super) async fn resolve_page(
     to_fetch.sort_unstable();
     to_fetch.dedup();
 
-    let mut lookup: Vec<&str> = in_page.keys().copied().chain(to_fetch.iter().copied()).collect();
+    let mut lookup: Vec<&str> = in_page
+        .keys()
+        .copied()
+        .chain(to_fetch.iter().copied())
+        .collect();
     lookup.sort_unstable();
     lookup.dedup();
     let stored = ctx.store.series_masters(mailbox.id, &lookup).await?;

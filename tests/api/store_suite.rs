@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use calsync::graph::{DeltaItem, Event, PageLink, Window};
 use calsync::store::{
-    Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, PageWrite, RunOutcome, Store, StoreError,
-    RUNS_KEPT_PER_MAILBOX,
+    Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, PageWrite, RunOutcome, Store,
+    StoreError, RUNS_KEPT_PER_MAILBOX,
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -697,7 +697,9 @@ async fn stale_round_is_refused(store: Store) {
     assert_eq!(new.round_id, old.round_id + 1);
     let page = [upsert("e1", "one", t0())];
     assert!(is_lease_lost(
-        store.apply_page(&a, &old, &PageWrite::items(&page), &next("p2"), t0()).await
+        store
+            .apply_page(&a, &old, &PageWrite::items(&page), &next("p2"), t0())
+            .await
     ));
     assert!(event_ids(&store, id).await.is_empty());
     store
@@ -726,7 +728,10 @@ async fn no_write_of_the_old_owner_lands_after_a_takeover(store: Store) {
                         .map(|k| upsert(&format!("{owner}-{page}-{k}"), "x", t0()))
                         .collect();
                     let link = next(&format!("{owner}-{page}"));
-                    match store.apply_page(&a, &cursor, &PageWrite::items(&items), &link, t0()).await {
+                    match store
+                        .apply_page(&a, &cursor, &PageWrite::items(&items), &link, t0())
+                        .await
+                    {
                         Ok(_) => committed.push(page),
                         Err(StoreError::LeaseLost(_)) => return committed,
                         Err(e) => panic!("page {page}: {e}"),
@@ -941,12 +946,24 @@ async fn full_round_reconciles_at_its_end_only(store: Store) {
     // A full resync that no longer returns e2: it goes at the round's end, not before.
     let round2 = full_round(&store, &a).await;
     store
-        .apply_page(&a, &round2, &PageWrite::items(&[upsert("e1", "1", t0())]), &next("p2"), t0())
+        .apply_page(
+            &a,
+            &round2,
+            &PageWrite::items(&[upsert("e1", "1", t0())]),
+            &next("p2"),
+            t0(),
+        )
         .await
         .expect("round 2 page 1");
     assert_eq!(event_ids(&store, id).await, set(&["e1", "e2", "e3"]));
     let applied = store
-        .apply_page(&a, &round2, &PageWrite::items(&[upsert("e3", "3", t0())]), &delta("d2"), t0())
+        .apply_page(
+            &a,
+            &round2,
+            &PageWrite::items(&[upsert("e3", "3", t0())]),
+            &delta("d2"),
+            t0(),
+        )
         .await
         .expect("round 2 page 2");
     assert_eq!((applied.upserted, applied.deleted), (1, 1));
@@ -956,7 +973,13 @@ async fn full_round_reconciles_at_its_end_only(store: Store) {
 
     // An incremental round only applies what it returns.
     store
-        .apply_page(&a, &cursor, &PageWrite::items(&[upsert("e4", "4", t0())]), &delta("d3"), t0())
+        .apply_page(
+            &a,
+            &cursor,
+            &PageWrite::items(&[upsert("e4", "4", t0())]),
+            &delta("d3"),
+            t0(),
+        )
         .await
         .expect("incremental round");
     assert_eq!(event_ids(&store, id).await, set(&["e1", "e3", "e4"]));
@@ -968,7 +991,13 @@ async fn cursor_resumes_from_the_last_committed_page(store: Store) {
     let cursor = full_round(&store, &a).await;
     assert_eq!(record_of(&store, id).await.cursor, cursor);
     store
-        .apply_page(&a, &cursor, &PageWrite::items(&[upsert("e1", "1", t0())]), &next("p2"), t0())
+        .apply_page(
+            &a,
+            &cursor,
+            &PageWrite::items(&[upsert("e1", "1", t0())]),
+            &next("p2"),
+            t0(),
+        )
         .await
         .expect("page 1");
     // The process dies here: no finish_job. The next job, after the lease ran out:
@@ -1146,7 +1175,13 @@ async fn nul_characters_do_not_poison_a_page_or_a_record(store: Store) {
     assert_eq!(subject.replace('\0', "\u{FFFD}"), "sub\u{FFFD}ject");
     // The same id, NUL and all, removes it.
     store
-        .apply_page(&l, &cursor, &PageWrite::items(&[removed("e\u{0}1")]), &next("p3"), t0())
+        .apply_page(
+            &l,
+            &cursor,
+            &PageWrite::items(&[removed("e\u{0}1")]),
+            &next("p3"),
+            t0(),
+        )
         .await
         .expect("removal");
     assert!(store.events(id).await.expect("events").is_empty());
@@ -1199,7 +1234,13 @@ async fn mailboxes_are_registered_and_removed_at_run_time(store: Store) {
     let l = lease(&store, added.id, "w", t0()).await;
     let cursor = full_round(&store, &l).await;
     store
-        .apply_page(&l, &cursor, &PageWrite::items(&[upsert("e1", "1", t0())]), &next("p2"), t0())
+        .apply_page(
+            &l,
+            &cursor,
+            &PageWrite::items(&[upsert("e1", "1", t0())]),
+            &next("p2"),
+            t0(),
+        )
         .await
         .expect("page");
     assert!(store.remove_mailbox(added.id).await.expect("remove"));
@@ -1212,7 +1253,13 @@ async fn mailboxes_are_registered_and_removed_at_run_time(store: Store) {
         .contains_key(&added.id));
     assert!(is_lease_lost(
         store
-            .apply_page(&l, &cursor, &PageWrite::items(&[upsert("e2", "2", t0())]), &next("p3"), t0())
+            .apply_page(
+                &l,
+                &cursor,
+                &PageWrite::items(&[upsert("e2", "2", t0())]),
+                &next("p3"),
+                t0()
+            )
             .await
     ));
     store
