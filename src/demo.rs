@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -18,7 +18,7 @@ use crate::config::{HumanDuration, Settings};
 use crate::console::{progress_bar, short_duration, LiveView};
 use crate::graph::model::parse_event;
 use crate::sim::{self, SimConfig, SimHandle};
-use crate::store::{MailboxRecord, Store};
+use crate::store::{MailboxRecord, Store, UserView};
 use crate::sync::window_at;
 
 /// How long the initial sync and the final convergence may take before the demo gives up.
@@ -348,7 +348,8 @@ async fn tenant_table(store: &Store, mailboxes: &[MailboxRecord]) -> anyhow::Res
     Ok(lines)
 }
 
-/// Store against ground truth, mailbox by mailbox, on the fields calsync keeps.
+/// Store against ground truth, mailbox by mailbox, on every field a user reads (occurrences
+/// included: they must carry their series' subject, people, status and categories).
 async fn compare(
     store: &Store,
     sim: &SimHandle,
@@ -366,37 +367,17 @@ async fn compare(
             });
         row.mailboxes += 1;
         row.failed_mailboxes += usize::from(m.consecutive_failures > 0);
-        let stored: HashMap<String, Fingerprint> = store
+        let stored: HashMap<String, UserView> = store
             .events(m.id)
             .await?
             .into_iter()
-            .map(|e| {
-                (
-                    e.event_id.clone(),
-                    Fingerprint {
-                        change_key: e.change_key,
-                        subject: e.subject,
-                        start: e.start_utc,
-                        end: e.end_utc,
-                        cancelled: e.is_cancelled,
-                    },
-                )
-            })
+            .map(|e| (e.event_id.clone(), e.user_view()))
             .collect();
-        let mut truth: HashMap<String, Fingerprint> = HashMap::new();
+        let mut truth: HashMap<String, UserView> = HashMap::new();
         for item in sim.truth(&m.user_id, Some((window.start, window.end))) {
             let event = parse_event(item)
                 .map_err(|e| anyhow::anyhow!("ground truth of {}: {e}", m.user_id))?;
-            truth.insert(
-                event.id.clone(),
-                Fingerprint {
-                    change_key: event.change_key,
-                    subject: event.subject,
-                    start: event.start_utc,
-                    end: event.end_utc,
-                    cancelled: event.is_cancelled,
-                },
-            );
+            truth.insert(event.id.clone(), UserView::of_event(&event));
         }
         row.events_in_store += stored.len();
         row.events_in_truth += truth.len();
@@ -443,15 +424,6 @@ fn push_example(examples: &mut Vec<String>, example: String) {
     if examples.len() < 10 {
         examples.push(example);
     }
-}
-
-#[derive(Debug, PartialEq)]
-struct Fingerprint {
-    change_key: Option<String>,
-    subject: Option<String>,
-    start: DateTime<Utc>,
-    end: DateTime<Utc>,
-    cancelled: bool,
 }
 
 /// The closing report for people.

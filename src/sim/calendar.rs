@@ -51,6 +51,87 @@ pub struct Event {
     pub organizer: (String, String),
     pub attendees: Vec<(String, String)>,
     pub location: String,
+    pub categories: Vec<String>,
+}
+
+/// A recurring series' master: what its occurrences show, and when the series began. Graph
+/// dates a master at its first occurrence, which may lie long before any window.
+#[derive(Debug, Clone)]
+pub struct Master {
+    pub id: String,
+    pub ical_uid: String,
+    pub change_key: String,
+    pub last_modified: DateTime<Utc>,
+    pub subject: String,
+    pub first_start: DateTime<Utc>,
+    pub first_end: DateTime<Utc>,
+    pub step_days: i64,
+    pub count: usize,
+    pub is_all_day: bool,
+    pub show_as: &'static str,
+    pub sensitivity: &'static str,
+    pub organizer: (String, String),
+    pub attendees: Vec<(String, String)>,
+    pub location: String,
+    pub categories: Vec<String>,
+}
+
+impl Master {
+    /// The master as `GET /events/{id}` and calendarView delta return it: a full event of type
+    /// `seriesMaster` at the first occurrence's start and end, with its recurrence.
+    pub fn to_graph_json(&self) -> Value {
+        let first = Event {
+            id: self.id.clone(),
+            ical_uid: self.ical_uid.clone(),
+            change_key: self.change_key.clone(),
+            last_modified: self.last_modified,
+            subject: self.subject.clone(),
+            start: self.first_start,
+            end: self.first_end,
+            is_all_day: self.is_all_day,
+            is_cancelled: false,
+            show_as: self.show_as,
+            sensitivity: self.sensitivity,
+            kind: EventType::SingleInstance,
+            series_master_id: None,
+            organizer: self.organizer.clone(),
+            attendees: self.attendees.clone(),
+            location: self.location.clone(),
+            categories: self.categories.clone(),
+        };
+        let mut json = first.to_graph_json();
+        json["type"] = "seriesMaster".into();
+        json["seriesMasterId"] = Value::Null;
+        let (pattern, interval) = if self.step_days % 7 == 0 {
+            ("weekly", self.step_days / 7)
+        } else {
+            ("daily", self.step_days)
+        };
+        let weekday = self
+            .first_start
+            .format("%A")
+            .to_string()
+            .to_ascii_lowercase();
+        json["recurrence"] = json!({
+            "pattern": {
+                "type": pattern,
+                "interval": interval,
+                "month": 0,
+                "dayOfMonth": 0,
+                "daysOfWeek": if pattern == "weekly" { json!([weekday]) } else { json!([]) },
+                "firstDayOfWeek": "sunday",
+                "index": "first"
+            },
+            "range": {
+                "type": "numbered",
+                "startDate": self.first_start.format("%Y-%m-%d").to_string(),
+                "endDate": "0001-01-01",
+                "recurrenceTimeZone": "UTC",
+                "numberOfOccurrences": self.count
+            }
+        });
+        json
+    }
 }
 
 impl Event {
@@ -83,7 +164,7 @@ impl Event {
             "createdDateTime": graph_utc(self.last_modified - Duration::days(3)),
             "lastModifiedDateTime": graph_utc(self.last_modified),
             "changeKey": self.change_key,
-            "categories": [],
+            "categories": self.categories,
             "transactionId": null,
             "originalStartTimeZone": "UTC",
             "originalEndTimeZone": "UTC",
@@ -141,6 +222,20 @@ pub fn graph_utc(t: DateTime<Utc>) -> String {
     format!("{}Z", graph_local(t))
 }
 
+/// An occurrence as calendarView delta sends it: only these seven properties (reported since
+/// 2017: microsoft-graph-docs issues 1716 and 7632, microsoft-graph-docs-contrib issue 34).
+pub fn occurrence_stub_json(ev: &Event) -> Value {
+    json!({
+        "@odata.type": "#microsoft.graph.event",
+        "@odata.etag": format!("W/\"{}\"", ev.change_key),
+        "id": ev.id,
+        "seriesMasterId": ev.series_master_id,
+        "type": "occurrence",
+        "start": {"dateTime": graph_local(ev.start), "timeZone": "UTC"},
+        "end": {"dateTime": graph_local(ev.end), "timeZone": "UTC"},
+    })
+}
+
 pub fn removed_json(id: &str) -> Value {
     json!({"@odata.type": "#microsoft.graph.event", "id": id, "@removed": {"reason": "deleted"}})
 }
@@ -174,11 +269,18 @@ pub enum MutationKind {
     Update,
     Move,
     Delete,
+    /// A series master changed (renamed, rescheduled in place): it and every occurrence are
+    /// re-sent.
+    RenameSeries,
+    /// A whole series deleted: the master and all its instances are removed.
+    DeleteSeries,
 }
 
 pub struct MailboxCalendar {
     pub address: String,
     events: BTreeMap<String, Event>,
+    masters: BTreeMap<String, Master>,
+    deleted_masters: HashSet<String>,
     /// Every change ever made, `(seq, event id)`, seq strictly increasing; ids repeat.
     log: Vec<(u64, String)>,
     seq: u64,
@@ -209,6 +311,12 @@ const SHOW_AS: &[&str] = &[
     "workingElsewhere",
 ];
 const SENSITIVITY: &[&str] = &["normal", "normal", "normal", "private", "personal"];
+const CATEGORIES: &[&str] = &[
+    "Blue category",
+    "Green category",
+    "Orange category",
+    "Customer",
+];
 
 impl MailboxCalendar {
     /// Builds a deterministic calendar for `address`: `seed` and `index` fix the content;
@@ -224,12 +332,25 @@ impl MailboxCalendar {
         let mut cal = Self {
             address: address.to_string(),
             events: BTreeMap::new(),
+            masters: BTreeMap::new(),
+            deleted_masters: HashSet::new(),
             log: Vec::new(),
             seq: 0,
             rng: StdRng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed),
             range,
             counter: 0,
         };
+        // Every calendar of some size has the recurring shapes Graph makes hard: a series begun
+        // before the window and a recurring all-day series (random series come below).
+        if n_events >= 40 {
+            let step = Duration::weeks(1);
+            let count = (n_events / 4).clamp(8, 40);
+            let offset = Duration::minutes(30 * cal.rng.gen_range(16..40));
+            let first = cal.range.start + offset - step * (count / 2) as i32;
+            cal.add_series_at(first, step, count, false, now);
+            let first = cal.random_start(true);
+            cal.add_series_at(first, Duration::days(1), 4, true, now);
+        }
         while cal.events.len() < n_events {
             let remaining = n_events - cal.events.len();
             let roll = cal.rng.gen_range(0..100);
@@ -341,56 +462,203 @@ impl MailboxCalendar {
             organizer,
             attendees,
             location: LOCATIONS[self.rng.gen_range(0..LOCATIONS.len())].to_string(),
+            categories: self.random_categories(),
         }
     }
 
-    /// A weekly or daily series expanded into occurrences; a few become exceptions. The master
-    /// itself is not listed because calendarView returns instances, not masters.
+    fn random_categories(&mut self) -> Vec<String> {
+        let n = self.rng.gen_range(0..3usize);
+        let mut out: Vec<String> = (0..n)
+            .map(|_| CATEGORIES[self.rng.gen_range(0..CATEGORIES.len())].to_string())
+            .collect();
+        out.dedup();
+        out
+    }
+
+    /// A weekly or daily series at a random time in the range.
     fn add_series(&mut self, count: usize, now: DateTime<Utc>) {
-        let master_id = self.new_id();
-        let ical = self.new_uid();
         let first = self.random_start(false);
         let step = if self.rng.gen_bool(0.5) {
             Duration::days(1)
         } else {
             Duration::weeks(1)
         };
-        let len = Duration::minutes(30 * self.rng.gen_range(1..=4));
+        self.add_series_at(first, step, count, false, now);
+    }
+
+    /// A series: its master, then its instances, a few of which are exceptions (moved by an
+    /// hour, own subject). calendarView expands a series into instances; delta also lists the
+    /// master, dated at the first occurrence.
+    fn add_series_at(
+        &mut self,
+        first: DateTime<Utc>,
+        step: Duration,
+        count: usize,
+        all_day: bool,
+        now: DateTime<Utc>,
+    ) {
+        let master_id = self.new_id();
+        let len = if all_day {
+            Duration::days(1)
+        } else {
+            Duration::minutes(30 * self.rng.gen_range(1..=4))
+        };
         let subject = format!(
             "{} (recurring)",
             SUBJECTS[self.rng.gen_range(0..SUBJECTS.len())]
         );
         let (organizer, attendees) = self.people();
+        let master = Master {
+            id: master_id.clone(),
+            ical_uid: self.new_uid(),
+            change_key: self.new_change_key(),
+            last_modified: now,
+            subject,
+            first_start: first,
+            first_end: first + len,
+            step_days: step.num_days().max(1),
+            count,
+            is_all_day: all_day,
+            show_as: if all_day { "free" } else { "busy" },
+            sensitivity: SENSITIVITY[self.rng.gen_range(0..SENSITIVITY.len())],
+            organizer,
+            attendees,
+            location: LOCATIONS[self.rng.gen_range(1..LOCATIONS.len())].to_string(),
+            categories: self.random_categories(),
+        };
+        let seq = self.next_seq();
+        self.log.push((seq, master_id.clone()));
         for i in 0..count {
             let mut start = first + step * i as i32;
-            let exception = self.rng.gen_range(0..10) == 0;
+            let exception = !all_day && self.rng.gen_range(0..10) == 0;
             if exception {
                 start += Duration::hours(1);
             }
-            let ev = Event {
-                id: self.new_id(),
-                ical_uid: ical.clone(),
-                change_key: self.new_change_key(),
-                last_modified: now,
-                subject: subject.clone(),
-                start,
-                end: start + len,
-                is_all_day: false,
-                is_cancelled: false,
-                show_as: "busy",
-                sensitivity: "normal",
-                kind: if exception {
-                    EventType::Exception
-                } else {
-                    EventType::Occurrence
-                },
-                series_master_id: Some(master_id.clone()),
-                organizer: organizer.clone(),
-                attendees: attendees.clone(),
-                location: "Teams".into(),
-            };
+            let mut ev = self.occurrence_of(&master, start, len);
+            if exception {
+                ev.kind = EventType::Exception;
+                ev.change_key = self.new_change_key();
+                ev.subject = format!("{} (moved)", master.subject);
+            }
             self.insert(ev);
         }
+        self.masters.insert(master_id, master);
+    }
+
+    /// An occurrence of `master` at `start`: the master's fields, its own id and iCalUId (Graph
+    /// gives each occurrence its own) and the master's changeKey.
+    fn occurrence_of(&mut self, master: &Master, start: DateTime<Utc>, len: Duration) -> Event {
+        Event {
+            id: self.new_id(),
+            ical_uid: self.new_uid(),
+            change_key: master.change_key.clone(),
+            last_modified: master.last_modified,
+            subject: master.subject.clone(),
+            start,
+            end: start + len,
+            is_all_day: master.is_all_day,
+            is_cancelled: false,
+            show_as: master.show_as,
+            sensitivity: master.sensitivity,
+            kind: EventType::Occurrence,
+            series_master_id: Some(master.id.clone()),
+            organizer: master.organizer.clone(),
+            attendees: master.attendees.clone(),
+            location: master.location.clone(),
+            categories: master.categories.clone(),
+        }
+    }
+
+    /// The series of `master_id` has an instance overlapping `window`.
+    fn series_in(&self, master_id: &str, window: &Window) -> bool {
+        self.events
+            .values()
+            .any(|e| e.series_master_id.as_deref() == Some(master_id) && e.overlaps(window))
+    }
+
+    /// One event or series master in full, as `GET /users/{id}/events/{id}` returns it.
+    pub fn item(&self, id: &str) -> Option<Value> {
+        match (self.events.get(id), self.masters.get(id)) {
+            (Some(ev), _) => Some(ev.to_graph_json()),
+            (None, Some(master)) => Some(master.to_graph_json()),
+            (None, None) => None,
+        }
+    }
+
+    /// Master ids, in id order.
+    pub fn master_ids(&self) -> Vec<String> {
+        self.masters.keys().cloned().collect()
+    }
+
+    /// Changes a series master (subject, busy status, location, categories) as an organizer
+    /// editing "the entire series" does: the master and every occurrence get a new changeKey
+    /// and are re-sent; exceptions keep their own fields.
+    pub fn rename_series(&mut self, master_id: &str, now: DateTime<Utc>) -> bool {
+        let change_key = self.new_change_key();
+        let subject_n = self.rng.gen_range(0..SUBJECTS.len());
+        let location = LOCATIONS[self.rng.gen_range(1..LOCATIONS.len())].to_string();
+        let categories = self.random_categories();
+        let Some(master) = self.masters.get_mut(master_id) else {
+            return false;
+        };
+        master.change_key = change_key;
+        master.last_modified = now;
+        master.subject = format!("{} (recurring, renamed)", SUBJECTS[subject_n]);
+        if !master.is_all_day {
+            master.show_as = if master.show_as == "busy" {
+                "tentative"
+            } else {
+                "busy"
+            };
+        }
+        master.location = location;
+        master.categories = categories;
+        let master = master.clone();
+        let seq = self.next_seq();
+        self.log.push((seq, master.id.clone()));
+        let ids: Vec<String> = self
+            .events
+            .values()
+            .filter(|e| {
+                e.kind == EventType::Occurrence && e.series_master_id.as_deref() == Some(master_id)
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        for id in ids {
+            if let Some(ev) = self.events.get_mut(&id) {
+                ev.change_key = master.change_key.clone();
+                ev.last_modified = now;
+                ev.subject = master.subject.clone();
+                ev.show_as = master.show_as;
+                ev.location = master.location.clone();
+                ev.categories = master.categories.clone();
+            }
+            let seq = self.next_seq();
+            self.log.push((seq, id));
+        }
+        true
+    }
+
+    /// Deletes a whole series: the master and every instance, exceptions included.
+    pub fn delete_series(&mut self, master_id: &str) -> bool {
+        if self.masters.remove(master_id).is_none() {
+            return false;
+        }
+        self.deleted_masters.insert(master_id.to_string());
+        let seq = self.next_seq();
+        self.log.push((seq, master_id.to_string()));
+        let ids: Vec<String> = self
+            .events
+            .values()
+            .filter(|e| e.series_master_id.as_deref() == Some(master_id))
+            .map(|e| e.id.clone())
+            .collect();
+        for id in ids {
+            self.events.remove(&id);
+            let seq = self.next_seq();
+            self.log.push((seq, id));
+        }
+        true
     }
 
     pub fn current_seq(&self) -> u64 {
@@ -429,6 +697,11 @@ impl MailboxCalendar {
     /// An initial round (`since == 0`) lists only events that exist in the window. An
     /// incremental round lists every changed event: its full body when it is in the window now,
     /// otherwise `@removed`, which covers deletion, moves out of the window and changes outside.
+    ///
+    /// As Graph does: an occurrence is sent as a stub, an exception in full, and a series
+    /// master in full (dated at its first occurrence) when its series has an instance in the
+    /// window. With `masters_in_delta` off, masters are never listed (as some clients report
+    /// for incremental rounds), so a client must fetch them.
     pub fn read_page(
         &self,
         window: &Window,
@@ -436,6 +709,7 @@ impl MailboxCalendar {
         upto: u64,
         offset: usize,
         page_size: usize,
+        masters_in_delta: bool,
     ) -> PageRead {
         let ids = self.changed_ids(since, upto);
         let mut items = Vec::new();
@@ -443,11 +717,26 @@ impl MailboxCalendar {
         while pos < ids.len() && items.len() < page_size {
             let id = ids[pos];
             pos += 1;
+            if let Some(master) = self.masters.get(id) {
+                if !masters_in_delta {
+                    continue;
+                }
+                if self.series_in(id, window) {
+                    items.push(DeltaItem::Present(master.to_graph_json()));
+                } else if since != 0 {
+                    items.push(DeltaItem::Removed(id.to_string()));
+                }
+                continue;
+            }
             match self.events.get(id) {
                 Some(ev) if ev.overlaps(window) => {
-                    items.push(DeltaItem::Present(ev.to_graph_json()));
+                    items.push(DeltaItem::Present(match ev.kind {
+                        EventType::Occurrence => occurrence_stub_json(ev),
+                        _ => ev.to_graph_json(),
+                    }));
                 }
                 _ if since == 0 => {}
+                _ if !masters_in_delta && self.was_master(id) => {}
                 _ => items.push(DeltaItem::Removed(id.to_string())),
             }
         }
@@ -455,9 +744,25 @@ impl MailboxCalendar {
         PageRead { items, next_offset }
     }
 
+    fn was_master(&self, id: &str) -> bool {
+        self.deleted_masters.contains(id)
+    }
+
     /// Applies one random mutation and returns what it did.
     pub fn mutate(&mut self, now: DateTime<Utc>) -> Option<(MutationKind, String)> {
         let roll = self.rng.gen_range(0..100);
+        if (60..64).contains(&roll) && !self.masters.is_empty() {
+            let idx = self.rng.gen_range(0..self.masters.len());
+            let id = self.masters.keys().nth(idx)?.clone();
+            self.rename_series(&id, now);
+            return Some((MutationKind::RenameSeries, id));
+        }
+        if roll == 64 && !self.masters.is_empty() {
+            let idx = self.rng.gen_range(0..self.masters.len());
+            let id = self.masters.keys().nth(idx)?.clone();
+            self.delete_series(&id);
+            return Some((MutationKind::DeleteSeries, id));
+        }
         if roll < 25 || self.events.is_empty() {
             let all_day = self.rng.gen_range(0..5) == 0;
             let ev = self.new_single(now, all_day, false);
@@ -528,6 +833,9 @@ impl MailboxCalendar {
         ev.end = start + len;
         ev.change_key = change_key;
         ev.last_modified = now;
+        if ev.kind == EventType::Occurrence {
+            ev.kind = EventType::Exception;
+        }
         let seq = self.next_seq();
         self.log.push((seq, id.to_string()));
         true
@@ -553,7 +861,7 @@ mod tests {
         let mut out = Vec::new();
         let mut offset = 0;
         loop {
-            let p = cal.read_page(w, since, upto, offset, 7);
+            let p = cal.read_page(w, since, upto, offset, 7, true);
             out.extend(p.items);
             match p.next_offset {
                 Some(o) => offset = o,
@@ -580,6 +888,19 @@ mod tests {
                 .as_str()
                 .is_some_and(|s| s.ends_with("T00:00:00.0000000"))));
         assert!(has(&|e| e["isCancelled"] == true));
+        // The shapes recurring series take: an all-day series and one begun before the range.
+        assert!(has(&|e| e["type"] == "occurrence" && e["isAllDay"] == true));
+        let masters: Vec<Value> = a.master_ids().iter().filter_map(|id| a.item(id)).collect();
+        assert!(masters.iter().any(|m| m["start"]["dateTime"]
+            .as_str()
+            .is_some_and(|s| s < "2026-11-01")));
+    }
+
+    fn item_id(item: &DeltaItem) -> String {
+        match item {
+            DeltaItem::Present(v) => v["id"].as_str().unwrap_or_default().to_string(),
+            DeltaItem::Removed(id) => id.clone(),
+        }
     }
 
     #[test]
@@ -588,24 +909,103 @@ mod tests {
         let w = window();
         let mut cal = MailboxCalendar::generate("u@t.example", 3, 1, 40, w, now);
         let initial = round(&cal, &w, 0);
-        assert_eq!(initial.len(), cal.truth(Some(&w)).len());
-        let mark = cal.current_seq();
-        let mut touched = HashSet::new();
-        for _ in 0..15 {
-            if let Some((_, id)) = cal.mutate(now) {
-                touched.insert(id);
-            }
-        }
-        let inc = round(&cal, &w, mark);
-        let ids: HashSet<String> = inc
+        let instances = initial
             .iter()
-            .map(|i| match i {
-                DeltaItem::Present(v) => v["id"].as_str().unwrap_or_default().to_string(),
-                DeltaItem::Removed(id) => id.clone(),
+            .filter(|i| !matches!(i, DeltaItem::Present(v) if v["type"] == "seriesMaster"))
+            .count();
+        assert_eq!(instances, cal.truth(Some(&w)).len());
+        let series_of: std::collections::HashMap<String, String> = cal
+            .truth(None)
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    e["id"].as_str()?.into(),
+                    e["seriesMasterId"].as_str()?.into(),
+                ))
             })
             .collect();
-        assert_eq!(ids, touched);
+        let mark = cal.current_seq();
+        let mut touched = HashSet::new();
+        let mut series_touched = HashSet::new();
+        for _ in 0..40 {
+            match cal.mutate(now) {
+                Some((MutationKind::RenameSeries | MutationKind::DeleteSeries, id)) => {
+                    series_touched.insert(id.clone());
+                    touched.insert(id);
+                }
+                Some((_, id)) => {
+                    touched.insert(id);
+                }
+                None => {}
+            }
+        }
+        let ids: HashSet<String> = round(&cal, &w, mark).iter().map(item_id).collect();
+        assert!(ids.is_superset(&touched), "every change is reported");
+        for id in ids.difference(&touched) {
+            let series = series_of.get(id).expect("an instance of a touched series");
+            assert!(series_touched.contains(series), "{id}");
+        }
         assert!(round(&cal, &w, cal.current_seq()).is_empty());
+    }
+
+    #[test]
+    fn a_renamed_series_resends_master_and_occurrences_as_stubs() {
+        let now = Utc::now();
+        let w = window();
+        let mut cal = MailboxCalendar::generate("u@t.example", 3, 1, 60, w, now);
+        let master = cal
+            .truth(Some(&w))
+            .iter()
+            .find(|e| e["type"] == "occurrence")
+            .and_then(|e| e["seriesMasterId"].as_str())
+            .expect("a series in the window")
+            .to_string();
+        let mark = cal.current_seq();
+        assert!(cal.rename_series(&master, now));
+        let items = round(&cal, &w, mark);
+        let master_json = items
+            .iter()
+            .find_map(|i| match i {
+                DeltaItem::Present(v) if v["id"] == master.as_str() => Some(v.clone()),
+                _ => None,
+            })
+            .expect("the master is re-sent");
+        assert_eq!(master_json["type"], "seriesMaster");
+        assert!(master_json["subject"]
+            .as_str()
+            .is_some_and(|s| s.contains("renamed")));
+        let stubs: Vec<&Value> = items
+            .iter()
+            .filter_map(|i| match i {
+                DeltaItem::Present(v) if v["type"] == "occurrence" => Some(v),
+                _ => None,
+            })
+            .collect();
+        assert!(!stubs.is_empty());
+        for stub in stubs {
+            assert_eq!(stub.as_object().map(|o| o.len()), Some(7), "{stub}");
+            assert_eq!(stub["seriesMasterId"], master.as_str());
+            assert_eq!(
+                stub["@odata.etag"],
+                format!(
+                    "W/\"{}\"",
+                    master_json["changeKey"].as_str().unwrap_or_default()
+                )
+            );
+        }
+        // Deleting the series removes the master and every instance.
+        let mark = cal.current_seq();
+        let before: Vec<String> = cal
+            .truth(None)
+            .iter()
+            .filter(|e| e["seriesMasterId"] == master.as_str())
+            .filter_map(|e| e["id"].as_str().map(str::to_string))
+            .collect();
+        assert!(cal.delete_series(&master));
+        let removed: HashSet<String> = round(&cal, &w, mark).iter().map(item_id).collect();
+        assert!(removed.contains(&master));
+        assert!(before.iter().all(|id| removed.contains(id)));
+        assert!(cal.item(&master).is_none());
     }
 
     #[test]

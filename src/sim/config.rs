@@ -88,6 +88,9 @@ pub struct SimConfig {
     /// Page size when the client sends no `Prefer: odata.maxpagesize`.
     pub default_page_size: usize,
     pub max_page_size: usize,
+    /// Series masters are listed in calendarView delta (dated at their first occurrence), as
+    /// reported of Graph. Off: never listed, so clients must fetch them (`GET /events/{id}`).
+    pub masters_in_delta: bool,
 }
 
 impl Default for SimConfig {
@@ -108,6 +111,7 @@ impl Default for SimConfig {
             concurrency_retry_after_secs: 1,
             default_page_size: 10,
             max_page_size: 100,
+            masters_in_delta: true,
         }
     }
 }

@@ -16,9 +16,23 @@ pub type FaultId = u64;
 #[serde(rename_all = "snake_case")]
 pub enum Endpoint {
     Token,
+    /// Every Graph endpoint: calendarView delta and single events.
     Graph,
+    /// `calendarView/delta` only.
+    Delta,
+    /// `GET /users/{id}/events/{id}` only (series master fetches).
+    Events,
     #[default]
     Any,
+}
+
+impl Endpoint {
+    /// A rule for `self` applies to a request to `target`.
+    pub fn covers(self, target: Endpoint) -> bool {
+        self == Self::Any
+            || self == target
+            || (self == Self::Graph && matches!(target, Self::Delta | Self::Events))
+    }
 }
 
 /// How a 429/5xx tells the client to wait.
@@ -256,7 +270,7 @@ impl FaultSet {
         let mut out = Vec::new();
         for r in &mut self.rules {
             let rule = &r.rule;
-            let endpoint_ok = rule.endpoint == Endpoint::Any || rule.endpoint == target.endpoint;
+            let endpoint_ok = rule.endpoint.covers(target.endpoint);
             let tenant_ok = rule.tenant.as_deref().is_none_or(|t| {
                 target
                     .tenant_name
@@ -373,14 +387,14 @@ mod tests {
             .fire(&target(Endpoint::Token, "b", None), now, wall)
             .is_empty());
         assert!(set
-            .fire(&target(Endpoint::Graph, "a", Some("y@a")), now, wall)
+            .fire(&target(Endpoint::Delta, "a", Some("y@a")), now, wall)
             .is_empty());
         assert_eq!(
-            set.fire(&target(Endpoint::Graph, "a", Some("X@a")), now, wall),
+            set.fire(&target(Endpoint::Delta, "a", Some("X@a")), now, wall),
             vec![FaultKind::Reset]
         );
         assert!(set
-            .fire(&target(Endpoint::Graph, "a", Some("x@a")), now, wall)
+            .fire(&target(Endpoint::Events, "a", Some("x@a")), now, wall)
             .is_empty());
         tokio::time::advance(Duration::from_secs(22)).await;
         assert!(set.fire(&tok_a, Instant::now(), wall).is_empty(), "expired");
@@ -392,7 +406,7 @@ mod tests {
             let mut set = FaultSet::new(5);
             let now = Instant::now();
             set.add(FaultRule::new(FaultKind::Hang).probability(0.3), now);
-            let t = target(Endpoint::Graph, "a", Some("m"));
+            let t = target(Endpoint::Delta, "a", Some("m"));
             (0..1000)
                 .map(|_| !set.fire(&t, now, Utc::now()).is_empty())
                 .collect::<Vec<_>>()

@@ -1,5 +1,5 @@
-//! The Graph side: `calendarView/delta` with Outlook's per-mailbox limits, bearer checks and the
-//! Graph-endpoint faults.
+//! The Graph side: `calendarView/delta` and `GET /users/{id}/events/{id}`, with Outlook's
+//! per-mailbox limits, bearer checks and the Graph-endpoint faults.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -74,6 +74,30 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// What a Graph request asks for, after the checks every Graph request passes.
+enum GraphOp<'a> {
+    /// `calendarView/{func}`: `delta` or `delta()`.
+    Delta { func: &'a str },
+    /// `events/{id}`, with the query's `$select`.
+    Event { id: &'a str },
+}
+
+impl GraphOp<'_> {
+    fn endpoint(&self) -> Endpoint {
+        match self {
+            Self::Delta { .. } => Endpoint::Delta,
+            Self::Event { .. } => Endpoint::Events,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Delta { .. } => "delta",
+            Self::Event { .. } => "event",
+        }
+    }
+}
+
 pub async fn delta(
     State(sim): State<Arc<Shared>>,
     Extension(conn): Extension<Arc<ConnCtl>>,
@@ -81,12 +105,36 @@ pub async fn delta(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    let func = params.get("func").map(String::as_str).unwrap_or_default();
+    serve(sim, conn, &params, GraphOp::Delta { func }, uri, headers).await
+}
+
+/// `GET /v1.0/users/{id}/events/{id}`: one event or series master in full, `$select` applied.
+pub async fn event(
+    State(sim): State<Arc<Shared>>,
+    Extension(conn): Extension<Arc<ConnCtl>>,
+    Path(params): Path<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let id = params.get("id").map(String::as_str).unwrap_or_default();
+    serve(sim, conn, &params, GraphOp::Event { id }, uri, headers).await
+}
+
+async fn serve(
+    sim: Arc<Shared>,
+    conn: Arc<ConnCtl>,
+    params: &HashMap<String, String>,
+    op: GraphOp<'_>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let ids = RequestIds::from_headers(&headers);
     let user = params.get("user").map(String::as_str).unwrap_or_default();
-    let func = params.get("func").map(String::as_str).unwrap_or_default();
     let entry = sim.mailbox(user);
     let tenant = entry.map(|e| &sim.tenants[e.tenant]);
-    let (outcome, delivery) = pipeline(&sim, entry, user, func, &uri, &headers, &ids).await;
+    let label = op.label();
+    let (outcome, delivery) = pipeline(&sim, entry, user, op, &uri, &headers, &ids).await;
     let status = match &outcome {
         Outcome::Reply(r) => r.status,
         Outcome::Hang | Outcome::Reset => 0,
@@ -94,7 +142,7 @@ pub async fn delta(
     lock(&sim.stats).graph_response(
         tenant.map(|t| t.name.as_str()),
         entry.map(|e| e.address.as_str()),
-        "delta",
+        label,
         status,
     );
     match outcome {
@@ -116,7 +164,7 @@ async fn pipeline(
     sim: &Shared,
     entry: Option<&MailboxEntry>,
     user: &str,
-    func: &str,
+    op: GraphOp<'_>,
     uri: &Uri,
     headers: &HeaderMap,
     ids: &RequestIds,
@@ -156,7 +204,7 @@ async fn pipeline(
 
     let kinds = {
         let target = Target {
-            endpoint: Endpoint::Graph,
+            endpoint: op.endpoint(),
             tenant_name: tenant.map(|t| t.name.as_str()),
             tenant_id: tenant.map(|t| t.tenant_id.as_str()),
             mailbox: Some(entry.map(|e| e.address.as_str()).unwrap_or(user)),
@@ -234,19 +282,77 @@ async fn pipeline(
             delivery,
         );
     }
-    if !(func.eq_ignore_ascii_case("delta") || func.eq_ignore_ascii_case("delta()")) {
-        let reply = graph_error(
-            400,
-            "BadRequest",
-            &format!("Resource not found for the segment '{func}'."),
-            ids,
-        );
-        return (Outcome::Reply(reply), delivery);
-    }
-    let reply = match delta_page(sim, entry, uri, headers, ids, &shape) {
-        Ok(r) | Err(r) => r,
+    let reply = match op {
+        GraphOp::Delta { func } => {
+            if !(func.eq_ignore_ascii_case("delta") || func.eq_ignore_ascii_case("delta()")) {
+                let reply = graph_error(
+                    400,
+                    "BadRequest",
+                    &format!("Resource not found for the segment '{func}'."),
+                    ids,
+                );
+                return (Outcome::Reply(reply), delivery);
+            }
+            match delta_page(sim, entry, uri, headers, ids, &shape) {
+                Ok(r) | Err(r) => r,
+            }
+        }
+        GraphOp::Event { id } => event_reply(entry, id, uri, headers, ids),
     };
     (Outcome::Reply(reply), delivery)
+}
+
+/// Properties `$select` never removes.
+const ALWAYS_SENT: &[&str] = &["@odata.etag", "id"];
+
+fn event_reply(
+    entry: &MailboxEntry,
+    id: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    ids: &RequestIds,
+) -> Reply {
+    let Some(mut item) = lock(&entry.state).calendar.item(id) else {
+        return graph_error(
+            404,
+            "ErrorItemNotFound",
+            "The specified object was not found in the store.",
+            ids,
+        );
+    };
+    let select: Option<Vec<String>> = uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k.eq_ignore_ascii_case("$select") || k.eq_ignore_ascii_case("select"))
+            .map(|(_, v)| v.split(',').map(|p| p.trim().to_string()).collect())
+    });
+    if let (Some(select), Some(object)) = (&select, item.as_object_mut()) {
+        object.retain(|key, _| {
+            ALWAYS_SENT.contains(&key.as_str())
+                || select.iter().any(|s| s.eq_ignore_ascii_case(key))
+        });
+    }
+    let host = header_str(headers, "host").unwrap_or("localhost");
+    let context = match &select {
+        Some(select) => format!(
+            "http://{host}/v1.0/$metadata#users('{}')/events({})/$entity",
+            entry.address,
+            select.join(",")
+        ),
+        None => format!(
+            "http://{host}/v1.0/$metadata#users('{}')/events/$entity",
+            entry.address
+        ),
+    };
+    if let Some(object) = item.as_object_mut() {
+        object.insert("@odata.context".into(), context.into());
+    }
+    let (_, utc) = requested_page_size(headers);
+    let reply = Reply::json(200, GRAPH_JSON, &item);
+    if utc {
+        reply.header("preference-applied", "outlook.timezone=\"UTC\"".to_string())
+    } else {
+        reply
+    }
 }
 
 fn retry_after_duration(ra: RetryAfter) -> Option<Duration> {
@@ -580,9 +686,14 @@ fn delta_page(
         } else {
             applied
         };
-        let page = st
-            .calendar
-            .read_page(&window, pos.s, pos.u, pos.o, page_size);
+        let page = st.calendar.read_page(
+            &window,
+            pos.s,
+            pos.u,
+            pos.o,
+            page_size,
+            sim.config.masters_in_delta,
+        );
         let consumed = page.next_offset.unwrap_or(pos.o) - pos.o;
         items = page.items.into_iter().map(DeltaItem::into_json).collect();
         if shape.next_link_loop || pos.l {

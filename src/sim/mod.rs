@@ -73,6 +73,7 @@ fn router(shared: Arc<Shared>) -> Router {
             delta.clone(),
         )
         .route("/v1.0/users/{user}/calendar/calendarView/{func}", delta)
+        .route("/v1.0/users/{user}/events/{id}", get(graph::event))
         .route(
             "/_sim/faults",
             get(control::list_faults)
@@ -232,6 +233,43 @@ impl SimHandle {
             subscriptions::notify_changes(&self.shared, entry, &change);
         }
         moved
+    }
+
+    /// The ids of `mailbox`'s recurring series (their masters), in id order.
+    pub fn series(&self, mailbox: &str) -> Vec<String> {
+        self.shared
+            .mailbox(mailbox)
+            .map(|entry| lock(&entry.state).calendar.master_ids())
+            .unwrap_or_default()
+    }
+
+    /// Renames a series as an organizer editing the entire series does (new subject, busy
+    /// status, location, categories): the master and every occurrence are re-sent in delta.
+    pub fn rename_series(&self, mailbox: &str, master_id: &str) -> bool {
+        self.series_change(mailbox, master_id, MutationKind::RenameSeries)
+    }
+
+    /// Deletes a whole series: `@removed` for the master and each of its instances.
+    pub fn delete_series(&self, mailbox: &str, master_id: &str) -> bool {
+        self.series_change(mailbox, master_id, MutationKind::DeleteSeries)
+    }
+
+    fn series_change(&self, mailbox: &str, master_id: &str, kind: MutationKind) -> bool {
+        let now = self.shared.now();
+        let Some(entry) = self.shared.mailbox(mailbox) else {
+            return false;
+        };
+        let done = {
+            let mut st = lock(&entry.state);
+            match kind {
+                MutationKind::RenameSeries => st.calendar.rename_series(master_id, now),
+                _ => st.calendar.delete_series(master_id),
+            }
+        };
+        if done {
+            subscriptions::notify_changes(&self.shared, entry, &[(kind, master_id.to_string())]);
+        }
+        done
     }
 
     /// Change-notification subscriptions the simulator holds (expired ones included).

@@ -146,8 +146,8 @@ impl Default for Subscriptions {
 fn change_type(kind: MutationKind) -> &'static str {
     match kind {
         MutationKind::Create => "created",
-        MutationKind::Update | MutationKind::Move => "updated",
-        MutationKind::Delete => "deleted",
+        MutationKind::Update | MutationKind::Move | MutationKind::RenameSeries => "updated",
+        MutationKind::Delete | MutationKind::DeleteSeries => "deleted",
     }
 }
 

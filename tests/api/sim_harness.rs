@@ -11,8 +11,8 @@ use calsync::graph::model::parse_event;
 use calsync::graph::Window;
 use calsync::scheduler::{JobResult, Worker};
 use calsync::sim::{self, SimConfig, SimHandle};
-use calsync::store::{MailboxRecord, RunOutcome, Store};
-use chrono::{DateTime, Utc};
+use calsync::store::{MailboxRecord, RunOutcome, Store, UserView};
+
 use tempfile::TempDir;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -151,13 +151,7 @@ impl SimApp {
         let events = self.store.events(record.id).await.expect("store reads");
         let mut out = HashMap::new();
         for e in events {
-            let fp = Fingerprint {
-                change_key: e.change_key,
-                subject: e.subject,
-                start: e.start_utc,
-                end: e.end_utc,
-                cancelled: e.is_cancelled,
-            };
+            let fp = e.user_view();
             assert!(
                 out.insert(e.event_id.clone(), fp).is_none(),
                 "{mailbox}: event {} stored twice",
@@ -178,13 +172,7 @@ impl SimApp {
         let mut out = HashMap::new();
         for item in self.sim.truth(mailbox, Some((window.start, window.end))) {
             let e = parse_event(item).expect("ground truth parses");
-            let fp = Fingerprint {
-                change_key: e.change_key,
-                subject: e.subject,
-                start: e.start_utc,
-                end: e.end_utc,
-                cancelled: e.is_cancelled,
-            };
+            let fp = UserView::of_event(&e);
             assert!(
                 out.insert(e.id.clone(), fp).is_none(),
                 "truth repeats {}",
@@ -252,14 +240,8 @@ impl SimApp {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Fingerprint {
-    pub change_key: Option<String>,
-    pub subject: Option<String>,
-    pub start: DateTime<Utc>,
-    pub end: DateTime<Utc>,
-    pub cancelled: bool,
-}
+/// The fields a user reads, as the store holds them and as Graph holds them.
+pub type Fingerprint = UserView;
 
 #[derive(Debug, Default)]
 pub struct Diff {
