@@ -157,7 +157,7 @@ impl Event {
                 })
             })
             .collect();
-        json!({
+        let mut event = json!({
             "@odata.type": "#microsoft.graph.event",
             "@odata.etag": format!("W/\"{}\"", self.change_key),
             "id": self.id,
@@ -204,7 +204,9 @@ impl Event {
             "attendees": attendees,
             "organizer": {"emailAddress": {"name": self.organizer.0, "address": self.organizer.1}},
             "onlineMeeting": null
-        })
+        });
+        event["body"] = json!({"contentType": "html", "content": ""});
+        event
     }
 }
 

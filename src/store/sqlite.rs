@@ -369,10 +369,11 @@ impl SqliteStore {
         let mut out = std::collections::HashMap::new();
         // Within SQLite's variable limit, with room for the mailbox id.
         for chunk in ids.chunks(500) {
+            let placeholders: Vec<String> = (2..chunk.len() + 2).map(|n| format!("?{n}")).collect();
             let sql = format!(
                 "SELECT master_id, change_key, checked_round, raw FROM series_masters
                  WHERE mailbox_id = ?1 AND master_id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
+                placeholders.join(", ")
             );
             let mut query = sqlx::query(&sql).bind(mailbox);
             for id in chunk {

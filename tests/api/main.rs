@@ -14,6 +14,7 @@ mod notifications;
 mod observability;
 mod page_loops;
 mod raw_graph;
+mod recurring;
 mod replicas;
 mod resync;
 mod sim;

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use calsync::graph::{DeltaItem, Event, PageLink, Window};
 use calsync::store::{
-    Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, PageWrite, RunOutcome, Store,
-    StoreError, RUNS_KEPT_PER_MAILBOX,
+    Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, MasterWrite, PageWrite,
+    RunOutcome, Store, StoreError, RUNS_KEPT_PER_MAILBOX,
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -66,6 +66,7 @@ store_suite!(
     mailboxes_are_registered_and_removed_at_run_time,
     sync_requests_are_deduplicated_dispatched_first_and_survive_a_running_job,
     events_between_returns_what_overlaps_the_range,
+    series_masters_refill_their_occurrences_and_go_with_their_series,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1543,4 +1544,213 @@ async fn two_replicas(url: String) {
         dir,
     };
     check.assert_all_match_truth().await;
+}
+
+fn master(id: &str, subject: &str, change_key: &str, all_day: bool) -> Event {
+    let mut m = event(id, subject, t0() - chrono::Duration::days(700));
+    m.event_type = Some("seriesMaster".into());
+    m.change_key = Some(change_key.into());
+    m.is_all_day = all_day;
+    m.show_as = Some("tentative".into());
+    m.organizer_name = Some("Carol".into());
+    m.categories = vec!["Customer".into()];
+    m.attendees = json!([{"name": "Dana", "address": "dana@fabrikam.com", "type": "required",
+                          "response": "none"}]);
+    m.raw = json!({"id": id, "type": "seriesMaster", "changeKey": change_key}).to_string();
+    m
+}
+
+fn occurrence(id: &str, series: &str, of: &Event, start: DateTime<Utc>) -> DeltaItem {
+    let mut e = of.clone();
+    e.id = id.into();
+    e.event_type = Some("occurrence".into());
+    e.series_master_id = Some(series.into());
+    e.ical_uid = None;
+    e.start_utc = start;
+    e.end_utc = start + secs(1800);
+    e.raw = json!({"id": id, "type": "occurrence", "seriesMasterId": series}).to_string();
+    DeltaItem::Upsert(Box::new(e))
+}
+
+async fn series_masters_refill_their_occurrences_and_go_with_their_series(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let round = full_round(&store, &a).await;
+    let v1 = master("m1", "Weekly", "ck1", false);
+    let other = master("m2", "Daily", "ck-m2", false);
+    let items = [
+        occurrence("o1", "m1", &v1, t0()),
+        occurrence("o2", "m1", &v1, t0() + chrono::Duration::days(7)),
+        upsert("x1", "Moved one", t0() + secs(600)),
+        occurrence("d1", "m2", &other, t0() + secs(7200)),
+    ];
+    let masters = [
+        MasterWrite {
+            master: v1.clone(),
+            refill_occurrences: true,
+        },
+        MasterWrite {
+            master: other.clone(),
+            refill_occurrences: true,
+        },
+    ];
+    let marker = round.round_marker();
+    store
+        .apply_page(
+            &a,
+            &round,
+            &PageWrite {
+                items: &items,
+                masters: &masters,
+                gone_series: &[],
+                round: &marker,
+            },
+            &delta("d1"),
+            t0(),
+        )
+        .await
+        .expect("round 1");
+    // An exception of m1 (x1 stands in for it).
+    let mut exception = event("x1", "Moved one", t0() + secs(600));
+    exception.event_type = Some("exception".into());
+    exception.series_master_id = Some("m1".into());
+    let cursor = record_of(&store, id).await.cursor;
+    store
+        .apply_page(
+            &a,
+            &cursor,
+            &PageWrite::items(&[DeltaItem::Upsert(Box::new(exception))]),
+            &delta("d2"),
+            t0(),
+        )
+        .await
+        .expect("the exception");
+
+    let stored = store
+        .series_masters(id, &["m1", "m2", "nope"])
+        .await
+        .expect("reads");
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored["m1"].change_key.as_deref(), Some("ck1"));
+    assert_eq!(stored["m1"].checked_round, marker);
+    assert_eq!(stored["m1"].raw, v1.raw);
+
+    // The master changed (renamed, all-day now): every stored occurrence takes its fields, in
+    // the page's transaction, with no stub of them on the page.
+    let mut v2 = master("m1", "Weekly (renamed)", "ck2", true);
+    v2.location = Some("Teams".into());
+    let cursor = record_of(&store, id).await.cursor;
+    let marker2 = cursor.round_marker();
+    assert_ne!(marker2, marker, "a new round, a new marker");
+    store
+        .apply_page(
+            &a,
+            &cursor,
+            &PageWrite {
+                items: &[],
+                masters: &[MasterWrite {
+                    master: v2.clone(),
+                    refill_occurrences: true,
+                }],
+                gone_series: &[],
+                round: &marker2,
+            },
+            &delta("d3"),
+            t0(),
+        )
+        .await
+        .expect("the renamed master");
+    let events = store.events(id).await.expect("reads");
+    let get = |eid: &str| {
+        events
+            .iter()
+            .find(|e| e.event_id == eid)
+            .expect(eid)
+            .clone()
+    };
+    for eid in ["o1", "o2"] {
+        let o = get(eid);
+        assert_eq!(o.subject.as_deref(), Some("Weekly (renamed)"), "{eid}");
+        assert_eq!(o.change_key.as_deref(), Some("ck2"));
+        assert_eq!(o.location.as_deref(), Some("Teams"));
+        assert_eq!(o.categories, ["Customer"]);
+        assert_eq!(o.organizer_name.as_deref(), Some("Carol"));
+        assert!(o.is_all_day);
+        assert_eq!(o.start_date, Some(o.start_utc.date_naive()));
+        assert_eq!(o.end_date, Some(o.end_utc.date_naive()));
+        assert_eq!(o.attendees, v2.attendees);
+    }
+    assert_eq!(get("o2").start_utc, t0() + chrono::Duration::days(7));
+    assert_eq!(
+        get("x1").subject.as_deref(),
+        Some("Moved one"),
+        "an exception keeps its own fields"
+    );
+    assert_eq!(
+        get("d1").subject.as_deref(),
+        Some("Daily"),
+        "other series untouched"
+    );
+    let stored = store.series_masters(id, &["m1"]).await.expect("reads");
+    assert_eq!(stored["m1"].change_key.as_deref(), Some("ck2"));
+    assert_eq!(stored["m1"].checked_round, marker2);
+
+    // Graph no longer has m1 (404): the series goes, its exception too; m2 stays.
+    let cursor = record_of(&store, id).await.cursor;
+    let applied = store
+        .apply_page(
+            &a,
+            &cursor,
+            &PageWrite {
+                items: &[],
+                masters: &[],
+                gone_series: &["m1".to_string()],
+                round: &cursor.round_marker(),
+            },
+            &delta("d4"),
+            t0(),
+        )
+        .await
+        .expect("the gone series");
+    assert_eq!(applied.deleted, 3);
+    assert_eq!(event_ids(&store, id).await, set(&["d1"]));
+    let stored = store
+        .series_masters(id, &["m1", "m2"])
+        .await
+        .expect("reads");
+    assert!(!stored.contains_key("m1") && stored.contains_key("m2"));
+
+    // A removed master is only forgotten; a full round drops masters no event belongs to.
+    let cursor = record_of(&store, id).await.cursor;
+    store
+        .apply_page(
+            &a,
+            &cursor,
+            &PageWrite::items(&[removed("d1")]),
+            &delta("d5"),
+            t0(),
+        )
+        .await
+        .expect("d1 removed");
+    assert!(store
+        .series_masters(id, &["m2"])
+        .await
+        .expect("reads")
+        .contains_key("m2"));
+    let round = full_round(&store, &a).await;
+    store
+        .apply_page(
+            &a,
+            &round,
+            &PageWrite::items(&[upsert("s1", "Single", t0())]),
+            &delta("d6"),
+            t0(),
+        )
+        .await
+        .expect("a full round");
+    assert!(store
+        .series_masters(id, &["m2"])
+        .await
+        .expect("reads")
+        .is_empty());
 }

@@ -72,6 +72,24 @@ async fn events_are_stored_with_normalised_fields() {
         occurrence.series_master_id.as_deref(),
         Some("AAMkAGI2TG93AAA=series1")
     );
+    // Graph sent a stub; the series master on the same page filled it in.
+    assert_eq!(occurrence.subject.as_deref(), Some("Weekly 1:1"));
+    assert_eq!(occurrence.sensitivity.as_deref(), Some("private"));
+    assert_eq!(occurrence.location.as_deref(), Some("Teams"));
+    assert_eq!(
+        occurrence.organizer_address.as_deref(),
+        Some("alice@contoso.com")
+    );
+    assert_eq!(
+        occurrence.start_utc,
+        Utc.with_ymd_and_hms(2026, 12, 1, 15, 0, 0).unwrap()
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event_id != "AAMkAGI2TG93AAA=series1"),
+        "the series master is not a calendar entry"
+    );
 
     let exception = by_id("AAMkAGI2TG93AAA=exc1");
     assert_eq!(exception.event_type.as_deref(), Some("exception"));
