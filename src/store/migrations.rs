@@ -79,3 +79,68 @@ pub const POSTGRES: Embedded = Embedded(&[
 pub async fn migrator(source: Embedded) -> Result<Migrator, sqlx::migrate::MigrateError> {
     Migrator::new(source).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// A store written by calsync before recurring series were filled in: occurrences stored
+    /// with empty fields, a series master stored as a calendar entry at its first date, a
+    /// completed round. Upgrading removes the master and makes every mailbox start a full
+    /// round, whose reconciliation rewrites or removes everything else.
+    #[tokio::test]
+    async fn an_old_store_is_repaired_on_upgrade() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("old.db").display());
+        let store = Store::connect(&url, 2).await.expect("opens");
+        let Store::Sqlite(sqlite) = &store else {
+            panic!("a SQLite store")
+        };
+        migrator(Embedded(&SQLITE.0[..3]))
+            .await
+            .expect("old migrations")
+            .run(&sqlite.pool)
+            .await
+            .expect("run");
+        for sql in [
+            "INSERT INTO mailboxes (id, tenant, user_id, window_start, window_end, delta_link,
+                 round_id, round_full, next_run_at, created_at)
+             VALUES (1, 't', 'u', '2026-11-01T00:00:00.000Z', '2027-05-30T00:00:00.000Z',
+                 'https://graph.microsoft.com/v1.0/delta?$deltatoken=x', 3, 0,
+                 '2026-12-01T00:00:00.000Z', '2026-11-01T00:00:00.000Z')",
+            "INSERT INTO events (mailbox_id, event_id, start_utc, end_utc, is_all_day, is_cancelled,
+                 event_type, attendees, raw, seen_round, synced_at)
+             VALUES (1, 'master', '2019-03-04T09:00:00.000Z', '2019-03-04T09:30:00.000Z', 0, 0,
+                 'seriesMaster', '[]', '{}', 3, '2026-12-01T00:00:00.000Z'),
+                    (1, 'occ', '2026-12-07T09:00:00.000Z', '2026-12-07T09:30:00.000Z', 0, 0,
+                 'occurrence', '[]', '{}', 3, '2026-12-01T00:00:00.000Z')",
+        ] {
+            sqlx::query(sql)
+                .execute(&sqlite.pool)
+                .await
+                .expect("old rows");
+        }
+
+        store.migrate().await.expect("upgrade");
+
+        let mailbox = store.mailbox_by_id(1).await.expect("reads").expect("kept");
+        // No window: run_round starts a full round, a new round id, and reconciles at its end.
+        assert_eq!(mailbox.cursor.window, None, "the window is dropped");
+        assert_eq!(mailbox.cursor.delta_link, None);
+        assert!(mailbox.cursor.full, "the next round is a full one");
+        let ids: Vec<String> = store
+            .events(1)
+            .await
+            .expect("reads")
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(ids, ["occ"], "the stored master is no calendar entry");
+        assert_eq!(
+            store.events(1).await.expect("reads")[0].categories,
+            Vec::<String>::new()
+        );
+        store.close().await;
+    }
+}
