@@ -69,6 +69,9 @@ pub struct BenchReport {
     pub initial_seconds: f64,
     pub initial_events: u64,
     pub initial_pages: u64,
+    /// Graph requests per mailbox for its initial round: delta pages and series-master fetches.
+    pub initial_requests_per_mailbox: f64,
+    pub initial_master_requests_per_mailbox: f64,
     pub events_per_second: f64,
     pub mailboxes_per_second: f64,
     pub pages_per_second: f64,
@@ -225,9 +228,12 @@ async fn measure(
         args.events
     ));
     let cpu_at_start = (cpu_seconds()?, sim_cpu(sim_stat));
+    let requests_at_start = sim_requests(addr).await?;
     let started = Instant::now();
     let results = worker.sync_all_once().await?;
     let initial_seconds = started.elapsed().as_secs_f64();
+    let initial_requests = sim_requests(addr).await?.saturating_sub(requests_at_start);
+    let initial_master_requests: u64 = results.iter().map(|r| r.report.master_requests).sum();
     let initial_cpu_seconds = cpu_seconds()? - cpu_at_start.0;
     let initial_sim_cpu_seconds = sim_cpu(sim_stat) - cpu_at_start.1;
     let failed_jobs = results
@@ -271,6 +277,8 @@ async fn measure(
         initial_seconds,
         initial_events,
         initial_pages,
+        initial_requests_per_mailbox: initial_requests as f64 / mailboxes as f64,
+        initial_master_requests_per_mailbox: initial_master_requests as f64 / mailboxes as f64,
         events_per_second: initial_events as f64 / initial_seconds,
         mailboxes_per_second: mailboxes as f64 / initial_seconds,
         pages_per_second,
@@ -752,6 +760,13 @@ pub fn render(r: &BenchReport) -> String {
                 r.initial_seconds, r.initial_events, r.initial_pages
             ),
         ),
+        (
+            "  requests/mailbox",
+            format!(
+                "{:.2}, of which {:.2} series-master fetches",
+                r.initial_requests_per_mailbox, r.initial_master_requests_per_mailbox
+            ),
+        ),
         ("  events/s", format!("{:.0}", r.events_per_second)),
         ("  mailboxes/s", format!("{:.1}", r.mailboxes_per_second)),
         ("  pages/s", format!("{:.1}", r.pages_per_second)),
@@ -890,6 +905,8 @@ mod tests {
             initial_seconds: 1.0,
             initial_events: 50,
             initial_pages: 10,
+            initial_requests_per_mailbox: 1.2,
+            initial_master_requests_per_mailbox: 0.2,
             events_per_second: 50.0,
             mailboxes_per_second: 10.0,
             pages_per_second: 10.0,
