@@ -45,9 +45,11 @@ pub const GRAPH_THROTTLED: &str = "calsync_graph_throttled_total";
 pub const GRAPH_RETRIES: &str = "calsync_graph_retries_total";
 pub const RETRY_AFTER_SECONDS: &str = "calsync_retry_after_seconds_total";
 pub const BREAKER_TRANSITIONS: &str = "calsync_breaker_transitions_total";
+pub const ITEMS_QUARANTINED: &str = "calsync_items_quarantined_total";
+pub const FRESH_ROUNDS_FORCED: &str = "calsync_fresh_rounds_forced_total";
 
 /// Every event metric, for checks that dashboards and alert rules name only real series.
-pub const EVENT_COUNTERS: [&str; 15] = [
+pub const EVENT_COUNTERS: [&str; 17] = [
     JOBS_STARTED,
     JOBS_FINISHED,
     JOB_FAILURES,
@@ -63,6 +65,8 @@ pub const EVENT_COUNTERS: [&str; 15] = [
     GRAPH_RETRIES,
     RETRY_AFTER_SECONDS,
     BREAKER_TRANSITIONS,
+    ITEMS_QUARANTINED,
+    FRESH_ROUNDS_FORCED,
 ];
 pub const EVENT_HISTOGRAMS: [&str; 2] = [JOB_DURATION, SYNC_LAG];
 
@@ -170,6 +174,14 @@ fn describe() {
         BREAKER_TRANSITIONS,
         "Circuit breaker state changes, by tenant, dependency and new state."
     );
+    describe_counter!(
+        ITEMS_QUARANTINED,
+        "Items of delta pages calsync could not understand and set aside (the rest of each page was applied), by tenant."
+    );
+    describe_counter!(
+        FRESH_ROUNDS_FORCED,
+        "Fresh delta rounds started because the same page kept failing the same way, by tenant."
+    );
 }
 
 /// The event metrics, or an empty string before [`install`].
@@ -252,6 +264,7 @@ pub fn failure_reason(error: &SyncError) -> &'static str {
         SyncError::RoundTooLong { .. } => "round_too_long",
         SyncError::PageLoop { .. } => "page_loop",
         SyncError::ResyncLoop => "resync_loop",
+        SyncError::PageKeepsFailing { .. } => "page_keeps_failing",
         SyncError::Deferred { .. } => "deferred",
     }
 }
@@ -333,6 +346,18 @@ fn status_class(status: u16) -> &'static str {
         500..=599 => "5xx",
         _ => "other",
     }
+}
+
+/// Items set aside in quarantine by a committed page.
+pub fn items_quarantined(tenant: &str, n: u64) {
+    if n > 0 {
+        counter!(ITEMS_QUARANTINED, "tenant" => tenant.to_string()).increment(n);
+    }
+}
+
+/// A mailbox's cursor reset after the same page failed the same way too often.
+pub fn fresh_round_forced(tenant: &str) {
+    counter!(FRESH_ROUNDS_FORCED, "tenant" => tenant.to_string()).increment(1);
 }
 
 /// A retry within the job, after `retry_after` if Graph named the wait.
@@ -472,10 +497,15 @@ pub fn render_state(health: &Health, limits: Limits, now: DateTime<Utc>) -> Stri
             );
         }
     }
-    let per_tenant: [Family<crate::http::TenantHealth>; 4] = [
+    let per_tenant: [Family<crate::http::TenantHealth>; 5] = [
         ("calsync_mailboxes", "Enabled mailboxes.", |t| {
             t.mailboxes as f64
         }),
+        (
+            "calsync_quarantined_items",
+            "Items in quarantine: sent by Graph, not understood, set aside (see GET /v1/mailboxes/{id}/quarantine).",
+            |t| t.quarantined as f64,
+        ),
         (
             "calsync_mailboxes_failing",
             "Mailboxes whose last job failed.",

@@ -137,6 +137,9 @@ pub struct GraphSettings {
     pub request_timeout: Duration,
     pub max_response_bytes: usize,
     pub max_pages_per_round: u32,
+    /// A page failing the same way at the same link this many times in a row starts a fresh
+    /// round, instead of the mailbox fetching the same broken page forever.
+    pub page_failure_limit: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +282,8 @@ struct RawGraph {
     max_response_bytes: u64,
     #[serde(deserialize_with = "lenient_number")]
     max_pages_per_round: u64,
+    #[serde(deserialize_with = "lenient_number")]
+    page_failure_limit: u64,
 }
 
 #[derive(Deserialize)]
@@ -572,6 +577,12 @@ impl RawSettings {
             1,
             1_000_000,
         )?;
+        let page_failure_limit = in_range(
+            "graph.page_failure_limit",
+            self.graph.page_failure_limit,
+            1,
+            1_000,
+        )?;
 
         let s = &self.sync;
         let job_deadline = positive("sync.job_deadline", s.job_deadline)?;
@@ -665,6 +676,7 @@ impl RawSettings {
                 request_timeout,
                 max_response_bytes,
                 max_pages_per_round,
+                page_failure_limit,
             },
             sync,
             log: LogSettings {

@@ -8,7 +8,35 @@ use serde::Deserialize;
 #[derive(Debug)]
 pub struct DeltaPage {
     pub items: Vec<PageItem>,
+    /// Items calsync cannot understand: quarantined, while the rest of the page is applied.
+    pub rejected: Vec<RejectedItem>,
     pub link: PageLink,
+}
+
+/// An item that could not be understood, kept as Graph sent it with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RejectedItem {
+    /// Its Graph id, when it has one.
+    pub id: Option<String>,
+    pub raw: String,
+    pub reason: String,
+}
+
+impl RejectedItem {
+    /// A stable key for the item: its id, or a digest of what Graph sent when it has none.
+    pub fn key(&self) -> String {
+        match &self.id {
+            Some(id) => id.clone(),
+            None => {
+                let digest = ring::digest::digest(&ring::digest::SHA256, self.raw.as_bytes());
+                let hex: String = digest.as_ref()[..16]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!("sha256:{hex}")
+            }
+        }
+    }
 }
 
 /// An item of a delta page. Graph sends occurrences of a recurring series as stubs and the
@@ -251,8 +279,9 @@ struct RawLocation {
     display_name: Option<String>,
 }
 
-/// Parses a page body. Any item calsync cannot store faithfully fails the whole page, so a page
-/// is applied completely or not at all.
+/// Parses a page body. A body that is not a delta page fails as a whole (nothing of it is
+/// applied); an item calsync cannot store faithfully is set aside as rejected, so one bad item
+/// cannot stop its mailbox.
 pub fn parse_page(body: &[u8]) -> Result<DeltaPage, PayloadError> {
     let raw: RawPage = serde_json::from_slice(body)
         .map_err(|e| PayloadError(format!("delta page is not the expected JSON: {e}")))?;
@@ -265,15 +294,37 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, PayloadError> {
             ))
         }
     };
-    let items = raw
-        .value
-        .into_iter()
-        .enumerate()
-        .map(|(index, item)| {
-            parse_item(item.get()).map_err(|e| PayloadError(format!("value[{index}]: {}", e.0)))
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(DeltaPage { items, link })
+    let mut items = Vec::with_capacity(raw.value.len());
+    let mut rejected = Vec::new();
+    for item in raw.value {
+        let text = item.get();
+        match parse_item(text) {
+            Ok(parsed) => items.push(parsed),
+            Err(e) => rejected.push(RejectedItem {
+                id: item_id(text),
+                raw: text.to_string(),
+                reason: e.0,
+            }),
+        }
+    }
+    Ok(DeltaPage {
+        items,
+        rejected,
+        link,
+    })
+}
+
+/// The `id` of an item that may not be an event at all.
+fn item_id(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        id: Option<serde_json::Value>,
+    }
+    let id = serde_json::from_str::<Id>(text).ok()?.id?;
+    match id {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
 }
 
 /// Parses one event as Graph represents it (e.g. a simulator's ground truth) the way a page
@@ -488,20 +539,51 @@ mod tests {
     #[test]
     fn bad_time_names_the_event_and_field() {
         let body = br#"{"value":[{"id":"E1","start":{"dateTime":"soon","timeZone":"UTC"},"end":{"dateTime":"2026-01-01T00:00:00","timeZone":"UTC"}}],"@odata.deltaLink":"x"}"#;
-        let err = parse_page(body).unwrap_err();
+        let page = parse_page(body).expect("the page parses; the item is set aside");
+        assert!(page.items.is_empty());
+        let rejected = &page.rejected[0];
+        assert_eq!(rejected.id.as_deref(), Some("E1"));
         assert!(
-            err.0.contains("event E1") && err.0.contains("start.dateTime"),
+            rejected.reason.contains("event E1") && rejected.reason.contains("start.dateTime"),
             "{}",
-            err.0
+            rejected.reason
         );
+    }
+
+    #[test]
+    fn a_bad_item_is_set_aside_and_the_rest_of_the_page_kept() {
+        let body = br#"{"value":[
+            {"id":"ok1","start":{"dateTime":"2026-01-01T09:00:00","timeZone":"UTC"},"end":{"dateTime":"2026-01-01T10:00:00","timeZone":"UTC"}},
+            {"id":"late","start":{"dateTime":"2026-01-01T10:00:00","timeZone":"UTC"},"end":{"dateTime":"2026-01-01T09:00:00","timeZone":"UTC"}},
+            {"subject":"no id"},
+            42,
+            {"id":"nostart","subject":"x"},
+            {"id":"gone","@removed":{"reason":"deleted"}}
+        ],"@odata.nextLink":"x"}"#;
+        let page = parse_page(body).expect("parses");
+        let ids: Vec<&str> = page.items.iter().map(PageItem::id).collect();
+        assert_eq!(ids, ["ok1", "gone"]);
+        let rejected: Vec<(Option<&str>, &str)> = page
+            .rejected
+            .iter()
+            .map(|r| (r.id.as_deref(), r.raw.as_str()))
+            .collect();
+        assert_eq!(rejected.len(), 4);
+        assert_eq!(rejected[0].0, Some("late"));
+        assert_eq!(rejected[1], (None, r#"{"subject":"no id"}"#));
+        assert_eq!(rejected[2], (None, "42"));
+        assert_eq!(rejected[3].0, Some("nostart"));
+        assert!(page.rejected[0].reason.contains("before"));
+        assert!(page.rejected[1].key().starts_with("sha256:"));
+        assert_ne!(page.rejected[1].key(), page.rejected[2].key());
+        assert_eq!(page.rejected[0].key(), "late");
     }
 
     #[test]
     fn non_utc_timed_event_is_rejected_but_all_day_keeps_its_date() {
         let timed = br#"{"value":[{"id":"E2","start":{"dateTime":"2026-01-01T09:00:00.0000000","timeZone":"Pacific Standard Time"},"end":{"dateTime":"2026-01-01T10:00:00.0000000","timeZone":"Pacific Standard Time"}}],"@odata.deltaLink":"x"}"#;
-        assert!(parse_page(timed)
-            .unwrap_err()
-            .0
+        assert!(parse_page(timed).expect("parses").rejected[0]
+            .reason
             .contains("Pacific Standard Time"));
         let all_day = br#"{"value":[{"id":"E3","isAllDay":true,"start":{"dateTime":"2026-01-01T00:00:00.0000000","timeZone":"Pacific Standard Time"},"end":{"dateTime":"2026-01-02T00:00:00.0000000","timeZone":"Pacific Standard Time"}}],"@odata.deltaLink":"x"}"#;
         let page = parse_page(all_day).expect("all-day parses");

@@ -96,6 +96,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
         ("/mailboxes/{id}/sync", post(request_sync)),
         ("/mailboxes/{id}/events", get(mailbox_events)),
+        ("/mailboxes/{id}/quarantine", get(mailbox_quarantine)),
     ]
 }
 
@@ -854,6 +855,66 @@ async fn mailbox_events(
         count: events.len(),
         truncated,
         events: events.into_iter().map(EventView::of).collect(),
+    }))
+}
+
+#[derive(Serialize)]
+struct QuarantineList {
+    mailbox_id: MailboxId,
+    count: usize,
+    /// More items are quarantined than `limit`.
+    truncated: bool,
+    items: Vec<QuarantineView>,
+}
+
+#[derive(Serialize)]
+struct QuarantineView {
+    item_key: String,
+    item_id: Option<String>,
+    reason: String,
+    first_seen: DateTime<Utc>,
+    last_seen: DateTime<Utc>,
+    times_seen: u64,
+    /// The item exactly as Graph sent it (a string when it was not JSON calsync can embed).
+    raw: Value,
+}
+
+/// Items Graph sent for the mailbox that calsync could not understand, set aside while the
+/// rest of their pages was applied; most recently seen first.
+async fn mailbox_quarantine(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<QuarantineList>, ApiError> {
+    let id = mailbox_id(path)?;
+    let params = query_params(query, &["limit"])?;
+    let limit = limit_param(&params, DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
+    if store_call("mailbox_by_id", state.store.mailbox_by_id(id))
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::mailbox_not_found(id));
+    }
+    let fetch = u32::try_from(limit).unwrap_or(u32::MAX).saturating_add(1);
+    let mut items = store_call("quarantined", state.store.quarantined(id, fetch)).await?;
+    let truncated = items.len() > limit;
+    items.truncate(limit);
+    Ok(Json(QuarantineList {
+        mailbox_id: id,
+        count: items.len(),
+        truncated,
+        items: items
+            .into_iter()
+            .map(|q| QuarantineView {
+                raw: serde_json::from_str(&q.raw).unwrap_or(Value::String(q.raw)),
+                item_key: q.item_key,
+                item_id: q.item_id,
+                reason: q.reason,
+                first_seen: q.first_seen,
+                last_seen: q.last_seen,
+                times_seen: q.times_seen,
+            })
+            .collect(),
     }))
 }
 

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod notifications;
 pub mod status_page;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use crate::auth::TokenStatus;
 use crate::resilience::breaker::BreakerState;
 use crate::resilience::guard::{BreakerSnapshot, Dependency};
 use crate::scheduler::{Worker, WorkerStatus};
-use crate::store::{MailboxRecord, Store};
+use crate::store::{MailboxId, MailboxRecord, Store};
 
 /// A store that does not answer this fast is reported unreachable.
 const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -109,6 +110,8 @@ pub struct TenantHealth {
     pub never_synced: usize,
     pub failing: usize,
     pub max_lag_seconds: i64,
+    /// Items Graph sent that could not be understood, set aside (the rest was applied).
+    pub quarantined: u64,
     pub token: Option<TokenStatus>,
     pub mailbox_detail: Vec<MailboxHealth>,
 }
@@ -124,6 +127,9 @@ pub struct MailboxHealth {
     pub consecutive_failures: u32,
     pub next_run_at: DateTime<Utc>,
     pub running: bool,
+    pub quarantined: u64,
+    /// Fresh rounds started because the same page kept failing the same way.
+    pub fresh_rounds_forced: u64,
 }
 
 /// Per tenant and mailbox: last success, lag, last error; breakers; job ages. `degraded` while
@@ -135,7 +141,8 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         Ok(Err(e)) => return unavailable(e.to_string()),
         Err(_) => return unavailable("store timed out".into()),
     };
-    let health = build_health(&mailboxes, &state.worker, Utc::now()).await;
+    let quarantined = quarantine_counts(&state).await;
+    let health = build_health(&mailboxes, &quarantined, &state.worker, Utc::now()).await;
     let mut body = serde_json::to_value(health).unwrap_or_default();
     if state.notifications {
         // Subscriptions are a trigger only (delta stays the source of truth), so their state is
@@ -162,7 +169,17 @@ async fn current_health(state: &AppState) -> Result<Health, String> {
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("store timed out".into()),
     };
-    Ok(build_health(&mailboxes, &state.worker, Utc::now()).await)
+    let quarantined = quarantine_counts(state).await;
+    Ok(build_health(&mailboxes, &quarantined, &state.worker, Utc::now()).await)
+}
+
+/// Quarantined items per mailbox; none known when the store does not answer in time (the
+/// store's trouble shows in `/readyz`).
+async fn quarantine_counts(state: &AppState) -> HashMap<MailboxId, u64> {
+    match tokio::time::timeout(STORE_CHECK_TIMEOUT, state.store.quarantine_counts()).await {
+        Ok(Ok(counts)) => counts,
+        _ => HashMap::new(),
+    }
 }
 
 /// Prometheus text: the process's event counters and this Application's state. Without the
@@ -218,6 +235,7 @@ fn unavailable(reason: String) -> (StatusCode, Json<serde_json::Value>) {
 
 pub async fn build_health(
     mailboxes: &[MailboxRecord],
+    quarantined: &HashMap<MailboxId, u64>,
     worker: &Worker,
     now: DateTime<Utc>,
 ) -> Health {
@@ -246,6 +264,8 @@ pub async fn build_health(
                 consecutive_failures: m.consecutive_failures,
                 next_run_at: m.next_run_at,
                 running: m.lease_until.is_some_and(|until| until > now),
+                quarantined: quarantined.get(&m.id).copied().unwrap_or(0),
+                fresh_rounds_forced: m.fresh_rounds_forced,
             })
             .collect();
         let failing = detail.iter().filter(|m| m.consecutive_failures > 0).count();
@@ -272,6 +292,7 @@ pub async fn build_health(
                 .count(),
             failing,
             max_lag_seconds: detail.iter().map(|m| m.lag_seconds).max().unwrap_or(0),
+            quarantined: detail.iter().map(|m| m.quarantined).sum(),
             token,
             mailbox_detail: detail,
         });

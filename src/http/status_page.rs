@@ -210,7 +210,7 @@ fn tenants(b: &mut String, tenants: &[TenantHealth], now: DateTime<Utc>) {
             Some(_) => "none".into(),
             None => "-".into(),
         };
-        let status = if t.auth_failing_permanently {
+        let mut status = if t.auth_failing_permanently {
             format!(
                 "<span class=\"badge {s}\">{s}</span> <span class=\"badge open\">auth failing</span>",
                 s = t.status
@@ -218,6 +218,13 @@ fn tenants(b: &mut String, tenants: &[TenantHealth], now: DateTime<Utc>) {
         } else {
             format!("<span class=\"badge {s}\">{s}</span>", s = t.status)
         };
+        if t.quarantined > 0 {
+            let _ = write!(
+                status,
+                " <span class=\"badge half_open\" title=\"items Graph sent that calsync could not understand; GET /v1/mailboxes/{{id}}/quarantine\">{} quarantined</span>",
+                t.quarantined
+            );
+        }
         let _ = write!(
             b,
             "<tr data-tenant=\"{name}\" data-status=\"{}\"><td><b>{name}</b></td><td>{status}</td>{}{}\
@@ -389,6 +396,7 @@ mod tests {
                 never_synced: 0,
                 failing: 1,
                 max_lag_seconds: 420,
+                quarantined: 0,
                 token: None,
                 mailbox_detail: vec![MailboxHealth {
                     mailbox: mailbox.into(),
@@ -400,6 +408,8 @@ mod tests {
                     consecutive_failures: 3,
                     next_run_at: now,
                     running: false,
+                    quarantined: 0,
+                    fresh_rounds_forced: 0,
                 }],
             }],
         }

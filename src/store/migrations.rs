@@ -51,6 +51,11 @@ pub const SQLITE: Embedded = Embedded(&[
         "recurring series",
         include_str!("../../migrations/sqlite/0004_recurring_series.sql"),
     ),
+    (
+        7,
+        "quarantine",
+        include_str!("../../migrations/sqlite/0007_quarantine.sql"),
+    ),
 ]);
 
 pub const POSTGRES: Embedded = Embedded(&[
@@ -73,6 +78,11 @@ pub const POSTGRES: Embedded = Embedded(&[
         4,
         "recurring series",
         include_str!("../../migrations/postgres/0004_recurring_series.sql"),
+    ),
+    (
+        7,
+        "quarantine",
+        include_str!("../../migrations/postgres/0007_quarantine.sql"),
     ),
 ]);
 

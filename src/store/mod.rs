@@ -22,6 +22,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
 
+use crate::graph::model::RejectedItem;
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
 /// The store the service runs on, chosen by the scheme of `store.url`.
@@ -58,6 +59,30 @@ impl Backend {
         }
     }
 }
+
+/// The columns a [`MailboxRecord`] is read from. Named, never `*`: a statement prepared
+/// against a table that another connection (or a newer calsync's migration) has since widened
+/// would otherwise return columns the reader does not expect.
+macro_rules! mailbox_columns {
+    () => {
+        "id, tenant, user_id, source, enabled, window_start, window_end, delta_link, next_link, \
+         round_id, round_full, last_success_at, last_attempt_at, last_error, last_error_at, \
+         last_request_id, consecutive_failures, next_run_at, lease_owner, lease_until, \
+         created_at, sync_requested_at, fresh_rounds_forced"
+    };
+}
+pub(crate) use mailbox_columns;
+
+/// The columns a [`StoredEvent`] is read from (see [`mailbox_columns`]).
+macro_rules! event_columns {
+    () => {
+        "event_id, ical_uid, change_key, etag, last_modified, subject, start_utc, end_utc, \
+         start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity, event_type, \
+         series_master_id, organizer_name, organizer_address, attendees, location, categories, \
+         web_link, raw"
+    };
+}
+pub(crate) use event_columns;
 
 macro_rules! delegate {
     ($self:ident, $store:ident => $call:expr) => {
@@ -187,6 +212,32 @@ impl Store {
         delegate!(self, s => s.apply_page(lease, cursor, page, link, now).await)
     }
 
+    /// Counts a page that failed the same way at the same link (`signature`) once more; at
+    /// `limit` in a row the mailbox's cursor is reset so its next job starts a fresh round (and
+    /// `fresh_rounds_forced` counts it). Returns the count and whether the cursor was reset.
+    pub async fn note_page_failure(
+        &self,
+        lease: &Lease,
+        signature: &str,
+        limit: u32,
+    ) -> Result<(u32, bool), StoreError> {
+        delegate!(self, s => s.note_page_failure(lease, signature, limit).await)
+    }
+
+    /// Items in quarantine per mailbox (mailboxes with none are absent).
+    pub async fn quarantine_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
+        delegate!(self, s => s.quarantine_counts().await)
+    }
+
+    /// A mailbox's quarantined items, most recently seen first, at most `limit`.
+    pub async fn quarantined(
+        &self,
+        mailbox: MailboxId,
+        limit: u32,
+    ) -> Result<Vec<QuarantinedItem>, StoreError> {
+        delegate!(self, s => s.quarantined(mailbox, limit).await)
+    }
+
     /// The stored series masters of `mailbox` among `ids`, by id.
     pub async fn series_masters(
         &self,
@@ -310,6 +361,8 @@ pub struct PageWrite<'a> {
     pub gone_series: &'a [String],
     /// The delta round the masters were seen or fetched in (see [`Cursor::round_marker`]).
     pub round: &'a str,
+    /// Items that could not be understood: kept in quarantine, the rest of the page applied.
+    pub quarantined: &'a [RejectedItem],
 }
 
 impl<'a> PageWrite<'a> {
@@ -329,6 +382,20 @@ pub struct MasterWrite {
     /// Its `changeKey` differs from the stored one (or none was stored): every stored
     /// occurrence of the series takes its fields again.
     pub refill_occurrences: bool,
+}
+
+/// An item of a delta page that could not be understood, set aside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QuarantinedItem {
+    /// The Graph id, or `sha256:<hex>` of the item when it has none.
+    pub item_key: String,
+    pub item_id: Option<String>,
+    pub reason: String,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub times_seen: u64,
+    /// The item as Graph sent it.
+    pub raw: String,
 }
 
 /// A stored series master.
@@ -390,6 +457,8 @@ pub struct MailboxRecord {
     pub created_at: DateTime<Utc>,
     /// An immediate sync was asked for at this time and no job has started since.
     pub sync_requested_at: Option<DateTime<Utc>>,
+    /// Fresh rounds started because the same page kept failing the same way.
+    pub fresh_rounds_forced: u64,
 }
 
 /// A mailbox waiting for a worker.

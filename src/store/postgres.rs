@@ -18,9 +18,10 @@ use sqlx::{PgPool, Row};
 
 use super::{
     link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
-    MasterWrite, PageApplied, PageWrite, RunOutcome, StoreError, StoredEvent, StoredMaster,
-    SyncRun, RUNS_KEPT_PER_MAILBOX,
+    MasterWrite, PageApplied, PageWrite, QuarantinedItem, RunOutcome, StoreError, StoredEvent,
+    StoredMaster, SyncRun, RUNS_KEPT_PER_MAILBOX,
 };
+use crate::graph::model::RejectedItem;
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
 /// Serialises `sync_config_mailboxes` of replicas starting together (an arbitrary constant,
@@ -178,15 +179,16 @@ impl PgStore {
         // (a page being committed, another claim) is not waited for, so a dispatcher never
         // stalls behind another replica; it is simply not claimed this time. A row updated
         // since the statement's snapshot is re-checked as it now is.
-        let row = sqlx::query(
+        let row = sqlx::query(concat!(
             "UPDATE mailboxes SET lease_owner = $1, lease_until = $2
              WHERE id = (
                  SELECT id FROM mailboxes
                  WHERE id = $3 AND (lease_until IS NULL OR lease_until < $4)
                    AND (NOT $5 OR (enabled AND next_run_at <= $4))
                  FOR UPDATE SKIP LOCKED)
-             RETURNING *",
-        )
+             RETURNING ",
+            super::mailbox_columns!()
+        ))
         .bind(owner)
         .bind(until)
         .bind(id)
@@ -278,6 +280,18 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        for rejected in page.quarantined {
+            quarantine(&mut tx, lease.mailbox, rejected, cursor.round_id, now).await?;
+        }
+        if !page.items.is_empty() {
+            // An item that is understood now leaves quarantine.
+            let ids: Vec<Cow<'_, str>> = page.items.iter().map(|i| text(i.id())).collect();
+            sqlx::query("DELETE FROM quarantine WHERE mailbox_id = $1 AND item_key = ANY($2)")
+                .bind(lease.mailbox)
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+        }
         // One statement per run of consecutive upserts or removals (a round trip per item made
         // a page five times slower than on SQLite); runs keep the page's order between them.
         for run in page.items.chunk_by(|a, b| is_removal(a) == is_removal(b)) {
@@ -339,18 +353,28 @@ impl PgStore {
             .bind(lease.mailbox)
             .execute(&mut *tx)
             .await?;
+            // What the full round did not return any more is no longer in quarantine either.
+            sqlx::query("DELETE FROM quarantine WHERE mailbox_id = $1 AND seen_round <> $2")
+                .bind(lease.mailbox)
+                .bind(cursor.round_id)
+                .execute(&mut *tx)
+                .await?;
         }
         match (next_link, delta_link) {
             (Some(next), _) => {
-                sqlx::query("UPDATE mailboxes SET next_link = $1 WHERE id = $2")
-                    .bind(text(next))
-                    .bind(lease.mailbox)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE mailboxes SET next_link = $1, failing_link = NULL,
+                         failing_link_count = 0 WHERE id = $2",
+                )
+                .bind(text(next))
+                .bind(lease.mailbox)
+                .execute(&mut *tx)
+                .await?;
             }
             (None, delta) => {
                 sqlx::query(
-                    "UPDATE mailboxes SET next_link = NULL, delta_link = $1, round_full = false
+                    "UPDATE mailboxes SET next_link = NULL, delta_link = $1, round_full = false,
+                         failing_link = NULL, failing_link_count = 0
                      WHERE id = $2",
                 )
                 .bind(delta.map(text))
@@ -361,6 +385,87 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(applied)
+    }
+
+    pub async fn note_page_failure(
+        &self,
+        lease: &Lease,
+        signature: &str,
+        limit: u32,
+    ) -> Result<(u32, bool), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE mailboxes SET failing_link_count = CASE WHEN failing_link = $1
+                     THEN failing_link_count + 1 ELSE 1 END,
+                 failing_link = $1
+             WHERE id = $2 AND lease_owner = $3 RETURNING failing_link_count",
+        )
+        .bind(signature)
+        .bind(lease.mailbox)
+        .bind(&lease.owner)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::LeaseLost(lease.mailbox))?;
+        let count: i32 = row.try_get("failing_link_count")?;
+        let count = u32::try_from(count).unwrap_or(0);
+        let reset = count >= limit;
+        if reset {
+            sqlx::query(
+                "UPDATE mailboxes SET window_start = NULL, window_end = NULL, next_link = NULL,
+                     delta_link = NULL, round_full = true, failing_link = NULL,
+                     failing_link_count = 0, fresh_rounds_forced = fresh_rounds_forced + 1
+                 WHERE id = $1",
+            )
+            .bind(lease.mailbox)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((count, reset))
+    }
+
+    pub async fn quarantine_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
+        let rows =
+            sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM quarantine GROUP BY mailbox_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("mailbox_id")?,
+                    row.try_get::<i64, _>("n")?.max(0) as u64,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn quarantined(
+        &self,
+        mailbox: MailboxId,
+        limit: u32,
+    ) -> Result<Vec<QuarantinedItem>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT item_key, item_id, reason, first_seen, last_seen, times_seen, raw
+             FROM quarantine WHERE mailbox_id = $1 ORDER BY last_seen DESC, item_key
+             LIMIT $2",
+        )
+        .bind(mailbox)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(QuarantinedItem {
+                    item_key: row.try_get("item_key")?,
+                    item_id: row.try_get("item_id")?,
+                    reason: row.try_get("reason")?,
+                    first_seen: row.try_get("first_seen")?,
+                    last_seen: row.try_get("last_seen")?,
+                    times_seen: row.try_get::<i64, _>("times_seen")?.max(0) as u64,
+                    raw: row.try_get("raw")?,
+                })
+            })
+            .collect()
     }
 
     pub async fn series_masters(
@@ -458,9 +563,13 @@ impl PgStore {
     }
 
     pub async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM mailboxes WHERE enabled ORDER BY tenant, user_id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE enabled ORDER BY tenant, user_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(mailbox_from_row).collect()
     }
 
@@ -469,19 +578,27 @@ impl PgStore {
         tenant: &str,
         user_id: &str,
     ) -> Result<Option<MailboxRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM mailboxes WHERE tenant = $1 AND user_id = $2")
-            .bind(text(tenant))
-            .bind(text(user_id))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE tenant = $1 AND user_id = $2"
+        ))
+        .bind(text(tenant))
+        .bind(text(user_id))
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(mailbox_from_row).transpose()
     }
 
     pub async fn mailbox_by_id(&self, id: MailboxId) -> Result<Option<MailboxRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM mailboxes WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(mailbox_from_row).transpose()
     }
 
@@ -494,11 +611,12 @@ impl PgStore {
         let (tenant, user_id) = (text(tenant), text(user_id));
         // Insert, else re-enable; a delete racing in between makes the next attempt insert.
         for _ in 0..3 {
-            let added = sqlx::query(
+            let added = sqlx::query(concat!(
                 "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
                  VALUES ($1, $2, 'api', true, $3, $3)
-                 ON CONFLICT (tenant, user_id) DO NOTHING RETURNING *",
-            )
+                 ON CONFLICT (tenant, user_id) DO NOTHING RETURNING ",
+                super::mailbox_columns!()
+            ))
             .bind(&tenant)
             .bind(&user_id)
             .bind(now)
@@ -507,11 +625,12 @@ impl PgStore {
             if let Some(row) = added {
                 return Ok((mailbox_from_row(&row)?, true));
             }
-            let existing = sqlx::query(
+            let existing = sqlx::query(concat!(
                 "UPDATE mailboxes SET source = 'api', enabled = true,
                      next_run_at = CASE WHEN enabled THEN next_run_at ELSE $3 END
-                 WHERE tenant = $1 AND user_id = $2 RETURNING *",
-            )
+                 WHERE tenant = $1 AND user_id = $2 RETURNING ",
+                super::mailbox_columns!()
+            ))
             .bind(&tenant)
             .bind(&user_id)
             .bind(now)
@@ -563,11 +682,13 @@ impl PgStore {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE mailbox_id = $1 AND start_utc < $3
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            super::event_columns!(),
+            " FROM events WHERE mailbox_id = $1 AND start_utc < $3
                  AND (end_utc > $2 OR start_utc >= $2)
-             ORDER BY start_utc, event_id",
-        )
+             ORDER BY start_utc, event_id"
+        ))
         .bind(mailbox)
         .bind(start)
         .bind(end)
@@ -577,11 +698,14 @@ impl PgStore {
     }
 
     pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM events WHERE mailbox_id = $1 ORDER BY start_utc, event_id")
-                .bind(mailbox)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            super::event_columns!(),
+            " FROM events WHERE mailbox_id = $1 ORDER BY start_utc, event_id"
+        ))
+        .bind(mailbox)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -601,7 +725,7 @@ impl PgStore {
 
     pub async fn runs(&self, mailbox: MailboxId, limit: u32) -> Result<Vec<SyncRun>, StoreError> {
         let rows =
-            sqlx::query("SELECT * FROM sync_runs WHERE mailbox_id = $1 ORDER BY id DESC LIMIT $2")
+            sqlx::query("SELECT started_at, finished_at, outcome, full_round, pages, upserted, deleted, error, request_id FROM sync_runs WHERE mailbox_id = $1 ORDER BY id DESC LIMIT $2")
                 .bind(mailbox)
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
@@ -725,6 +849,34 @@ async fn upsert_events(
     Ok(())
 }
 
+/// Keeps (or counts again) an item that could not be understood.
+async fn quarantine(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    mailbox: MailboxId,
+    item: &RejectedItem,
+    round_id: i64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO quarantine (mailbox_id, item_key, item_id, raw, reason, first_seen,
+             last_seen, times_seen, seen_round)
+         VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $7)
+         ON CONFLICT (mailbox_id, item_key) DO UPDATE SET item_id = EXCLUDED.item_id,
+             raw = EXCLUDED.raw, reason = EXCLUDED.reason, last_seen = EXCLUDED.last_seen,
+             times_seen = quarantine.times_seen + 1, seen_round = EXCLUDED.seen_round",
+    )
+    .bind(mailbox)
+    .bind(text(&item.key()).into_owned())
+    .bind(opt_text(&item.id))
+    .bind(text(&item.raw))
+    .bind(text(&item.reason))
+    .bind(now)
+    .bind(round_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 fn categories_json(categories: &[String]) -> serde_json::Value {
     serde_json::Value::Array(
         categories
@@ -827,6 +979,7 @@ fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
         lease_until: row.try_get("lease_until")?,
         created_at: row.try_get("created_at")?,
         sync_requested_at: row.try_get("sync_requested_at")?,
+        fresh_rounds_forced: row.try_get::<i64, _>("fresh_rounds_forced")?.max(0) as u64,
     })
 }
 

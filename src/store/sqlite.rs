@@ -11,9 +11,10 @@ use sqlx::{Row, SqlitePool};
 
 use super::{
     link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
-    MasterWrite, PageApplied, PageWrite, RunOutcome, StoreError, StoredEvent, StoredMaster,
-    SyncRun, RUNS_KEPT_PER_MAILBOX,
+    MasterWrite, PageApplied, PageWrite, QuarantinedItem, RunOutcome, StoreError, StoredEvent,
+    StoredMaster, SyncRun, RUNS_KEPT_PER_MAILBOX,
 };
+use crate::graph::model::RejectedItem;
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
 /// `2026-12-09T20:30:00.000Z`: fixed width, so text order is time order.
@@ -183,12 +184,13 @@ impl SqliteStore {
         only_if_due: bool,
     ) -> Result<Option<MailboxRecord>, StoreError> {
         let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
-        let row = sqlx::query(
+        let row = sqlx::query(concat!(
             "UPDATE mailboxes SET lease_owner = ?1, lease_until = ?2
              WHERE id = ?3 AND (lease_until IS NULL OR lease_until < ?4)
                AND (?5 = 0 OR (enabled = 1 AND next_run_at <= ?4))
-             RETURNING *",
-        )
+             RETURNING ",
+            super::mailbox_columns!()
+        ))
         .bind(owner)
         .bind(ts(until))
         .bind(id)
@@ -284,6 +286,24 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        for rejected in page.quarantined {
+            quarantine(
+                &mut tx,
+                lease.mailbox,
+                rejected,
+                cursor.round_id,
+                &synced_at,
+            )
+            .await?;
+        }
+        // An item that is understood now leaves quarantine.
+        for item in page.items {
+            sqlx::query("DELETE FROM quarantine WHERE mailbox_id = ?1 AND item_key = ?2")
+                .bind(lease.mailbox)
+                .bind(item.id())
+                .execute(&mut *tx)
+                .await?;
+        }
         // Runs of upserts go in multi-row statements; a removal flushes the run before it, so
         // the page is applied in its order.
         let mut run: Vec<&Event> = Vec::new();
@@ -338,18 +358,28 @@ impl SqliteStore {
             .bind(lease.mailbox)
             .execute(&mut *tx)
             .await?;
+            // What the full round did not return any more is no longer in quarantine either.
+            sqlx::query("DELETE FROM quarantine WHERE mailbox_id = ?1 AND seen_round <> ?2")
+                .bind(lease.mailbox)
+                .bind(cursor.round_id)
+                .execute(&mut *tx)
+                .await?;
         }
         match (next_link, delta_link) {
             (Some(next), _) => {
-                sqlx::query("UPDATE mailboxes SET next_link = ?1 WHERE id = ?2")
-                    .bind(next)
-                    .bind(lease.mailbox)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE mailboxes SET next_link = ?1, failing_link = NULL,
+                         failing_link_count = 0 WHERE id = ?2",
+                )
+                .bind(next)
+                .bind(lease.mailbox)
+                .execute(&mut *tx)
+                .await?;
             }
             (None, delta) => {
                 sqlx::query(
-                    "UPDATE mailboxes SET next_link = NULL, delta_link = ?1, round_full = 0 WHERE id = ?2",
+                    "UPDATE mailboxes SET next_link = NULL, delta_link = ?1, round_full = 0,
+                         failing_link = NULL, failing_link_count = 0 WHERE id = ?2",
                 )
                 .bind(delta)
                 .bind(lease.mailbox)
@@ -359,6 +389,89 @@ impl SqliteStore {
         }
         tx.commit().await?;
         Ok(applied)
+    }
+
+    pub async fn note_page_failure(
+        &self,
+        lease: &Lease,
+        signature: &str,
+        limit: u32,
+    ) -> Result<(u32, bool), StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(
+            "UPDATE mailboxes SET failing_link_count = CASE WHEN failing_link = ?1
+                     THEN failing_link_count + 1 ELSE 1 END,
+                 failing_link = ?1
+             WHERE id = ?2 AND lease_owner = ?3 RETURNING failing_link_count",
+        )
+        .bind(signature)
+        .bind(lease.mailbox)
+        .bind(&lease.owner)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::LeaseLost(lease.mailbox))?;
+        let count: i64 = row.try_get("failing_link_count")?;
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        let reset = count >= limit;
+        if reset {
+            sqlx::query(
+                "UPDATE mailboxes SET window_start = NULL, window_end = NULL, next_link = NULL,
+                     delta_link = NULL, round_full = 1, failing_link = NULL,
+                     failing_link_count = 0, fresh_rounds_forced = fresh_rounds_forced + 1
+                 WHERE id = ?1",
+            )
+            .bind(lease.mailbox)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((count, reset))
+    }
+
+    pub async fn quarantine_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
+        let rows =
+            sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM quarantine GROUP BY mailbox_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("mailbox_id")?,
+                    row.try_get::<i64, _>("n")?.max(0) as u64,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn quarantined(
+        &self,
+        mailbox: MailboxId,
+        limit: u32,
+    ) -> Result<Vec<QuarantinedItem>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT item_key, item_id, reason, first_seen, last_seen, times_seen, raw
+             FROM quarantine WHERE mailbox_id = ?1 ORDER BY last_seen DESC, item_key
+             LIMIT ?2",
+        )
+        .bind(mailbox)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(QuarantinedItem {
+                    item_key: row.try_get("item_key")?,
+                    item_id: row.try_get("item_id")?,
+                    reason: row.try_get("reason")?,
+                    first_seen: parse_ts("first_seen", &row.try_get::<String, _>("first_seen")?)?,
+                    last_seen: parse_ts("last_seen", &row.try_get::<String, _>("last_seen")?)?,
+                    times_seen: row.try_get::<i64, _>("times_seen")?.max(0) as u64,
+                    raw: row.try_get("raw")?,
+                })
+            })
+            .collect()
     }
 
     pub async fn series_masters(
@@ -460,10 +573,13 @@ impl SqliteStore {
     }
 
     pub async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM mailboxes WHERE enabled = 1 ORDER BY tenant, user_id")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE enabled = 1 ORDER BY tenant, user_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(mailbox_from_row).collect()
     }
 
@@ -472,19 +588,27 @@ impl SqliteStore {
         tenant: &str,
         user_id: &str,
     ) -> Result<Option<MailboxRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM mailboxes WHERE tenant = ?1 AND user_id = ?2")
-            .bind(tenant)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE tenant = ?1 AND user_id = ?2"
+        ))
+        .bind(tenant)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(mailbox_from_row).transpose()
     }
 
     pub async fn mailbox_by_id(&self, id: MailboxId) -> Result<Option<MailboxRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM mailboxes WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(mailbox_from_row).transpose()
     }
 
@@ -495,11 +619,12 @@ impl SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<(MailboxRecord, bool), StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let added = sqlx::query(
+        let added = sqlx::query(concat!(
             "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
              VALUES (?1, ?2, 'api', 1, ?3, ?3)
-             ON CONFLICT (tenant, user_id) DO NOTHING RETURNING *",
-        )
+             ON CONFLICT (tenant, user_id) DO NOTHING RETURNING ",
+            super::mailbox_columns!()
+        ))
         .bind(tenant)
         .bind(user_id)
         .bind(ts(now))
@@ -508,11 +633,12 @@ impl SqliteStore {
         let (row, is_new) = match added {
             Some(row) => (row, true),
             None => {
-                let row = sqlx::query(
+                let row = sqlx::query(concat!(
                     "UPDATE mailboxes SET source = 'api', enabled = 1,
                          next_run_at = CASE WHEN enabled = 1 THEN next_run_at ELSE ?3 END
-                     WHERE tenant = ?1 AND user_id = ?2 RETURNING *",
-                )
+                     WHERE tenant = ?1 AND user_id = ?2 RETURNING ",
+                    super::mailbox_columns!()
+                ))
                 .bind(tenant)
                 .bind(user_id)
                 .bind(ts(now))
@@ -562,11 +688,13 @@ impl SqliteStore {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE mailbox_id = ?1 AND start_utc < ?3
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            super::event_columns!(),
+            " FROM events WHERE mailbox_id = ?1 AND start_utc < ?3
                  AND (end_utc > ?2 OR start_utc >= ?2)
-             ORDER BY start_utc, event_id",
-        )
+             ORDER BY start_utc, event_id"
+        ))
         .bind(mailbox)
         .bind(ts(start))
         .bind(ts(end))
@@ -576,11 +704,14 @@ impl SqliteStore {
     }
 
     pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM events WHERE mailbox_id = ?1 ORDER BY start_utc, event_id")
-                .bind(mailbox)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            super::event_columns!(),
+            " FROM events WHERE mailbox_id = ?1 ORDER BY start_utc, event_id"
+        ))
+        .bind(mailbox)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -603,7 +734,7 @@ impl SqliteStore {
 
     pub async fn runs(&self, mailbox: MailboxId, limit: u32) -> Result<Vec<SyncRun>, StoreError> {
         let rows =
-            sqlx::query("SELECT * FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT ?2")
+            sqlx::query("SELECT started_at, finished_at, outcome, full_round, pages, upserted, deleted, error, request_id FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT ?2")
                 .bind(mailbox)
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
@@ -697,6 +828,34 @@ async fn upsert_events(
         query.execute(&mut **tx).await?;
     }
     Ok(events.len() as u64)
+}
+
+/// Keeps (or counts again) an item that could not be understood.
+async fn quarantine(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    mailbox: MailboxId,
+    item: &RejectedItem,
+    round_id: i64,
+    now: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO quarantine (mailbox_id, item_key, item_id, raw, reason, first_seen,
+             last_seen, times_seen, seen_round)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1, ?7)
+         ON CONFLICT (mailbox_id, item_key) DO UPDATE SET item_id = excluded.item_id,
+             raw = excluded.raw, reason = excluded.reason, last_seen = excluded.last_seen,
+             times_seen = quarantine.times_seen + 1, seen_round = excluded.seen_round",
+    )
+    .bind(mailbox)
+    .bind(item.key())
+    .bind(&item.id)
+    .bind(&item.raw)
+    .bind(&item.reason)
+    .bind(now)
+    .bind(round_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 fn categories_json(categories: &[String]) -> String {
@@ -800,6 +959,7 @@ fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
         lease_until: parse_opt_ts(row, "lease_until")?,
         created_at: parse_ts("created_at", &created_at)?,
         sync_requested_at: parse_opt_ts(row, "sync_requested_at")?,
+        fresh_rounds_forced: row.try_get::<i64, _>("fresh_rounds_forced")?.max(0) as u64,
     })
 }
 

@@ -40,6 +40,10 @@ pub enum SyncError {
     PageLoop { times: usize },
     #[error("Graph asked for a resync again right after a resync")]
     ResyncLoop,
+    #[error(
+        "the same page failed {times} times in a row ({error}); the next job starts a fresh round"
+    )]
+    PageKeepsFailing { times: u32, error: GraphError },
     /// Not an error of the mailbox: the job stops and the mailbox is rescheduled `wait` later.
     #[error("deferred for {}: {reason}", crate::config::HumanDuration(Duration::from_millis(.wait.as_millis() as u64)))]
     Deferred { wait: Duration, reason: String },
@@ -99,6 +103,8 @@ pub struct SyncReport {
     pub pages: u64,
     pub upserted: u64,
     pub deleted: u64,
+    /// Items set aside in quarantine (they could not be understood).
+    pub quarantined: u64,
     pub completed: bool,
     /// Series masters fetched because stubs of their series came without them.
     pub master_requests: u64,
@@ -116,6 +122,8 @@ pub struct RoundContext<'a> {
     pub window_past: Duration,
     pub window_future: Duration,
     pub max_pages_per_round: u32,
+    /// A page failing the same way this many times in a row starts a fresh round.
+    pub page_failure_limit: u32,
     /// The job's deadline: waits (rate limits, retries) that would end after it are not started.
     pub deadline: Instant,
     pub retries_per_request: u32,
@@ -198,6 +206,9 @@ pub async fn run_round(
                 seen_links.clear();
                 continue;
             }
+            Err(SyncError::Graph(error @ GraphError::Malformed { .. })) => {
+                return Err(page_failed(ctx, &url, error).await);
+            }
             Err(e) => return Err(e),
         };
         if let Err(looping) = detect_loop(&page, &mut seen_pages, &mut seen_links) {
@@ -209,13 +220,30 @@ pub async fn run_round(
         match &page.link {
             PageLink::Next(link) | PageLink::Delta(link) => graph.check_link(link)?,
         };
-        let resolved =
-            series::resolve_page(ctx, mailbox, &cursor, page.items, &mut masters, report).await?;
+        let resolved = series::resolve_page(
+            ctx,
+            mailbox,
+            &cursor,
+            page.items,
+            page.rejected,
+            &mut masters,
+            report,
+        )
+        .await?;
+        for item in &resolved.rejected {
+            tracing::warn!(
+                mailbox = %mailbox.user_id,
+                item = item.id.as_deref().unwrap_or("(no id)"),
+                reason = %item.reason,
+                "an item Graph sent could not be understood; quarantined, the rest of the page is applied"
+            );
+        }
         let write = PageWrite {
             items: &resolved.items,
             masters: &resolved.masters,
             gone_series: &resolved.gone_series,
             round: &resolved.round,
+            quarantined: &resolved.rejected,
         };
         let applied = store
             .apply_page(lease, &cursor, &write, &page.link, Utc::now())
@@ -223,6 +251,8 @@ pub async fn run_round(
         report.pages += 1;
         report.upserted += applied.upserted;
         report.deleted += applied.deleted;
+        report.quarantined += resolved.rejected.len() as u64;
+        crate::metrics::items_quarantined(ctx.tokens.tenant(), resolved.rejected.len() as u64);
         match page.link {
             PageLink::Next(next) => cursor.next_link = Some(next),
             PageLink::Delta(delta) => {
@@ -233,6 +263,32 @@ pub async fn run_round(
                 return Ok(());
             }
         }
+    }
+}
+
+/// A page Graph answered with something that is not a delta page (not JSON, too large): the job
+/// fails without writing. The same failure at the same link `page_failure_limit` times in a row
+/// resets the cursor, so the next job starts a fresh round instead of fetching it forever.
+async fn page_failed(ctx: &RoundContext<'_>, url: &url::Url, error: GraphError) -> SyncError {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("malformed {}", url.as_str()).as_bytes(),
+    );
+    let signature: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    match ctx
+        .store
+        .note_page_failure(ctx.lease, &signature, ctx.page_failure_limit)
+        .await
+    {
+        Ok((times, true)) => {
+            crate::metrics::fresh_round_forced(ctx.tokens.tenant());
+            SyncError::PageKeepsFailing { times, error }
+        }
+        Ok((_, false)) => SyncError::Graph(error),
+        Err(e) => SyncError::Store(e),
     }
 }
 

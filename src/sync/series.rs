@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::graph::model::{self, MASTER_SELECT};
+use crate::graph::model::{self, RejectedItem, MASTER_SELECT};
 use crate::graph::{DeltaItem, Event, GraphError, PageItem};
 use crate::store::{Cursor, MailboxRecord, MasterWrite, StoredMaster};
 
@@ -43,6 +43,9 @@ pub(super) struct ResolvedPage {
     pub masters: Vec<MasterWrite>,
     pub gone_series: Vec<String>,
     pub round: String,
+    /// Items of the page that could not be understood (an occurrence whose times its master
+    /// cannot make sense of included): quarantined.
+    pub rejected: Vec<RejectedItem>,
 }
 
 /// Fills in the page's occurrence stubs from their masters, fetching those the round has not
@@ -53,6 +56,7 @@ pub(super) async fn resolve_page(
     mailbox: &MailboxRecord,
     cursor: &Cursor,
     items: Vec<PageItem>,
+    mut rejected: Vec<RejectedItem>,
     memo: &mut RoundMasters,
     report: &mut SyncReport,
 ) -> Result<ResolvedPage, SyncError> {
@@ -139,22 +143,21 @@ pub(super) async fn resolve_page(
                 if memo.gone.contains(&stub.series_master_id) {
                     continue;
                 }
-                let master = memo.known.get(&stub.series_master_id).ok_or_else(|| {
-                    SyncError::Graph(GraphError::Malformed {
-                        reason: format!(
-                            "occurrence {}: no series master {} to fill it in from",
-                            stub.id, stub.series_master_id
-                        ),
-                        ids: Default::default(),
-                    })
-                })?;
-                let event = stub.hydrate(master).map_err(|e| {
-                    SyncError::Graph(GraphError::Malformed {
-                        reason: e.0,
-                        ids: Default::default(),
-                    })
-                })?;
-                out.push(DeltaItem::Upsert(Box::new(event)));
+                let hydrated = match memo.known.get(&stub.series_master_id) {
+                    Some(master) => stub.hydrate(master).map_err(|e| e.0),
+                    None => Err(format!(
+                        "occurrence {}: no series master {} to fill it in from",
+                        stub.id, stub.series_master_id
+                    )),
+                };
+                match hydrated {
+                    Ok(event) => out.push(DeltaItem::Upsert(Box::new(event))),
+                    Err(reason) => rejected.push(RejectedItem {
+                        id: Some(stub.id.clone()),
+                        raw: stub.raw.clone(),
+                        reason,
+                    }),
+                }
             }
         }
     }
@@ -163,6 +166,7 @@ pub(super) async fn resolve_page(
         masters,
         gone_series,
         round,
+        rejected,
     })
 }
 

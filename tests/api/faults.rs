@@ -46,7 +46,8 @@ fn running_of(app: &SimApp, tenant: &str) -> usize {
 
 async fn health(app: &SimApp) -> serde_json::Value {
     let mailboxes = app.store.mailboxes().await.expect("store reads");
-    let health = calsync::http::build_health(&mailboxes, &app.worker, Utc::now()).await;
+    let health =
+        calsync::http::build_health(&mailboxes, &Default::default(), &app.worker, Utc::now()).await;
     serde_json::to_value(health).expect("health serializes")
 }
 
