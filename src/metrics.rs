@@ -254,6 +254,7 @@ pub fn failure_reason(error: &SyncError) -> &'static str {
             GraphError::Throttled { .. } => "graph_throttled",
             GraphError::ResyncRequired { .. } => "graph_resync_required",
             GraphError::Transient { .. } => "graph_transient",
+            GraphError::Unreachable { .. } => "graph_unreachable",
             GraphError::NotFound { .. } => "graph_not_found",
             GraphError::Permanent { .. } => "graph_permanent",
             GraphError::Malformed { .. } => "graph_malformed",
@@ -333,6 +334,7 @@ fn graph_status(error: &GraphError) -> &'static str {
             .and_then(|code| code.parse::<u16>().ok())
             .map_or("none", status_class),
         GraphError::Malformed { .. } => "2xx",
+        GraphError::Unreachable { .. } => "none",
         GraphError::ForeignLink { .. } | GraphError::BadLink(_) => "none",
     }
 }

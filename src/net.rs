@@ -81,6 +81,12 @@ pub fn excerpt(body: &[u8]) -> String {
 
 /// A transport error without the request URL (which may carry delta tokens): what failed and
 /// the underlying causes.
+/// The connection itself failed (refused, reset, closed, TLS): not a slow answer. A timeout may
+/// be one slow mailbox; a connection that cannot be made or is cut is the path to the service.
+pub fn is_connection_failure(e: &reqwest::Error) -> bool {
+    !e.is_timeout()
+}
+
 pub fn describe_transport(e: &reqwest::Error) -> String {
     let what = if e.is_timeout() {
         "timed out"

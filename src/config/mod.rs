@@ -110,6 +110,10 @@ pub struct ResilienceSettings {
     pub retry_budget_min_per_second: u32,
     pub slow_call: Duration,
     pub breaker: crate::resilience::breaker::BreakerConfig,
+    /// Failures of a tenant's Graph calls count against its breaker only once they come from
+    /// this many mailboxes within the breaker's window (or the connection itself failed): one
+    /// mailbox Graph cannot serve holds back that mailbox only.
+    pub breaker_min_mailboxes: u32,
     pub mailbox_requests_per_10min: u32,
     pub tenant_requests_per_second: u32,
     pub app_requests_per_second: u32,
@@ -245,6 +249,8 @@ struct RawResilience {
     #[serde(deserialize_with = "lenient_number")]
     breaker_probes: u64,
     breaker_permanent_break: HumanDuration,
+    #[serde(deserialize_with = "lenient_number")]
+    breaker_min_mailboxes: u64,
     #[serde(deserialize_with = "lenient_number")]
     mailbox_requests_per_10min: u64,
     #[serde(deserialize_with = "lenient_number")]
@@ -804,6 +810,12 @@ impl RawResilience {
                     self.breaker_permanent_break,
                 )?,
             },
+            breaker_min_mailboxes: in_range(
+                "resilience.breaker_min_mailboxes",
+                self.breaker_min_mailboxes,
+                1,
+                10_000,
+            )?,
             mailbox_requests_per_10min: in_range(
                 "resilience.mailbox_requests_per_10min",
                 self.mailbox_requests_per_10min,

@@ -71,6 +71,9 @@ pub enum GraphError {
         code: String,
         ids: RequestIds,
     },
+    /// No answer: the connection could not be made or was cut (refused, reset, closed).
+    #[error("Graph could not be reached: {reason} [{ids}]")]
+    Unreachable { reason: String, ids: RequestIds },
     #[error("Graph failed transiently: {reason} [{ids}]")]
     Transient {
         reason: String,
@@ -111,6 +114,7 @@ impl GraphError {
             | Self::Throttled { ids, .. }
             | Self::ResyncRequired { ids, .. }
             | Self::Transient { ids, .. }
+            | Self::Unreachable { ids, .. }
             | Self::NotFound { ids, .. }
             | Self::Permanent { ids, .. }
             | Self::Malformed { ids, .. } => Some(ids),
@@ -336,13 +340,7 @@ impl GraphClient {
         }
         let mut response = match builder.send().await {
             Ok(r) => r,
-            Err(e) => {
-                return Err(GraphError::Transient {
-                    reason: net::describe_transport(&e),
-                    retry_after: None,
-                    ids,
-                })
-            }
+            Err(e) => return Err(transport_error(&e, String::new(), ids)),
         };
         ids.request_id = response
             .headers()
@@ -382,11 +380,24 @@ fn body_error(e: net::BodyError, ids: RequestIds) -> GraphError {
             reason: e.to_string(),
             ids,
         },
-        net::BodyError::Transport(ref inner) => GraphError::Transient {
-            reason: format!("reading the body: {}", net::describe_transport(inner)),
+        net::BodyError::Transport(ref inner) => {
+            transport_error(inner, "reading the body: ".into(), ids)
+        }
+    }
+}
+
+/// A request that got no (complete) answer: unreachable when the connection failed, transient
+/// when it was only too slow.
+fn transport_error(e: &reqwest::Error, context: String, ids: RequestIds) -> GraphError {
+    let reason = format!("{context}{}", net::describe_transport(e));
+    if net::is_connection_failure(e) {
+        GraphError::Unreachable { reason, ids }
+    } else {
+        GraphError::Transient {
+            reason,
             retry_after: None,
             ids,
-        },
+        }
     }
 }
 

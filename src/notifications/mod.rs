@@ -24,7 +24,8 @@ pub use client::{NewSubscription, Subscription, SubscriptionClient, Subscription
 use crate::config::{NotificationSettings, Settings};
 use crate::graph::GraphError;
 use crate::resilience::backoff::BackoffSchedule;
-use crate::resilience::breaker::{BreakerState, CallOutcome};
+use crate::resilience::breaker::BreakerState;
+use crate::resilience::Evidence;
 use crate::scheduler::Worker;
 use crate::store::{Store, SubscriptionDue, SubscriptionSaved};
 
@@ -290,7 +291,11 @@ impl UpkeepCall {
         let mut recreated = item.had_subscription;
         if let Some(id) = &item.subscription_id {
             match self
-                .guarded(&item.tenant, self.client.renew(id, expires_at, &token))
+                .guarded(
+                    &item.tenant,
+                    item.mailbox_id,
+                    self.client.renew(id, expires_at, &token),
+                )
                 .await?
             {
                 // The clientState stays the one stored with the id.
@@ -312,7 +317,11 @@ impl UpkeepCall {
             client_state: &client_state,
         };
         match self
-            .guarded(&item.tenant, self.client.create(&new, &token))
+            .guarded(
+                &item.tenant,
+                item.mailbox_id,
+                self.client.create(&new, &token),
+            )
             .await?
         {
             Ok(created) => Ok((created, Some(client_state), Some(recreated))),
@@ -325,6 +334,7 @@ impl UpkeepCall {
     async fn guarded<T>(
         &self,
         tenant: &str,
+        mailbox: i64,
         call: impl std::future::Future<Output = Result<T, SubscriptionError>>,
     ) -> Result<Result<T, SubscriptionError>, (String, Option<Duration>)> {
         let Some(guard) = self.worker.guard(tenant) else {
@@ -337,11 +347,13 @@ impl UpkeepCall {
             ("the tenant's Graph circuit is open".to_string(), Some(wait))
         })?;
         let result = call.await;
-        let outcome = match result.as_ref().map_err(SubscriptionError::graph) {
-            Err(Some(GraphError::Transient { .. })) => CallOutcome::Failure,
-            _ => CallOutcome::Success,
+        let evidence = match result.as_ref().map_err(SubscriptionError::graph) {
+            Err(Some(GraphError::Unreachable { .. })) => Evidence::GraphFailure,
+            Err(Some(GraphError::Transient { .. })) => Evidence::MailboxFailure,
+            Err(Some(GraphError::Malformed { .. })) => Evidence::Neutral,
+            _ => Evidence::Healthy,
         };
-        reservation.record(outcome);
+        guard.settle(reservation, mailbox, evidence);
         Ok(result)
     }
 }

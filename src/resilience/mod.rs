@@ -8,6 +8,7 @@ pub mod budget;
 pub mod guard;
 pub mod limits;
 pub mod retry_after;
+pub mod spread;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -18,6 +19,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::config::ResilienceSettings;
+use breaker::CallOutcome;
 use budget::RetryBudget;
 use guard::{Dependency, GuardedBreaker};
 
@@ -28,6 +30,21 @@ pub struct TenantGuard {
     pub rate: DefaultDirectRateLimiter,
     budget: Mutex<RetryBudget>,
     running: AtomicUsize,
+    spread: Mutex<spread::FailureSpread>,
+}
+
+/// What a finished Graph call says about Graph's health for the tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    /// Graph answered as designed (a page, a 429, a 404...).
+    Healthy,
+    /// Says nothing about Graph (no call made, a payload problem).
+    Neutral,
+    /// This mailbox's call failed (5xx, timeout, slow): evidence against Graph only when other
+    /// mailboxes fail too.
+    MailboxFailure,
+    /// The connection itself failed (refused, reset): Graph or the path to it is down.
+    GraphFailure,
 }
 
 impl TenantGuard {
@@ -41,6 +58,36 @@ impl TenantGuard {
                 Instant::now(),
             )),
             running: AtomicUsize::new(0),
+            spread: Mutex::new(spread::FailureSpread::new(
+                settings.breaker.window,
+                settings.breaker_min_mailboxes as usize,
+            )),
+        }
+    }
+
+    /// Settles a Graph call of `mailbox` on the tenant's breaker by what it says about Graph:
+    /// a mailbox's own failure counts only once failures are spread over enough mailboxes
+    /// (then with the window's earlier ones); no evidence releases the reservation.
+    pub fn settle(&self, reservation: guard::Reservation<'_>, mailbox: i64, evidence: Evidence) {
+        match evidence {
+            Evidence::Healthy => reservation.record(CallOutcome::Success),
+            Evidence::Neutral => reservation.release(),
+            Evidence::GraphFailure => reservation.record(CallOutcome::Failure),
+            Evidence::MailboxFailure => {
+                let counted = self
+                    .spread
+                    .lock()
+                    .map(|mut s| s.note(mailbox, Instant::now()))
+                    .unwrap_or(1);
+                if counted == 0 {
+                    reservation.release();
+                    return;
+                }
+                reservation.record(CallOutcome::Failure);
+                for _ in 1..counted {
+                    self.graph.record(CallOutcome::Failure);
+                }
+            }
         }
     }
 

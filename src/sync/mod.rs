@@ -16,9 +16,8 @@ use crate::auth::{AccessToken, AuthError, TokenProvider};
 use crate::graph::{DeltaPage, GraphClient, GraphError, PageItem, PageLink, RequestIds, Window};
 use crate::metrics::DeferReason;
 use crate::resilience::backoff::BackoffSchedule;
-use crate::resilience::breaker::CallOutcome;
 use crate::resilience::limits::RateLimits;
-use crate::resilience::{after_retry_after, TenantGuard};
+use crate::resilience::{after_retry_after, Evidence, TenantGuard};
 use crate::store::{Cursor, Lease, MailboxRecord, PageWrite, Store, StoreError};
 use tokio::time::Instant;
 
@@ -65,25 +64,28 @@ impl SyncError {
     fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Graph(GraphError::Transient { .. } | GraphError::Throttled { .. })
-                | Self::Auth(AuthError::Transient { .. })
+            Self::Graph(
+                GraphError::Transient { .. }
+                    | GraphError::Unreachable { .. }
+                    | GraphError::Throttled { .. }
+            ) | Self::Auth(AuthError::Transient { .. })
         )
     }
 
-    /// How the Graph call that produced this error counts for the tenant's Graph breaker:
-    /// `None` when it says nothing about Graph's health (no call made, or a payload problem).
-    fn graph_outcome(&self) -> Option<CallOutcome> {
+    /// What the Graph call that produced this error says about Graph's health for the tenant.
+    fn evidence(&self) -> Evidence {
         match self {
-            Self::Graph(GraphError::Transient { .. }) => Some(CallOutcome::Failure),
+            Self::Graph(GraphError::Unreachable { .. }) => Evidence::GraphFailure,
+            Self::Graph(GraphError::Transient { .. }) => Evidence::MailboxFailure,
             // A 429 is Graph working as designed (often one busy mailbox): obeyed, not counted.
-            Self::Graph(GraphError::Throttled { .. }) => Some(CallOutcome::Success),
             Self::Graph(
-                GraphError::Unauthorized { .. }
+                GraphError::Throttled { .. }
+                | GraphError::Unauthorized { .. }
                 | GraphError::ResyncRequired { .. }
                 | GraphError::NotFound { .. }
                 | GraphError::Permanent { .. },
-            ) => Some(CallOutcome::Success),
-            _ => None,
+            ) => Evidence::Healthy,
+            _ => Evidence::Neutral,
         }
     }
 
@@ -359,16 +361,15 @@ where
             Ok((_, ids)) => Some(ids),
             Err(e) => e.request_ids(),
         });
-        match &result {
-            Ok(_) if started.elapsed() > ctx.slow_call => reservation.record(CallOutcome::Failure),
-            Ok(_) => reservation.record(CallOutcome::Success),
-            Err(e) => match e.graph_outcome() {
-                Some(outcome) => reservation.record(outcome),
-                None => reservation.release(),
-            },
-        }
+        let evidence = match &result {
+            // Slow for one mailbox (a huge calendar) is that mailbox's matter unless others are.
+            Ok(_) if started.elapsed() > ctx.slow_call => Evidence::MailboxFailure,
+            Ok(_) => Evidence::Healthy,
+            Err(e) => e.evidence(),
+        };
         let error = match result {
             Ok(answer) => {
+                settle(ctx, mailbox, reservation, evidence);
                 ctx.guard.deposit();
                 return Ok(answer);
             }
@@ -377,6 +378,7 @@ where
                     permanent: false, ..
                 },
             )) => {
+                reservation.release();
                 crate::metrics::job_deferred(
                     ctx.tokens.tenant(),
                     DeferReason::TokenBreaker,
@@ -389,29 +391,61 @@ where
             }
             Err(e) => e,
         };
-        if !error.is_retryable() {
-            return Err(error);
+        let retry = next_attempt(ctx, &error, attempt);
+        // The attempts of one request are one piece of evidence: only the last one counts.
+        match (&retry, evidence) {
+            (Ok(_), Evidence::MailboxFailure) => reservation.release(),
+            _ => settle(ctx, mailbox, reservation, evidence),
         }
-        let remaining = ctx.deadline.saturating_duration_since(Instant::now());
-        let (wait, told) = match error.retry_after() {
-            Some(retry_after) => (after_retry_after(retry_after), true),
-            None => (ctx.retry_backoff.delay(attempt), false),
+        let (wait, told) = match retry {
+            Ok(next) => next,
+            Err(stop) => return Err(stop.unwrap_or(error)),
         };
-        if told && wait >= remaining {
-            crate::metrics::job_deferred(ctx.tokens.tenant(), DeferReason::RetryAfter, wait);
-            return Err(SyncError::Deferred {
-                wait,
-                reason: format!("asked to retry after {}s: {error}", wait.as_secs()),
-            });
-        }
-        if attempt >= ctx.retries_per_request || wait >= remaining || !ctx.guard.try_retry() {
-            return Err(error);
-        }
         attempt += 1;
         crate::metrics::graph_retry(ctx.tokens.tenant(), told.then_some(wait));
         tracing::info!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying Graph request");
         tokio::time::sleep(wait).await;
     }
+}
+
+/// Records what a call says about Graph in the tenant's breaker.
+fn settle(
+    ctx: &RoundContext<'_>,
+    mailbox: i64,
+    reservation: crate::resilience::guard::Reservation<'_>,
+    evidence: Evidence,
+) {
+    ctx.guard.settle(reservation, mailbox, evidence);
+}
+
+/// Whether a failed attempt is tried again: `Ok((wait, told))` to retry after `wait` (`told`:
+/// Graph named it), `Err(None)` to give up with the error, `Err(Some(deferral))` when Graph
+/// asked for a wait past the job's deadline (the job ends and the mailbox waits unworked).
+#[allow(clippy::type_complexity)]
+fn next_attempt(
+    ctx: &RoundContext<'_>,
+    error: &SyncError,
+    attempt: u32,
+) -> Result<(Duration, bool), Option<SyncError>> {
+    if !error.is_retryable() {
+        return Err(None);
+    }
+    let remaining = ctx.deadline.saturating_duration_since(Instant::now());
+    let (wait, told) = match error.retry_after() {
+        Some(retry_after) => (after_retry_after(retry_after), true),
+        None => (ctx.retry_backoff.delay(attempt), false),
+    };
+    if told && wait >= remaining {
+        crate::metrics::job_deferred(ctx.tokens.tenant(), DeferReason::RetryAfter, wait);
+        return Err(Some(SyncError::Deferred {
+            wait,
+            reason: format!("asked to retry after {}s: {error}", wait.as_secs()),
+        }));
+    }
+    if attempt >= ctx.retries_per_request || wait >= remaining || !ctx.guard.try_retry() {
+        return Err(None);
+    }
+    Ok((wait, told))
 }
 
 /// A 401 means the token expired or was revoked: drop it, fetch a fresh one, try once more.

@@ -203,6 +203,150 @@ async fn graph_5xx_on_one_mailbox_is_contained() {
     }
 }
 
+// ---- one mailbox Graph cannot serve: its own backoff, never its tenant's breaker ----
+
+fn unknown_error_504() -> FaultKind {
+    FaultKind::Status {
+        code: 504,
+        graph_code: Some("UnknownError".into()),
+        message: None,
+        aadsts: None,
+        retry_after: RetryAfter::None,
+    }
+}
+
+/// Graph answers 504 to every page of one mailbox (calendars with endless recurrences are a
+/// known case). With a breaker that three failures would trip, the tenant's breaker stays
+/// closed, also while the tenant is quiet and only that mailbox's backed-off retries run (no
+/// success in between): retries of one request are one piece of evidence, and failures of one
+/// mailbox are not spread evidence. The mailbox backs off on its own; its neighbours sync.
+#[tokio::test]
+async fn a_mailbox_answering_504_to_every_page_holds_back_only_itself() {
+    let app = sim_app(world(1, 4, 20), |s| {
+        fast(s);
+        s.resilience.breaker.min_calls = 3;
+    })
+    .await;
+    app.pass_ok().await;
+    let names = app.mailbox_names();
+    let bad = names[0].clone();
+    app.sim.add_fault(
+        FaultRule::new(unknown_error_504())
+            .endpoint(Endpoint::Graph)
+            .mailbox(&bad),
+    );
+
+    // A quiet tenant: the others are not due (interval 60 s); the bad one, asked to sync now,
+    // then runs whenever its own backoff (50-200 ms) lets it.
+    let bad_id = app.record(&bad).await.id;
+    app.store
+        .request_sync(bad_id, chrono::Utc::now())
+        .await
+        .expect("store writes");
+    let mut d = Dispatcher::new(app.worker.clone());
+    let mut failures = 0;
+    d.step_until(
+        "six failed jobs of the 504 mailbox",
+        Duration::from_secs(20),
+        Duration::from_millis(10),
+        |d| {
+            failures = d
+                .finished
+                .iter()
+                .filter(|(_, r)| r.mailbox == bad && r.outcome == RunOutcome::Failed)
+                .count();
+            failures >= 6
+        },
+    )
+    .await;
+    d.drain().await;
+    assert!(
+        d.finished.iter().all(|(_, r)| r.mailbox == bad),
+        "the others were not due"
+    );
+    let graph = breaker(&app, "tenant1", Dependency::Graph);
+    assert_eq!(graph.state, BreakerState::Closed);
+    assert_eq!(
+        graph.trips, 0,
+        "{failures} failed jobs in a row did not trip it"
+    );
+    let record = app.record(&bad).await;
+    assert!(record.consecutive_failures >= 6, "its own failure count");
+    assert!(
+        record.next_run_at > record.last_error_at.expect("failed"),
+        "it waits its own backoff"
+    );
+
+    // Its neighbours sync as usual meanwhile.
+    for mailbox in &names[1..] {
+        app.sim.mutate_now(mailbox, 2);
+    }
+    let results = app.pass().await;
+    assert_eq!(results[&bad].outcome, RunOutcome::Failed);
+    for mailbox in &names[1..] {
+        assert_eq!(
+            results[mailbox].outcome,
+            RunOutcome::Ok,
+            "{mailbox}: {:?}",
+            results[mailbox].error
+        );
+        app.assert_matches_truth(mailbox).await;
+    }
+    assert_eq!(breaker(&app, "tenant1", Dependency::Graph).trips, 0);
+}
+
+/// The same 504s on every mailbox of the tenant are evidence that Graph fails the tenant: its
+/// breaker opens (a failure rate over calls of several mailboxes, one per request).
+#[tokio::test]
+async fn failures_spread_over_mailboxes_open_the_tenant_breaker() {
+    let app = sim_app(world(1, 4, 20), |s| {
+        fast(s);
+        s.resilience.breaker.min_calls = 3;
+    })
+    .await;
+    app.pass_ok().await;
+    let names = app.mailbox_names();
+    for bad in &names {
+        app.sim.add_fault(
+            FaultRule::new(unknown_error_504())
+                .endpoint(Endpoint::Graph)
+                .mailbox(bad),
+        );
+    }
+    for _ in 0..3 {
+        app.pass().await;
+        if breaker(&app, "tenant1", Dependency::Graph).trips > 0 {
+            break;
+        }
+    }
+    assert!(
+        breaker(&app, "tenant1", Dependency::Graph).trips >= 1,
+        "failing mailboxes open the tenant's breaker"
+    );
+}
+
+/// A connection Graph resets is evidence against Graph at once, from a single mailbox.
+#[tokio::test]
+async fn connection_failures_count_against_the_tenant_from_one_mailbox() {
+    let app = sim_app(world(1, 4, 20), |s| {
+        fast(s);
+        s.resilience.breaker.min_calls = 3;
+    })
+    .await;
+    app.pass_ok().await;
+    let bad = app.mailbox_names()[0].clone();
+    app.sim.add_fault(
+        FaultRule::new(FaultKind::Reset)
+            .endpoint(Endpoint::Graph)
+            .mailbox(&bad),
+    );
+    app.pass().await;
+    assert!(
+        breaker(&app, "tenant1", Dependency::Graph).trips >= 1,
+        "resets open the breaker"
+    );
+}
+
 // ---- 10: a fault in the middle of a full round ----
 
 /// A full round is cut by `kind` after a few pages have committed (calendars changing too):
