@@ -104,6 +104,11 @@ pub struct TenantReport {
     /// Seconds from the end of the outage until every mailbox of the tenant had synced again.
     pub drained_after_seconds: Option<f64>,
     pub jobs: BTreeMap<String, u64>,
+    /// A mailbox of this tenant Graph answers 504 on every page for the whole run (the outage
+    /// run only); its lag is not in this tenant's figures.
+    pub poisoned_mailbox: Option<String>,
+    /// The tenant's Graph breaker trips over the whole run.
+    pub graph_breaker_trips: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -217,7 +222,14 @@ breaker_permanent_break = {perm}
     sim_service_settings(sim, config, store, &overrides)
 }
 
-/// The 429 storm (in both runs) and, with `outage`, tenant A's outage, starting `before` from now.
+/// The mailbox Graph cannot serve in the outage run (504 on every page, the whole run): the
+/// third tenant's first. Its tenant's other mailboxes must keep their baseline lag.
+fn poisoned_mailbox(config: &SimConfig) -> Option<String> {
+    config.tenants.get(2)?.mailboxes.first().cloned()
+}
+
+/// The 429 storm (in both runs) and, with `outage`, tenant A's outage, starting `before` from
+/// now, and the poisoned mailbox (504 on every page for the whole run).
 fn incident_faults(config: &SimConfig, t: Timeline, outage: bool) -> Vec<FaultRule> {
     let tenant_a = config.tenants[0].name.clone();
     let storm_mailbox = config.tenants[1].mailboxes[0].clone();
@@ -243,33 +255,47 @@ fn incident_faults(config: &SimConfig, t: Timeline, outage: bool) -> Vec<FaultRu
     if !outage {
         return vec![storm];
     }
-    vec![
-        storm,
-        // The identity platform: every token request fails one way or another.
-        on_a(FaultKind::Hang, Endpoint::Token, 0.3),
-        on_a(FaultKind::Reset, Endpoint::Token, 0.3),
-        on_a(
-            FaultKind::Status {
-                code: 503,
-                graph_code: Some("temporarily_unavailable".into()),
-                message: None,
-                aadsts: Some(50001),
-                retry_after: RetryAfter::None,
-            },
-            Endpoint::Token,
-            1.0,
-        ),
-        // Graph for tenant A: packet loss, silence, latency.
-        on_a(FaultKind::Reset, Endpoint::Graph, 0.25),
-        on_a(FaultKind::Hang, Endpoint::Graph, 0.15),
-        on_a(
-            FaultKind::Latency {
-                ms: (t.job_deadline.as_millis() as u64 / 8).max(1),
-            },
-            Endpoint::Graph,
-            0.5,
-        ),
-    ]
+    let poisoned = poisoned_mailbox(config).map(|mailbox| {
+        FaultRule::new(FaultKind::Status {
+            code: 504,
+            graph_code: Some("UnknownError".into()),
+            message: None,
+            aadsts: None,
+            retry_after: RetryAfter::None,
+        })
+        .mailbox(mailbox)
+        .endpoint(Endpoint::Graph)
+    });
+    poisoned
+        .into_iter()
+        .chain([
+            storm,
+            // The identity platform: every token request fails one way or another.
+            on_a(FaultKind::Hang, Endpoint::Token, 0.3),
+            on_a(FaultKind::Reset, Endpoint::Token, 0.3),
+            on_a(
+                FaultKind::Status {
+                    code: 503,
+                    graph_code: Some("temporarily_unavailable".into()),
+                    message: None,
+                    aadsts: Some(50001),
+                    retry_after: RetryAfter::None,
+                },
+                Endpoint::Token,
+                1.0,
+            ),
+            // Graph for tenant A: packet loss, silence, latency.
+            on_a(FaultKind::Reset, Endpoint::Graph, 0.25),
+            on_a(FaultKind::Hang, Endpoint::Graph, 0.15),
+            on_a(
+                FaultKind::Latency {
+                    ms: (t.job_deadline.as_millis() as u64 / 8).max(1),
+                },
+                Endpoint::Graph,
+                0.5,
+            ),
+        ])
+        .collect()
 }
 
 async fn run_once(
@@ -314,6 +340,11 @@ async fn run_once(
     let outage_start = start_wall + chrono::Duration::from_std(t.before)?;
     let outage_end = outage_start + chrono::Duration::from_std(t.outage)?;
     let tenant_names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
+    let poisoned = if faults {
+        poisoned_mailbox(&config)
+    } else {
+        None
+    };
     let mut samples: BTreeMap<String, [Vec<f64>; 3]> = tenant_names
         .iter()
         .map(|n| (n.clone(), Default::default()))
@@ -342,7 +373,8 @@ async fn run_once(
                 trips(&worker, &tenant_names),
             ));
         }
-        let mailboxes = store.mailboxes().await?;
+        let mut mailboxes = store.mailboxes().await?;
+        mailboxes.retain(|m| Some(&m.user_id) != poisoned.as_ref());
         for m in &mailboxes {
             let lag = (now - m.last_success_at.unwrap_or(m.created_at)).num_milliseconds() as f64
                 / 1000.0;
@@ -382,6 +414,7 @@ async fn run_once(
         if faults { "outage run" } else { "baseline run" }
     )]);
     let stats_end = serde_json::to_value(sim.stats())?;
+    let trips_end = trips(&worker, &tenant_names);
     shutdown.cancel();
     service.await.context("service task failed")??;
     sim.shutdown().await;
@@ -415,6 +448,10 @@ async fn run_once(
             graph_breaker_trips_during_outage: gb_b.saturating_sub(gb_a),
             drained_after_seconds: drained.get(name).copied(),
             jobs,
+            poisoned_mailbox: poisoned
+                .clone()
+                .filter(|p| config.tenants[i].mailboxes.contains(p)),
+            graph_breaker_trips: trips_end.get(name).map_or(0, |t| t.1),
         });
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -583,6 +620,31 @@ fn evaluate(
             detail: "not checked (--no-baseline)".into(),
         }),
     }
+    if let Some(r) = outage.tenants.iter().find(|r| r.poisoned_mailbox.is_some()) {
+        let base = baseline.and_then(|b| b.tenants.iter().find(|b| b.tenant == r.tenant));
+        let limit = base.map(|b| b.lag_during.p99_seconds * 1.10);
+        let within = limit.is_none_or(|l| r.lag_during.p99_seconds <= l);
+        targets.push(Target {
+            name: format!(
+                "{}: one mailbox answering 504 to every page holds back only itself",
+                r.tenant
+            ),
+            met: r.graph_breaker_trips == 0 && within,
+            detail: format!(
+                "{} never synced; the tenant's Graph breaker tripped {} times; the other mailboxes' p99 lag {:.2}s{}",
+                r.poisoned_mailbox.as_deref().unwrap_or("-"),
+                r.graph_breaker_trips,
+                r.lag_during.p99_seconds,
+                match (base, limit) {
+                    (Some(b), Some(l)) => format!(
+                        " vs {:.2}s in the baseline without it (limit {l:.2}s)",
+                        b.lag_during.p99_seconds
+                    ),
+                    _ => " (no baseline)".into(),
+                }
+            ),
+        });
+    }
     if let Some(a) = outage.tenants.first() {
         // Detection takes breaker_min_calls (3) failed calls; then one probe per half-open.
         let bound = 3 + a.token_breaker_trips_during_outage;
@@ -664,6 +726,18 @@ pub fn render(report: &DrillReport) -> String {
         ));
     }
     out.push_str("  (* = the tenant whose identity platform and Graph failed; token/graph = requests during the outage)\n");
+    for r in report
+        .tenants
+        .iter()
+        .filter(|r| r.poisoned_mailbox.is_some())
+    {
+        out.push_str(&format!(
+            "  {}: {} answers 504 to every page the whole run (not in its lag figures); Graph breaker trips {}\n",
+            r.tenant,
+            r.poisoned_mailbox.as_deref().unwrap_or("-"),
+            r.graph_breaker_trips
+        ));
+    }
     if let Some(base) = &report.baseline {
         out.push_str("  baseline p99 lag during the same window: ");
         let parts: Vec<String> = base
