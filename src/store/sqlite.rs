@@ -296,13 +296,28 @@ impl SqliteStore {
             )
             .await?;
         }
-        // An item that is understood now leaves quarantine.
-        for item in page.items {
-            sqlx::query("DELETE FROM quarantine WHERE mailbox_id = ?1 AND item_key = ?2")
+        // An item that is understood now leaves quarantine (looked for only when the mailbox
+        // has any: a page is otherwise one statement per run of items, not one per item).
+        let any_quarantined = !page.items.is_empty()
+            && sqlx::query("SELECT 1 FROM quarantine WHERE mailbox_id = ?1 LIMIT 1")
                 .bind(lease.mailbox)
-                .bind(item.id())
-                .execute(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+        if any_quarantined {
+            for chunk in page.items.chunks(500) {
+                let placeholders: Vec<String> =
+                    (2..chunk.len() + 2).map(|n| format!("?{n}")).collect();
+                let sql = format!(
+                    "DELETE FROM quarantine WHERE mailbox_id = ?1 AND item_key IN ({})",
+                    placeholders.join(", ")
+                );
+                let mut query = sqlx::query(&sql).bind(lease.mailbox);
+                for item in chunk {
+                    query = query.bind(item.id());
+                }
+                query.execute(&mut *tx).await?;
+            }
         }
         // Runs of upserts go in multi-row statements; a removal flushes the run before it, so
         // the page is applied in its order.
