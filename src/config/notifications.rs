@@ -6,7 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use super::{http_url, lenient_number, positive, ConfigError, HumanDuration};
+use super::{bounded, http_url, lenient_number, ConfigError, HumanDuration, DAY};
 
 /// The longest an Outlook event subscription may last: 10,080 minutes.
 pub const MAX_EVENT_SUBSCRIPTION: Duration = Duration::from_secs(10_080 * 60);
@@ -102,9 +102,12 @@ impl RawNotifications {
             }
             None => None,
         };
-        let renew_before = positive("notifications.renew_before", self.renew_before)?;
-        let expiration = positive("notifications.expiration", self.expiration)?;
-        if expiration > MAX_EVENT_SUBSCRIPTION {
+        let renew_before = bounded(
+            "notifications.renew_before",
+            self.renew_before,
+            MAX_EVENT_SUBSCRIPTION,
+        )?;
+        if self.expiration.0 > MAX_EVENT_SUBSCRIPTION {
             return Err(ConfigError::new(
                 "notifications.expiration",
                 format!(
@@ -113,6 +116,11 @@ impl RawNotifications {
                 ),
             ));
         }
+        let expiration = bounded(
+            "notifications.expiration",
+            self.expiration,
+            MAX_EVENT_SUBSCRIPTION,
+        )?;
         if renew_before >= expiration {
             return Err(ConfigError::new(
                 "notifications.renew_before",
@@ -122,8 +130,8 @@ impl RawNotifications {
                 ),
             ));
         }
-        let retry_initial = positive("notifications.retry_initial", self.retry_initial)?;
-        let retry_max = positive("notifications.retry_max", self.retry_max)?;
+        let retry_initial = bounded("notifications.retry_initial", self.retry_initial, 7 * DAY)?;
+        let retry_max = bounded("notifications.retry_max", self.retry_max, 7 * DAY)?;
         if retry_max < retry_initial {
             return Err(ConfigError::new(
                 "notifications.retry_max",
@@ -135,7 +143,7 @@ impl RawNotifications {
             client_state,
             renew_before,
             expiration,
-            check_interval: positive("notifications.check_interval", self.check_interval)?,
+            check_interval: bounded("notifications.check_interval", self.check_interval, DAY)?,
             max_concurrent: super::in_range(
                 "notifications.max_concurrent",
                 self.max_concurrent,
