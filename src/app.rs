@@ -1,5 +1,6 @@
-//! Wiring: builds the store, clients, token providers, worker and HTTP server from settings.
-//! `Application::build` binds the listener first, so tests can use port 0 and read `port()`.
+//! Wiring: builds the store, clients, token providers, worker and HTTP servers from settings.
+//! `Application::build` binds the listeners first, so tests can use port 0 and read `port()`
+//! (internal: health, metrics, status page, admin API) and `public_port()` (notifications).
 
 use std::sync::Arc;
 
@@ -9,8 +10,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{TokenProvider, TokenProviders};
-use crate::config::Settings;
+use crate::config::{ServerSettings, Settings};
 use crate::graph::GraphClient;
+use crate::http::server::{self, Exposure, Limits};
 use crate::http::{self, AppState};
 use crate::net;
 use crate::notifications::SubscriptionUpkeep;
@@ -18,7 +20,11 @@ use crate::scheduler::Worker;
 use crate::store::Store;
 
 pub struct Application {
+    /// Health, metrics, status page, admin API.
     listener: TcpListener,
+    /// The notification endpoints; bound only when notifications are on.
+    public: Option<TcpListener>,
+    server: ServerSettings,
     state: AppState,
     worker: Arc<Worker>,
     /// Keeps Graph subscriptions when `notifications.public_url` is set.
@@ -89,16 +95,45 @@ impl Application {
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
+        let public = match &subscriptions {
+            Some(_) => Some(
+                TcpListener::bind(settings.server.public_listen)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen on {} (server.public_listen)",
+                            settings.server.public_listen
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             listener,
+            public,
+            server: settings.server.clone(),
             state: AppState::new(&settings, store, Arc::clone(&worker)),
             worker,
             subscriptions,
         })
     }
 
+    /// The internal listener's port.
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The public (notification) listener's port, when notifications are on.
+    pub fn public_port(&self) -> Option<u16> {
+        self.public
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+    }
+
+    /// Store calls the notification endpoints have made (their cost, for tests and probes).
+    pub fn notification_store_calls(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.state.notification_store_calls)
     }
 
     pub fn store(&self) -> &Store {
@@ -110,14 +145,39 @@ impl Application {
     }
 
     /// Serves HTTP and runs the worker until `shutdown`; then stops taking jobs, lets running
-    /// ones finish or hit their deadline, and stops the HTTP server last.
+    /// ones finish or hit their deadline, and stops the HTTP servers last, waiting at most
+    /// `server.shutdown_grace` for their requests in flight.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.listener.local_addr()?, "calsync serving");
+        match &self.public {
+            Some(public) => tracing::info!(
+                addr = %self.listener.local_addr()?,
+                public_addr = %public.local_addr()?,
+                "calsync serving"
+            ),
+            None => tracing::info!(addr = %self.listener.local_addr()?, "calsync serving"),
+        }
         let worker = tokio::spawn(Arc::clone(&self.worker).run(shutdown.clone()));
         let http_stop = CancellationToken::new();
-        let server = axum::serve(self.listener, http::router(self.state))
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        let server = tokio::spawn(async move { server.await });
+        let throttle = Arc::clone(&self.state.throttle);
+        let mut servers = tokio::task::JoinSet::new();
+        if let Some(public) = self.public {
+            servers.spawn(server::serve(
+                public,
+                http::public_router(self.state.clone()),
+                Limits::public(&self.server),
+                Exposure::Public,
+                Arc::clone(&throttle),
+                http_stop.clone(),
+            ));
+        }
+        servers.spawn(server::serve(
+            self.listener,
+            http::router(self.state),
+            Limits::internal(&self.server),
+            Exposure::Internal,
+            throttle,
+            http_stop.clone(),
+        ));
         // After the server: creating a subscription makes Graph call us back first.
         let subscriptions = self
             .subscriptions
@@ -132,24 +192,17 @@ impl Application {
             }
         }
         http_stop.cancel();
-        server
-            .await
-            .context("HTTP server task failed")?
-            .context("HTTP server failed")?;
+        while let Some(done) = servers.join_next().await {
+            done.context("HTTP server task failed")?;
+        }
         tracing::info!("calsync stopped");
         Ok(())
     }
 }
 
-/// A store URL without any password in it, for messages.
+/// A URL without any user or password in it, for messages.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("REDACTED"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
-    }
+    crate::config::redact_url(url)
 }
 
 /// Resolves on SIGTERM or ctrl-c.

@@ -7,6 +7,7 @@
 //! and each delegating method calls the same-named method on both backends, so a backend that
 //! drifts from the interface fails to compile.
 
+mod mailbox_list;
 mod migrations;
 mod postgres;
 mod sqlite;

@@ -28,7 +28,7 @@ const CONFIG_SYNC_LOCK: i64 = 0x63_616c_7379_6e63;
 
 /// PostgreSQL text cannot hold NUL; Graph data and error bodies can. A NUL is stored as U+FFFD
 /// rather than failing the page (or the job's record) forever.
-fn text(s: &str) -> Cow<'_, str> {
+pub(super) fn text(s: &str) -> Cow<'_, str> {
     if s.contains('\0') {
         Cow::Owned(s.replace('\0', "\u{FFFD}"))
     } else {
@@ -655,7 +655,7 @@ async fn upsert_events(
     Ok(())
 }
 
-fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
+pub(super) fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
     let window = match (
         row.try_get::<Option<DateTime<Utc>>, _>("window_start")?,
         row.try_get::<Option<DateTime<Utc>>, _>("window_end")?,

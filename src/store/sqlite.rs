@@ -632,7 +632,7 @@ async fn upsert_events(
     Ok(events.len() as u64)
 }
 
-fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
+pub(super) fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
     let window = match (
         parse_opt_ts(row, "window_start")?,
         parse_opt_ts(row, "window_end")?,

@@ -23,7 +23,10 @@ use crate::store_suite::{run_caught, TestSchema};
 struct Service {
     sim: SimHandle,
     store: Store,
+    /// The public listener: the notification endpoints.
     base: String,
+    /// The internal listener: health, metrics, admin API.
+    internal: String,
     config: SimConfig,
     settings: Settings,
     shutdown: CancellationToken,
@@ -46,7 +49,7 @@ async fn service(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> Service
     let (settings, dir) = sim_settings(&sim, &config, |s| {
         fast(s);
         s.sync.interval = Duration::from_secs(3600);
-        s.server.listen = ([127, 0, 0, 1], port).into();
+        s.server.public_listen = ([127, 0, 0, 1], port).into();
         let n = &mut s.notifications;
         n.public_url = Some(format!("http://127.0.0.1:{port}").parse().expect("a URL"));
         n.check_interval = Duration::from_millis(50);
@@ -58,12 +61,14 @@ async fn service(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> Service
         .await
         .expect("app builds");
     let store = app.store().clone();
+    let internal = format!("http://127.0.0.1:{}", app.port());
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     Service {
         sim,
         store,
         base: format!("http://127.0.0.1:{port}"),
+        internal,
         config,
         settings,
         shutdown,
@@ -429,7 +434,7 @@ async fn failed_subscription_requests_back_off_show_their_error_and_recover() {
         .expect("store reads");
     assert_eq!((health.active, health.failing, health.missing), (0, 2, 2));
     assert!(health.failures.iter().all(|f| f.error.contains("503")));
-    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.base))
+    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.internal))
         .await
         .expect("healthz answers")
         .json()
@@ -456,7 +461,7 @@ async fn failed_subscription_requests_back_off_show_their_error_and_recover() {
         .await
         .expect("store reads");
     assert_eq!((health.active, health.failing, health.missing), (2, 0, 0));
-    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.base))
+    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.internal))
         .await
         .expect("healthz answers")
         .json()
