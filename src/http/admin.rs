@@ -514,7 +514,8 @@ impl Registration {
                 ),
             ));
         }
-        // The config's rule for `tenants[].mailboxes`, exactly.
+        // The config's rule for `tenants[].mailboxes`, exactly (both trim surrounding blanks).
+        let mailbox = mailbox.trim().to_string();
         if let Err(why) = crate::config::check_mailbox(&mailbox) {
             return Err(ApiError::field(
                 "invalid_field",

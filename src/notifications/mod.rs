@@ -58,6 +58,10 @@ pub struct UpkeepReport {
     pub failed: usize,
     /// Due, but their tenant's token or Graph breaker is not closed: left for later.
     pub skipped_breaker: usize,
+    /// Subscriptions of removed or disabled mailboxes deleted at Graph.
+    pub deleted: usize,
+    /// Deletions that failed (tried again after a backoff).
+    pub delete_failed: usize,
 }
 
 enum Done {
@@ -138,10 +142,11 @@ impl SubscriptionUpkeep {
     /// breakers are not closed) and works on them, `max_concurrent` at a time.
     pub async fn step(&self) -> anyhow::Result<UpkeepReport> {
         let now = Utc::now();
+        let mut report = UpkeepReport::default();
+        self.retire(&mut report).await?;
         let renew_by = now + chrono_duration(self.settings.renew_before);
         let limit = (self.settings.max_concurrent * 16).min(4096) as u32;
         let due = self.store.subscriptions_due(now, renew_by, limit).await?;
-        let mut report = UpkeepReport::default();
         let mut work = JoinSet::new();
         for item in due {
             if !self.tenant_available(&item.tenant) {
@@ -187,6 +192,62 @@ impl SubscriptionUpkeep {
             }
         }
         Ok(report)
+    }
+
+    /// Deletes at Graph the subscriptions of mailboxes that were removed (through the API) or
+    /// disabled (left the config), so Graph stops notifying about them before they expire.
+    async fn retire(&self, report: &mut UpkeepReport) -> anyhow::Result<()> {
+        let now = Utc::now();
+        self.store.retire_disabled_subscriptions(now).await?;
+        let limit = (self.settings.max_concurrent * 16).min(4096) as u32;
+        for item in self.store.retired_due(now, limit).await? {
+            let id = &item.subscription_id;
+            let Some(tokens) = self.worker.tokens().get(&item.tenant) else {
+                // The tenant left the config with its credentials: Graph lets it expire.
+                tracing::warn!(tenant = %item.tenant, mailbox = %item.user_id, subscription = %id,
+                    "cannot delete the subscription of a tenant no longer configured; it will expire");
+                self.store.retired_deleted(id).await?;
+                continue;
+            };
+            if !self.tenant_available(&item.tenant) {
+                report.skipped_breaker += 1;
+                continue;
+            }
+            let until = now + chrono_duration(self.claim_for);
+            if !self.store.claim_retired(id, now, until).await? {
+                continue;
+            }
+            let deleted = match tokens.token().await {
+                Ok(token) => self
+                    .client
+                    .delete(id, &token)
+                    .await
+                    .map_err(|e| (crate::error_chain(&e), e.retry_after())),
+                Err(e) => Err((crate::error_chain(&e), e.retry_after())),
+            };
+            match deleted {
+                Ok(()) => {
+                    self.store.retired_deleted(id).await?;
+                    report.deleted += 1;
+                    tracing::info!(tenant = %item.tenant, mailbox = %item.user_id, subscription = %id,
+                        "Graph subscription of a removed mailbox deleted");
+                }
+                Err((error, retry_after)) => {
+                    let wait = self
+                        .backoff
+                        .delay(item.consecutive_failures)
+                        .max(retry_after.unwrap_or_default());
+                    tracing::warn!(tenant = %item.tenant, mailbox = %item.user_id, subscription = %id,
+                        error = %error, retry_in_seconds = wait.as_secs_f64(),
+                        "could not delete the Graph subscription of a removed mailbox");
+                    self.store
+                        .retired_failed(id, &error, Utc::now() + chrono_duration(wait))
+                        .await?;
+                    report.delete_failed += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Subscriptions wait while the tenant's token endpoint or Graph is failing: the sync

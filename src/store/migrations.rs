@@ -46,6 +46,11 @@ pub const SQLITE: Embedded = Embedded(&[
         "subscriptions",
         include_str!("../../migrations/sqlite/0003_subscriptions.sql"),
     ),
+    (
+        6,
+        "retired subscriptions",
+        include_str!("../../migrations/sqlite/0006_retired_subscriptions.sql"),
+    ),
 ]);
 
 pub const POSTGRES: Embedded = Embedded(&[
@@ -63,6 +68,11 @@ pub const POSTGRES: Embedded = Embedded(&[
         3,
         "subscriptions",
         include_str!("../../migrations/postgres/0003_subscriptions.sql"),
+    ),
+    (
+        6,
+        "retired subscriptions",
+        include_str!("../../migrations/postgres/0006_retired_subscriptions.sql"),
     ),
 ]);
 

@@ -10,6 +10,7 @@
 mod mailbox_list;
 mod migrations;
 mod postgres;
+mod retired;
 mod sqlite;
 mod subscriptions;
 
@@ -20,6 +21,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
 pub use postgres::PgStore;
+pub use retired::RetiredSubscription;
 pub use sqlite::SqliteStore;
 pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
 

@@ -463,10 +463,18 @@ impl PgStore {
     }
 
     pub async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Its Graph subscription outlives the row until deleted at Graph.
+        sqlx::query(super::retired::PG_RETIRE_OF_MAILBOX)
+            .bind(id)
+            .bind(Utc::now())
+            .execute(&mut *tx)
+            .await?;
         let done = sqlx::query("DELETE FROM mailboxes WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -521,3 +521,256 @@ async fn a_silent_connection_is_closed_at_the_idle_timeout() {
     }
     app.stop().await;
 }
+
+const API_TOKEN: &str = "edges-test-admin-token-0123456789abcdef";
+
+/// Ids follow the OpenAPI's int64: any of them is looked up (404), only what int64 cannot hold
+/// is a 400. Mailboxes with Unicode spaces or invisible characters are refused as the config
+/// refuses them; the list pages by id from the store.
+#[tokio::test]
+async fn admin_ids_mailbox_rules_and_keyset_pages() {
+    let app = start(|s| s.api.token = Some(SecretString::from(API_TOKEN))).await;
+    let client = reqwest::Client::new();
+    let get = |path: String| {
+        client
+            .get(format!("{}{path}", app.internal))
+            .bearer_auth(API_TOKEN)
+            .send()
+    };
+    for (id, status) in [
+        ("9223372036854775807", 404),
+        ("1000000000000000000", 404),
+        ("9223372036854775808", 400),
+        ("0", 400),
+        ("-1", 400),
+    ] {
+        let r = get(format!("/v1/mailboxes/{id}")).await.expect("answers");
+        assert_eq!(r.status().as_u16(), status, "{id}");
+    }
+    let register = |mailbox: String| {
+        client
+            .post(format!("{}/v1/mailboxes", app.internal))
+            .bearer_auth(API_TOKEN)
+            .json(&serde_json::json!({"tenant": TENANT, "mailbox": mailbox}))
+            .send()
+    };
+    for bad in [
+        "bob\u{00A0}@contoso.com",
+        "bob\u{2028}@contoso.com",
+        "bob\u{202E}@contoso.com",
+        "bob\u{200B}@contoso.com",
+    ] {
+        let r = register(bad.to_string()).await.expect("answers");
+        assert_eq!(r.status(), 400, "{bad:?}");
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(body["error"]["field"], "mailbox");
+        assert!(calsync::config::check_mailbox(bad).is_err());
+    }
+    let long = format!("{}@contoso.com", "b".repeat(320));
+    assert_eq!(register(long).await.expect("answers").status(), 400);
+
+    for i in 0..5 {
+        let r = register(format!("user{i}@contoso.com"))
+            .await
+            .expect("answers");
+        assert_eq!(r.status(), 201);
+    }
+    // Alice (from the config) and the five: pages of two, in id order, each read by keyset.
+    let mut seen = Vec::new();
+    let mut after: Option<i64> = None;
+    loop {
+        let path = match after {
+            Some(a) => format!("/v1/mailboxes?limit=2&after={a}"),
+            None => "/v1/mailboxes?limit=2".to_string(),
+        };
+        let page: serde_json::Value = get(path)
+            .await
+            .expect("answers")
+            .json()
+            .await
+            .expect("json");
+        let ids: Vec<i64> = page["mailboxes"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|m| m["id"].as_i64().expect("id"))
+            .collect();
+        assert!(ids.len() <= 2);
+        seen.extend(ids);
+        match page["next_after"].as_i64() {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    let in_store = app
+        .store
+        .mailboxes_page(Some(TENANT), seen[1], 3)
+        .await
+        .expect("reads");
+    assert_eq!(
+        in_store.iter().map(|m| m.id).collect::<Vec<_>>(),
+        seen[2..5].to_vec()
+    );
+    app.stop().await;
+}
+
+/// `calsync serve` as a process, its stderr lines collected.
+struct Process {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: TempDir,
+}
+
+impl Process {
+    fn start(extra: &str) -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("calsync.toml");
+        let db = dir.path().join("calsync.db");
+        std::fs::write(
+            &file,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\npublic_listen = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n{extra}",
+                db.display()
+            ),
+        )
+        .expect("write");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_calsync"))
+            .env_clear()
+            .arg("--config")
+            .arg(&file)
+            .arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("calsync starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            _dir: dir,
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// The `calsync serving` line's addresses: (internal, public).
+    async fn addresses(&self) -> (String, String) {
+        let give_up = Instant::now() + PATIENCE;
+        loop {
+            for line in self.lines() {
+                let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if json["message"] == "calsync serving" {
+                    let at = |k: &str| format!("http://{}", json[k].as_str().expect("address"));
+                    return (at("addr"), at("public_addr"));
+                }
+            }
+            assert!(Instant::now() < give_up, "not serving: {:?}", self.lines());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The flood: every wrong-token request wrote a log line, and every forged batch a
+/// WARN. Now each is counted in the metrics and logged once per minute per source, with the
+/// number of events the line stands for.
+#[tokio::test]
+async fn auth_failures_and_forged_notifications_are_counted_and_logged_once_per_source() {
+    let process = Process::start(&format!(
+        "[api]\ntoken = \"{API_TOKEN}\"\n[notifications]\npublic_url = \"https://calsync.example.com\"\n"
+    ));
+    let (internal, public) = process.addresses().await;
+    let client = reqwest::Client::new();
+    for i in 0..500 {
+        let r = client
+            .get(format!("{internal}/v1/mailboxes"))
+            .bearer_auth(format!("wrong-token-{i}"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(r.status(), 401);
+    }
+    for _ in 0..100 {
+        let r = client
+            .get(format!("{internal}/v1/mailboxes"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(r.status(), 401);
+    }
+    let forged = batch(&forged(3));
+    for _ in 0..40 {
+        let r = client
+            .post(format!("{public}/notifications"))
+            .header("content-type", "application/json")
+            .body(forged.clone())
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(r.status(), 202);
+    }
+    let metrics = client
+        .get(format!("{internal}/metrics"))
+        .send()
+        .await
+        .expect("answers")
+        .text()
+        .await
+        .expect("text");
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in {metrics}"))
+    };
+    assert_eq!(
+        value("calsync_admin_auth_failures_total{reason=\"wrong\"}"),
+        500.0
+    );
+    assert_eq!(
+        value("calsync_admin_auth_failures_total{reason=\"missing\"}"),
+        100.0
+    );
+    assert_eq!(
+        value("calsync_notifications_received_total{endpoint=\"change\",result=\"unknown_subscription\"}"),
+        120.0
+    );
+    let lines = process.lines();
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("wrong bearer token"), 1, "{lines:#?}");
+    assert_eq!(count("without a bearer token"), 1, "{lines:#?}");
+    assert_eq!(
+        count("unknown subscription or a wrong clientState"),
+        1,
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().all(|l| !l.contains("wrong-token-")),
+        "a presented token was logged"
+    );
+}

@@ -802,3 +802,45 @@ async fn change_to_stored_latency_is_measured_both_ways() {
     );
     eprintln!("{latency:?}");
 }
+
+/// A removed mailbox's subscription is deleted at Graph (it would otherwise go on notifying
+/// until it expires), and so is a config-disabled one's; the others stay.
+#[tokio::test]
+async fn removing_or_disabling_a_mailbox_deletes_its_graph_subscription() {
+    let svc = service(world(1, 3, 10), |_| {}).await;
+    svc.wait_until_subscribed().await;
+    let mailboxes = svc.mailboxes();
+    let (removed, disabled, kept) = (&mailboxes[0], &mailboxes[1], &mailboxes[2]);
+    let live = |m: &str| svc.sim.subscriptions().iter().any(|s| s.mailbox == m);
+    assert!(live(removed) && live(disabled) && live(kept));
+
+    let id = svc.record(removed).await.id;
+    assert!(svc.store.remove_mailbox(id).await.expect("removes"));
+    wait_async(
+        "the removed mailbox's subscription deleted at Graph",
+        Duration::from_secs(10),
+        || async { !live(removed) },
+    )
+    .await;
+
+    let tenant = svc.sim.tenants()[0].name.clone();
+    let still: Vec<(String, String)> = vec![(tenant.clone(), kept.clone())];
+    svc.store
+        .sync_config_mailboxes(&still, Utc::now())
+        .await
+        .expect("config applied");
+    wait_async(
+        "the disabled mailbox's subscription deleted at Graph",
+        Duration::from_secs(10),
+        || async { !live(disabled) },
+    )
+    .await;
+    assert!(live(kept), "the kept mailbox keeps its subscription");
+    assert!(svc
+        .store
+        .retired_subscriptions()
+        .await
+        .expect("reads")
+        .is_empty());
+    svc.stop().await;
+}
