@@ -159,12 +159,18 @@ impl Application {
         let worker = tokio::spawn(Arc::clone(&self.worker).run(shutdown.clone()));
         let http_stop = CancellationToken::new();
         let throttle = Arc::clone(&self.state.throttle);
+        let (internal_limits, public_limits) = fit_descriptors(
+            Limits::internal(&self.server),
+            Limits::public(&self.server),
+            self.state.store_connections,
+            open_files_limit(),
+        );
         let mut servers = tokio::task::JoinSet::new();
         if let Some(public) = self.public {
             servers.spawn(server::serve(
                 public,
                 http::public_router(self.state.clone()),
-                Limits::public(&self.server),
+                public_limits,
                 Exposure::Public,
                 Arc::clone(&throttle),
                 http_stop.clone(),
@@ -173,7 +179,7 @@ impl Application {
         servers.spawn(server::serve(
             self.listener,
             http::router(self.state),
-            Limits::internal(&self.server),
+            internal_limits,
             Exposure::Internal,
             throttle,
             http_stop.clone(),
@@ -198,6 +204,49 @@ impl Application {
         tracing::info!("calsync stopped");
         Ok(())
     }
+}
+
+/// Descriptors kept for everything but HTTP connections: the listeners, the store's pool (twice:
+/// SQLite's writer), outbound calls, logs.
+const DESCRIPTOR_RESERVE: usize = 64;
+
+/// The process's soft limit on open files (Linux: /proc/self/limits), if known.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Shrinks both listeners' connection limits, in proportion, so that together with the store
+/// and a reserve they fit the open-files limit: a flood must meet our limit, never the
+/// kernel's (at EMFILE every accept fails, the internal listener's and /livez's included).
+pub fn fit_descriptors(
+    mut internal: Limits,
+    mut public: Limits,
+    store_connections: u32,
+    open_files: Option<usize>,
+) -> (Limits, Limits) {
+    let Some(open_files) = open_files else {
+        return (internal, public);
+    };
+    let reserve = DESCRIPTOR_RESERVE + 2 * store_connections as usize;
+    let available = open_files.saturating_sub(reserve).max(2);
+    let wanted = internal.max_connections + public.max_connections;
+    if wanted > available {
+        let fit = |n: usize| (n * available / wanted).max(1);
+        let (was_internal, was_public) = (internal.max_connections, public.max_connections);
+        internal.max_connections = fit(was_internal);
+        public.max_connections = fit(was_public);
+        tracing::warn!(
+            open_files,
+            internal = internal.max_connections,
+            public = public.max_connections,
+            configured_internal = was_internal,
+            configured_public = was_public,
+            "connection limits lowered to fit the open-files limit (raise `ulimit -n` to serve more)"
+        );
+    }
+    (internal, public)
 }
 
 /// A URL without any user or password in it, for messages.
@@ -230,5 +279,39 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_connections: usize) -> Limits {
+        Limits {
+            header_read_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
+            request_timeout: std::time::Duration::from_secs(30),
+            shutdown_grace: std::time::Duration::from_secs(30),
+            max_connections,
+            max_connections_per_source: 0,
+            requests_per_source_per_second: 0,
+        }
+    }
+
+    #[test]
+    fn connection_limits_fit_the_open_files_limit() {
+        // `ulimit -n 256`, the defaults (128 + 512), a pool of 8: both shrink, in proportion.
+        let (internal, public) = fit_descriptors(limits(128), limits(512), 8, Some(256));
+        let total = internal.max_connections + public.max_connections;
+        assert!(total + DESCRIPTOR_RESERVE + 16 <= 256, "{total}");
+        assert!(internal.max_connections >= 30 && public.max_connections >= 120);
+        // Room enough, or unknown: as configured.
+        let (internal, public) = fit_descriptors(limits(128), limits(512), 8, Some(20_000));
+        assert_eq!(
+            (internal.max_connections, public.max_connections),
+            (128, 512)
+        );
+        let (internal, _) = fit_descriptors(limits(128), limits(512), 8, None);
+        assert_eq!(internal.max_connections, 128);
     }
 }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub throttle: Arc<abuse::LogThrottle>,
     /// Store calls made by the notification endpoints (their cost, in a test or a probe).
     pub notification_store_calls: Arc<std::sync::atomic::AtomicU64>,
+    /// The store's pool size, for the descriptor budget of the listeners.
+    pub store_connections: u32,
 }
 
 impl AppState {
@@ -53,6 +55,7 @@ impl AppState {
             notifications: settings.notifications.public_url.is_some(),
             throttle: Arc::default(),
             notification_store_calls: Arc::default(),
+            store_connections: settings.store.max_connections,
         }
     }
 }
