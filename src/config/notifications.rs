@@ -28,6 +28,9 @@ pub struct NotificationSettings {
     pub expiration: Duration,
     /// How often the store is checked for subscriptions to create or renew.
     pub check_interval: Duration,
+    /// How often Graph's list of the app's subscriptions is compared with the store, to delete
+    /// those no row knows (left by a store that was re-created or restored).
+    pub reconcile_interval: Duration,
     /// Subscription requests in flight at once.
     pub max_concurrent: usize,
     /// First wait after a failed create or renew; doubles per failure up to `retry_max`.
@@ -56,6 +59,7 @@ pub(super) struct RawNotifications {
     renew_before: HumanDuration,
     expiration: HumanDuration,
     check_interval: HumanDuration,
+    reconcile_interval: HumanDuration,
     #[serde(deserialize_with = "lenient_number")]
     max_concurrent: u64,
     retry_initial: HumanDuration,
@@ -70,6 +74,7 @@ impl Default for RawNotifications {
             renew_before: HumanDuration(Duration::from_secs(12 * 3600)),
             expiration: HumanDuration(Duration::from_secs(3 * 86_400)),
             check_interval: HumanDuration(Duration::from_secs(30)),
+            reconcile_interval: HumanDuration(Duration::from_secs(6 * 3600)),
             max_concurrent: 4,
             retry_initial: HumanDuration(Duration::from_secs(30)),
             retry_max: HumanDuration(Duration::from_secs(1800)),
@@ -144,6 +149,11 @@ impl RawNotifications {
             renew_before,
             expiration,
             check_interval: bounded("notifications.check_interval", self.check_interval, DAY)?,
+            reconcile_interval: bounded(
+                "notifications.reconcile_interval",
+                self.reconcile_interval,
+                7 * DAY,
+            )?,
             max_concurrent: super::in_range(
                 "notifications.max_concurrent",
                 self.max_concurrent,

@@ -14,6 +14,28 @@ use crate::net;
 
 /// Subscription responses are small; anything bigger is not one.
 const MAX_BODY: usize = 64 * 1024;
+/// A page of the subscription list: Graph pages it (about 100 per page).
+const MAX_LIST_BODY: usize = 4 * 1024 * 1024;
+/// Pages of the subscription list read at most.
+const MAX_LIST_PAGES: usize = 50;
+
+/// A subscription as `GET /subscriptions` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedSubscription {
+    pub id: String,
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub notification_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListPage {
+    value: Vec<ListedSubscription>,
+    #[serde(rename = "@odata.nextLink")]
+    next_link: Option<String>,
+}
 
 /// What calsync asks Graph to subscribe to.
 pub struct NewSubscription<'a> {
@@ -103,7 +125,7 @@ impl SubscriptionClient {
         });
         let request = self.http.post(self.url(None)).json(&body);
         let answer = self
-            .send(request, token, 201, Some(new.client_state))
+            .send(request, token, 201, Some(new.client_state), MAX_BODY)
             .await?;
         parse(&answer.0, new.expires_at, answer.1)
     }
@@ -119,14 +141,40 @@ impl SubscriptionClient {
             "expirationDateTime": expires_at.to_rfc3339_opts(SecondsFormat::Millis, true),
         });
         let request = self.http.patch(self.url(Some(id))).json(&body);
-        let answer = self.send(request, token, 200, None).await?;
+        let answer = self.send(request, token, 200, None, MAX_BODY).await?;
         parse(&answer.0, expires_at, answer.1)
+    }
+
+    /// `GET /subscriptions`: the app's subscriptions in the token's tenant, every page (a next
+    /// link to another host ends the list, like a delta page's).
+    pub async fn list(
+        &self,
+        token: &AccessToken,
+    ) -> Result<Vec<ListedSubscription>, SubscriptionError> {
+        let mut all = Vec::new();
+        let mut url = self.url(None);
+        for _ in 0..MAX_LIST_PAGES {
+            let request = self.http.get(url.clone());
+            let (body, ids) = self.send(request, token, 200, None, MAX_LIST_BODY).await?;
+            let page: ListPage = serde_json::from_slice(&body).map_err(|e| {
+                SubscriptionError::Graph(GraphError::Malformed {
+                    reason: format!("subscription list: {e}"),
+                    ids,
+                })
+            })?;
+            all.extend(page.value);
+            match page.next_link.as_deref().map(Url::parse) {
+                Some(Ok(next)) if next.origin() == self.base.origin() => url = next,
+                _ => break,
+            }
+        }
+        Ok(all)
     }
 
     /// `DELETE /subscriptions/{id}`; one already gone counts as deleted.
     pub async fn delete(&self, id: &str, token: &AccessToken) -> Result<(), SubscriptionError> {
         let request = self.http.delete(self.url(Some(id)));
-        match self.send(request, token, 204, None).await {
+        match self.send(request, token, 204, None, MAX_BODY).await {
             Ok(_) | Err(SubscriptionError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -138,6 +186,7 @@ impl SubscriptionClient {
         token: &AccessToken,
         expected: u16,
         client_state: Option<&SecretString>,
+        max_body: usize,
     ) -> Result<(Vec<u8>, RequestIds), SubscriptionError> {
         let client_request_id = uuid::Uuid::new_v4().to_string();
         let call = async {
@@ -168,7 +217,7 @@ impl SubscriptionClient {
                 .map(str::to_string);
             let status = response.status().as_u16();
             let headers = response.headers().clone();
-            let body = net::read_body_limited(&mut response, MAX_BODY).await;
+            let body = net::read_body_limited(&mut response, max_body).await;
             let body = match body {
                 // An error message may quote the request (token, clientState) back.
                 Ok(b) => {

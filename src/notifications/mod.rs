@@ -122,7 +122,17 @@ impl SubscriptionUpkeep {
     /// and the sync jobs never wait for this task.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         tracing::info!(url = %self.notification_url, "keeping Graph subscriptions");
+        let mut reconcile_at = tokio::time::Instant::now();
         loop {
+            if tokio::time::Instant::now() >= reconcile_at {
+                reconcile_at = tokio::time::Instant::now() + self.settings.reconcile_interval;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    done = self.reconcile() => if let Err(e) = done {
+                        tracing::warn!(error = %crate::error_chain(e.as_ref()), "comparing Graph's subscriptions with the store failed; will try again");
+                    },
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 report = self.step() => match report {
@@ -192,6 +202,73 @@ impl SubscriptionUpkeep {
             }
         }
         Ok(report)
+    }
+
+    /// Finds the subscriptions Graph holds for our notification URL that no row knows (a store
+    /// re-created or restored from a backup forgot them, and they would notify until they
+    /// expire) and retires them, to be deleted by the next steps. Returns how many.
+    pub async fn reconcile(&self) -> anyhow::Result<usize> {
+        let now = Utc::now();
+        let rows = self.store.subscriptions().await?;
+        let mut known: std::collections::HashSet<String> = rows
+            .iter()
+            .filter_map(|r| r.subscription_id.clone())
+            .collect();
+        known.extend(
+            self.store
+                .retired_subscriptions()
+                .await?
+                .into_iter()
+                .map(|r| r.subscription_id),
+        );
+        // A row claimed or backing off may have a create in flight whose id is not saved yet:
+        // its mailbox's subscriptions are left for the next comparison.
+        let busy: std::collections::HashSet<String> = rows
+            .iter()
+            .filter(|r| r.next_attempt_at > now)
+            .map(|r| r.user_id.to_ascii_lowercase())
+            .collect();
+        let mut retired = 0;
+        for (tenant, tokens) in self.worker.tokens().iter() {
+            if !self.tenant_available(tenant) {
+                continue;
+            }
+            let listed = match tokens.token().await {
+                Ok(token) => self.client.list(&token).await.map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::Error::from(e)),
+            };
+            let listed = match listed {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant, error = %crate::error_chain(e.as_ref()), "cannot list the tenant's Graph subscriptions");
+                    continue;
+                }
+            };
+            for sub in listed {
+                if sub.notification_url.as_deref() != Some(self.notification_url.as_str())
+                    || known.contains(&sub.id)
+                {
+                    continue;
+                }
+                let user = sub
+                    .resource
+                    .trim_start_matches('/')
+                    .strip_prefix("users/")
+                    .and_then(|r| r.strip_suffix("/events"))
+                    .unwrap_or(&sub.resource)
+                    .to_string();
+                if busy.contains(&user.to_ascii_lowercase()) {
+                    continue;
+                }
+                tracing::info!(tenant = %tenant, mailbox = %user, subscription = %sub.id,
+                    "Graph subscription no row knows (store re-created?): deleting it");
+                self.store
+                    .retire_orphan(&sub.id, tenant, &user, now)
+                    .await?;
+                retired += 1;
+            }
+        }
+        Ok(retired)
     }
 
     /// Deletes at Graph the subscriptions of mailboxes that were removed (through the API) or

@@ -95,6 +95,43 @@ impl Store {
         }
     }
 
+    /// Retires a subscription Graph has and no row knows (left by a re-created store).
+    pub async fn retire_orphan(
+        &self,
+        id: &str,
+        tenant: &str,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                sqlx::query(
+                    "INSERT INTO retired_subscriptions (subscription_id, tenant, user_id, retired_at, next_attempt_at)
+                     VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (subscription_id) DO NOTHING",
+                )
+                .bind(id)
+                .bind(tenant)
+                .bind(user_id)
+                .bind(ts(now))
+                .execute(&s.writer)
+                .await?;
+            }
+            Store::Postgres(s) => {
+                sqlx::query(
+                    "INSERT INTO retired_subscriptions (subscription_id, tenant, user_id, retired_at, next_attempt_at)
+                     VALUES ($1, $2, $3, $4, $4) ON CONFLICT (subscription_id) DO NOTHING",
+                )
+                .bind(id.replace('\0', ""))
+                .bind(tenant)
+                .bind(user_id.replace('\0', ""))
+                .bind(now)
+                .execute(&s.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every retired subscription still to delete.
     pub async fn retired_subscriptions(&self) -> Result<Vec<RetiredSubscription>, StoreError> {
         self.retired_due(Utc::now() + chrono::Duration::days(36_500), u32::MAX)

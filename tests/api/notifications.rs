@@ -844,3 +844,48 @@ async fn removing_or_disabling_a_mailbox_deletes_its_graph_subscription() {
         .is_empty());
     svc.stop().await;
 }
+
+/// A store that lost a subscription (re-created, or restored from an old backup) does not
+/// leave it at Graph: the keeper compares Graph's list for our URL with the store and deletes
+/// what no row knows, while the mailbox gets a subscription of its own again.
+#[tokio::test]
+async fn subscriptions_no_row_knows_are_deleted_at_graph() {
+    let svc = service(world(1, 2, 10), |s| {
+        s.notifications.reconcile_interval = Duration::from_millis(100);
+    })
+    .await;
+    svc.wait_until_subscribed().await;
+    let mailbox = svc.mailboxes()[0].clone();
+    let forgotten = svc.subscription_id(&mailbox).await;
+    // The store forgets it; Graph still has it.
+    assert!(svc
+        .store
+        .subscription_needs_work(&forgotten, true, Utc::now())
+        .await
+        .expect("store writes"));
+    wait_async(
+        "the forgotten subscription deleted and a new one made",
+        Duration::from_secs(10),
+        || async {
+            let live: Vec<_> = svc
+                .sim
+                .subscriptions()
+                .into_iter()
+                .filter(|s| s.mailbox == mailbox)
+                .collect();
+            live.len() == 1 && live[0].id != forgotten
+        },
+    )
+    .await;
+    let other = svc.mailboxes()[1].clone();
+    assert_eq!(
+        svc.sim
+            .subscriptions()
+            .iter()
+            .filter(|s| s.mailbox == other)
+            .count(),
+        1,
+        "the other mailbox's subscription is left alone"
+    );
+    svc.stop().await;
+}
