@@ -82,7 +82,8 @@ while True:
 PY
 
 status=0
-st run "${base}/v1/openapi.json" \
+# From the scratch directory: schemathesis keeps its state in the working directory.
+(cd "${work}" && st run "${base}/v1/openapi.json" \
     --url "${base}" \
     --header "Authorization: Bearer ${token}" \
     --seed "${SEED}" \
@@ -92,7 +93,7 @@ st run "${base}/v1/openapi.json" \
     --generation-database none \
     --request-timeout 20 \
     --no-color \
-    --output-sanitize true \
+    --output-sanitize true) \
     || status=$?
 if [ "${status}" -ne 0 ]; then
     echo "---- calsync serve log (last 50 lines)"

@@ -836,12 +836,18 @@ async fn removing_or_disabling_a_mailbox_deletes_its_graph_subscription() {
     )
     .await;
     assert!(live(kept), "the kept mailbox keeps its subscription");
-    assert!(svc
-        .store
-        .retired_subscriptions()
-        .await
-        .expect("reads")
-        .is_empty());
+    wait_async(
+        "the retired rows forgotten once Graph deleted them",
+        Duration::from_secs(10),
+        || async {
+            svc.store
+                .retired_subscriptions()
+                .await
+                .expect("reads")
+                .is_empty()
+        },
+    )
+    .await;
     svc.stop().await;
 }
 
