@@ -276,6 +276,13 @@ async fn serve_connection(
     let mut shutting_down = false;
     loop {
         let last = started + Duration::from_millis(activity.load(Ordering::Relaxed));
+        // While a handler works, look again an idle period later (the request timeout bounds
+        // the handler), rather than at a deadline already past.
+        let check_at = if busy.load(Ordering::Relaxed) > 0 {
+            Instant::now() + idle
+        } else {
+            last + idle
+        };
         tokio::select! {
             ended = connection.as_mut() => {
                 if let Err(e) = ended {
@@ -291,7 +298,7 @@ async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
-            _ = tokio::time::sleep_until(last + idle) => {
+            _ = tokio::time::sleep_until(check_at) => {
                 let moved = started + Duration::from_millis(activity.load(Ordering::Relaxed));
                 if moved == last && busy.load(Ordering::Relaxed) == 0 {
                     // Not a byte either way: a client that stopped sending its body or stopped
