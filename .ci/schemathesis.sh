@@ -89,7 +89,7 @@ status=0
     --seed "${SEED}" \
     --max-examples "${EXAMPLES}" \
     --checks "${SCHEMATHESIS_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance}" \
-    --workers 2 \
+    --workers 1 \
     --generation-database none \
     --request-timeout 20 \
     --no-color \
