@@ -19,10 +19,12 @@ RUN apt-get update \
 COPY --from=build /src/target/release/calsync /usr/local/bin/calsync
 USER 10001:10001
 ENV CALSYNC_SERVER__LISTEN=0.0.0.0:8080 \
+    CALSYNC_SERVER__PUBLIC_LISTEN=0.0.0.0:8081 \
     CALSYNC_STORE__URL=sqlite:///data/calsync.db \
     CALSYNC_LOG__FORMAT=json
 VOLUME ["/data"]
-EXPOSE 8080
+# 8080: health, metrics, status page, admin API (keep internal); 8081: notifications only.
+EXPOSE 8080 8081
 # `calsync health` asks the running service for /healthz; no curl in the image.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 CMD ["calsync", "health"]
 ENTRYPOINT ["calsync"]

@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use std::io::Write as _;
+
 use calsync::app::{self, Application};
 use calsync::config::Settings;
 use calsync::store::RunOutcome;
@@ -51,6 +53,28 @@ enum Command {
         #[arg(long, env = "CALSYNC_URL")]
         url: Option<String>,
     },
+}
+
+/// Writes to stdout; a reader that went away (`calsync check-config | head -2`) ends the output
+/// quietly instead of panicking like `println!`.
+fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => eprintln!("calsync: cannot write to stdout: {e}"),
+    }
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => { emit(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+macro_rules! say_raw {
+    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
 }
 
 fn main() -> ExitCode {
@@ -106,9 +130,9 @@ async fn demo(args: calsync::demo::DemoArgs) -> anyhow::Result<ExitCode> {
     let json = args.json;
     let summary = calsync::demo::run(args).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        say!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print!("{}", calsync::demo::render_summary(&summary));
+        say_raw!("{}", calsync::demo::render_summary(&summary));
     }
     Ok(if summary.matched {
         ExitCode::SUCCESS
@@ -121,9 +145,9 @@ async fn drill(args: calsync::drill::DrillArgs) -> anyhow::Result<ExitCode> {
     let json = args.json;
     let report = calsync::drill::run(args).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", calsync::drill::render(&report));
+        say_raw!("{}", calsync::drill::render(&report));
     }
     Ok(if report.all_targets_met {
         ExitCode::SUCCESS
@@ -136,9 +160,9 @@ async fn bench(args: calsync::bench::BenchArgs) -> anyhow::Result<ExitCode> {
     let json = args.json;
     let report = calsync::bench::run(args).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", calsync::bench::render(&report));
+        say_raw!("{}", calsync::bench::render(&report));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -177,7 +201,7 @@ async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {
         .count();
     for r in &results {
         match &r.error {
-            None => println!(
+            None => say!(
                 "ok      {}/{}: {} pages, {} upserted, {} deleted{}",
                 r.tenant,
                 r.mailbox,
@@ -190,10 +214,10 @@ async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {
                     ""
                 }
             ),
-            Some(e) => println!("FAILED  {}/{}: {e}", r.tenant, r.mailbox),
+            Some(e) => say!("FAILED  {}/{}: {e}", r.tenant, r.mailbox),
         }
     }
-    println!(
+    say!(
         "{} mailboxes synced, {failed} failed",
         results.len() - failed
     );
@@ -209,27 +233,38 @@ async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
     let backend = calsync::store::migrate(&settings.store.url)
         .await
         .map_err(|e| anyhow::anyhow!("cannot migrate the store at {shown}: {e}"))?;
-    println!("store at {shown} is up to date ({})", backend.as_str());
+    say!("store at {shown} is up to date ({})", backend.as_str());
     Ok(ExitCode::SUCCESS)
 }
 
 fn check_config(settings: &Settings) -> anyhow::Result<ExitCode> {
-    println!("configuration is valid");
-    println!("  server.listen      {}", settings.server.listen);
-    println!(
+    say!("configuration is valid");
+    say!(
+        "  server.listen      {} (health, metrics, status page, admin API)",
+        settings.server.listen
+    );
+    say!(
+        "  public listener    {}",
+        if settings.notifications.enabled() {
+            format!("{} (notifications only)", settings.server.public_listen)
+        } else {
+            "off (no notifications.public_url)".to_string()
+        }
+    );
+    say!(
         "  store.url          {}",
         app::redact_url(&settings.store.url)
     );
-    println!("  graph.base_url     {}", settings.graph.base_url);
-    println!("  graph.authority    {}", settings.graph.authority);
-    println!(
+    say!("  graph.base_url     {}", settings.graph.base_url);
+    say!("  graph.authority    {}", settings.graph.authority);
+    say!(
         "  sync               every {} (+ up to {} jitter), {} workers, job deadline {}",
         calsync::config::HumanDuration(settings.sync.interval),
         calsync::config::HumanDuration(settings.sync.jitter),
         settings.sync.workers,
         calsync::config::HumanDuration(settings.sync.job_deadline)
     );
-    println!(
+    say!(
         "  admin API (/v1)    {}",
         if settings.api.token.is_some() {
             "enabled"
@@ -238,7 +273,7 @@ fn check_config(settings: &Settings) -> anyhow::Result<ExitCode> {
         }
     );
     for t in &settings.tenants {
-        println!(
+        say!(
             "  tenant {:<12} tenant_id {} client_id {} credential {:?} mailboxes {}",
             t.name,
             t.tenant_id,
@@ -248,7 +283,7 @@ fn check_config(settings: &Settings) -> anyhow::Result<ExitCode> {
         );
     }
     if settings.tenants.is_empty() {
-        println!("  (no tenants configured: nothing will be synced)");
+        say!("  (no tenants configured: nothing will be synced)");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -266,15 +301,15 @@ async fn health(settings: &Settings, url: Option<String>) -> anyhow::Result<Exit
     match client.get(&url).send().await {
         Ok(response) if response.status().is_success() => {
             let body: serde_json::Value = response.json().await.unwrap_or_default();
-            println!("{}", body["status"].as_str().unwrap_or("ok"));
+            say!("{}", body["status"].as_str().unwrap_or("ok"));
             Ok(ExitCode::SUCCESS)
         }
         Ok(response) => {
-            println!("unhealthy: HTTP {}", response.status());
+            say!("unhealthy: HTTP {}", response.status());
             Ok(ExitCode::FAILURE)
         }
         Err(e) => {
-            println!("unreachable: {}", calsync::net::describe_transport(&e));
+            say!("unreachable: {}", calsync::net::describe_transport(&e));
             Ok(ExitCode::FAILURE)
         }
     }

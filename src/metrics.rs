@@ -47,9 +47,16 @@ pub const RETRY_AFTER_SECONDS: &str = "calsync_retry_after_seconds_total";
 pub const BREAKER_TRANSITIONS: &str = "calsync_breaker_transitions_total";
 pub const ITEMS_QUARANTINED: &str = "calsync_items_quarantined_total";
 pub const FRESH_ROUNDS_FORCED: &str = "calsync_fresh_rounds_forced_total";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "calsync_http_connections_refused_total";
+pub const HTTP_RATE_LIMITED: &str = "calsync_http_rate_limited_total";
+pub const HTTP_TIMEOUTS: &str = "calsync_http_timeouts_total";
+pub const HTTP_OPEN_CONNECTIONS: &str = "calsync_http_open_connections";
+pub const ADMIN_AUTH_FAILURES: &str = "calsync_admin_auth_failures_total";
+pub const NOTIFICATIONS_RECEIVED: &str = "calsync_notifications_received_total";
+pub const NOTIFICATION_BATCHES_REFUSED: &str = "calsync_notification_batches_refused_total";
 
 /// Every event metric, for checks that dashboards and alert rules name only real series.
-pub const EVENT_COUNTERS: [&str; 17] = [
+pub const EVENT_COUNTERS: [&str; 23] = [
     JOBS_STARTED,
     JOBS_FINISHED,
     JOB_FAILURES,
@@ -67,6 +74,12 @@ pub const EVENT_COUNTERS: [&str; 17] = [
     BREAKER_TRANSITIONS,
     ITEMS_QUARANTINED,
     FRESH_ROUNDS_FORCED,
+    HTTP_CONNECTIONS_REFUSED,
+    HTTP_RATE_LIMITED,
+    HTTP_TIMEOUTS,
+    ADMIN_AUTH_FAILURES,
+    NOTIFICATIONS_RECEIVED,
+    NOTIFICATION_BATCHES_REFUSED,
 ];
 pub const EVENT_HISTOGRAMS: [&str; 2] = [JOB_DURATION, SYNC_LAG];
 
@@ -141,6 +154,34 @@ fn describe() {
     );
     describe_counter!(EVENTS_UPSERTED, "Events inserted or updated, by tenant.");
     describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        "HTTP connections closed at accept, by listener and reason (per_source: the source holds its cap)."
+    );
+    describe_counter!(
+        HTTP_RATE_LIMITED,
+        "HTTP requests answered 429 by the per-source rate limit, by listener."
+    );
+    describe_counter!(
+        HTTP_TIMEOUTS,
+        "HTTP connections or requests cut by a timeout, by listener and kind (header, idle, request)."
+    );
+    metrics::describe_gauge!(
+        HTTP_OPEN_CONNECTIONS,
+        "HTTP connections being served, by listener."
+    );
+    describe_counter!(
+        ADMIN_AUTH_FAILURES,
+        "Admin API requests refused for a missing or wrong bearer token, by reason."
+    );
+    describe_counter!(
+        NOTIFICATIONS_RECEIVED,
+        "Change-notification items received, by endpoint and result (accepted, unknown_subscription, wrong_client_state, incomplete)."
+    );
+    describe_counter!(
+        NOTIFICATION_BATCHES_REFUSED,
+        "Notification batches refused whole, by endpoint and reason (malformed, too_many_items)."
+    );
+    describe_counter!(
         EVENTS_DELETED,
         "Events deleted (@removed or reconciliation), by tenant."
     );
@@ -196,6 +237,47 @@ pub fn render_events() -> String {
 }
 
 // ---- recording helpers: one call at each place something happens ----
+
+/// A connection refused at accept (`reason`: `per_source`).
+pub fn http_connection_refused(listener: &'static str, reason: &'static str) {
+    counter!(HTTP_CONNECTIONS_REFUSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// A request answered 429 by the per-source rate limit.
+pub fn http_rate_limited(listener: &'static str) {
+    counter!(HTTP_RATE_LIMITED, "listener" => listener).increment(1);
+}
+
+/// A connection or request cut by a timeout (`kind`: `header`, `idle`, `request`).
+pub fn http_timeout(listener: &'static str, kind: &'static str) {
+    counter!(HTTP_TIMEOUTS, "listener" => listener, "kind" => kind).increment(1);
+}
+
+pub fn http_connection_opened(listener: &'static str) {
+    metrics::gauge!(HTTP_OPEN_CONNECTIONS, "listener" => listener).increment(1.0);
+}
+
+pub fn http_connection_closed(listener: &'static str) {
+    metrics::gauge!(HTTP_OPEN_CONNECTIONS, "listener" => listener).decrement(1.0);
+}
+
+/// An admin API request without the right bearer token (`reason`: `missing`, `wrong`).
+pub fn admin_auth_failure(reason: &'static str) {
+    counter!(ADMIN_AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+/// Notification items by endpoint (`change`, `lifecycle`) and result (`accepted`,
+/// `unknown_subscription`, `wrong_client_state`, `incomplete`).
+pub fn notifications_received(endpoint: &'static str, result: &'static str, n: u64) {
+    if n > 0 {
+        counter!(NOTIFICATIONS_RECEIVED, "endpoint" => endpoint, "result" => result).increment(n);
+    }
+}
+
+/// A notification batch refused whole (`reason`: `malformed`, `too_many_items`).
+pub fn notification_batch_refused(endpoint: &'static str, reason: &'static str) {
+    counter!(NOTIFICATION_BATCHES_REFUSED, "endpoint" => endpoint, "reason" => reason).increment(1);
+}
 
 pub fn job_started(tenant: &str) {
     counter!(JOBS_STARTED, "tenant" => tenant.to_string()).increment(1);

@@ -5,9 +5,20 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogFormat, LogSettings};
 
 pub fn init(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // RUST_LOG wins, but only if it is a filter that still shows calsync's lines: a word
+    // EnvFilter takes for a target (`warning`) would silently turn every line off.
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| match crate::config::validate_log_filter(&v) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("calsync: RUST_LOG ignored, using log.level instead: {e}");
+                None
+            }
+        });
+    let directives = from_env.as_deref().unwrap_or(&settings.level);
+    let filter = EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -2,10 +2,11 @@
 //! Loaded and validated once at start; every error names the key and what is allowed.
 
 mod duration;
+mod log_level;
 mod notifications;
+mod server;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,9 @@ use serde::{Deserialize, Deserializer};
 use url::Url;
 
 pub use duration::HumanDuration;
+pub use log_level::validate as validate_log_filter;
 pub use notifications::{NotificationSettings, MAX_EVENT_SUBSCRIPTION};
+pub use server::ServerSettings;
 
 use crate::auth::ClientCertificate;
 
@@ -36,30 +39,77 @@ const SECTIONS: [&str; 9] = [
 
 /// Every setting lives in a table, so its variable has a `__`. Other `CALSYNC_*` variables are
 /// flags of the CLI (`CALSYNC_CONFIG`, `CALSYNC_URL`) or of the test suite, not settings; but
-/// one that starts like a table with a single `_` is a typo for a setting, and is refused.
+/// one that starts like a table with a single `_`, or whose `__` are misplaced, is a typo for a
+/// setting, and is refused naming the variable it should be.
 fn env_setting(name: &str) -> Result<bool, ConfigError> {
     let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
         return Ok(false);
     };
-    if rest.contains("__") {
-        return Ok(true);
+    let upper = rest.to_ascii_uppercase();
+    let first = upper.split("__").next().unwrap_or_default();
+    let known = SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(first));
+    let misplaced = if known {
+        // `CALSYNC_TENANTS__0_CLIENT_SECRET`: the index needs its own `__` on both sides.
+        let parts: Vec<&str> = upper.split("__").collect();
+        first == "TENANTS"
+            && !(parts.len() >= 3 && parts[1].bytes().all(|b| b.is_ascii_digit()))
+            && parts
+                .get(1)
+                .is_some_and(|p| p.starts_with(|c: char| c.is_ascii_digit()))
+    } else {
+        SECTIONS.iter().any(|s| {
+            first
+                .strip_prefix(&s.to_ascii_uppercase())
+                .is_some_and(|r| r.starts_with('_'))
+        })
+    };
+    if !misplaced {
+        if !known && upper.contains("__") {
+            return Err(ConfigError::new(
+                name,
+                format!(
+                    "`{first}` is not a section; settings are CALSYNC_<SECTION>__<KEY> with \
+                     SECTION one of {}",
+                    SECTIONS.join(", ").to_ascii_uppercase()
+                ),
+            ));
+        }
+        return Ok(known && upper.contains("__"));
     }
-    let lower = rest.to_ascii_lowercase();
-    if let Some(section) = SECTIONS
-        .iter()
-        .find(|s| lower.strip_prefix(**s).is_some_and(|r| r.starts_with('_')))
-    {
-        return Err(ConfigError::new(
-            name,
-            format!(
-                "looks like a setting but has one `_` after `{}`: write CALSYNC_{}__{}",
-                section.to_ascii_uppercase(),
-                section.to_ascii_uppercase(),
-                &rest[section.len() + 1..]
-            ),
-        ));
+    let message = match env_fix(&upper) {
+        Some(fix) => format!(
+            "looks like a setting but its `__` are misplaced: write {fix} \
+             (CALSYNC_<SECTION>__<KEY>, or CALSYNC_TENANTS__<INDEX>__<KEY>)"
+        ),
+        None => "looks like a setting but is not CALSYNC_<SECTION>__<KEY> \
+                 (or CALSYNC_TENANTS__<INDEX>__<KEY>)"
+            .to_string(),
+    };
+    Err(ConfigError::new(name, message))
+}
+
+/// The variable a misspelt setting name meant: `TENANTS_0_CLIENT_SECRET` (after the prefix)
+/// becomes `CALSYNC_TENANTS__0__CLIENT_SECRET`, `SYNC_WORKERS` `CALSYNC_SYNC__WORKERS`.
+fn env_fix(rest: &str) -> Option<String> {
+    let section = SECTIONS.iter().map(|s| s.to_ascii_uppercase()).find(|s| {
+        rest.strip_prefix(s.as_str())
+            .is_some_and(|r| r.starts_with('_'))
+    })?;
+    let remainder = rest[section.len()..].trim_start_matches('_');
+    let key = |text: &str| {
+        let key = text.trim_matches('_').replace("__", "_");
+        (!key.is_empty()).then_some(key)
+    };
+    if section == "TENANTS" {
+        let digits = remainder.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let index = &remainder[..digits];
+        let key = key(&remainder[digits..])?;
+        return Some(format!("{ENV_PREFIX}TENANTS__{index}__{key}"));
     }
-    Ok(false)
+    Some(format!("{ENV_PREFIX}{section}__{}", key(remainder)?))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +167,6 @@ pub struct ResilienceSettings {
     pub mailbox_requests_per_10min: u32,
     pub tenant_requests_per_second: u32,
     pub app_requests_per_second: u32,
-}
-
-#[derive(Clone, Debug)]
-pub struct ServerSettings {
-    pub listen: SocketAddr,
-    pub shutdown_grace: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -206,7 +250,7 @@ impl std::fmt::Debug for Credential {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSettings {
-    server: RawServer,
+    server: server::RawServer,
     store: RawStore,
     graph: RawGraph,
     sync: RawSync,
@@ -261,13 +305,6 @@ struct RawResilience {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: String,
-    shutdown_grace: HumanDuration,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawStore {
     url: String,
     #[serde(deserialize_with = "lenient_number")]
@@ -296,7 +333,8 @@ struct RawGraph {
 #[serde(deny_unknown_fields)]
 struct RawSync {
     interval: HumanDuration,
-    jitter: HumanDuration,
+    /// Unset: a tenth of the interval.
+    jitter: Option<HumanDuration>,
     window_past: HumanDuration,
     window_future: HumanDuration,
     #[serde(deserialize_with = "lenient_number")]
@@ -382,12 +420,8 @@ impl Settings {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
             })?;
-            let overlay: toml::Table = toml::from_str(&text).map_err(|e| {
-                ConfigError::new(
-                    format!("--config {}", path.display()),
-                    format!("not valid TOML: {e}"),
-                )
-            })?;
+            let overlay: toml::Table = toml::from_str(&text)
+                .map_err(|e| toml_error(&path.display().to_string(), &text, &e))?;
             merge_tables(&mut tree, overlay);
         }
         let mut settings_env = Vec::new();
@@ -415,21 +449,97 @@ impl Settings {
             .map_err(|e| ConfigError::new("(embedded defaults)", e.to_string()))?;
         for text in layers {
             let overlay: toml::Table =
-                toml::from_str(text).map_err(|e| ConfigError::new("(toml)", e.to_string()))?;
+                toml::from_str(text).map_err(|e| toml_error("(toml)", text, &e))?;
             merge_tables(&mut tree, overlay);
         }
         Self::from_table(tree)
     }
 
     fn from_table(tree: toml::Table) -> Result<Self, ConfigError> {
-        let raw: RawSettings = serde_path_to_error::deserialize(toml::Value::Table(tree))
-            .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().to_string()))?;
+        let raw: RawSettings =
+            serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+                let key = e.path().to_string();
+                let message = if is_secret_key(&key) {
+                    // The message would quote the value ("invalid type: integer `123…`").
+                    "has the wrong type: a string is expected (the value is not shown)".into()
+                } else {
+                    e.inner().to_string()
+                };
+                ConfigError::new(key, message)
+            })?;
         raw.validate()
     }
 
     pub fn tenant(&self, name: &str) -> Option<&TenantSettings> {
         self.tenants.iter().find(|t| t.name == name)
     }
+}
+
+/// Keys whose values are never printed: credentials, and URLs that may carry a password.
+fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit(['.', ']']).next().unwrap_or(key);
+    matches!(last, "client_secret" | "token" | "client_state") || key == "store.url"
+}
+
+/// A TOML syntax error naming the file, line, column and key, but never quoting the line: the
+/// line may be `client_secret = "..."` (toml's own message prints it whole).
+fn toml_error(file: &str, text: &str, error: &toml::de::Error) -> ConfigError {
+    let message = error
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let Some(span) = error.span() else {
+        return ConfigError::new(file, format!("not valid TOML: {message}"));
+    };
+    let offset = span.start.min(text.len());
+    let before = text.get(..offset).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let key = toml_key_at(text, line);
+    ConfigError::new(
+        key.clone().unwrap_or_else(|| file.to_string()),
+        format!(
+            "not valid TOML ({file}, line {line}, column {column}{}): {message}",
+            key.map(|k| format!(", key `{k}`")).unwrap_or_default()
+        ),
+    )
+}
+
+/// The dotted key set on `line` (1-based), with its table: `tenants[1].client_secret`.
+fn toml_key_at(text: &str, line: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut arrays: BTreeMap<String, usize> = BTreeMap::new();
+    for (n, raw) in text.lines().enumerate() {
+        let trimmed = raw.trim();
+        if n + 1 == line {
+            let (key, _) = trimmed.split_once('=')?;
+            let key = key.trim().trim_matches('"');
+            let bare = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+            if key.is_empty() || !key.chars().all(bare) {
+                return None;
+            }
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+        if let Some(name) = trimmed
+            .strip_prefix("[[")
+            .and_then(|r| r.split("]]").next())
+        {
+            let name = name.trim().to_string();
+            let index = arrays.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{index}]");
+            *index += 1;
+        } else if let Some(name) = trimmed.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+    }
+    None
 }
 
 fn merge_tables(base: &mut toml::Table, overlay: toml::Table) {
@@ -541,15 +651,7 @@ fn apply_env_indexed(
 
 impl RawSettings {
     fn validate(self) -> Result<Settings, ConfigError> {
-        let listen: SocketAddr = self.server.listen.parse().map_err(|_| {
-            ConfigError::new(
-                "server.listen",
-                format!(
-                    "`{}` is not an address:port such as 0.0.0.0:8080",
-                    self.server.listen
-                ),
-            )
-        })?;
+        let server = self.server.validate()?;
         let store_url = self.store.url.trim().to_string();
         if !(store_url.starts_with("sqlite:")
             || store_url.starts_with("postgres://")
@@ -569,8 +671,16 @@ impl RawSettings {
             return Err(ConfigError::new("graph.scope", "must not be empty"));
         }
         let page_size = in_range("graph.page_size", self.graph.page_size, 1, 1000)?;
-        let connect_timeout = positive("graph.connect_timeout", self.graph.connect_timeout)?;
-        let request_timeout = positive("graph.request_timeout", self.graph.request_timeout)?;
+        let connect_timeout = bounded(
+            "graph.connect_timeout",
+            self.graph.connect_timeout,
+            Duration::from_secs(300),
+        )?;
+        let request_timeout = bounded(
+            "graph.request_timeout",
+            self.graph.request_timeout,
+            Duration::from_secs(3600),
+        )?;
         let max_response_bytes = in_range(
             "graph.max_response_bytes",
             self.graph.max_response_bytes,
@@ -591,7 +701,7 @@ impl RawSettings {
         )?;
 
         let s = &self.sync;
-        let job_deadline = positive("sync.job_deadline", s.job_deadline)?;
+        let job_deadline = bounded("sync.job_deadline", s.job_deadline, DAY)?;
         if job_deadline <= request_timeout {
             return Err(ConfigError::new(
                 "sync.job_deadline",
@@ -602,34 +712,58 @@ impl RawSettings {
                 ),
             ));
         }
-        let failure_backoff_initial =
-            positive("sync.failure_backoff_initial", s.failure_backoff_initial)?;
-        let failure_backoff_max = positive("sync.failure_backoff_max", s.failure_backoff_max)?;
+        let failure_backoff_initial = bounded(
+            "sync.failure_backoff_initial",
+            s.failure_backoff_initial,
+            7 * DAY,
+        )?;
+        let failure_backoff_max =
+            bounded("sync.failure_backoff_max", s.failure_backoff_max, 7 * DAY)?;
         if failure_backoff_max < failure_backoff_initial {
             return Err(ConfigError::new(
                 "sync.failure_backoff_max",
                 "must not be shorter than sync.failure_backoff_initial",
             ));
         }
-        if s.window_past.0 + s.window_future.0 < Duration::from_secs(86_400) {
+        let window_past = at_most("sync.window_past", s.window_past, MAX_WINDOW)?;
+        let window_future = at_most("sync.window_future", s.window_future, MAX_WINDOW)?;
+        if window_past + window_future < DAY {
             return Err(ConfigError::new(
                 "sync.window_future",
                 "sync.window_past + sync.window_future must cover at least 1d",
             ));
         }
+        let interval = bounded("sync.interval", s.interval, 30 * DAY)?;
+        let jitter = match s.jitter {
+            // A tenth of the interval: mailboxes drift apart without syncing much less often.
+            None => interval / 10,
+            Some(jitter) => {
+                let jitter = at_most("sync.jitter", jitter, interval).map_err(|_| {
+                    ConfigError::new(
+                        "sync.jitter",
+                        format!(
+                            "must not be longer than sync.interval ({}), got {jitter} \
+                             (leave it out for a tenth of the interval)",
+                            HumanDuration(interval)
+                        ),
+                    )
+                })?;
+                jitter
+            }
+        };
         let mut sync = SyncSettings {
-            interval: positive("sync.interval", s.interval)?,
-            jitter: s.jitter.0,
-            window_past: s.window_past.0,
-            window_future: s.window_future.0,
+            interval,
+            jitter,
+            window_past,
+            window_future,
             workers: in_range("sync.workers", s.workers, 1, 4096)?,
             job_deadline,
             failure_backoff_initial,
             failure_backoff_max,
-            poll_interval: positive("sync.poll_interval", s.poll_interval)?,
-            lease_ttl: positive("sync.lease_ttl", s.lease_ttl)?,
+            poll_interval: bounded("sync.poll_interval", s.poll_interval, HOUR)?,
+            lease_ttl: bounded("sync.lease_ttl", s.lease_ttl, DAY)?,
             max_jobs_per_tenant: 0,
-            stuck_grace: positive("sync.stuck_grace", s.stuck_grace)?,
+            stuck_grace: bounded("sync.stuck_grace", s.stuck_grace, DAY)?,
         };
         let per_tenant: usize =
             in_range("sync.max_jobs_per_tenant", s.max_jobs_per_tenant, 0, 4096)?;
@@ -639,22 +773,20 @@ impl RawSettings {
             n => n.min(sync.workers),
         };
         let resilience = self.resilience.validate()?;
-        if self.log.level.trim().is_empty() {
-            return Err(ConfigError::new(
-                "log.level",
-                "must not be empty (e.g. info)",
-            ));
-        }
+        let level = log_level::validate(&self.log.level)
+            .map_err(|message| ConfigError::new("log.level", message))?;
 
         let mut names = HashSet::new();
         let mut tenants = Vec::with_capacity(self.tenants.len());
         for (index, raw) in self.tenants.into_iter().enumerate() {
             let tenant = raw.validate(index)?;
-            if !names.insert(tenant.name.clone()) {
+            // Case-insensitively: names end up in metrics labels, logs and URLs that people
+            // read and type, where `Contoso` and `contoso` would be taken for one tenant.
+            if !names.insert(tenant.name.to_ascii_lowercase()) {
                 return Err(ConfigError::new(
                     format!("tenants[{index}].name"),
                     format!(
-                        "`{}` is used by two tenants; names must be unique",
+                        "`{}` is used by two tenants; names must be unique, ignoring case",
                         tenant.name
                     ),
                 ));
@@ -665,10 +797,7 @@ impl RawSettings {
         let notifications = self.notifications.validate()?;
 
         Ok(Settings {
-            server: ServerSettings {
-                listen,
-                shutdown_grace: self.server.shutdown_grace.0,
-            },
+            server,
             store: StoreSettings {
                 url: store_url,
                 max_connections,
@@ -687,7 +816,7 @@ impl RawSettings {
             sync,
             log: LogSettings {
                 format: self.log.format,
-                level: self.log.level,
+                level,
             },
             resilience,
             tenants,
@@ -745,8 +874,8 @@ impl RawApi {
 
 impl RawResilience {
     fn validate(self) -> Result<ResilienceSettings, ConfigError> {
-        let retry_initial = positive("resilience.retry_initial", self.retry_initial)?;
-        let retry_max = positive("resilience.retry_max", self.retry_max)?;
+        let retry_initial = bounded("resilience.retry_initial", self.retry_initial, HOUR)?;
+        let retry_max = bounded("resilience.retry_max", self.retry_max, HOUR)?;
         if retry_max < retry_initial {
             return Err(ConfigError::new(
                 "resilience.retry_max",
@@ -768,8 +897,12 @@ impl RawResilience {
                 format!("must be in (0, 1], got {}", self.breaker_failure_rate),
             ));
         }
-        let base_break = positive("resilience.breaker_base_break", self.breaker_base_break)?;
-        let max_break = positive("resilience.breaker_max_break", self.breaker_max_break)?;
+        let base_break = bounded(
+            "resilience.breaker_base_break",
+            self.breaker_base_break,
+            DAY,
+        )?;
+        let max_break = bounded("resilience.breaker_max_break", self.breaker_max_break, DAY)?;
         if max_break < base_break {
             return Err(ConfigError::new(
                 "resilience.breaker_max_break",
@@ -792,9 +925,9 @@ impl RawResilience {
                 0,
                 100_000,
             )?,
-            slow_call: positive("resilience.slow_call", self.slow_call)?,
+            slow_call: bounded("resilience.slow_call", self.slow_call, HOUR)?,
             breaker: crate::resilience::breaker::BreakerConfig {
-                window: positive("resilience.breaker_window", self.breaker_window)?,
+                window: bounded("resilience.breaker_window", self.breaker_window, DAY)?,
                 min_calls: in_range(
                     "resilience.breaker_min_calls",
                     self.breaker_min_calls,
@@ -805,9 +938,10 @@ impl RawResilience {
                 base_break,
                 max_break,
                 probes: in_range("resilience.breaker_probes", self.breaker_probes, 1, 100)?,
-                permanent_break: positive(
+                permanent_break: bounded(
                     "resilience.breaker_permanent_break",
                     self.breaker_permanent_break,
+                    7 * DAY,
                 )?,
             },
             breaker_min_mailboxes: in_range(
@@ -910,11 +1044,12 @@ impl RawTenant {
         let mut seen = BTreeMap::new();
         let mut mailboxes = Vec::with_capacity(self.mailboxes.len());
         for (i, mailbox) in self.mailboxes.into_iter().enumerate() {
+            // Surrounding blanks are the file's layout; everything inside follows the API's rule.
             let mailbox = mailbox.trim().to_string();
-            if mailbox.is_empty() || mailbox.contains(['/', '?', '#', ' ']) {
+            if let Err(why) = check_mailbox(&mailbox) {
                 return Err(ConfigError::new(
                     format!("tenants[{index}].mailboxes[{i}]"),
-                    "must be a user id (GUID) or user principal name",
+                    why,
                 ));
             }
             if seen.insert(mailbox.to_ascii_lowercase(), i).is_some() {
@@ -935,6 +1070,42 @@ impl RawTenant {
     }
 }
 
+/// Longest mailbox (user id or UPN) accepted; a UPN is at most 113 characters, an address 320.
+pub const MAX_MAILBOX_LEN: usize = 320;
+
+/// The one rule for a mailbox, in the config and in the admin API: a user id (GUID) or user
+/// principal name, which Entra writes in visible ASCII. So no space of any kind (NBSP, U+2028),
+/// no control or invisible character (U+200B, U+202E), nothing that would change the Graph URL
+/// it goes into (`/`, `?`, `#`), at most [`MAX_MAILBOX_LEN`] characters.
+pub fn check_mailbox(mailbox: &str) -> Result<(), String> {
+    let what = "must be a user id (GUID) or user principal name";
+    if mailbox.is_empty() {
+        return Err(format!("{what}; it is empty"));
+    }
+    if mailbox.len() > MAX_MAILBOX_LEN {
+        return Err(format!(
+            "{what} of at most {MAX_MAILBOX_LEN} characters; it has {}",
+            mailbox.chars().count()
+        ));
+    }
+    if let Some((at, c)) = mailbox
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !c.is_ascii_graphic() || matches!(c, '/' | '?' | '#'))
+    {
+        return Err(format!(
+            "{what}: visible ASCII characters only, without `/`, `?` or `#`; character {} is {}",
+            at + 1,
+            if c.is_ascii_graphic() {
+                format!("`{c}`")
+            } else {
+                format!("U+{:04X}", u32::from(c))
+            }
+        ));
+    }
+    Ok(())
+}
+
 fn in_range<T: TryFrom<u64>>(key: &str, value: u64, min: u64, max: u64) -> Result<T, ConfigError> {
     if value < min || value > max {
         return Err(ConfigError::new(
@@ -945,17 +1116,70 @@ fn in_range<T: TryFrom<u64>>(key: &str, value: u64, min: u64, max: u64) -> Resul
     T::try_from(value).map_err(|_| ConfigError::new(key, "is too large for this platform"))
 }
 
-fn positive(key: &str, value: HumanDuration) -> Result<Duration, ConfigError> {
+/// `text` with any `user:password@` of its authority replaced, for messages. Textual, so it
+/// also works on what does not parse as a URL.
+pub fn redact_url(text: &str) -> String {
+    let Some(scheme_end) = text.find("://") else {
+        return text.to_string();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = text[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| authority_start + i);
+    let authority = &text[authority_start..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return text.to_string();
+    };
+    // The user name stays when a password follows it; alone, it may be a token.
+    let kept = match authority[..at].find(':') {
+        Some(colon) => &authority[..=colon],
+        None => "",
+    };
+    format!(
+        "{}{kept}REDACTED{}",
+        &text[..authority_start],
+        &text[authority_start + at..]
+    )
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+pub(super) const DAY: Duration = Duration::from_secs(86_400);
+/// The calendarView window reaches at most this far either side of today: dates stay far from
+/// what date arithmetic can hold, and Graph is not asked for centuries of calendar.
+pub const MAX_WINDOW: Duration = Duration::from_secs(3650 * 86_400);
+
+/// A duration longer than 0 and at most `max`: every duration has a ceiling its use can hold
+/// (timestamps, timers and sleeps are computed from them), so no configured value can panic.
+fn bounded(key: &str, value: HumanDuration, max: Duration) -> Result<Duration, ConfigError> {
     if value.0.is_zero() {
         return Err(ConfigError::new(key, "must be longer than 0"));
+    }
+    at_most(key, value, max)
+}
+
+/// A duration of at most `max` (0 allowed).
+fn at_most(key: &str, value: HumanDuration, max: Duration) -> Result<Duration, ConfigError> {
+    if value.0 > max {
+        return Err(ConfigError::new(
+            key,
+            format!("must be at most {}, got {value}", HumanDuration(max)),
+        ));
     }
     Ok(value.0)
 }
 
-/// http(s) URL; plain http only for loopback (the simulator, tests), never for a real host.
+/// http(s) URL; plain http only for loopback (the simulator, tests), never for a real host;
+/// never with a user or password (it would be sent, and printed, with every use).
 fn http_url(key: &str, text: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(text.trim_end_matches('/'))
-        .map_err(|e| ConfigError::new(key, format!("`{text}` is not a URL: {e}")))?;
+        .map_err(|e| ConfigError::new(key, format!("`{}` is not a URL: {e}", redact_url(text))))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(
+            key,
+            "must not carry a user name or password (`user:password@`); calsync authenticates \
+             with the tenant's credentials",
+        ));
+    }
     let loopback = match url.host() {
         Some(url::Host::Domain(d)) => d == "localhost",
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -968,14 +1192,20 @@ fn http_url(key: &str, text: &str) -> Result<Url, ConfigError> {
         _ => {
             return Err(ConfigError::new(
                 key,
-                format!("`{text}` must be https:// (http:// only for localhost)"),
+                format!(
+                    "`{}` must be https:// (http:// only for localhost)",
+                    redact_url(text)
+                ),
             ))
         }
     }
     if url.host().is_none() || url.query().is_some() || url.fragment().is_some() {
         return Err(ConfigError::new(
             key,
-            format!("`{text}` must be a plain base URL without query or fragment"),
+            format!(
+                "`{}` must be a plain base URL without query or fragment",
+                redact_url(text)
+            ),
         ));
     }
     Ok(url)

@@ -6,7 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use super::{http_url, lenient_number, positive, ConfigError, HumanDuration};
+use super::{bounded, http_url, lenient_number, ConfigError, HumanDuration, DAY};
 
 /// The longest an Outlook event subscription may last: 10,080 minutes.
 pub const MAX_EVENT_SUBSCRIPTION: Duration = Duration::from_secs(10_080 * 60);
@@ -28,6 +28,9 @@ pub struct NotificationSettings {
     pub expiration: Duration,
     /// How often the store is checked for subscriptions to create or renew.
     pub check_interval: Duration,
+    /// How often Graph's list of the app's subscriptions is compared with the store, to delete
+    /// those no row knows (left by a store that was re-created or restored).
+    pub reconcile_interval: Duration,
     /// Subscription requests in flight at once.
     pub max_concurrent: usize,
     /// First wait after a failed create or renew; doubles per failure up to `retry_max`.
@@ -56,6 +59,7 @@ pub(super) struct RawNotifications {
     renew_before: HumanDuration,
     expiration: HumanDuration,
     check_interval: HumanDuration,
+    reconcile_interval: HumanDuration,
     #[serde(deserialize_with = "lenient_number")]
     max_concurrent: u64,
     retry_initial: HumanDuration,
@@ -70,6 +74,7 @@ impl Default for RawNotifications {
             renew_before: HumanDuration(Duration::from_secs(12 * 3600)),
             expiration: HumanDuration(Duration::from_secs(3 * 86_400)),
             check_interval: HumanDuration(Duration::from_secs(30)),
+            reconcile_interval: HumanDuration(Duration::from_secs(6 * 3600)),
             max_concurrent: 4,
             retry_initial: HumanDuration(Duration::from_secs(30)),
             retry_max: HumanDuration(Duration::from_secs(1800)),
@@ -102,9 +107,12 @@ impl RawNotifications {
             }
             None => None,
         };
-        let renew_before = positive("notifications.renew_before", self.renew_before)?;
-        let expiration = positive("notifications.expiration", self.expiration)?;
-        if expiration > MAX_EVENT_SUBSCRIPTION {
+        let renew_before = bounded(
+            "notifications.renew_before",
+            self.renew_before,
+            MAX_EVENT_SUBSCRIPTION,
+        )?;
+        if self.expiration.0 > MAX_EVENT_SUBSCRIPTION {
             return Err(ConfigError::new(
                 "notifications.expiration",
                 format!(
@@ -113,6 +121,11 @@ impl RawNotifications {
                 ),
             ));
         }
+        let expiration = bounded(
+            "notifications.expiration",
+            self.expiration,
+            MAX_EVENT_SUBSCRIPTION,
+        )?;
         if renew_before >= expiration {
             return Err(ConfigError::new(
                 "notifications.renew_before",
@@ -122,8 +135,8 @@ impl RawNotifications {
                 ),
             ));
         }
-        let retry_initial = positive("notifications.retry_initial", self.retry_initial)?;
-        let retry_max = positive("notifications.retry_max", self.retry_max)?;
+        let retry_initial = bounded("notifications.retry_initial", self.retry_initial, 7 * DAY)?;
+        let retry_max = bounded("notifications.retry_max", self.retry_max, 7 * DAY)?;
         if retry_max < retry_initial {
             return Err(ConfigError::new(
                 "notifications.retry_max",
@@ -135,7 +148,12 @@ impl RawNotifications {
             client_state,
             renew_before,
             expiration,
-            check_interval: positive("notifications.check_interval", self.check_interval)?,
+            check_interval: bounded("notifications.check_interval", self.check_interval, DAY)?,
+            reconcile_interval: bounded(
+                "notifications.reconcile_interval",
+                self.reconcile_interval,
+                7 * DAY,
+            )?,
             max_concurrent: super::in_range(
                 "notifications.max_concurrent",
                 self.max_concurrent,

@@ -169,6 +169,12 @@ impl<'a> GraphRequest<'a> {
         self
     }
 
+    /// Reads a successful answer's body up to `bytes` (a list larger than one item).
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
     /// A JSON body; `secret`, if it holds one, is redacted from whatever Graph answers.
     pub fn json(mut self, body: serde_json::Value, secret: Option<&'a SecretString>) -> Self {
         self.body = Some(body);

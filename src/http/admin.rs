@@ -39,8 +39,7 @@ pub const MAX_EVENTS_LIMIT: usize = 5000;
 /// Mailboxes in one page of the list.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
 pub const MAX_LIST_LIMIT: usize = 1000;
-/// Longest mailbox (user id or UPN) accepted; a UPN is at most 113 characters, an address 320.
-pub const MAX_MAILBOX_LEN: usize = 320;
+pub use crate::config::MAX_MAILBOX_LEN;
 /// Request bodies are two short strings.
 const BODY_LIMIT: usize = 16 * 1024;
 /// A store that does not answer this fast gets the request a 503 instead of a hang.
@@ -274,20 +273,33 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         )
         .into_response();
     };
+    let source = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| super::abuse::Source::of(info.0.ip()));
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(bearer_token);
     let challenge = match presented {
-        None => ApiError {
-            challenge: Some(r#"Bearer realm="calsync""#),
-            ..ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send `Authorization: Bearer <token>` with calsync's api.token",
-            )
-        },
+        None => {
+            crate::metrics::admin_auth_failure("missing");
+            crate::throttled_warn!(
+                state.throttle,
+                "admin_auth_missing",
+                source,
+                "admin API: requests without a bearer token refused"
+            );
+            ApiError {
+                challenge: Some(r#"Bearer realm="calsync""#),
+                ..ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "send `Authorization: Bearer <token>` with calsync's api.token",
+                )
+            }
+        }
         Some(token) if hmac::verify(&api.key, token.as_bytes(), expected.as_ref()).is_ok() => {
             let mut response = next.run(request).await;
             response
@@ -296,7 +308,13 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
             return response;
         }
         Some(_) => {
-            tracing::info!("admin API: request with a wrong bearer token refused");
+            crate::metrics::admin_auth_failure("wrong");
+            crate::throttled_warn!(
+                state.throttle,
+                "admin_auth_wrong",
+                source,
+                "admin API: requests with a wrong bearer token refused"
+            );
             ApiError {
                 challenge: Some(r#"Bearer realm="calsync", error="invalid_token""#),
                 ..ApiError::new(
@@ -351,7 +369,8 @@ fn mailbox_id(path: Result<Path<String>, PathRejection>) -> Result<MailboxId, Ap
         )
     };
     let Path(text) = path.map_err(|_| invalid())?;
-    if text.is_empty() || text.len() > 18 || !text.bytes().all(|b| b.is_ascii_digit()) {
+    // Any int64 the OpenAPI allows (up to 19 digits) is an id that may or may not exist.
+    if text.is_empty() || text.len() > 64 || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(invalid());
     }
     match text.parse::<MailboxId>() {
@@ -496,20 +515,13 @@ impl Registration {
                 ),
             ));
         }
-        // As the config checks `tenants[].mailboxes`; also no control characters, bounded.
+        // The config's rule for `tenants[].mailboxes`, exactly (both trim surrounding blanks).
         let mailbox = mailbox.trim().to_string();
-        if mailbox.is_empty()
-            || mailbox.len() > MAX_MAILBOX_LEN
-            || mailbox.contains(['/', '?', '#', ' '])
-            || mailbox.chars().any(char::is_control)
-        {
+        if let Err(why) = crate::config::check_mailbox(&mailbox) {
             return Err(ApiError::field(
                 "invalid_field",
                 "mailbox",
-                format!(
-                    "`mailbox` must be a user id (GUID) or user principal name of at most \
-                     {MAX_MAILBOX_LEN} characters, without spaces, `/`, `?` or `#`"
-                ),
+                format!("`mailbox` {why}"),
             ));
         }
         Ok(Self { tenant, mailbox })
@@ -752,15 +764,25 @@ async fn list_mailboxes(
             )
         })?,
     };
-    let mut all = store_call("mailboxes", state.store.mailboxes()).await?;
-    all.retain(|m| m.id > after && tenant.is_none_or(|t| *t == m.tenant));
-    all.sort_by_key(|m| m.id);
-    let more = all.len() > limit;
-    all.truncate(limit);
+    // One more than a page tells whether another follows.
+    let fetch = u32::try_from(limit + 1).unwrap_or(u32::MAX);
+    let mut page = store_call(
+        "mailboxes_page",
+        state
+            .store
+            .mailboxes_page(tenant.map(String::as_str), after, fetch),
+    )
+    .await?;
+    let more = page.len() > limit;
+    page.truncate(limit);
     let now = Utc::now();
     Ok(Json(MailboxList {
-        next_after: if more { all.last().map(|m| m.id) } else { None },
-        mailboxes: all.iter().map(|m| MailboxView::of(m, now)).collect(),
+        next_after: if more {
+            page.last().map(|m| m.id)
+        } else {
+            None
+        },
+        mailboxes: page.iter().map(|m| MailboxView::of(m, now)).collect(),
     }))
 }
 

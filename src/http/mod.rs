@@ -1,8 +1,12 @@
-//! The HTTP side: liveness, readiness, health detail, Prometheus metrics, the status page and
-//! the admin API (`/v1`).
+//! The HTTP side, on two listeners: the internal one serves liveness, readiness, health
+//! detail, Prometheus metrics, the status page and the admin API (`/v1`) ([`router`]); the
+//! public one only Graph's change notifications ([`public_router`]). [`server`] serves both with
+//! timeouts and connection limits.
 
+pub mod abuse;
 pub mod admin;
 pub mod notifications;
+pub mod server;
 pub mod status_page;
 
 use std::collections::HashMap;
@@ -11,7 +15,8 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -34,6 +39,12 @@ pub struct AppState {
     pub admin: Arc<admin::AdminApi>,
     /// Whether Graph change notifications are on (`notifications.public_url` set).
     pub notifications: bool,
+    /// Log lines about unauthenticated traffic, at most one per interval per source.
+    pub throttle: Arc<abuse::LogThrottle>,
+    /// Store calls made by the notification endpoints (their cost, in a test or a probe).
+    pub notification_store_calls: Arc<std::sync::atomic::AtomicU64>,
+    /// The store's pool size, for the descriptor budget of the listeners.
+    pub store_connections: u32,
 }
 
 impl AppState {
@@ -43,20 +54,42 @@ impl AppState {
             worker,
             admin: Arc::new(admin::AdminApi::new(settings)),
             notifications: settings.notifications.public_url.is_some(),
+            throttle: Arc::default(),
+            notification_store_calls: Arc::default(),
+            store_connections: settings.store.max_connections,
         }
     }
 }
 
+/// The internal listener's routes: health, metrics, status page, admin API.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .merge(notifications::routes())
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/", get(status))
         .nest(admin::PREFIX, admin::router(&state))
+        .layer(axum::middleware::map_response(nosniff))
         .with_state(state)
+}
+
+/// The public listener's routes: the notification endpoints and nothing else.
+pub fn public_router(state: AppState) -> Router {
+    notifications::routes()
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .layer(axum::middleware::map_response(nosniff))
+        .with_state(state)
+}
+
+/// No answer of calsync's is to be sniffed into another type (an echoed validation token
+/// must stay text).
+async fn nosniff(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// The process is up and serving. Never depends on Graph or Entra: an Azure outage must not
@@ -219,8 +252,13 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
     (
         code,
         [
-            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (axum::http::header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                status_page::CONTENT_SECURITY_POLICY,
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
         ],
         html,
     )

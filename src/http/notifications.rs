@@ -9,7 +9,9 @@
 //! subscription for renewal, `subscriptionRemoved` forgets it (so it is recreated) and asks for
 //! a sync, `missed` asks for a sync.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -20,14 +22,22 @@ use axum::routing::post;
 use axum::Router;
 use chrono::Utc;
 use secrecy::ExposeSecret;
+use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use super::abuse::{Peer, Source};
 use super::AppState;
 use crate::notifications::same_secret;
 use crate::store::{Store, StoreError, SubscriptionRecord};
 
 /// Graph batches notifications; a batch is far below this.
 const BODY_LIMIT: usize = 1024 * 1024;
+/// Items accepted in one batch. Graph sends a handful at a time; a batch past this is refused
+/// whole, before any lookup.
+pub const MAX_ITEMS_PER_BATCH: usize = 1000;
+/// Graph's subscription ids are GUIDs; an id longer than this, or with control characters, is
+/// not one of ours and is refused without a lookup.
+const MAX_SUBSCRIPTION_ID: usize = 128;
 /// Graph wants an answer within 3 s; the store work must be done well before that, or Graph
 /// gets a 503 and redelivers.
 const STORE_BUDGET: Duration = Duration::from_millis(2500);
@@ -43,7 +53,32 @@ pub fn routes() -> Router<AppState> {
 
 #[derive(Deserialize)]
 struct Batch {
+    #[serde(deserialize_with = "at_most_max_items")]
     value: Vec<Item>,
+}
+
+const TOO_MANY: &str = "too many notifications in one batch";
+
+/// Stops reading at the first item past [`MAX_ITEMS_PER_BATCH`].
+fn at_most_max_items<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Item>, D::Error> {
+    struct Capped;
+    impl<'de> Visitor<'de> for Capped {
+        type Value = Vec<Item>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "at most {MAX_ITEMS_PER_BATCH} notifications")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Item>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                if items.len() == MAX_ITEMS_PER_BATCH {
+                    return Err(serde::de::Error::custom(TOO_MANY));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    deserializer.deserialize_seq(Capped)
 }
 
 #[derive(Deserialize)]
@@ -57,18 +92,20 @@ struct Item {
 
 async fn notification(
     State(state): State<AppState>,
+    Peer(source): Peer,
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    receive(&state.store, &query, &body, Kind::Change).await
+    receive(&state, source, &query, &body, Kind::Change).await
 }
 
 async fn lifecycle(
     State(state): State<AppState>,
+    Peer(source): Peer,
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    receive(&state.store, &query, &body, Kind::Lifecycle).await
+    receive(&state, source, &query, &body, Kind::Lifecycle).await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -77,8 +114,18 @@ enum Kind {
     Lifecycle,
 }
 
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Change => "change",
+            Self::Lifecycle => "lifecycle",
+        }
+    }
+}
+
 async fn receive(
-    store: &Store,
+    state: &AppState,
+    source: Option<Source>,
     query: &HashMap<String, String>,
     body: &[u8],
     kind: Kind,
@@ -98,21 +145,29 @@ async fn receive(
     let batch: Batch = match serde_json::from_slice(body) {
         Ok(b) => b,
         Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("not a notification batch: {e}"),
-            )
-                .into_response()
+            let (reason, message) = if e.to_string().starts_with(TOO_MANY) {
+                (
+                    "too_many_items",
+                    format!("at most {MAX_ITEMS_PER_BATCH} notifications per batch"),
+                )
+            } else {
+                ("malformed", format!("not a notification batch: {e}"))
+            };
+            crate::metrics::notification_batch_refused(kind.as_str(), reason);
+            crate::throttled_warn!(state.throttle, "notification_refused", source,
+                "notification batch refused"; endpoint = kind.as_str(), reason);
+            return (StatusCode::BAD_REQUEST, message).into_response();
         }
     };
-    match tokio::time::timeout(STORE_BUDGET, apply(store, &batch, kind)).await {
+    let calls = &state.notification_store_calls;
+    match tokio::time::timeout(STORE_BUDGET, apply(&state.store, calls, &batch, kind)).await {
         Ok(Ok(counts)) => {
-            if counts.rejected > 0 {
-                tracing::warn!(
-                    rejected = counts.rejected,
-                    accepted = counts.accepted,
-                    "ignored notifications with an unknown subscription or a wrong clientState"
-                );
+            counts.record(kind);
+            let rejected = counts.incomplete + counts.unknown + counts.wrong_state;
+            if rejected > 0 {
+                crate::throttled_warn!(state.throttle, "notification_forged", source,
+                    "ignored notifications with an unknown subscription or a wrong clientState";
+                    endpoint = kind.as_str(), rejected, accepted = counts.accepted);
             }
             StatusCode::ACCEPTED.into_response()
         }
@@ -129,25 +184,73 @@ async fn receive(
 
 #[derive(Default)]
 struct Counts {
-    accepted: usize,
-    rejected: usize,
+    accepted: u64,
+    /// No subscriptionId or clientState.
+    incomplete: u64,
+    unknown: u64,
+    wrong_state: u64,
 }
 
-async fn apply(store: &Store, batch: &Batch, kind: Kind) -> Result<Counts, StoreError> {
+impl Counts {
+    fn record(&self, kind: Kind) {
+        let endpoint = kind.as_str();
+        crate::metrics::notifications_received(endpoint, "accepted", self.accepted);
+        crate::metrics::notifications_received(endpoint, "incomplete", self.incomplete);
+        crate::metrics::notifications_received(endpoint, "unknown_subscription", self.unknown);
+        crate::metrics::notifications_received(endpoint, "wrong_client_state", self.wrong_state);
+    }
+}
+
+/// A store call of the notification endpoints, counted.
+async fn counted<T>(
+    calls: &AtomicU64,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    calls.fetch_add(1, Ordering::Relaxed);
+    call.await
+}
+
+fn plausible_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_SUBSCRIPTION_ID && !id.chars().any(char::is_control)
+}
+
+/// One lookup for every subscription the batch names, checks in memory, then one write asking
+/// for the mailboxes' syncs. Only lifecycle events of genuine subscriptions write per item.
+async fn apply(
+    store: &Store,
+    calls: &AtomicU64,
+    batch: &Batch,
+    kind: Kind,
+) -> Result<Counts, StoreError> {
     let now = Utc::now();
     let mut counts = Counts::default();
-    let mut known: HashMap<&str, Option<SubscriptionRecord>> = HashMap::new();
+    let ids: Vec<&str> = batch
+        .value
+        .iter()
+        .filter(|item| item.client_state.is_some())
+        .filter_map(|item| item.subscription_id.as_deref())
+        .filter(|id| plausible_id(id))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let known: HashMap<String, SubscriptionRecord> = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        counted(calls, store.subscriptions_by_ids(&ids))
+            .await?
+            .into_iter()
+            .filter_map(|r| r.subscription_id.clone().map(|id| (id, r)))
+            .collect()
+    };
     let mut syncs = BTreeSet::new();
+    let mut lifecycle_done = HashSet::new();
     for item in &batch.value {
         let (Some(id), Some(given)) = (item.subscription_id.as_deref(), &item.client_state) else {
-            counts.rejected += 1;
+            counts.incomplete += 1;
             continue;
         };
-        if !known.contains_key(id) {
-            known.insert(id, store.subscription_by_id(id).await?);
-        }
-        let Some(Some(record)) = known.get(id) else {
-            counts.rejected += 1;
+        let Some(record) = known.get(id) else {
+            counts.unknown += 1;
             continue;
         };
         let good = record
@@ -155,7 +258,7 @@ async fn apply(store: &Store, batch: &Batch, kind: Kind) -> Result<Counts, Store
             .as_ref()
             .is_some_and(|s| same_secret(s.expose_secret().as_bytes(), given.as_bytes()));
         if !good {
-            counts.rejected += 1;
+            counts.wrong_state += 1;
             continue;
         }
         let (mailbox, user) = (&record.mailbox_id, &record.user_id);
@@ -167,13 +270,16 @@ async fn apply(store: &Store, batch: &Batch, kind: Kind) -> Result<Counts, Store
             }
             Kind::Lifecycle => {
                 let event = item.lifecycle_event.as_deref().unwrap_or_default();
+                if !lifecycle_done.insert((id, event)) {
+                    continue;
+                }
                 tracing::info!(mailbox = %user, subscription = id, event, "lifecycle notification");
                 match event {
                     "reauthorizationRequired" => {
-                        store.subscription_needs_work(id, false, now).await?;
+                        counted(calls, store.subscription_needs_work(id, false, now)).await?;
                     }
                     "subscriptionRemoved" => {
-                        store.subscription_needs_work(id, true, now).await?;
+                        counted(calls, store.subscription_needs_work(id, true, now)).await?;
                         syncs.insert(*mailbox);
                     }
                     "missed" => {
@@ -184,8 +290,9 @@ async fn apply(store: &Store, batch: &Batch, kind: Kind) -> Result<Counts, Store
             }
         }
     }
-    for mailbox in syncs {
-        store.request_sync(mailbox, now).await?;
+    let syncs: Vec<_> = syncs.into_iter().collect();
+    if !syncs.is_empty() {
+        counted(calls, store.request_syncs(&syncs, now)).await?;
     }
     Ok(counts)
 }

@@ -13,6 +13,11 @@ use crate::resilience::guard::BreakerSnapshot;
 
 /// Seconds between refreshes.
 pub const REFRESH_SECONDS: u32 = 5;
+/// The page is one document with an inline stylesheet and no script, image, form or frame:
+/// anything else that found its way in (an unescaped value) would not run or load, and no other
+/// site may frame it (clickjacking).
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; \
+     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 /// Rows in "most behind" and "recent errors".
 const BEHIND_ROWS: usize = 10;
 const ERROR_ROWS: usize = 15;

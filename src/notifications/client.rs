@@ -11,6 +11,29 @@ use serde::Deserialize;
 use crate::auth::AccessToken;
 use crate::graph::{GraphClient, GraphError, RequestIds};
 
+/// A page of the subscription list: Graph pages it (about 100 per page).
+const MAX_LIST_BODY: usize = 4 * 1024 * 1024;
+/// Pages of the subscription list read at most.
+const MAX_LIST_PAGES: usize = 50;
+
+/// A subscription as `GET /subscriptions` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedSubscription {
+    pub id: String,
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub notification_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListPage {
+    value: Vec<ListedSubscription>,
+    #[serde(rename = "@odata.nextLink")]
+    next_link: Option<String>,
+}
+
 /// What calsync asks Graph to subscribe to.
 pub struct NewSubscription<'a> {
     pub mailbox: &'a str,
@@ -123,6 +146,32 @@ impl SubscriptionClient {
             .json(body, None);
         let answer = self.graph.send(request, token).await?;
         parse(&answer.body, expires_at, answer.ids)
+    }
+
+    /// `GET /subscriptions`: the app's subscriptions in the token's tenant, every page (a next
+    /// link to another host ends the list, like a delta page's).
+    pub async fn list(
+        &self,
+        token: &AccessToken,
+    ) -> Result<Vec<ListedSubscription>, SubscriptionError> {
+        let mut all = Vec::new();
+        let mut url = self.graph.url(&["subscriptions"]);
+        for _ in 0..MAX_LIST_PAGES {
+            let request = self.graph.get(url.clone()).max_body(MAX_LIST_BODY);
+            let answer = self.graph.send(request, token).await?;
+            let page: ListPage = serde_json::from_slice(&answer.body).map_err(|e| {
+                SubscriptionError::Graph(GraphError::Malformed {
+                    reason: format!("subscription list: {e}"),
+                    ids: answer.ids,
+                })
+            })?;
+            all.extend(page.value);
+            match page.next_link.as_deref().map(|l| self.graph.check_link(l)) {
+                Some(Ok(next)) => url = next,
+                _ => break,
+            }
+        }
+        Ok(all)
     }
 
     /// `DELETE /subscriptions/{id}`; one already gone counts as deleted.

@@ -69,7 +69,7 @@ async fn measure(
         Some(_) => String::new(),
     };
     let overrides = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n[sync]\ninterval = \"{interval}\"\njitter = \"0s\"\npoll_interval = \"10ms\"\n{notifications}"
+        "[server]\nlisten = \"127.0.0.1:0\"\npublic_listen = \"127.0.0.1:{port}\"\n[sync]\ninterval = \"{interval}\"\njitter = \"0s\"\npoll_interval = \"10ms\"\n{notifications}"
     );
     let settings =
         crate::demo::sim_service_settings(sim, config, &dir.join("calsync.db"), &overrides)?;

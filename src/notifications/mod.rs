@@ -60,6 +60,10 @@ pub struct UpkeepReport {
     pub failed: usize,
     /// Due, but their tenant's token or Graph breaker is not closed: left for later.
     pub skipped_breaker: usize,
+    /// Subscriptions of removed or disabled mailboxes deleted at Graph.
+    pub deleted: usize,
+    /// Deletions that failed (tried again after a backoff).
+    pub delete_failed: usize,
 }
 
 enum Done {
@@ -121,7 +125,17 @@ impl SubscriptionUpkeep {
     /// and the sync jobs never wait for this task.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         tracing::info!(url = %self.notification_url, "keeping Graph subscriptions");
+        let mut reconcile_at = tokio::time::Instant::now();
         loop {
+            if tokio::time::Instant::now() >= reconcile_at {
+                reconcile_at = tokio::time::Instant::now() + self.settings.reconcile_interval;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    done = self.reconcile() => if let Err(e) = done {
+                        tracing::warn!(error = %crate::error_chain(e.as_ref()), "comparing Graph's subscriptions with the store failed; will try again");
+                    },
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 report = self.step() => match report {
@@ -141,10 +155,11 @@ impl SubscriptionUpkeep {
     /// breakers are not closed) and works on them, `max_concurrent` at a time.
     pub async fn step(&self) -> anyhow::Result<UpkeepReport> {
         let now = Utc::now();
+        let mut report = UpkeepReport::default();
+        self.retire(&mut report).await?;
         let renew_by = now + chrono_duration(self.settings.renew_before);
         let limit = (self.settings.max_concurrent * 16).min(4096) as u32;
         let due = self.store.subscriptions_due(now, renew_by, limit).await?;
-        let mut report = UpkeepReport::default();
         let mut work = JoinSet::new();
         for item in due {
             if !self.tenant_available(&item.tenant) {
@@ -190,6 +205,129 @@ impl SubscriptionUpkeep {
             }
         }
         Ok(report)
+    }
+
+    /// Finds the subscriptions Graph holds for our notification URL that no row knows (a store
+    /// re-created or restored from a backup forgot them, and they would notify until they
+    /// expire) and retires them, to be deleted by the next steps. Returns how many.
+    pub async fn reconcile(&self) -> anyhow::Result<usize> {
+        let now = Utc::now();
+        let rows = self.store.subscriptions().await?;
+        let mut known: std::collections::HashSet<String> = rows
+            .iter()
+            .filter_map(|r| r.subscription_id.clone())
+            .collect();
+        known.extend(
+            self.store
+                .retired_subscriptions()
+                .await?
+                .into_iter()
+                .map(|r| r.subscription_id),
+        );
+        // A row claimed or backing off may have a create in flight whose id is not saved yet:
+        // its mailbox's subscriptions are left for the next comparison.
+        let busy: std::collections::HashSet<String> = rows
+            .iter()
+            .filter(|r| r.next_attempt_at > now)
+            .map(|r| r.user_id.to_ascii_lowercase())
+            .collect();
+        let mut retired = 0;
+        for (tenant, tokens) in self.worker.tokens().iter() {
+            if !self.tenant_available(tenant) {
+                continue;
+            }
+            let listed = match tokens.token().await {
+                Ok(token) => self.client.list(&token).await.map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::Error::from(e)),
+            };
+            let listed = match listed {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant, error = %crate::error_chain(e.as_ref()), "cannot list the tenant's Graph subscriptions");
+                    continue;
+                }
+            };
+            for sub in listed {
+                if sub.notification_url.as_deref() != Some(self.notification_url.as_str())
+                    || known.contains(&sub.id)
+                {
+                    continue;
+                }
+                let user = sub
+                    .resource
+                    .trim_start_matches('/')
+                    .strip_prefix("users/")
+                    .and_then(|r| r.strip_suffix("/events"))
+                    .unwrap_or(&sub.resource)
+                    .to_string();
+                if busy.contains(&user.to_ascii_lowercase()) {
+                    continue;
+                }
+                tracing::info!(tenant = %tenant, mailbox = %user, subscription = %sub.id,
+                    "Graph subscription no row knows (store re-created?): deleting it");
+                self.store
+                    .retire_orphan(&sub.id, tenant, &user, now)
+                    .await?;
+                retired += 1;
+            }
+        }
+        Ok(retired)
+    }
+
+    /// Deletes at Graph the subscriptions of mailboxes that were removed (through the API) or
+    /// disabled (left the config), so Graph stops notifying about them before they expire.
+    async fn retire(&self, report: &mut UpkeepReport) -> anyhow::Result<()> {
+        let now = Utc::now();
+        self.store.retire_disabled_subscriptions(now).await?;
+        let limit = (self.settings.max_concurrent * 16).min(4096) as u32;
+        for item in self.store.retired_due(now, limit).await? {
+            let id = &item.subscription_id;
+            let Some(tokens) = self.worker.tokens().get(&item.tenant) else {
+                // The tenant left the config with its credentials: Graph lets it expire.
+                tracing::warn!(tenant = %item.tenant, mailbox = %item.user_id, subscription = %id,
+                    "cannot delete the subscription of a tenant no longer configured; it will expire");
+                self.store.retired_deleted(id).await?;
+                continue;
+            };
+            if !self.tenant_available(&item.tenant) {
+                report.skipped_breaker += 1;
+                continue;
+            }
+            let until = now + chrono_duration(self.claim_for);
+            if !self.store.claim_retired(id, now, until).await? {
+                continue;
+            }
+            let deleted = match tokens.token().await {
+                Ok(token) => self
+                    .client
+                    .delete(id, &token)
+                    .await
+                    .map_err(|e| (crate::error_chain(&e), e.retry_after())),
+                Err(e) => Err((crate::error_chain(&e), e.retry_after())),
+            };
+            match deleted {
+                Ok(()) => {
+                    self.store.retired_deleted(id).await?;
+                    report.deleted += 1;
+                    tracing::info!(tenant = %item.tenant, mailbox = %item.user_id, subscription = %id,
+                        "Graph subscription of a removed mailbox deleted");
+                }
+                Err((error, retry_after)) => {
+                    let wait = self
+                        .backoff
+                        .delay(item.consecutive_failures)
+                        .max(retry_after.unwrap_or_default());
+                    tracing::warn!(tenant = %item.tenant, mailbox = %item.user_id, subscription = %id,
+                        error = %error, retry_in_seconds = wait.as_secs_f64(),
+                        "could not delete the Graph subscription of a removed mailbox");
+                    self.store
+                        .retired_failed(id, &error, Utc::now() + chrono_duration(wait))
+                        .await?;
+                    report.delete_failed += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Subscriptions wait while the tenant's token endpoint or Graph is failing: the sync

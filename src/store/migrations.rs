@@ -52,6 +52,11 @@ pub const SQLITE: Embedded = Embedded(&[
         include_str!("../../migrations/sqlite/0004_recurring_series.sql"),
     ),
     (
+        6,
+        "retired subscriptions",
+        include_str!("../../migrations/sqlite/0006_retired_subscriptions.sql"),
+    ),
+    (
         7,
         "quarantine",
         include_str!("../../migrations/sqlite/0007_quarantine.sql"),
@@ -78,6 +83,11 @@ pub const POSTGRES: Embedded = Embedded(&[
         4,
         "recurring series",
         include_str!("../../migrations/postgres/0004_recurring_series.sql"),
+    ),
+    (
+        6,
+        "retired subscriptions",
+        include_str!("../../migrations/postgres/0006_retired_subscriptions.sql"),
     ),
     (
         7,

@@ -7,8 +7,10 @@
 //! and each delegating method calls the same-named method on both backends, so a backend that
 //! drifts from the interface fails to compile.
 
+mod mailbox_list;
 mod migrations;
 mod postgres;
+mod retired;
 mod sqlite;
 mod subscriptions;
 
@@ -19,6 +21,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
 pub use postgres::PgStore;
+pub use retired::RetiredSubscription;
 pub use sqlite::SqliteStore;
 pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
 

@@ -30,7 +30,7 @@ const CONFIG_SYNC_LOCK: i64 = 0x63_616c_7379_6e63;
 
 /// PostgreSQL text cannot hold NUL; Graph data and error bodies can. A NUL is stored as U+FFFD
 /// rather than failing the page (or the job's record) forever.
-fn text(s: &str) -> Cow<'_, str> {
+pub(super) fn text(s: &str) -> Cow<'_, str> {
     if s.contains('\0') {
         Cow::Owned(s.replace('\0', "\u{FFFD}"))
     } else {
@@ -646,10 +646,18 @@ impl PgStore {
     }
 
     pub async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Its Graph subscription outlives the row until deleted at Graph.
+        sqlx::query(super::retired::PG_RETIRE_OF_MAILBOX)
+            .bind(id)
+            .bind(Utc::now())
+            .execute(&mut *tx)
+            .await?;
         let done = sqlx::query("DELETE FROM mailboxes WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -946,7 +954,7 @@ async fn upsert_master(
     Ok(())
 }
 
-fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
+pub(super) fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError> {
     let window = match (
         row.try_get::<Option<DateTime<Utc>>, _>("window_start")?,
         row.try_get::<Option<DateTime<Utc>>, _>("window_end")?,

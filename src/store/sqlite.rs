@@ -667,10 +667,18 @@ impl SqliteStore {
     }
 
     pub async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        // Its Graph subscription outlives the row until deleted at Graph.
+        sqlx::query(super::retired::SQLITE_RETIRE_OF_MAILBOX)
+            .bind(id)
+            .bind(ts(Utc::now()))
+            .execute(&mut *tx)
+            .await?;
         let done = sqlx::query("DELETE FROM mailboxes WHERE id = ?1")
             .bind(id)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -937,7 +945,7 @@ async fn upsert_master(
     Ok(())
 }
 
-fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
+pub(super) fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreError> {
     let window = match (
         parse_opt_ts(row, "window_start")?,
         parse_opt_ts(row, "window_end")?,

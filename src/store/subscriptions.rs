@@ -141,6 +141,37 @@ impl Store {
         }
     }
 
+    /// The stored subscriptions among `ids`, in one query (a notification batch costs one
+    /// lookup, whatever it carries).
+    pub async fn subscriptions_by_ids(
+        &self,
+        ids: &[&str],
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Sqlite(s) => s.subscriptions_by_ids(ids).await,
+            Store::Postgres(s) => s.subscriptions_by_ids(ids).await,
+        }
+    }
+
+    /// [`request_sync`](Store::request_sync) for several mailboxes in one statement; returns
+    /// how many were newly queued.
+    pub async fn request_syncs(
+        &self,
+        mailboxes: &[MailboxId],
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        if mailboxes.is_empty() {
+            return Ok(0);
+        }
+        match self {
+            Store::Sqlite(s) => s.request_syncs(mailboxes, now).await,
+            Store::Postgres(s) => s.request_syncs(mailboxes, now).await,
+        }
+    }
+
     /// Every subscription row, by mailbox.
     pub async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
         match self {
@@ -359,6 +390,37 @@ impl SqliteStore {
             .await?;
         rows.iter().map(sqlite_record).collect()
     }
+
+    pub async fn subscriptions_by_ids(
+        &self,
+        ids: &[&str],
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        // One JSON array parameter, however many ids (SQLite caps bound parameters).
+        let rows = sqlx::query(&format!(
+            "{SELECT_RECORD} WHERE s.subscription_id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sqlite_record).collect()
+    }
+
+    pub async fn request_syncs(
+        &self,
+        mailboxes: &[MailboxId],
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = MIN(next_run_at, ?2)
+             WHERE id IN (SELECT value FROM json_each(?1)) AND enabled = 1
+               AND sync_requested_at IS NULL",
+        )
+        .bind(serde_json::to_string(mailboxes).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(ts(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 impl PgStore {
@@ -516,5 +578,35 @@ impl PgStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(pg_record).collect()
+    }
+
+    pub async fn subscriptions_by_ids(
+        &self,
+        ids: &[&str],
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        let ids: Vec<String> = ids.iter().map(|id| id.replace('\0', "")).collect();
+        let rows = sqlx::query(&format!(
+            "{SELECT_RECORD} WHERE s.subscription_id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(pg_record).collect()
+    }
+
+    pub async fn request_syncs(
+        &self,
+        mailboxes: &[MailboxId],
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE mailboxes SET sync_requested_at = $2, next_run_at = LEAST(next_run_at, $2)
+             WHERE id = ANY($1) AND enabled AND sync_requested_at IS NULL",
+        )
+        .bind(mailboxes)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 }

@@ -5,6 +5,7 @@ mod certificate;
 mod config;
 mod deadline;
 mod e2e;
+mod edges;
 mod faults;
 mod foreign_links;
 mod health;

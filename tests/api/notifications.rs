@@ -23,7 +23,10 @@ use crate::store_suite::{run_caught, TestSchema};
 struct Service {
     sim: SimHandle,
     store: Store,
+    /// The public listener: the notification endpoints.
     base: String,
+    /// The internal listener: health, metrics, admin API.
+    internal: String,
     config: SimConfig,
     settings: Settings,
     shutdown: CancellationToken,
@@ -46,7 +49,7 @@ async fn service(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> Service
     let (settings, dir) = sim_settings(&sim, &config, |s| {
         fast(s);
         s.sync.interval = Duration::from_secs(3600);
-        s.server.listen = ([127, 0, 0, 1], port).into();
+        s.server.public_listen = ([127, 0, 0, 1], port).into();
         let n = &mut s.notifications;
         n.public_url = Some(format!("http://127.0.0.1:{port}").parse().expect("a URL"));
         n.check_interval = Duration::from_millis(50);
@@ -58,12 +61,14 @@ async fn service(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> Service
         .await
         .expect("app builds");
     let store = app.store().clone();
+    let internal = format!("http://127.0.0.1:{}", app.port());
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     Service {
         sim,
         store,
         base: format!("http://127.0.0.1:{port}"),
+        internal,
         config,
         settings,
         shutdown,
@@ -429,7 +434,7 @@ async fn failed_subscription_requests_back_off_show_their_error_and_recover() {
         .expect("store reads");
     assert_eq!((health.active, health.failing, health.missing), (0, 2, 2));
     assert!(health.failures.iter().all(|f| f.error.contains("503")));
-    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.base))
+    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.internal))
         .await
         .expect("healthz answers")
         .json()
@@ -456,7 +461,7 @@ async fn failed_subscription_requests_back_off_show_their_error_and_recover() {
         .await
         .expect("store reads");
     assert_eq!((health.active, health.failing, health.missing), (2, 0, 0));
-    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.base))
+    let healthz: serde_json::Value = reqwest::get(format!("{}/healthz", svc.internal))
         .await
         .expect("healthz answers")
         .json()
@@ -796,4 +801,97 @@ async fn change_to_stored_latency_is_measured_both_ways() {
         "{latency:?}"
     );
     eprintln!("{latency:?}");
+}
+
+/// A removed mailbox's subscription is deleted at Graph (it would otherwise go on notifying
+/// until it expires), and so is a config-disabled one's; the others stay.
+#[tokio::test]
+async fn removing_or_disabling_a_mailbox_deletes_its_graph_subscription() {
+    let svc = service(world(1, 3, 10), |_| {}).await;
+    svc.wait_until_subscribed().await;
+    let mailboxes = svc.mailboxes();
+    let (removed, disabled, kept) = (&mailboxes[0], &mailboxes[1], &mailboxes[2]);
+    let live = |m: &str| svc.sim.subscriptions().iter().any(|s| s.mailbox == m);
+    assert!(live(removed) && live(disabled) && live(kept));
+
+    let id = svc.record(removed).await.id;
+    assert!(svc.store.remove_mailbox(id).await.expect("removes"));
+    wait_async(
+        "the removed mailbox's subscription deleted at Graph",
+        Duration::from_secs(10),
+        || async { !live(removed) },
+    )
+    .await;
+
+    let tenant = svc.sim.tenants()[0].name.clone();
+    let still: Vec<(String, String)> = vec![(tenant.clone(), kept.clone())];
+    svc.store
+        .sync_config_mailboxes(&still, Utc::now())
+        .await
+        .expect("config applied");
+    wait_async(
+        "the disabled mailbox's subscription deleted at Graph",
+        Duration::from_secs(10),
+        || async { !live(disabled) },
+    )
+    .await;
+    assert!(live(kept), "the kept mailbox keeps its subscription");
+    wait_async(
+        "the retired rows forgotten once Graph deleted them",
+        Duration::from_secs(10),
+        || async {
+            svc.store
+                .retired_subscriptions()
+                .await
+                .expect("reads")
+                .is_empty()
+        },
+    )
+    .await;
+    svc.stop().await;
+}
+
+/// A store that lost a subscription (re-created, or restored from an old backup) does not
+/// leave it at Graph: the keeper compares Graph's list for our URL with the store and deletes
+/// what no row knows, while the mailbox gets a subscription of its own again.
+#[tokio::test]
+async fn subscriptions_no_row_knows_are_deleted_at_graph() {
+    let svc = service(world(1, 2, 10), |s| {
+        s.notifications.reconcile_interval = Duration::from_millis(100);
+    })
+    .await;
+    svc.wait_until_subscribed().await;
+    let mailbox = svc.mailboxes()[0].clone();
+    let forgotten = svc.subscription_id(&mailbox).await;
+    // The store forgets it; Graph still has it.
+    assert!(svc
+        .store
+        .subscription_needs_work(&forgotten, true, Utc::now())
+        .await
+        .expect("store writes"));
+    wait_async(
+        "the forgotten subscription deleted and a new one made",
+        Duration::from_secs(10),
+        || async {
+            let live: Vec<_> = svc
+                .sim
+                .subscriptions()
+                .into_iter()
+                .filter(|s| s.mailbox == mailbox)
+                .collect();
+            live.len() == 1 && live[0].id != forgotten
+        },
+    )
+    .await;
+    let other = svc.mailboxes()[1].clone();
+    assert_eq!(
+        svc.sim
+            .subscriptions()
+            .iter()
+            .filter(|s| s.mailbox == other)
+            .count(),
+        1,
+        "the other mailbox's subscription is left alone"
+    );
+    svc.stop().await;
 }

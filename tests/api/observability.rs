@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::sim_harness::{fast, sim_settings, start_sim, world};
 
 /// Label keys a calsync metric may carry (`le` for histogram buckets).
-const ALLOWED_LABELS: [&str; 8] = [
+const ALLOWED_LABELS: [&str; 11] = [
     "tenant",
     "dependency",
     "outcome",
@@ -24,6 +24,10 @@ const ALLOWED_LABELS: [&str; 8] = [
     "result",
     "how",
     "to",
+    // The HTTP side's: which listener, which timeout, which notification endpoint.
+    "listener",
+    "kind",
+    "endpoint",
 ];
 
 #[derive(Debug)]
