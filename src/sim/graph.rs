@@ -246,6 +246,7 @@ async fn pipeline(
     let reply = match delta_page(sim, entry, uri, headers, ids, &shape) {
         Ok(r) | Err(r) => r,
     };
+    super::faults::hold(&sim.faults, &kinds).await;
     (Outcome::Reply(reply), delivery)
 }
 
