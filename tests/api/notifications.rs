@@ -171,6 +171,13 @@ impl Service {
     }
 
     async fn subscription_id(&self, mailbox: &str) -> String {
+        self.stored_subscription_id(mailbox)
+            .await
+            .expect("a stored subscription")
+    }
+
+    /// `None` while the keeper has none stored, e.g. between a removal and its recreation.
+    async fn stored_subscription_id(&self, mailbox: &str) -> Option<String> {
         self.store
             .subscriptions()
             .await
@@ -178,7 +185,6 @@ impl Service {
             .into_iter()
             .find(|s| s.user_id == mailbox)
             .and_then(|s| s.subscription_id)
-            .expect("a stored subscription")
     }
 
     async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
@@ -402,7 +408,8 @@ async fn lifecycle_events_renew_resync_and_recreate() {
     })
     .await;
     wait_async("stored the new one", Duration::from_secs(20), || async {
-        svc.subscription_id(&svc.mailboxes()[0]).await == svc.sim.subscriptions()[0].id
+        svc.stored_subscription_id(&mailbox).await.as_ref()
+            == svc.sim.subscriptions().first().map(|s| &s.id)
     })
     .await;
     svc.wait_for_round_after("the catch-up round", &mailbox, removed)
