@@ -65,13 +65,7 @@ fn tenant_health<'a>(health: &'a serde_json::Value, tenant: &str) -> &'a serde_j
 /// slot and keeps its events; the other mailboxes (same tenant too) sync as if nothing
 /// happened; after the fault clears, one pass brings the mailbox to ground truth.
 async fn graph_fault_on_one_mailbox_is_contained(kind: FaultKind) {
-    let app = sim_app(world(2, 2, 30), |s| {
-        fast(s);
-        // The healthy mailboxes' rounds (a full one of 4 pages first) must fit in a job on a
-        // loaded machine, where 1 s did not; the faulted job's cut-off is checked against it.
-        s.sync.job_deadline = Duration::from_secs(3);
-    })
-    .await;
+    let app = sim_app(world(2, 2, 30), fast).await;
     app.pass_ok().await;
     let before = app.stored(TARGET).await;
     for mailbox in app.mailbox_names() {
