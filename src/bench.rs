@@ -99,6 +99,81 @@ pub struct BenchReport {
     pub replica_runs: Vec<ReplicaRun>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub change_to_stored: Option<LatencySummary>,
+    pub window_moves: WindowMoves,
+}
+
+/// Full rounds started by windows moving, per UTC hour of a simulated day.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowMoves {
+    pub mailboxes: usize,
+    pub interval_seconds: f64,
+    pub per_hour: Vec<u32>,
+    pub mean_per_hour: f64,
+    pub busiest_hour: usize,
+    /// The busiest hour's full rounds over the mean (1.0 = perfectly even; 24 = all in one hour).
+    pub busiest_ratio: f64,
+}
+
+/// Simulates one UTC day of `mailboxes` (tenant, user) syncing every `interval` plus up to
+/// `jitter`, each starting at a random phase, and counts the rounds that start a full round
+/// because the window moved (the rule `sync::run_round` applies: a window other than the last
+/// round's). No network: this is the schedule the windows impose.
+pub fn window_moves(
+    mailboxes: &[(String, String)],
+    interval: Duration,
+    jitter: Duration,
+    past: Duration,
+    future: Duration,
+    seed: u64,
+) -> WindowMoves {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let day_start = chrono::DateTime::from_timestamp(1_796_083_200, 0).unwrap_or_default(); // 2026-12-01
+    let day_end = day_start + chrono::Duration::days(1);
+    let step = |rng: &mut rand::rngs::StdRng| {
+        let extra = if jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            rng.gen_range(Duration::ZERO..=jitter)
+        };
+        chrono::Duration::from_std(interval + extra).unwrap_or(chrono::Duration::MAX)
+    };
+    let mut per_hour = vec![0u32; 24];
+    for (tenant, user) in mailboxes {
+        let phase = rng.gen_range(Duration::ZERO..interval.max(Duration::from_millis(1)));
+        // One round before the day sets the window the day's first round compares with.
+        let mut at =
+            day_start + chrono::Duration::from_std(phase).unwrap_or_default() - step(&mut rng);
+        let mut window = crate::sync::window_at(at, past, future, tenant, user);
+        while at < day_end {
+            at += step(&mut rng);
+            let now = crate::sync::window_at(at, past, future, tenant, user);
+            if now != window && at >= day_start && at < day_end {
+                per_hour[((at - day_start).num_seconds() / 3600) as usize] += 1;
+            }
+            window = now;
+        }
+    }
+    let total: u32 = per_hour.iter().sum();
+    let mean_per_hour = f64::from(total) / 24.0;
+    let (busiest_hour, busiest) = per_hour
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, n)| **n)
+        .map(|(h, n)| (h, *n))
+        .unwrap_or_default();
+    WindowMoves {
+        mailboxes: mailboxes.len(),
+        interval_seconds: interval.as_secs_f64(),
+        busiest_ratio: if total == 0 {
+            0.0
+        } else {
+            f64::from(busiest) / mean_per_hour
+        },
+        per_hour,
+        mean_per_hour,
+        busiest_hour,
+    }
 }
 
 /// The initial sync of every mailbox by `replicas` serving processes on one PostgreSQL schema:
@@ -209,6 +284,19 @@ async fn measure(
     sim_stat: &Option<String>,
 ) -> anyhow::Result<BenchReport> {
     let settings = bench_settings(config, addr, &dir.join("bench.db"), args.workers)?;
+    let all_mailboxes: Vec<(String, String)> = config
+        .tenants
+        .iter()
+        .flat_map(|t| t.mailboxes.iter().map(|m| (t.name.clone(), m.clone())))
+        .collect();
+    let window_moves = window_moves(
+        &all_mailboxes,
+        settings.sync.interval,
+        settings.sync.jitter,
+        settings.sync.window_past,
+        settings.sync.window_future,
+        7,
+    );
     let store = app::open_store(&settings).await?;
     let (worker, tokens) = app::build_worker(&settings, store.clone())?;
     let mailboxes = args.tenants * args.mailboxes;
@@ -301,6 +389,7 @@ async fn measure(
         failed_jobs,
         replica_runs: Vec::new(),
         change_to_stored: None,
+        window_moves,
     })
 }
 
@@ -556,11 +645,6 @@ async fn raw_ceiling(
         settings.graph.request_timeout,
     )?;
     let graph = crate::graph::GraphClient::new(&settings.graph, http.clone());
-    let window = crate::sync::window_at(
-        Utc::now(),
-        settings.sync.window_past,
-        settings.sync.window_future,
-    );
     let mut work = Vec::new();
     for tenant in &config.tenants {
         let token = tokens
@@ -569,6 +653,13 @@ async fn raw_ceiling(
             .token()
             .await?;
         for mailbox in &tenant.mailboxes {
+            let window = crate::sync::window_at(
+                Utc::now(),
+                settings.sync.window_past,
+                settings.sync.window_future,
+                &tenant.name,
+                mailbox,
+            );
             work.push((
                 graph.initial_link(mailbox, &window).to_string(),
                 token.bearer_header(),
@@ -859,6 +950,17 @@ pub fn render(r: &BenchReport) -> String {
             ));
         }
     }
+    let w = &r.window_moves;
+    out.push_str(&format!(
+        "\n  window moves: full rounds per UTC hour over a simulated day, {} mailboxes synced every {:.0} s\n    {}\n    busiest hour {:02}:00 with {}, mean {:.1}: ratio {:.2} (target <= 2)\n",
+        w.mailboxes,
+        w.interval_seconds,
+        w.per_hour.iter().map(|n| format!("{n:>3}")).collect::<Vec<_>>().join(""),
+        w.busiest_hour,
+        w.per_hour.get(w.busiest_hour).copied().unwrap_or(0),
+        w.mean_per_hour,
+        w.busiest_ratio
+    ));
     if let Some(l) = &r.change_to_stored {
         out.push_str(&format!(
             "\n  change -> stored ({} changes)  via notification p50 {:.0} ms, max {:.0} ms; via polling every {:.0} ms p50 {:.0} ms, max {:.0} ms\n",
@@ -877,6 +979,33 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         bench: BenchArgs,
+    }
+
+    #[test]
+    fn a_day_of_1000_mailboxes_moves_their_windows_evenly() {
+        let mailboxes: Vec<(String, String)> = (0..1000)
+            .map(|n| {
+                (
+                    format!("tenant{}", n % 10),
+                    format!("user{n}@tenant{}.example", n % 10),
+                )
+            })
+            .collect();
+        let day = Duration::from_secs(86_400);
+        let moves = window_moves(
+            &mailboxes,
+            Duration::from_secs(300),
+            Duration::from_secs(30),
+            day * 30,
+            day * 180,
+            7,
+        );
+        assert_eq!(
+            moves.per_hour.iter().sum::<u32>(),
+            1000,
+            "each mailbox once: {moves:?}"
+        );
+        assert!(moves.busiest_ratio <= 2.0, "{moves:?}");
     }
 
     #[test]
@@ -929,6 +1058,14 @@ mod tests {
             failed_jobs: 0,
             replica_runs: Vec::new(),
             change_to_stored: None,
+            window_moves: WindowMoves {
+                mailboxes: 10,
+                interval_seconds: 300.0,
+                per_hour: vec![0; 24],
+                mean_per_hour: 0.0,
+                busiest_hour: 0,
+                busiest_ratio: 0.0,
+            },
         };
         assert!(!render(&report).contains("replicas on one PostgreSQL"));
         let json = serde_json::to_value(&report).expect("serialises");

@@ -120,11 +120,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     ));
 
     let settings = demo_settings(&sim, &sim_config, &store_path)?;
-    let window = window_at(
-        Utc::now(),
-        settings.sync.window_past,
-        settings.sync.window_future,
-    );
+    let (window_past, window_future) = (settings.sync.window_past, settings.sync.window_future);
     let app = Application::build(settings).await?;
     let store = app.store().clone();
     view.say(&format!(
@@ -146,7 +142,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
 
     // Phase 2: calendars change while calsync keeps up; in each tenant's first mailbox one
     // recurring series is renamed and another deleted, on top of the random changes.
-    let (series_renamed, series_deleted) = change_series(&sim, window);
+    let now = Utc::now();
+    let covered = crate::graph::Window {
+        start: now - chrono::Duration::from_std(window_past).unwrap_or_default(),
+        end: now + chrono::Duration::from_std(window_future).unwrap_or_default(),
+    };
+    let (series_renamed, series_deleted) = change_series(&sim, covered);
     sim.set_mutations(args.mutations_per_second);
     let live_start = Instant::now();
     while live_start.elapsed() < args.duration.0 {
@@ -178,7 +179,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
 
     shutdown.cancel();
     service.await.context("service task failed")??;
-    let mut summary = compare(&store, &sim, window).await?;
+    let mut summary = compare(&store, &sim, window_past, window_future).await?;
     sim.shutdown().await;
     summary.initial_sync_seconds = initial_sync.as_secs_f64();
     summary.live_seconds = args.duration.0.as_secs_f64();
@@ -389,7 +390,8 @@ async fn tenant_table(store: &Store, mailboxes: &[MailboxRecord]) -> anyhow::Res
 async fn compare(
     store: &Store,
     sim: &SimHandle,
-    window: crate::graph::Window,
+    window_past: std::time::Duration,
+    window_future: std::time::Duration,
 ) -> anyhow::Result<DemoSummary> {
     let mailboxes = store.mailboxes().await?;
     let mut per_tenant: BTreeMap<String, TenantSummary> = BTreeMap::new();
@@ -410,6 +412,16 @@ async fn compare(
             .into_iter()
             .map(|e| (e.event_id.clone(), e.user_view()))
             .collect();
+        // Each mailbox's own window: windows move at each mailbox's own time of day.
+        let window = m.cursor.window.unwrap_or_else(|| {
+            window_at(
+                Utc::now(),
+                window_past,
+                window_future,
+                &m.tenant,
+                &m.user_id,
+            )
+        });
         let mut truth: HashMap<String, UserView> = HashMap::new();
         for item in sim.truth(&m.user_id, Some((window.start, window.end))) {
             let event = parse_event(item)

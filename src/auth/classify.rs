@@ -5,13 +5,124 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::AuthError;
+use super::{AuthError, AuthFailureClass};
 use crate::resilience::retry_after;
 
-/// AADSTS codes that no retry will fix: wrong secret (7000215), expired secret (7000222), app
-/// not found in the tenant (700016), tenant not found (90002), bad scope (70011), client
-/// assertion signature invalid (700027) or outside its validity time (700024).
-const PERMANENT_CODES: [u64; 7] = [7000215, 7000222, 700016, 90002, 70011, 700027, 700024];
+/// What a row of [`TABLE`] matches in the identity platform's error body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Matcher {
+    /// An AADSTS number in `error_codes`.
+    Code(u64),
+    /// The OAuth `error` string, for a body that carries no `error_codes`.
+    Error(&'static str),
+}
+
+/// One row of GRAPH.md's token-endpoint lists.
+#[derive(Clone, Copy, Debug)]
+struct Rule {
+    matcher: Matcher,
+    class: AuthFailureClass,
+    /// Microsoft's name or meaning, for the reader (sources: `fixtures/identity/README.md`).
+    meaning: &'static str,
+}
+
+const fn rule(matcher: Matcher, class: AuthFailureClass, meaning: &'static str) -> Rule {
+    Rule {
+        matcher,
+        class,
+        meaning,
+    }
+}
+
+use AuthFailureClass::{Permanent, Transient};
+use Matcher::{Code, Error};
+
+/// How a token-endpoint answer that is not 429/5xx is classified. The AADSTS codes decide when
+/// the body has any: a transient code wins over everything (Microsoft calls these transient
+/// whatever `error` they come with), then a permanent one. A code in neither list is not proof
+/// of a permanent fault: it counts as transient (the breaker's doubling break), and only the
+/// listed permanent codes get `breaker_permanent_break`. A body without codes is classified by
+/// its `error`, unknown ones as transient.
+const TABLE: &[Rule] = &[
+    rule(
+        Code(90024),
+        Transient,
+        "RequestBudgetExceededError: a transient error, try again",
+    ),
+    rule(
+        Code(90033),
+        Transient,
+        "MsodsServiceUnavailable: the directory service is unavailable",
+    ),
+    rule(Code(7000215), Permanent, "invalid client secret"),
+    rule(
+        Code(7000222),
+        Permanent,
+        "InvalidClientSecretExpiredKeysProvided: the secret expired",
+    ),
+    rule(
+        Code(700016),
+        Permanent,
+        "UnauthorizedClient_DoesNotMatchRequest: app not in the tenant",
+    ),
+    rule(
+        Code(90002),
+        Permanent,
+        "InvalidTenantName: tenant not found",
+    ),
+    rule(Code(70011), Permanent, "InvalidScope: the scope is invalid"),
+    rule(
+        Code(700027),
+        Permanent,
+        "client assertion failed signature validation",
+    ),
+    rule(
+        Code(700024),
+        Permanent,
+        "client assertion is not within its valid time range",
+    ),
+    rule(
+        Error("invalid_client"),
+        Permanent,
+        "client authentication failed",
+    ),
+    rule(
+        Error("unauthorized_client"),
+        Permanent,
+        "client not authorized for this grant",
+    ),
+    rule(
+        Error("invalid_request"),
+        Permanent,
+        "protocol error, such as a missing parameter",
+    ),
+    rule(
+        Error("temporarily_unavailable"),
+        Transient,
+        "the server is temporarily too busy",
+    ),
+    rule(Error("server_error"), Transient, "the server failed"),
+    rule(
+        Error("slow_down"),
+        Transient,
+        "the client is asked to slow down",
+    ),
+];
+
+/// The row that decides `error`, if any (`None`: unknown, treated as transient).
+fn rule_for(error: &IdentityError) -> Option<&'static Rule> {
+    let by_code = |class: AuthFailureClass| {
+        TABLE.iter().find(|r| {
+            r.class == class && matches!(r.matcher, Code(code) if error.error_codes.contains(&code))
+        })
+    };
+    if !error.error_codes.is_empty() {
+        return by_code(Transient).or_else(|| by_code(Permanent));
+    }
+    TABLE
+        .iter()
+        .find(|r| matches!(r.matcher, Error(name) if name == error.error))
+}
 
 /// The identity platform's error body. Unknown fields are ignored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -37,29 +148,40 @@ impl oauth2::ErrorResponse for IdentityError {}
 
 impl IdentityError {
     pub(super) fn into_auth_error(self, retry_after: Option<Duration>) -> AuthError {
-        let transient_error = matches!(
-            self.error.as_str(),
-            "temporarily_unavailable" | "server_error" | "slow_down"
-        );
-        let permanent_code = self.error_codes.iter().any(|c| PERMANENT_CODES.contains(c));
-        if transient_error && !permanent_code {
-            return AuthError::Transient {
-                reason: format!("{} {:?}", self.error, self.error_codes),
-                retry_after,
-            };
-        }
         // The first line of the description carries the AADSTS code and a reason; the rest is
         // trace ids and timestamps already kept apart.
-        let description = self
+        let description: Option<String> = self
             .error_description
             .as_deref()
             .and_then(|d| d.lines().next())
             .map(|d| d.chars().take(200).collect());
-        AuthError::Permanent {
-            error: self.error,
-            codes: self.error_codes,
-            description,
-            trace_id: self.trace_id,
+        match rule_for(&self) {
+            Some(Rule {
+                class: Permanent, ..
+            }) => AuthError::Permanent {
+                error: self.error,
+                codes: self.error_codes,
+                description,
+                trace_id: self.trace_id,
+            },
+            Some(Rule {
+                class: Transient,
+                meaning,
+                ..
+            }) => AuthError::Transient {
+                reason: format!("{} {:?} ({meaning})", self.error, self.error_codes),
+                retry_after,
+            },
+            // Said in full: an operator has to look this code up.
+            None => AuthError::Transient {
+                reason: format!(
+                    "{} {:?}, not a code known to be permanent{}",
+                    self.error,
+                    self.error_codes,
+                    description.map(|d| format!(": {d}")).unwrap_or_default()
+                ),
+                retry_after,
+            },
         }
     }
 }
@@ -147,6 +269,77 @@ mod tests {
                 classify(status, "<html>").class(),
                 AuthFailureClass::Transient
             );
+        }
+    }
+
+    fn with_codes(error: &str, codes: &[u64]) -> String {
+        serde_json::json!({"error": error, "error_codes": codes, "error_description": "AADSTS0: x"})
+            .to_string()
+    }
+
+    #[test]
+    fn a_transient_code_wins_whatever_error_it_comes_with() {
+        for error in ["invalid_request", "invalid_client", "unauthorized_client"] {
+            for code in [90024, 90033] {
+                let e = classify(400, &with_codes(error, &[code]));
+                assert_eq!(e.class(), AuthFailureClass::Transient, "{error} {code}");
+            }
+        }
+        let both = classify(401, &with_codes("invalid_client", &[7000215, 90033]));
+        assert_eq!(both.class(), AuthFailureClass::Transient);
+    }
+
+    #[test]
+    fn a_permanent_code_wins_over_a_transient_error_name() {
+        let e = classify(400, &with_codes("temporarily_unavailable", &[7000222]));
+        assert_eq!(e.class(), AuthFailureClass::Permanent);
+    }
+
+    #[test]
+    fn an_unknown_code_is_transient_and_named_with_its_description() {
+        let body = serde_json::json!({
+            "error": "invalid_request",
+            "error_codes": [9_999_999],
+            "error_description": "AADSTS9999999: Something new.\r\nTrace ID: t",
+        })
+        .to_string();
+        let e = classify(400, &body);
+        assert_eq!(e.class(), AuthFailureClass::Transient);
+        let text = e.to_string();
+        assert!(
+            text.contains("9999999") && text.contains("Something new."),
+            "{text}"
+        );
+        assert!(!text.contains("Trace ID"), "{text}");
+    }
+
+    #[test]
+    fn without_codes_the_error_name_decides() {
+        let no_codes = |error: &str| serde_json::json!({ "error": error }).to_string();
+        for error in ["invalid_client", "unauthorized_client", "invalid_request"] {
+            assert_eq!(
+                classify(400, &no_codes(error)).class(),
+                AuthFailureClass::Permanent
+            );
+        }
+        for error in [
+            "temporarily_unavailable",
+            "server_error",
+            "slow_down",
+            "invalid_grant",
+        ] {
+            assert_eq!(
+                classify(400, &no_codes(error)).class(),
+                AuthFailureClass::Transient
+            );
+        }
+    }
+
+    #[test]
+    fn the_table_names_each_code_and_error_once() {
+        let mut seen = std::collections::HashSet::new();
+        for r in TABLE {
+            assert!(seen.insert(r.matcher), "{:?} is listed twice", r.matcher);
         }
     }
 

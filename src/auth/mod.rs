@@ -33,7 +33,7 @@ const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 /// Largest token response accepted.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthFailureClass {
     Permanent,
     Transient,

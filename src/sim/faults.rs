@@ -91,6 +91,15 @@ pub enum FaultKind {
     },
     /// Delta only: items repeat within the round.
     Duplicates,
+    /// Delta only: the page is computed from the calendar as it is now, then held back (the
+    /// request stays in flight) until the rule is removed, when it is sent as computed: a round
+    /// stopped mid-page, for a test to change the calendar behind it. `holding` in the rule's
+    /// listing counts the requests held now.
+    Hold {
+        /// The rule that fired, filled in by the simulator.
+        #[serde(skip)]
+        rule: FaultId,
+    },
 }
 
 fn one() -> f64 {
@@ -210,6 +219,10 @@ pub struct FaultSet {
     rules: Vec<ActiveRule>,
     rng: StdRng,
     next_id: FaultId,
+    /// Requests held now, by `Hold` rule.
+    holding: BTreeMap<FaultId, usize>,
+    /// Bumped whenever rules are removed, to wake held requests.
+    removed: tokio::sync::watch::Sender<()>,
 }
 
 impl FaultSet {
@@ -218,6 +231,8 @@ impl FaultSet {
             rules: Vec::new(),
             rng: StdRng::seed_from_u64(seed ^ 0xfa17),
             next_id: 1,
+            holding: BTreeMap::new(),
+            removed: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -236,11 +251,18 @@ impl FaultSet {
     pub fn remove(&mut self, id: FaultId) -> bool {
         let before = self.rules.len();
         self.rules.retain(|r| r.rule.id != id);
+        self.removed.send_replace(());
         before != self.rules.len()
     }
 
     pub fn clear(&mut self) {
         self.rules.clear();
+        self.removed.send_replace(());
+    }
+
+    /// Requests a `Hold` rule is holding now.
+    pub fn holding(&self, id: FaultId) -> usize {
+        self.holding.get(&id).copied().unwrap_or(0)
     }
 
     pub fn list(&self) -> Vec<Value> {
@@ -249,6 +271,9 @@ impl FaultSet {
             .map(|r| {
                 let mut v = serde_json::to_value(&r.rule).unwrap_or(Value::Null);
                 v["fired"] = r.fired.into();
+                if matches!(r.rule.kind, FaultKind::Hold { .. }) {
+                    v["holding"] = self.holding(r.rule.id).into();
+                }
                 v
             })
             .collect()
@@ -301,7 +326,10 @@ impl FaultSet {
             };
             if hit {
                 r.fired += 1;
-                out.push(rule.kind.clone());
+                out.push(match rule.kind {
+                    FaultKind::Hold { .. } => FaultKind::Hold { rule: rule.id },
+                    ref kind => kind.clone(),
+                });
             }
         }
         out
@@ -309,6 +337,52 @@ impl FaultSet {
 }
 
 use serde_json::Value;
+
+/// Holds a request while a `Hold` rule among `fired` is still in `faults` (see
+/// [`FaultKind::Hold`]). Returns at once when none fired.
+pub async fn hold(faults: &std::sync::Mutex<FaultSet>, fired: &[FaultKind]) {
+    for kind in fired {
+        let FaultKind::Hold { rule } = *kind else {
+            continue;
+        };
+        let _held = Held::new(faults, rule);
+        // Subscribed before the check, so a removal after it still wakes this request.
+        let mut removed = lock(faults).removed.subscribe();
+        while lock(faults).rules.iter().any(|r| r.rule.id == rule) {
+            if removed.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Counts a held request in [`FaultSet::holding`] while it lives (a client that gives up
+/// drops it).
+struct Held<'a> {
+    faults: &'a std::sync::Mutex<FaultSet>,
+    rule: FaultId,
+}
+
+impl<'a> Held<'a> {
+    fn new(faults: &'a std::sync::Mutex<FaultSet>, rule: FaultId) -> Self {
+        *lock(faults).holding.entry(rule).or_default() += 1;
+        Self { faults, rule }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut set = lock(self.faults);
+        if let Some(n) = set.holding.get_mut(&self.rule) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                set.holding.remove(&self.rule);
+            }
+        }
+    }
+}
+
+use super::state::lock;
 
 /// A scenario file: `{"faults":[FaultRule...]}` (JSON) or `[[faults]]` tables (TOML), or a bare
 /// JSON array. `after_ms`/`for_ms` become the timeline, counted from when the scenario is loaded
@@ -398,6 +472,30 @@ mod tests {
             .is_empty());
         tokio::time::advance(Duration::from_secs(22)).await;
         assert!(set.fire(&tok_a, Instant::now(), wall).is_empty(), "expired");
+    }
+
+    #[tokio::test]
+    async fn a_held_request_waits_until_its_rule_is_removed() {
+        let faults = std::sync::Arc::new(std::sync::Mutex::new(FaultSet::new(1)));
+        let id = lock(&faults).add(
+            FaultRule::new(FaultKind::Hold { rule: 0 }).max_count(1),
+            Instant::now(),
+        );
+        let t = target(Endpoint::Graph, "a", Some("m"));
+        let fired = lock(&faults).fire(&t, Instant::now(), Utc::now());
+        assert_eq!(fired, vec![FaultKind::Hold { rule: id }]);
+        let held = tokio::spawn({
+            let faults = std::sync::Arc::clone(&faults);
+            async move { hold(&faults, &fired).await }
+        });
+        while lock(&faults).holding(id) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!held.is_finished());
+        assert_eq!(lock(&faults).list()[0]["holding"], 1);
+        assert!(lock(&faults).remove(id));
+        held.await.expect("released");
+        assert_eq!(lock(&faults).holding(id), 0);
     }
 
     #[test]

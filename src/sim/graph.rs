@@ -299,6 +299,7 @@ async fn pipeline(
         }
         GraphOp::Event { id } => event_reply(entry, id, uri, headers, ids),
     };
+    super::faults::hold(&sim.faults, &kinds).await;
     (Outcome::Reply(reply), delivery)
 }
 

@@ -204,6 +204,11 @@ impl SimHandle {
         lock(&self.shared.faults).clear();
     }
 
+    /// Requests the `Hold` rule `id` is holding now; removing the rule releases them.
+    pub fn held(&self, id: FaultId) -> usize {
+        lock(&self.shared.faults).holding(id)
+    }
+
     /// Sets the background mutation rate; 0 pauses the stream.
     pub fn set_mutations(&self, per_second: f64) {
         let rate = if per_second.is_finite() {

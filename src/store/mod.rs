@@ -167,7 +167,8 @@ impl Store {
     /// Leases one mailbox to `owner` until `now + lease_for`, if no live lease is held on it
     /// (and, with `only_if_due`, if it is enabled and due), in one conditional UPDATE: of
     /// several workers or replicas claiming at once, exactly one gets it. `None` when someone
-    /// else has it.
+    /// else has it. A pending sync request is served by the claimed job and cleared here, so
+    /// one made from now on is a new request that [`finish_job`](Self::finish_job) keeps.
     pub async fn claim(
         &self,
         id: MailboxId,
@@ -255,8 +256,9 @@ impl Store {
 
     /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
     /// error, and appends to the sync history (keeping [`RUNS_KEPT_PER_MAILBOX`]). A sync
-    /// request made before the job started is served by it and cleared; one made while it ran
-    /// stays, and keeps the mailbox due at once.
+    /// request made before the job was claimed was served by it (the claim cleared it); one
+    /// made while it ran is still set, and keeps the mailbox due at once: the job may have read
+    /// the changed page before the change.
     pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
         delegate!(self, s => s.finish_job(lease, job).await)
     }
@@ -299,8 +301,9 @@ impl Store {
     }
 
     /// Asks for an immediate sync of an enabled mailbox: it becomes due now and is dispatched
-    /// ahead of periodic work. `Some(true)` when queued, `Some(false)` when a request is
-    /// already pending (deduplicated), `None` when there is no such enabled mailbox.
+    /// ahead of periodic work. `Some(true)` when queued, `Some(false)` when a request no job
+    /// has claimed yet is already pending (deduplicated: that job serves both), `None` when
+    /// there is no such enabled mailbox.
     pub async fn request_sync(
         &self,
         id: MailboxId,

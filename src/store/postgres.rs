@@ -180,7 +180,7 @@ impl PgStore {
         // stalls behind another replica; it is simply not claimed this time. A row updated
         // since the statement's snapshot is re-checked as it now is.
         let row = sqlx::query(concat!(
-            "UPDATE mailboxes SET lease_owner = $1, lease_until = $2
+            "UPDATE mailboxes SET lease_owner = $1, lease_until = $2, sync_requested_at = NULL
              WHERE id = (
                  SELECT id FROM mailboxes
                  WHERE id = $3 AND (lease_until IS NULL OR lease_until < $4)
@@ -508,10 +508,8 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
-                 next_run_at = CASE WHEN sync_requested_at > $2 THEN LEAST($1, sync_requested_at)
-                     ELSE $1 END,
-                 sync_requested_at = CASE WHEN sync_requested_at > $2 THEN sync_requested_at
-                     ELSE NULL END,
+                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL
+                     THEN LEAST($1, sync_requested_at) ELSE $1 END,
                  last_attempt_at = $2,
                  last_success_at = CASE WHEN $3 THEN $4 ELSE last_success_at END,
                  last_error = CASE WHEN $3 THEN last_error ELSE $5 END,

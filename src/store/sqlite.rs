@@ -185,7 +185,7 @@ impl SqliteStore {
     ) -> Result<Option<MailboxRecord>, StoreError> {
         let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
         let row = sqlx::query(concat!(
-            "UPDATE mailboxes SET lease_owner = ?1, lease_until = ?2
+            "UPDATE mailboxes SET lease_owner = ?1, lease_until = ?2, sync_requested_at = NULL
              WHERE id = ?3 AND (lease_until IS NULL OR lease_until < ?4)
                AND (?5 = 0 OR (enabled = 1 AND next_run_at <= ?4))
              RETURNING ",
@@ -533,10 +533,8 @@ impl SqliteStore {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
-                 next_run_at = CASE WHEN sync_requested_at > ?2 THEN MIN(?1, sync_requested_at)
-                     ELSE ?1 END,
-                 sync_requested_at = CASE WHEN sync_requested_at > ?2 THEN sync_requested_at
-                     ELSE NULL END,
+                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL
+                     THEN MIN(?1, sync_requested_at) ELSE ?1 END,
                  last_attempt_at = ?2,
                  last_success_at = CASE WHEN ?3 THEN ?4 ELSE last_success_at END,
                  last_error = CASE WHEN ?3 THEN last_error ELSE ?5 END,

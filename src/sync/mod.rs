@@ -133,15 +133,50 @@ pub struct RoundContext<'a> {
     pub slow_call: Duration,
 }
 
-/// The window a round started now covers: whole UTC days, so it moves once a day.
-pub fn window_at(now: DateTime<Utc>, past: Duration, future: Duration) -> Window {
-    let midnight = now.date_naive().and_time(chrono::NaiveTime::MIN).and_utc();
-    let past_days = chrono::Duration::days((past.as_secs() / 86_400) as i64);
-    let future_days = chrono::Duration::days(future.as_secs().div_ceil(86_400) as i64);
+const DAY_SECS: i64 = 86_400;
+
+/// The window a round started now covers for the mailbox `user_id` of `tenant`. It moves once a
+/// day, at the mailbox's own second of the day (a stable hash of the mailbox), so mailboxes
+/// spread the full rounds a new window costs over the day instead of all starting them at
+/// 00:00 UTC. Between moves it always covers `now - past .. now + future`: it runs from the
+/// last move minus `past` to the next move plus `future`.
+pub fn window_at(
+    now: DateTime<Utc>,
+    past: Duration,
+    future: Duration,
+    tenant: &str,
+    user_id: &str,
+) -> Window {
+    let offset = (stable_hash(tenant, user_id) % DAY_SECS as u64) as i64;
+    let moved = (now.timestamp() - offset).div_euclid(DAY_SECS) * DAY_SECS + offset;
+    let moved = DateTime::from_timestamp(moved, 0).unwrap_or(now);
+    // Whole seconds, so the window reads back from the store exactly as it was written.
+    let past = chrono::Duration::seconds(past.as_secs() as i64);
+    let future =
+        chrono::Duration::seconds(future.as_secs() as i64 + i64::from(future.subsec_nanos() > 0));
     Window {
-        start: midnight - past_days,
-        end: midnight + future_days,
+        start: moved
+            .checked_sub_signed(past)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC),
+        end: moved
+            .checked_add_signed(chrono::Duration::seconds(DAY_SECS) + future)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
     }
+}
+
+/// FNV-1a with a final mix: the same on every replica and every build (std's hasher is not
+/// promised to be), or a mixed fleet would move a mailbox's window back and forth, each move a
+/// full round.
+fn stable_hash(tenant: &str, user_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in tenant.bytes().chain([0]).chain(user_id.bytes()) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
 }
 
 /// Runs one delta round for `mailbox`, starting a full round when there is no usable state
@@ -158,7 +193,13 @@ pub async fn run_round(
         lease,
         ..
     } = *ctx;
-    let window = window_at(now, ctx.window_past, ctx.window_future);
+    let window = window_at(
+        now,
+        ctx.window_past,
+        ctx.window_future,
+        &mailbox.tenant,
+        &mailbox.user_id,
+    );
     let mut cursor = mailbox.cursor.clone();
     let has_state = cursor.next_link.is_some() || cursor.delta_link.is_some();
     if cursor.window != Some(window) || (!has_state && !cursor.full) || cursor.round_id == 0 {
@@ -506,32 +547,98 @@ fn detect_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
+    use chrono::Timelike;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .expect("a test time")
+            .with_timezone(&Utc)
+    }
 
     #[test]
-    fn window_is_whole_days_and_moves_daily() {
-        let day = Duration::from_secs(86_400);
-        let a = window_at(
-            Utc.with_ymd_and_hms(2026, 11, 27, 0, 0, 1).unwrap(),
-            day * 30,
-            day * 180,
+    fn the_window_always_covers_past_and_future_and_moves_once_a_day() {
+        let (past, future) = (DAY * 30, DAY * 180);
+        let t0 = at("2026-11-27T00:00:00Z");
+        for mailbox in ["alice@contoso.com", "bob@contoso.com", "carol@fabrikam.com"] {
+            let mut moves = Vec::new();
+            let mut last = window_at(t0, past, future, "contoso", mailbox);
+            // Every 7 minutes for three days.
+            for step in 1..=(3 * 24 * 60 / 7) {
+                let now = t0 + chrono::Duration::minutes(7 * step);
+                let w = window_at(now, past, future, "contoso", mailbox);
+                assert!(
+                    w.start <= now - chrono::Duration::days(30),
+                    "{mailbox} at {now}: {w:?}"
+                );
+                assert!(
+                    w.end >= now + chrono::Duration::days(180),
+                    "{mailbox} at {now}: {w:?}"
+                );
+                assert_eq!(w.end - w.start, chrono::Duration::days(211));
+                if w != last {
+                    assert!(w.start > last.start, "it only moves forward");
+                    moves.push(now);
+                    last = w;
+                }
+            }
+            assert_eq!(moves.len(), 3, "{mailbox}: once a day: {moves:?}");
+            for pair in moves.windows(2) {
+                let apart = pair[1] - pair[0];
+                assert!(
+                    (apart - chrono::Duration::days(1)).num_minutes().abs() <= 7,
+                    "{mailbox}: a day apart: {moves:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mailboxes_move_their_windows_at_their_own_time_of_day() {
+        let (past, future) = (DAY * 30, DAY * 180);
+        let mut per_hour = [0u32; 24];
+        for n in 0..1000 {
+            let w = window_at(
+                at("2026-11-27T12:00:00Z"),
+                past,
+                future,
+                "contoso",
+                &format!("user{n}@contoso.com"),
+            );
+            let moved = w.start + chrono::Duration::days(30);
+            per_hour[moved.hour() as usize] += 1;
+        }
+        let busiest = per_hour.iter().max().copied().unwrap_or(0);
+        assert!(
+            busiest <= 2 * 1000 / 24,
+            "busiest hour {busiest} of 1000: {per_hour:?}"
         );
-        let b = window_at(
-            Utc.with_ymd_and_hms(2026, 11, 27, 23, 59, 59).unwrap(),
-            day * 30,
-            day * 180,
+    }
+
+    #[test]
+    fn the_time_of_day_is_stable_across_builds_and_tenants_count() {
+        // A change of the hash moves every mailbox's window once, a fleet-wide full round:
+        // this pins it.
+        let w = window_at(
+            at("2026-11-27T12:00:00Z"),
+            DAY,
+            DAY,
+            "contoso",
+            "alice@contoso.com",
         );
-        let c = window_at(
-            Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0).unwrap(),
-            day * 30,
-            day * 180,
-        );
-        assert_eq!(a, b);
-        assert_ne!(b, c);
         assert_eq!(
-            a.start,
-            Utc.with_ymd_and_hms(2026, 10, 28, 0, 0, 0).unwrap()
+            w.start,
+            at("2026-11-25T14:00:19Z"),
+            "alice moves her window at 14:00:19 UTC"
         );
-        assert_eq!(a.end, Utc.with_ymd_and_hms(2027, 5, 26, 0, 0, 0).unwrap());
+        let other = window_at(
+            at("2026-11-27T12:00:00Z"),
+            DAY,
+            DAY,
+            "fabrikam",
+            "alice@contoso.com",
+        );
+        assert_ne!(w, other);
     }
 }

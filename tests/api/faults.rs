@@ -428,6 +428,8 @@ async fn a_round_cut_by_truncated_json_or_503_resumes_without_loss_or_duplicates
 
 // ---- 6: a tenant's token endpoint down ----
 
+const TOKEN_BREAK: Duration = Duration::from_secs(3);
+
 /// Tenant A's token endpoint fails with `kind`. A's token breaker opens; while it is open A's
 /// mailboxes are not claimed and the endpoint gets no request; tenant B syncs on schedule
 /// throughout; after the break one probe goes out (half-open) and closes it, and A catches up.
@@ -439,8 +441,10 @@ async fn token_outage_is_contained_to_its_tenant(kind: FaultKind) {
         s.sync.job_deadline = Duration::from_millis(1500);
         s.sync.workers = 4;
         s.resilience.breaker.min_calls = 3;
-        s.resilience.breaker.base_break = Duration::from_millis(700);
-        s.resilience.breaker.max_break = Duration::from_secs(2);
+        // B's rounds are counted while A's breaker is open: a break of seconds leaves room for
+        // them on a loaded machine (under 0.7 s, B managed 3 of the 4 asked for).
+        s.resilience.breaker.base_break = TOKEN_BREAK;
+        s.resilience.breaker.max_break = TOKEN_BREAK * 2;
     })
     .await;
     let b_mailboxes: Vec<String> = app.sim.tenants()[1].mailboxes.clone();
@@ -527,8 +531,10 @@ async fn token_outage_is_contained_to_its_tenant(kind: FaultKind) {
         b_ok >= 2 * b_mailboxes.len(),
         "B synced {b_ok} times during the outage"
     );
+    // Held back by A, B's lag would grow through the whole break; on schedule it stays near the
+    // interval (about 0.2 s; more on a loaded machine).
     assert!(
-        b_max_lag < chrono::Duration::milliseconds(600),
+        b_max_lag.to_std().unwrap_or_default() < TOKEN_BREAK / 2,
         "B's lag grew to {b_max_lag}"
     );
     for dep in [Dependency::Token, Dependency::Graph] {

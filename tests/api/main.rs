@@ -23,5 +23,6 @@ mod sim_harness;
 mod status_page;
 mod store_suite;
 mod sync_rounds;
+mod token_codes;
 mod token_errors;
 mod token_refresh;

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use calsync::app::Application;
 use calsync::config::Settings;
+use calsync::sim::{Endpoint, FaultKind, FaultRule};
 use calsync::sim::{SimConfig, SimHandle};
 use calsync::store::{MailboxRecord, Store, SubscriptionSaved};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde_json::json;
 use tempfile::TempDir;
@@ -119,6 +120,31 @@ impl Service {
         self.store.runs(id, 50).await.expect("store reads").len()
     }
 
+    /// Waits for a round of `mailbox` that started after `after` and ended well: the first
+    /// that must include a change made at `after`. (A round already running then may have
+    /// read the changed page before the change, and counting rounds cannot tell them apart.)
+    async fn wait_for_round_after(&self, what: &str, mailbox: &str, after: DateTime<Utc>) {
+        let id = self.record(mailbox).await.id;
+        wait_async(what, Duration::from_secs(20), || async {
+            self.store
+                .runs(id, 50)
+                .await
+                .expect("store reads")
+                .iter()
+                .any(|r| r.started_at > after && r.outcome == "ok")
+        })
+        .await;
+    }
+
+    /// Change notifications the simulator sent that calsync accepted.
+    fn accepted_changes(&self) -> usize {
+        self.sim
+            .notifications_sent()
+            .iter()
+            .filter(|n| n.kind == "change" && n.status == Some(202))
+            .count()
+    }
+
     /// Every mailbox synced once and subscribed, the store agreeing with the simulator.
     async fn wait_until_subscribed(&self) {
         let mailboxes = self.mailboxes();
@@ -150,6 +176,13 @@ impl Service {
     }
 
     async fn subscription_id(&self, mailbox: &str) -> String {
+        self.stored_subscription_id(mailbox)
+            .await
+            .expect("a stored subscription")
+    }
+
+    /// `None` while the keeper has none stored, e.g. between a removal and its recreation.
+    async fn stored_subscription_id(&self, mailbox: &str) -> Option<String> {
         self.store
             .subscriptions()
             .await
@@ -157,7 +190,6 @@ impl Service {
             .into_iter()
             .find(|s| s.user_id == mailbox)
             .and_then(|s| s.subscription_id)
-            .expect("a stored subscription")
     }
 
     async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
@@ -363,36 +395,30 @@ async fn lifecycle_events_renew_resync_and_recreate() {
     assert_eq!(svc.subscription_id(&mailbox).await, first);
 
     // missed: a delta round at once.
-    let runs = svc.runs(&mailbox).await;
+    let missed = Utc::now();
     assert_eq!(svc.sim.lifecycle(&mailbox, "missed").await, 1);
-    wait_async("a round after `missed`", Duration::from_secs(5), || async {
-        svc.runs(&mailbox).await > runs
-    })
-    .await;
+    svc.wait_for_round_after("a round after `missed`", &mailbox, missed)
+        .await;
 
     // subscriptionRemoved: a new subscription, and a round for what may have been missed.
-    let runs = svc.runs(&mailbox).await;
+    let changed = Utc::now();
     svc.sim.mutate_now(&mailbox, 2); // notified on the old subscription
-    wait_async("the change's round", Duration::from_secs(5), || async {
-        svc.runs(&mailbox).await > runs
-    })
-    .await;
-    let runs = svc.runs(&mailbox).await;
+    svc.wait_for_round_after("the change's round", &mailbox, changed)
+        .await;
+    let removed = Utc::now();
     assert_eq!(svc.sim.lifecycle(&mailbox, "subscriptionRemoved").await, 1);
-    wait_async("recreated", Duration::from_secs(5), || async {
+    wait_async("recreated", Duration::from_secs(20), || async {
         let live = svc.sim.subscriptions();
         live.len() == 1 && live[0].id != first
     })
     .await;
-    wait_async(
-        "stored the new one and ran a round",
-        Duration::from_secs(5),
-        || async {
-            svc.subscription_id(&svc.mailboxes()[0]).await == svc.sim.subscriptions()[0].id
-                && svc.runs(&mailbox).await > runs
-        },
-    )
+    wait_async("stored the new one", Duration::from_secs(20), || async {
+        svc.stored_subscription_id(&mailbox).await.as_ref()
+            == svc.sim.subscriptions().first().map(|s| &s.id)
+    })
     .await;
+    svc.wait_for_round_after("the catch-up round", &mailbox, removed)
+        .await;
     let sent = svc.sim.notifications_sent();
     for event in ["reauthorizationRequired", "missed", "subscriptionRemoved"] {
         assert!(
@@ -401,13 +427,70 @@ async fn lifecycle_events_renew_resync_and_recreate() {
             "{event}: {sent:#?}"
         );
     }
-    // The new subscription notifies too.
-    let runs = svc.runs(&mailbox).await;
+    // The new subscription notifies too, and the round it starts stores the change: a round
+    // still running from before may have read its page before the change.
+    let accepted = svc.accepted_changes();
+    let changed = Utc::now();
     svc.sim.mutate_now(&mailbox, 2);
     wait_async(
-        "a round via the new subscription",
-        Duration::from_secs(5),
-        || async { svc.runs(&mailbox).await > runs },
+        "the change notified on the new subscription",
+        Duration::from_secs(20),
+        || async { svc.accepted_changes() > accepted },
+    )
+    .await;
+    svc.wait_for_round_after("a round via the new subscription", &mailbox, changed)
+        .await;
+    let app = svc.stop().await;
+    app.assert_matches_truth(&mailbox).await;
+}
+
+/// Issue 10's lost wake-up, made deterministic: the round a notification started is held
+/// mid-page by the simulator (the page already computed), the next change is notified
+/// meanwhile, then the round finishes without it. A round must start after that notification
+/// and store the change; otherwise the next chance is the periodic round, an hour away.
+#[tokio::test]
+async fn a_change_notified_while_its_round_runs_gets_a_round_after_it() {
+    let svc = service(world(1, 1, 20), |s| {
+        // The held page is answered only when the test says so.
+        s.graph.request_timeout = Duration::from_secs(30);
+        s.sync.job_deadline = Duration::from_secs(60);
+    })
+    .await;
+    svc.wait_until_subscribed().await;
+    let mailbox = svc.mailboxes()[0].clone();
+    let hold = svc.sim.add_fault(
+        FaultRule::new(FaultKind::Hold { rule: 0 })
+            .endpoint(Endpoint::Graph)
+            .mailbox(&mailbox)
+            .max_count(1),
+    );
+
+    // A first change: its notification queues a round, whose page the simulator holds.
+    svc.sim.mutate_now(&mailbox, 1);
+    wait_async(
+        "the notified round held mid-page",
+        Duration::from_secs(20),
+        || async { svc.sim.held(hold) == 1 },
+    )
+    .await;
+
+    // A second change while that round runs: the page it holds was computed before it.
+    let accepted = svc.accepted_changes();
+    let second = Utc::now();
+    svc.sim.mutate_now(&mailbox, 1);
+    wait_async(
+        "the second change notified and accepted",
+        Duration::from_secs(20),
+        || async { svc.accepted_changes() > accepted },
+    )
+    .await;
+    assert_eq!(svc.sim.held(hold), 1, "the first round is still held");
+
+    svc.sim.remove_fault(hold);
+    svc.wait_for_round_after(
+        "a round that started after the second notification",
+        &mailbox,
+        second,
     )
     .await;
     let app = svc.stop().await;

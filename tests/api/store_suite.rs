@@ -65,6 +65,7 @@ store_suite!(
     nul_characters_do_not_poison_a_page_or_a_record,
     mailboxes_are_registered_and_removed_at_run_time,
     sync_requests_are_deduplicated_dispatched_first_and_survive_a_running_job,
+    a_request_while_a_requested_job_runs_gets_a_round_after_it,
     events_between_returns_what_overlaps_the_range,
     series_masters_refill_their_occurrences_and_go_with_their_series,
 );
@@ -1340,6 +1341,57 @@ async fn sync_requests_are_deduplicated_dispatched_first_and_survive_a_running_j
         store.request_sync(m3, at(700)).await.expect("request"),
         None
     );
+}
+
+/// The lost wake-up of issue 10: a job claimed for a pending request is running when the next
+/// change is notified. It may already have read the changed page, so that second request must
+/// not be folded into the one the job is serving.
+async fn a_request_while_a_requested_job_runs_gets_a_round_after_it(store: Store) {
+    let id = register(&store, &[("a", "m1")]).await[0];
+    let at = |n| t0() + secs(n);
+    schedule(&store, id, at(1000)).await;
+    assert_eq!(
+        store.request_sync(id, at(10)).await.expect("request"),
+        Some(true)
+    );
+    let l = lease(&store, id, "w", at(11)).await;
+    assert_eq!(
+        record_of(&store, id).await.sync_requested_at,
+        None,
+        "the claimed job serves the request"
+    );
+    assert_eq!(
+        store.request_sync(id, at(12)).await.expect("request"),
+        Some(true),
+        "a request after the claim is a new one, not a duplicate of the one being served"
+    );
+    assert_eq!(
+        store.request_sync(id, at(13)).await.expect("request"),
+        Some(false),
+        "deduplicated with the new one"
+    );
+    store
+        .finish_job(&l, &job(RunOutcome::Ok, at(11), at(311)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, id).await;
+    assert_eq!(
+        (m.sync_requested_at, m.next_run_at),
+        (Some(at(12)), at(12)),
+        "due again at once, for the request made while the job ran"
+    );
+    let due = store.due_candidates(at(14), 5).await.expect("due");
+    assert_eq!(
+        due.iter().map(|d| (d.id, d.requested)).collect::<Vec<_>>(),
+        [(id, true)]
+    );
+    let l = lease(&store, id, "w", at(15)).await;
+    store
+        .finish_job(&l, &job(RunOutcome::Ok, at(15), at(315)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, id).await;
+    assert_eq!((m.sync_requested_at, m.next_run_at), (None, at(315)));
 }
 
 async fn events_between_returns_what_overlaps_the_range(store: Store) {
