@@ -407,11 +407,13 @@ fn transport_error(e: &reqwest::Error, context: String, ids: RequestIds) -> Grap
     }
 }
 
-/// Graph's error body: `{"error":{"code","message","innerError":{"request-id",..}}}`.
+/// Graph's error body: `{"error":{"code","message","innerError":{..}}}`. The code is the most
+/// specific one: an `innerError` may nest and carry a more specific `code` than the outer one
+/// (the Graph errors doc), so the deepest non-empty code wins.
 fn error_code_and_message(body: &[u8]) -> (String, String, Option<String>) {
     let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let error = &json["error"];
-    let code = error["code"].as_str().unwrap_or_default().to_string();
+    let code = most_specific_code(error).unwrap_or_default();
     let message: String = error["message"]
         .as_str()
         .unwrap_or_default()
@@ -420,6 +422,22 @@ fn error_code_and_message(body: &[u8]) -> (String, String, Option<String>) {
         .collect();
     let request_id = find_request_id(&error["innerError"]);
     (code, message, request_id)
+}
+
+fn most_specific_code(error: &serde_json::Value) -> Option<String> {
+    let mut code = None;
+    let mut level = Some(error);
+    // Bounded: a body nests only so deep before it is not worth reading.
+    for _ in 0..16 {
+        let Some(current) = level else { break };
+        if let Some(c) = current["code"].as_str().filter(|c| !c.trim().is_empty()) {
+            code = Some(c.trim().to_string());
+        }
+        level = current
+            .get("innerError")
+            .or_else(|| current.get("innererror"));
+    }
+    code
 }
 
 fn find_request_id(inner: &serde_json::Value) -> Option<String> {
@@ -509,6 +527,27 @@ mod tests {
                 "{status} {code}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn the_most_specific_nested_code_classifies() {
+        let body = br#"{"error":{"code":"BadRequest","message":"m","innerError":{"code":"","innerError":{"code":"SyncStateNotFound","request-id":"r"}}}}"#;
+        let e = classify_failure(400, &http::HeaderMap::new(), body, ids(), SystemTime::now());
+        assert!(
+            matches!(&e, GraphError::ResyncRequired { code, .. } if code == "SyncStateNotFound"),
+            "{e}"
+        );
+        let body =
+            br#"{"error":{"code":"","message":"m","innerError":{"code":"ErrorItemNotFound"}}}"#;
+        let e = classify_failure(404, &http::HeaderMap::new(), body, ids(), SystemTime::now());
+        assert!(
+            matches!(&e, GraphError::NotFound { code, .. } if code == "ErrorItemNotFound"),
+            "{e}"
+        );
+        let body =
+            br#"{"error":{"code":"generalException","message":"m","innerError":{"date":"d"}}}"#;
+        let e = classify_failure(500, &http::HeaderMap::new(), body, ids(), SystemTime::now());
+        assert!(e.to_string().contains("generalException"), "{e}");
     }
 
     #[test]
