@@ -1,36 +1,13 @@
 //! calsync: a dedicated Office 365 calendar-sync worker service over Microsoft Graph.
+//!
+//! The service lives in `calsync-core` (re-exported here), the Graph simulator in `calsync-sim`
+//! and the demo, drill and benchmarks in `calsync-lab`; the last two only with the default `lab`
+//! feature, which the production build leaves out.
 #![forbid(unsafe_code)]
 
-pub mod app;
-pub mod auth;
-pub mod bench;
-pub mod config;
-pub mod console;
-pub mod demo;
-pub mod drill;
-pub mod graph;
-pub mod http;
-pub mod metrics;
-pub mod net;
-pub mod notifications;
-pub mod resilience;
-pub mod scheduler;
-pub mod sim;
-pub mod store;
-pub mod sync;
-pub mod telemetry;
+pub use calsync_core::*;
 
-/// An error and its causes on one line, `outer: cause: root cause`, for logs and stored errors.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
-}
+#[cfg(feature = "lab")]
+pub use calsync_lab::{bench, console, demo, drill, latency};
+#[cfg(feature = "lab")]
+pub use calsync_sim as sim;

@@ -39,13 +39,17 @@ enum Command {
     CheckConfig,
     /// Run the simulator and the service together on loopback and check the store against the
     /// simulator's ground truth (exit 0 on a match).
+    #[cfg(feature = "lab")]
     Demo(calsync::demo::DemoArgs),
     /// Replay the 22-minute identity outage on the simulator, compressed in time, and report
     /// lag, slot holds, requests and recovery per tenant against the targets (exit 0 if met).
+    #[cfg(feature = "lab")]
     Drill(calsync::drill::DrillArgs),
     /// Measure sync throughput, idle-round cost, the raw HTTP ceiling and memory on this machine.
+    #[cfg(feature = "lab")]
     Bench(calsync::bench::BenchArgs),
     /// Run the Microsoft Graph simulator (token endpoint, calendarView delta, faults).
+    #[cfg(feature = "lab")]
     Sim(calsync::sim::SimArgs),
     /// Ask a running calsync for /healthz; exit 0 if it answers 200 (for Docker HEALTHCHECK).
     Health {
@@ -70,12 +74,17 @@ fn emit(text: &str) {
 }
 
 macro_rules! say {
-    ($($arg:tt)*) => { emit(&format!("{}\n", format_args!($($arg)*))) };
+    ($($arg:tt)*) => { $crate::emit(&format!("{}\n", format_args!($($arg)*))) };
 }
+#[cfg(feature = "lab")]
+pub(crate) use say;
 
+#[cfg(feature = "lab")]
 macro_rules! say_raw {
-    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::emit(&format!($($arg)*)) };
 }
+#[cfg(feature = "lab")]
+pub(crate) use say_raw;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -91,10 +100,14 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         // The simulator and the demo bring their own configuration.
-        Command::Demo(args) => runtime.block_on(demo(args)),
-        Command::Sim(args) => runtime.block_on(sim(args)),
-        Command::Drill(args) => runtime.block_on(drill(args)),
-        Command::Bench(args) => runtime.block_on(bench(args)),
+        #[cfg(feature = "lab")]
+        Command::Demo(args) => runtime.block_on(lab::demo(args)),
+        #[cfg(feature = "lab")]
+        Command::Sim(args) => runtime.block_on(lab::sim(args)),
+        #[cfg(feature = "lab")]
+        Command::Drill(args) => runtime.block_on(lab::drill(args)),
+        #[cfg(feature = "lab")]
+        Command::Bench(args) => runtime.block_on(lab::bench(args)),
         command => {
             let settings = match Settings::load(cli.config.as_deref()) {
                 Ok(s) => s,
@@ -110,6 +123,7 @@ fn main() -> ExitCode {
                     Command::CheckConfig => check_config(&settings),
                     Command::Migrate => migrate(&settings).await,
                     Command::Health { url } => health(&settings, url).await,
+                    #[cfg(feature = "lab")]
                     Command::Demo(_) | Command::Sim(_) | Command::Drill(_) | Command::Bench(_) => {
                         unreachable!("matched above")
                     }
@@ -124,56 +138,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn demo(args: calsync::demo::DemoArgs) -> anyhow::Result<ExitCode> {
-    let json = args.json;
-    let summary = calsync::demo::run(args).await?;
-    if json {
-        say!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        say_raw!("{}", calsync::demo::render_summary(&summary));
-    }
-    Ok(if summary.matched {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-async fn drill(args: calsync::drill::DrillArgs) -> anyhow::Result<ExitCode> {
-    let json = args.json;
-    let report = calsync::drill::run(args).await?;
-    if json {
-        say!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        say_raw!("{}", calsync::drill::render(&report));
-    }
-    Ok(if report.all_targets_met {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-async fn bench(args: calsync::bench::BenchArgs) -> anyhow::Result<ExitCode> {
-    let json = args.json;
-    let report = calsync::bench::run(args).await?;
-    if json {
-        say!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        say_raw!("{}", calsync::bench::render(&report));
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn sim(args: calsync::sim::SimArgs) -> anyhow::Result<ExitCode> {
-    calsync::telemetry::init(&calsync::config::LogSettings {
-        format: calsync::config::LogFormat::Pretty,
-        level: "info".into(),
-    });
-    calsync::sim::run(args).await?;
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
@@ -312,5 +276,61 @@ async fn health(settings: &Settings, url: Option<String>) -> anyhow::Result<Exit
             say!("unreachable: {}", calsync::net::describe_transport(&e));
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// The lab commands: the simulator, the demo, the drill and the benchmarks.
+#[cfg(feature = "lab")]
+mod lab {
+    use std::process::ExitCode;
+
+    pub async fn demo(args: calsync::demo::DemoArgs) -> anyhow::Result<ExitCode> {
+        let json = args.json;
+        let summary = calsync::demo::run(args).await?;
+        if json {
+            crate::say!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            crate::say_raw!("{}", calsync::demo::render_summary(&summary));
+        }
+        Ok(if summary.matched {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+
+    pub async fn drill(args: calsync::drill::DrillArgs) -> anyhow::Result<ExitCode> {
+        let json = args.json;
+        let report = calsync::drill::run(args).await?;
+        if json {
+            crate::say!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            crate::say_raw!("{}", calsync::drill::render(&report));
+        }
+        Ok(if report.all_targets_met {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+
+    pub async fn bench(args: calsync::bench::BenchArgs) -> anyhow::Result<ExitCode> {
+        let json = args.json;
+        let report = calsync::bench::run(args).await?;
+        if json {
+            crate::say!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            crate::say_raw!("{}", calsync::bench::render(&report));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn sim(args: calsync::sim::SimArgs) -> anyhow::Result<ExitCode> {
+        calsync::telemetry::init(&calsync::config::LogSettings {
+            format: calsync::config::LogFormat::Pretty,
+            level: "info".into(),
+        });
+        calsync::sim::run(args).await?;
+        Ok(ExitCode::SUCCESS)
     }
 }

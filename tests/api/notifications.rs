@@ -867,7 +867,7 @@ async fn subscription_rows_on_postgres() {
 #[tokio::test]
 async fn change_to_stored_latency_is_measured_both_ways() {
     let poll = Duration::from_millis(800);
-    let latency = calsync::notifications::latency::change_to_stored(3, poll)
+    let latency = calsync::latency::change_to_stored(3, poll)
         .await
         .expect("measured");
     assert_eq!(latency.via_notification.len(), 3);

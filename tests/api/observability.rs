@@ -456,7 +456,7 @@ fn captured_logs() -> &'static Lines {
         let subscriber = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
-            .with_env_filter("calsync::scheduler=info,calsync::resilience=info,calsync::sync=info")
+            .with_env_filter("calsync_core::scheduler=info,calsync_core::resilience=info,calsync_core::sync=info")
             .with_writer(lines.clone())
             .finish();
         tracing::subscriber::set_global_default(subscriber)

@@ -18,10 +18,10 @@ use serde::Serialize;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::app;
-use crate::config::Settings;
-use crate::sim::SimConfig;
-use crate::store::RunOutcome;
+use calsync_core::app;
+use calsync_core::config::Settings;
+use calsync_core::store::RunOutcome;
+use calsync_sim::SimConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -56,8 +56,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     pub latency_samples: usize,
     /// The polling service's sync interval in the latency measurement.
-    #[arg(long, default_value = "2s", value_parser = crate::config::HumanDuration::parse)]
-    pub latency_poll_interval: crate::config::HumanDuration,
+    #[arg(long, default_value = "2s", value_parser = calsync_core::config::HumanDuration::parse)]
+    pub latency_poll_interval: calsync_core::config::HumanDuration,
 }
 
 #[derive(Debug, Serialize)]
@@ -144,10 +144,10 @@ pub fn window_moves(
         // One round before the day sets the window the day's first round compares with.
         let mut at =
             day_start + chrono::Duration::from_std(phase).unwrap_or_default() - step(&mut rng);
-        let mut window = crate::sync::window_at(at, past, future, tenant, user);
+        let mut window = calsync_core::sync::window_at(at, past, future, tenant, user);
         while at < day_end {
             at += step(&mut rng);
-            let now = crate::sync::window_at(at, past, future, tenant, user);
+            let now = calsync_core::sync::window_at(at, past, future, tenant, user);
             if now != window && at >= day_start && at < day_end {
                 per_hour[((at - day_start).num_seconds() / 3600) as usize] += 1;
             }
@@ -234,11 +234,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
                 args.latency_samples
             );
         }
-        let latency = crate::notifications::latency::change_to_stored(
-            args.latency_samples,
-            args.latency_poll_interval.0,
-        )
-        .await?;
+        let latency =
+            crate::latency::change_to_stored(args.latency_samples, args.latency_poll_interval.0)
+                .await?;
         report.change_to_stored = Some(LatencySummary::of(&latency));
     }
     result
@@ -256,7 +254,7 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
-    fn of(l: &crate::notifications::latency::ChangeLatency) -> Self {
+    fn of(l: &crate::latency::ChangeLatency) -> Self {
         let stats = |d: &[Duration]| {
             let mut ms: Vec<f64> = d.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
             ms.sort_by(f64::total_cmp);
@@ -622,7 +620,7 @@ async fn spawn_sim(args: &BenchArgs, addr: SocketAddr, seed: u64) -> anyhow::Res
 }
 
 async fn sim_requests(addr: SocketAddr) -> anyhow::Result<u64> {
-    let client = crate::net::http_client(Duration::from_secs(2), Duration::from_secs(10))?;
+    let client = calsync_core::net::http_client(Duration::from_secs(2), Duration::from_secs(10))?;
     let stats: serde_json::Value = client
         .get(format!("http://{addr}/_sim/stats"))
         .send()
@@ -637,14 +635,14 @@ async fn sim_requests(addr: SocketAddr) -> anyhow::Result<u64> {
 async fn raw_ceiling(
     settings: &Settings,
     config: &SimConfig,
-    tokens: &crate::auth::TokenProviders,
+    tokens: &calsync_core::auth::TokenProviders,
     workers: usize,
 ) -> anyhow::Result<(u64, f64)> {
-    let http = crate::net::http_client(
+    let http = calsync_core::net::http_client(
         settings.graph.connect_timeout,
         settings.graph.request_timeout,
     )?;
-    let graph = crate::graph::GraphClient::new(&settings.graph, http.clone());
+    let graph = calsync_core::graph::GraphClient::new(&settings.graph, http.clone());
     let mut work = Vec::new();
     for tenant in &config.tenants {
         let token = tokens
@@ -653,7 +651,7 @@ async fn raw_ceiling(
             .token()
             .await?;
         for mailbox in &tenant.mailboxes {
-            let window = crate::sync::window_at(
+            let window = calsync_core::sync::window_at(
                 Utc::now(),
                 settings.sync.window_past,
                 settings.sync.window_future,

@@ -9,9 +9,9 @@ use chrono::Utc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Application;
-use crate::sim::{self, SimConfig, SimHandle};
-use crate::store::Store;
+use calsync_core::app::Application;
+use calsync_core::store::Store;
+use calsync_sim::{self as sim, SimConfig, SimHandle};
 
 /// Change-to-stored times, one per sample.
 #[derive(Clone, Debug, Default)]

@@ -7,7 +7,6 @@
 //! latency (the periodic round still comes), never data.
 
 pub mod client;
-pub mod latency;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -28,7 +28,7 @@ use crate::store::{MailboxId, MailboxRecord, StoreError, StoredEvent};
 /// Where the API is mounted.
 pub const PREFIX: &str = "/v1";
 /// The OpenAPI 3.1 description, served as is.
-pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+pub const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
 const OPENAPI_PATH: &str = "/openapi.json";
 
 /// Longest `[start, end)` one events request may cover.

@@ -16,14 +16,14 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Application;
-use crate::config::Settings;
 use crate::console::{progress_bar, short_duration, LiveView};
 use crate::demo::sim_service_settings;
-use crate::resilience::guard::Dependency;
-use crate::scheduler::Worker;
-use crate::sim::{self, Endpoint, FaultKind, FaultRule, RetryAfter, SimConfig, SimHandle};
-use crate::store::Store;
+use calsync_core::app::Application;
+use calsync_core::config::Settings;
+use calsync_core::resilience::guard::Dependency;
+use calsync_core::scheduler::Worker;
+use calsync_core::store::Store;
+use calsync_sim::{self as sim, Endpoint, FaultKind, FaultRule, RetryAfter, SimConfig, SimHandle};
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 /// The incident, in real time: 22 minutes of outage.
@@ -492,7 +492,7 @@ async fn slot_holds(
     for m in store.mailboxes().await? {
         let entry = out.entry(m.tenant.clone()).or_default();
         for run in store
-            .runs(m.id, crate::store::RUNS_KEPT_PER_MAILBOX as u32)
+            .runs(m.id, calsync_core::store::RUNS_KEPT_PER_MAILBOX as u32)
             .await?
         {
             if run.started_at < since {
@@ -522,7 +522,7 @@ fn lag_stats(samples: &[f64]) -> LagStats {
 }
 
 fn frame(
-    mailboxes: &[crate::store::MailboxRecord],
+    mailboxes: &[calsync_core::store::MailboxRecord],
     elapsed: Duration,
     t: Timeline,
     phase: usize,

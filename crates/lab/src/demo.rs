@@ -13,13 +13,13 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Application;
-use crate::config::{HumanDuration, Settings};
 use crate::console::{progress_bar, short_duration, LiveView};
-use crate::graph::model::parse_event;
-use crate::sim::{self, SimConfig, SimHandle};
-use crate::store::{MailboxRecord, Store, UserView};
-use crate::sync::window_at;
+use calsync_core::app::Application;
+use calsync_core::config::{HumanDuration, Settings};
+use calsync_core::graph::model::parse_event;
+use calsync_core::store::{MailboxRecord, Store, UserView};
+use calsync_core::sync::window_at;
+use calsync_sim::{self as sim, SimConfig, SimHandle};
 
 /// How long the initial sync and the final convergence may take before the demo gives up.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -143,7 +143,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     // Phase 2: calendars change while calsync keeps up; in each tenant's first mailbox one
     // recurring series is renamed and another deleted, on top of the random changes.
     let now = Utc::now();
-    let covered = crate::graph::Window {
+    let covered = calsync_core::graph::Window {
         start: now - chrono::Duration::from_std(window_past).unwrap_or_default(),
         end: now + chrono::Duration::from_std(window_future).unwrap_or_default(),
     };
@@ -196,7 +196,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
 
 /// Renames one series and deletes another in each tenant's first mailbox (series with an
 /// occurrence in the window); returns how many of each.
-fn change_series(sim: &SimHandle, window: crate::graph::Window) -> (usize, usize) {
+fn change_series(sim: &SimHandle, window: calsync_core::graph::Window) -> (usize, usize) {
     let (mut renamed, mut deleted) = (0, 0);
     for tenant in sim.tenants() {
         let Some(mailbox) = tenant.mailboxes.first() else {
