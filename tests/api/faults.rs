@@ -47,7 +47,7 @@ fn running_of(app: &SimApp, tenant: &str) -> usize {
 async fn health(app: &SimApp) -> serde_json::Value {
     let mailboxes = app.store.mailboxes().await.expect("store reads");
     let health =
-        calsync::http::build_health(&mailboxes, &Default::default(), &app.worker, Utc::now()).await;
+        calsync::health::build(&mailboxes, &Default::default(), &app.worker, Utc::now()).await;
     serde_json::to_value(health).expect("health serializes")
 }
 
@@ -325,7 +325,9 @@ async fn failures_spread_over_mailboxes_open_the_tenant_breaker() {
     );
 }
 
-/// A connection Graph resets is evidence against Graph at once, from a single mailbox.
+/// A connection Graph resets is evidence against Graph at once, from a single mailbox: in the
+/// same quiet tenant as the 504 case above, where only that mailbox's jobs run, its breaker
+/// opens.
 #[tokio::test]
 async fn connection_failures_count_against_the_tenant_from_one_mailbox() {
     let app = sim_app(world(1, 4, 20), |s| {
@@ -340,10 +342,23 @@ async fn connection_failures_count_against_the_tenant_from_one_mailbox() {
             .endpoint(Endpoint::Graph)
             .mailbox(&bad),
     );
-    app.pass().await;
+    let bad_id = app.record(&bad).await.id;
+    app.store
+        .request_sync(bad_id, chrono::Utc::now())
+        .await
+        .expect("store writes");
+    let mut d = Dispatcher::new(app.worker.clone());
+    d.step_until(
+        "the tenant's Graph breaker opens",
+        Duration::from_secs(20),
+        Duration::from_millis(10),
+        |_| breaker(&app, "tenant1", Dependency::Graph).trips >= 1,
+    )
+    .await;
+    d.drain().await;
     assert!(
-        breaker(&app, "tenant1", Dependency::Graph).trips >= 1,
-        "resets open the breaker"
+        d.finished.iter().all(|(_, r)| r.mailbox == bad),
+        "only the reset mailbox ran"
     );
 }
 

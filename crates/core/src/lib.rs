@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod graph;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod net;

@@ -20,14 +20,6 @@ use chrono::{DateTime, Utc};
 use metrics::{counter, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::auth::{AuthError, AuthFailureClass};
-use crate::graph::GraphError;
-use crate::http::Health;
-use crate::resilience::breaker::BreakerState;
-use crate::resilience::guard::Dependency;
-use crate::store::{MailboxRecord, RunOutcome, StoreError};
-use crate::sync::{SyncError, SyncReport};
-
 pub const JOBS_STARTED: &str = "calsync_jobs_started_total";
 pub const JOBS_FINISHED: &str = "calsync_jobs_finished_total";
 pub const JOB_FAILURES: &str = "calsync_job_failures_total";
@@ -283,33 +275,41 @@ pub fn job_started(tenant: &str) {
     counter!(JOBS_STARTED, "tenant" => tenant.to_string()).increment(1);
 }
 
+/// The end of one sync job, as the metrics see it.
+pub struct JobEnd<'a> {
+    pub tenant: &'a str,
+    /// `ok`, `failed`, `deadline_exceeded`, `deferred`.
+    pub outcome: &'static str,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// When the mailbox's data was last up to date before this job, if it succeeded.
+    pub lag_since: Option<DateTime<Utc>>,
+    pub upserted: u64,
+    pub deleted: u64,
+    pub pages: u64,
+    pub resynced: bool,
+}
+
 /// A job's end: outcome, duration, what it wrote and, on success, how stale the mailbox was.
-pub fn job_finished(
-    mailbox: &MailboxRecord,
-    outcome: RunOutcome,
-    report: &SyncReport,
-    started_at: DateTime<Utc>,
-    finished_at: DateTime<Utc>,
-) {
-    let tenant = mailbox.tenant.clone();
-    counter!(JOBS_FINISHED, "tenant" => tenant.clone(), "outcome" => outcome.as_str()).increment(1);
-    histogram!(JOB_DURATION, "tenant" => tenant.clone(), "outcome" => outcome.as_str())
-        .record(seconds_between(started_at, finished_at));
-    if outcome == RunOutcome::Ok {
-        let previous = mailbox.last_success_at.unwrap_or(mailbox.created_at);
+pub fn job_finished(end: &JobEnd<'_>) {
+    let tenant = end.tenant.to_string();
+    counter!(JOBS_FINISHED, "tenant" => tenant.clone(), "outcome" => end.outcome).increment(1);
+    histogram!(JOB_DURATION, "tenant" => tenant.clone(), "outcome" => end.outcome)
+        .record(seconds_between(end.started_at, end.finished_at));
+    if let Some(previous) = end.lag_since {
         histogram!(SYNC_LAG, "tenant" => tenant.clone())
-            .record(seconds_between(previous, finished_at));
+            .record(seconds_between(previous, end.finished_at));
     }
-    if report.upserted > 0 {
-        counter!(EVENTS_UPSERTED, "tenant" => tenant.clone()).increment(report.upserted);
+    if end.upserted > 0 {
+        counter!(EVENTS_UPSERTED, "tenant" => tenant.clone()).increment(end.upserted);
     }
-    if report.deleted > 0 {
-        counter!(EVENTS_DELETED, "tenant" => tenant.clone()).increment(report.deleted);
+    if end.deleted > 0 {
+        counter!(EVENTS_DELETED, "tenant" => tenant.clone()).increment(end.deleted);
     }
-    if report.pages > 0 {
-        counter!(PAGES, "tenant" => tenant.clone()).increment(report.pages);
+    if end.pages > 0 {
+        counter!(PAGES, "tenant" => tenant.clone()).increment(end.pages);
     }
-    if report.resynced {
+    if end.resynced {
         counter!(RESYNCS, "tenant" => tenant).increment(1);
     }
 }
@@ -318,38 +318,10 @@ fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     ((to - from).num_milliseconds().max(0) as f64) / 1000.0
 }
 
-/// A job that failed with `error` (deadline and lost-lease ends are counted by their outcome).
-pub fn job_failed(tenant: &str, error: &SyncError) {
-    counter!(JOB_FAILURES, "tenant" => tenant.to_string(), "reason" => failure_reason(error))
-        .increment(1);
-}
-
-/// The class of a job's error, as a label.
-pub fn failure_reason(error: &SyncError) -> &'static str {
-    match error {
-        SyncError::Auth(e) => match e.class() {
-            AuthFailureClass::Permanent => "auth_permanent",
-            AuthFailureClass::Transient => "auth_transient",
-        },
-        SyncError::Graph(e) => match e {
-            GraphError::Unauthorized { .. } => "graph_unauthorized",
-            GraphError::Throttled { .. } => "graph_throttled",
-            GraphError::ResyncRequired { .. } => "graph_resync_required",
-            GraphError::Transient { .. } => "graph_transient",
-            GraphError::Unreachable { .. } => "graph_unreachable",
-            GraphError::NotFound { .. } => "graph_not_found",
-            GraphError::Permanent { .. } => "graph_permanent",
-            GraphError::Malformed { .. } => "graph_malformed",
-            GraphError::ForeignLink { .. } | GraphError::BadLink(_) => "graph_bad_link",
-        },
-        SyncError::Store(StoreError::LeaseLost(_)) => "lease_lost",
-        SyncError::Store(_) => "store",
-        SyncError::RoundTooLong { .. } => "round_too_long",
-        SyncError::PageLoop { .. } => "page_loop",
-        SyncError::ResyncLoop => "resync_loop",
-        SyncError::PageKeepsFailing { .. } => "page_keeps_failing",
-        SyncError::Deferred { .. } => "deferred",
-    }
+/// A job that failed, by the class of its error (its label, never its message; deadline and
+/// lost-lease ends are counted by their outcome).
+pub fn job_failed(tenant: &str, reason: &'static str) {
+    counter!(JOB_FAILURES, "tenant" => tenant.to_string(), "reason" => reason).increment(1);
 }
 
 /// Why a job stopped early and was rescheduled instead of waiting in a worker slot.
@@ -382,14 +354,9 @@ pub fn job_deferred(tenant: &str, reason: DeferReason, wait: Duration) {
     }
 }
 
-/// One Graph delta request and how it ended; `Err` without a Graph error (no token, a refused
-/// link) sent nothing and is not counted.
-pub fn graph_request<T>(tenant: &str, result: &Result<T, SyncError>) {
-    let status = match result {
-        Ok(_) => "2xx",
-        Err(SyncError::Graph(e)) => graph_status(e),
-        Err(_) => return,
-    };
+/// One Graph request and how it ended, by status class (`2xx`, `401`, `429`, `4xx`, `5xx`,
+/// `none` for no HTTP answer).
+pub fn graph_request(tenant: &str, status: &'static str) {
     counter!(GRAPH_REQUESTS, "tenant" => tenant.to_string(), "status" => status).increment(1);
     if status == "429" {
         counter!(GRAPH_THROTTLED, "tenant" => tenant.to_string()).increment(1);
@@ -401,27 +368,8 @@ pub fn graph_unauthorized(tenant: &str) {
     counter!(GRAPH_REQUESTS, "tenant" => tenant.to_string(), "status" => "401").increment(1);
 }
 
-fn graph_status(error: &GraphError) -> &'static str {
-    match error {
-        GraphError::Unauthorized { .. } => "401",
-        GraphError::NotFound { .. } => "4xx",
-        GraphError::Throttled { status: 429, .. } => "429",
-        GraphError::Throttled { status, .. }
-        | GraphError::ResyncRequired { status, .. }
-        | GraphError::Permanent { status, .. } => status_class(*status),
-        // Transient failures with an answer are worded "HTTP {status} {code}" by the classifier.
-        GraphError::Transient { reason, .. } => reason
-            .strip_prefix("HTTP ")
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|code| code.parse::<u16>().ok())
-            .map_or("none", status_class),
-        GraphError::Malformed { .. } => "2xx",
-        GraphError::Unreachable { .. } => "none",
-        GraphError::ForeignLink { .. } | GraphError::BadLink(_) => "none",
-    }
-}
-
-fn status_class(status: u16) -> &'static str {
+/// An HTTP status as its metric class.
+pub fn status_class(status: u16) -> &'static str {
     match status {
         200..=299 => "2xx",
         401 => "401",
@@ -453,15 +401,8 @@ pub fn graph_retry(tenant: &str, retry_after: Option<Duration>) {
     }
 }
 
-/// A request to the token endpoint and its result.
-pub fn token_request<T>(tenant: &str, result: &Result<T, AuthError>) {
-    let result = match result {
-        Ok(_) => "ok",
-        Err(e) => match e.class() {
-            AuthFailureClass::Permanent => "permanent",
-            AuthFailureClass::Transient => "transient",
-        },
-    };
+/// A request to the token endpoint and its result (`ok`, `transient`, `permanent`).
+pub fn token_request(tenant: &str, result: &'static str) {
     counter!(TOKEN_REQUESTS, "tenant" => tenant.to_string(), "result" => result).increment(1);
 }
 
@@ -469,284 +410,28 @@ pub fn token_grace_served(tenant: &str) {
     counter!(TOKEN_GRACE, "tenant" => tenant.to_string()).increment(1);
 }
 
-pub fn breaker_transition(tenant: &str, dependency: Dependency, to: BreakerState) {
+pub fn breaker_transition(tenant: &str, dependency: &'static str, to: &'static str) {
     counter!(
         BREAKER_TRANSITIONS,
         "tenant" => tenant.to_string(),
-        "dependency" => dependency.as_str(),
-        "to" => to.as_str()
+        "dependency" => dependency,
+        "to" => to
     )
     .increment(1);
 }
 
-// ---- state metrics, read at scrape time ----
-
-/// 0 closed, 1 half-open, 2 open: `> 0` means "not healthy", and `max` picks the worst.
-pub fn breaker_state_value(state: BreakerState) -> u8 {
-    match state {
-        BreakerState::Closed => 0,
-        BreakerState::HalfOpen => 1,
-        BreakerState::Open => 2,
-    }
-}
-
-/// Per tenant: the due mailboxes that may run now, their oldest age, and the due ones held back
-/// by an open breaker (those wait for the breaker's probe time, not for a worker: counted apart
-/// so a long outage does not look like a backlog). Mailboxes waiting out a `Retry-After` or a
-/// failure backoff have `next_run_at` in the future and are not due at all.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct DueJobs {
-    pub eligible: usize,
-    pub oldest_eligible_seconds: i64,
-    pub deferred_by_breaker: usize,
-}
-
-impl crate::http::TenantHealth {
-    /// The tenant's due mailboxes, split into those that may run now and those its open
-    /// breaker holds. `/healthz` totals these; the metrics report them per tenant.
-    pub fn due_jobs(&self, now: DateTime<Utc>) -> DueJobs {
-        let blocked = self
-            .breakers
-            .iter()
-            .any(|b| b.state == BreakerState::Open && b.probe_in_seconds.unwrap_or(0) > 0);
-        let mut due = DueJobs::default();
-        for m in self
-            .mailbox_detail
-            .iter()
-            .filter(|m| m.next_run_at <= now && !m.running)
-        {
-            if blocked {
-                due.deferred_by_breaker += 1;
-            } else {
-                due.eligible += 1;
-                due.oldest_eligible_seconds = due
-                    .oldest_eligible_seconds
-                    .max((now - m.next_run_at).num_seconds());
-            }
-        }
-        due
-    }
-}
-
-/// Settings the alert rules compare against.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub job_deadline: Duration,
-    pub interval: Duration,
-}
-
-/// Prometheus text for the state of one Application: breakers, mailboxes, lag, due and running
-/// jobs, token cache. Every tenant in the config appears, even with no mailbox.
-pub fn render_state(health: &Health, limits: Limits, now: DateTime<Utc>) -> String {
-    let mut out = Text::default();
-    out.family(
-        "calsync_breaker_state",
-        "gauge",
-        "Circuit breaker state per tenant and dependency: 0 closed, 1 half-open, 2 open.",
-    );
-    for t in &health.tenants {
-        for b in &t.breakers {
-            out.sample(
-                "calsync_breaker_state",
-                &[("tenant", &t.name), ("dependency", b.dependency.as_str())],
-                f64::from(breaker_state_value(b.state)),
-            );
-        }
-    }
-    out.family(
-        "calsync_breaker_permanent",
-        "gauge",
-        "1 while a breaker is open because the dependency refused us permanently (token endpoint: wrong or expired credentials).",
-    );
-    for t in &health.tenants {
-        for b in &t.breakers {
-            out.sample(
-                "calsync_breaker_permanent",
-                &[("tenant", &t.name), ("dependency", b.dependency.as_str())],
-                if b.permanent { 1.0 } else { 0.0 },
-            );
-        }
-    }
-    out.family(
-        "calsync_breaker_trips_total",
-        "counter",
-        "Times a breaker opened since calsync started.",
-    );
-    for t in &health.tenants {
-        for b in &t.breakers {
-            out.sample(
-                "calsync_breaker_trips_total",
-                &[("tenant", &t.name), ("dependency", b.dependency.as_str())],
-                b.trips as f64,
-            );
-        }
-    }
-    let per_tenant: [Family<crate::http::TenantHealth>; 5] = [
-        ("calsync_mailboxes", "Enabled mailboxes.", |t| {
-            t.mailboxes as f64
-        }),
-        (
-            "calsync_quarantined_items",
-            "Items in quarantine: sent by Graph, not understood, set aside (see GET /v1/mailboxes/{id}/quarantine).",
-            |t| t.quarantined as f64,
-        ),
-        (
-            "calsync_mailboxes_failing",
-            "Mailboxes whose last job failed.",
-            |t| t.failing as f64,
-        ),
-        (
-            "calsync_mailboxes_never_synced",
-            "Mailboxes without a successful sync yet.",
-            |t| t.never_synced as f64,
-        ),
-        (
-            "calsync_sync_lag_max_seconds",
-            "Seconds since the least recently synced mailbox of the tenant last synced (or was added).",
-            |t| t.max_lag_seconds as f64,
-        ),
-    ];
-    for (name, help, value) in per_tenant {
-        out.family(name, "gauge", help);
-        for t in &health.tenants {
-            out.sample(name, &[("tenant", &t.name)], value(t));
-        }
-    }
-    out.family(
-        "calsync_last_success_timestamp_seconds",
-        "gauge",
-        "Unix time of the tenant's most recent successful sync (absent until one succeeds).",
-    );
-    for t in &health.tenants {
-        if let Some(last) = t
-            .mailbox_detail
-            .iter()
-            .filter_map(|m| m.last_success_at)
-            .max()
-        {
-            out.sample(
-                "calsync_last_success_timestamp_seconds",
-                &[("tenant", &t.name)],
-                last.timestamp_millis() as f64 / 1000.0,
-            );
-        }
-    }
-    let due: Vec<(&str, DueJobs)> = health
-        .tenants
-        .iter()
-        .map(|t| (t.name.as_str(), t.due_jobs(now)))
-        .collect();
-    let due_families: [Family<DueJobs>; 3] = [
-        (
-            "calsync_due_jobs",
-            "Mailboxes due and allowed to run now (their tenant's breakers let them), not yet running.",
-            |d| d.eligible as f64,
-        ),
-        (
-            "calsync_oldest_due_job_age_seconds",
-            "How long the oldest due, runnable mailbox has waited for a worker. Mailboxes held by a breaker or waiting out a Retry-After are not counted.",
-            |d| d.oldest_eligible_seconds as f64,
-        ),
-        (
-            "calsync_due_jobs_deferred_by_breaker",
-            "Due mailboxes held back because their tenant's breaker is open (waiting for its probe, not for a worker).",
-            |d| d.deferred_by_breaker as f64,
-        ),
-    ];
-    for (name, help, value) in due_families {
-        out.family(name, "gauge", help);
-        for (tenant, d) in &due {
-            out.sample(name, &[("tenant", tenant)], value(d));
-        }
-    }
-    out.family(
-        "calsync_jobs_running",
-        "gauge",
-        "Sync jobs running now, by tenant.",
-    );
-    for t in &health.tenants {
-        let n = health
-            .jobs
-            .worker
-            .running
-            .iter()
-            .filter(|j| j.tenant == t.name)
-            .count();
-        out.sample("calsync_jobs_running", &[("tenant", &t.name)], n as f64);
-    }
-    let worker = &health.jobs.worker;
-    let single: [(&str, &str, &str, f64); 6] = [
-        (
-            "calsync_job_longest_running_seconds",
-            "gauge",
-            "Age of the longest-running job now (0 when idle). Never above the job deadline.",
-            worker.longest_running_seconds,
-        ),
-        (
-            "calsync_job_deadline_seconds",
-            "gauge",
-            "The configured hard deadline of a sync job (sync.job_deadline).",
-            limits.job_deadline.as_secs_f64(),
-        ),
-        (
-            "calsync_sync_interval_seconds",
-            "gauge",
-            "The configured sync interval (sync.interval).",
-            limits.interval.as_secs_f64(),
-        ),
-        (
-            "calsync_worker_slots",
-            "gauge",
-            "Sync jobs that may run at once (sync.workers).",
-            worker.workers as f64,
-        ),
-        (
-            "calsync_worker_slots_busy",
-            "gauge",
-            "Worker slots in use.",
-            worker.busy_slots as f64,
-        ),
-        (
-            "calsync_jobs_stuck_total",
-            "counter",
-            "Jobs found still running past deadline + sync.stuck_grace (their slot was freed). Must stay 0.",
-            worker.stuck_total as f64,
-        ),
-    ];
-    for (name, kind, help, value) in single {
-        out.family(name, kind, help);
-        out.sample(name, &[], value);
-    }
-    out.family(
-        "calsync_token_extended_lifetime",
-        "gauge",
-        "1 while the tenant's token is served past expires_in within ext_expires_in (token endpoint failing).",
-    );
-    for t in &health.tenants {
-        let extended = t.token.as_ref().is_some_and(|s| s.using_extended_lifetime);
-        out.sample(
-            "calsync_token_extended_lifetime",
-            &[("tenant", &t.name)],
-            if extended { 1.0 } else { 0.0 },
-        );
-    }
-    out.0
-}
-
-/// A gauge family's name, help and value per item.
-type Family<T> = (&'static str, &'static str, fn(&T) -> f64);
-
-/// Prometheus text exposition, just the parts the state metrics need.
+/// Prometheus text exposition, just the parts the state metrics need (rendered at scrape time
+/// by [`crate::health`]).
 #[derive(Default)]
-struct Text(String);
+pub struct Text(String);
 
 impl Text {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {}", help.replace('\\', "\\\\"));
         let _ = writeln!(self.0, "# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.0.push_str(name);
         if !labels.is_empty() {
             self.0.push('{');
@@ -762,6 +447,12 @@ impl Text {
     }
 }
 
+impl Text {
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
 fn escape_label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
@@ -772,64 +463,11 @@ fn escape_label(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::RequestIds;
-
-    fn ids() -> RequestIds {
-        RequestIds {
-            request_id: Some("r".into()),
-            client_request_id: "c".into(),
-        }
-    }
-
-    #[test]
-    fn graph_status_classes_come_from_the_classifier_wording() {
-        let answered = crate::graph::classify_failure(
-            503,
-            &http::HeaderMap::new(),
-            b"",
-            ids(),
-            std::time::SystemTime::now(),
-        );
-        assert_eq!(graph_status(&answered), "5xx");
-        let throttled = crate::graph::classify_failure(
-            429,
-            &http::HeaderMap::new(),
-            b"",
-            ids(),
-            std::time::SystemTime::now(),
-        );
-        assert_eq!(graph_status(&throttled), "429");
-        let reset = GraphError::Transient {
-            reason: "connection reset by peer".into(),
-            retry_after: None,
-            ids: ids(),
-        };
-        assert_eq!(graph_status(&reset), "none");
-        let gone = crate::graph::classify_failure(
-            410,
-            &http::HeaderMap::new(),
-            b"",
-            ids(),
-            std::time::SystemTime::now(),
-        );
-        assert_eq!(graph_status(&gone), "4xx");
-    }
 
     #[test]
     fn label_values_are_escaped() {
         let mut text = Text::default();
         text.sample("m", &[("tenant", "a\"b\\c\nd")], 1.0);
         assert_eq!(text.0, "m{tenant=\"a\\\"b\\\\c\\nd\"} 1\n");
-    }
-
-    #[test]
-    fn failure_reasons_never_carry_the_message() {
-        let e = SyncError::Graph(GraphError::Permanent {
-            status: 403,
-            code: "ErrorAccessDenied".into(),
-            message: "alice@contoso.com may not".into(),
-            ids: ids(),
-        });
-        assert_eq!(failure_reason(&e), "graph_permanent");
     }
 }

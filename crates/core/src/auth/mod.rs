@@ -256,7 +256,16 @@ impl TokenProvider {
         };
         let started = Instant::now();
         let fetched = self.fetch().await;
-        crate::metrics::token_request(&self.tenant, &fetched);
+        crate::metrics::token_request(
+            &self.tenant,
+            match &fetched {
+                Ok(_) => "ok",
+                Err(e) => match e.class() {
+                    AuthFailureClass::Permanent => "permanent",
+                    AuthFailureClass::Transient => "transient",
+                },
+            },
+        );
         call.record(match &fetched {
             Ok(_) if started.elapsed() > self.slow_call => CallOutcome::Failure,
             Ok(_) => CallOutcome::Success,

@@ -108,6 +108,44 @@ impl GraphError {
         }
     }
 
+    /// The class of this error as a metric label (never its message).
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            Self::Unauthorized { .. } => "graph_unauthorized",
+            Self::Throttled { .. } => "graph_throttled",
+            Self::ResyncRequired { .. } => "graph_resync_required",
+            Self::Transient { .. } => "graph_transient",
+            Self::Unreachable { .. } => "graph_unreachable",
+            Self::NotFound { .. } => "graph_not_found",
+            Self::Permanent { .. } => "graph_permanent",
+            Self::Malformed { .. } => "graph_malformed",
+            Self::ForeignLink { .. } | Self::BadLink(_) => "graph_bad_link",
+        }
+    }
+
+    /// The HTTP status class of the answer behind this error, as a metric label (`none`: no
+    /// HTTP answer).
+    pub fn status_label(&self) -> &'static str {
+        use crate::metrics::status_class;
+        match self {
+            Self::Unauthorized { .. } => "401",
+            Self::NotFound { .. } => "4xx",
+            Self::Throttled { status: 429, .. } => "429",
+            Self::Throttled { status, .. }
+            | Self::ResyncRequired { status, .. }
+            | Self::Permanent { status, .. } => status_class(*status),
+            // Transient failures with an answer are worded "HTTP {status} {code}" by the
+            // classifier.
+            Self::Transient { reason, .. } => reason
+                .strip_prefix("HTTP ")
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|code| code.parse::<u16>().ok())
+                .map_or("none", status_class),
+            Self::Malformed { .. } => "2xx",
+            Self::Unreachable { .. } | Self::ForeignLink { .. } | Self::BadLink(_) => "none",
+        }
+    }
+
     pub fn request_ids(&self) -> Option<&RequestIds> {
         match self {
             Self::Unauthorized { ids, .. }
@@ -527,6 +565,34 @@ mod tests {
                 "{status} {code}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn status_labels_come_from_the_classifier_wording() {
+        let answered =
+            classify_failure(503, &http::HeaderMap::new(), b"", ids(), SystemTime::now());
+        assert_eq!(answered.status_label(), "5xx");
+        let throttled =
+            classify_failure(429, &http::HeaderMap::new(), b"", ids(), SystemTime::now());
+        assert_eq!(throttled.status_label(), "429");
+        let reset = GraphError::Unreachable {
+            reason: "connection reset by peer".into(),
+            ids: ids(),
+        };
+        assert_eq!(reset.status_label(), "none");
+        let gone = classify_failure(410, &http::HeaderMap::new(), b"", ids(), SystemTime::now());
+        assert_eq!(gone.status_label(), "4xx");
+    }
+
+    #[test]
+    fn reason_labels_never_carry_the_message() {
+        let e = GraphError::Permanent {
+            status: 403,
+            code: "ErrorAccessDenied".into(),
+            message: "alice@contoso.com may not".into(),
+            ids: ids(),
+        };
+        assert_eq!(e.reason_label(), "graph_permanent");
     }
 
     #[test]

@@ -122,7 +122,7 @@ impl GuardedBreaker {
     }
 
     fn log(&self, t: Transition, open_for: Option<std::time::Duration>) {
-        crate::metrics::breaker_transition(&self.tenant, self.dependency, t.to);
+        crate::metrics::breaker_transition(&self.tenant, self.dependency.as_str(), t.to.as_str());
         let permanent = self.with(|b, _| b.is_permanent());
         match t.to {
             BreakerState::Open => tracing::warn!(

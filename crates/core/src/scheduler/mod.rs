@@ -428,7 +428,7 @@ impl Worker {
                         Err((RunOutcome::Deferred, reason, Some(wait)))
                     }
                     Some(Ok(Err(e))) => {
-                        crate::metrics::job_failed(&mailbox.tenant, &e);
+                        crate::metrics::job_failed(&mailbox.tenant, e.reason_label());
                         if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
                             report.last_request_id = Some(id);
                         }
@@ -461,7 +461,18 @@ impl Worker {
             Err((outcome, message, wait)) => (outcome, Some(message), wait),
         };
         let next_run_at = self.next_run(mailbox, outcome, wait, finished_at);
-        crate::metrics::job_finished(mailbox, outcome, &report, started_at, finished_at);
+        crate::metrics::job_finished(&crate::metrics::JobEnd {
+            tenant: &mailbox.tenant,
+            outcome: outcome.as_str(),
+            started_at,
+            finished_at,
+            lag_since: (outcome == RunOutcome::Ok)
+                .then(|| mailbox.last_success_at.unwrap_or(mailbox.created_at)),
+            upserted: report.upserted,
+            deleted: report.deleted,
+            pages: report.pages,
+            resynced: report.resynced,
+        });
         match &error {
             None => tracing::info!(
                 pages = report.pages,

@@ -89,6 +89,24 @@ impl SyncError {
         }
     }
 
+    /// The class of this error as a metric label (never its message).
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            Self::Auth(e) => match e.class() {
+                crate::auth::AuthFailureClass::Permanent => "auth_permanent",
+                crate::auth::AuthFailureClass::Transient => "auth_transient",
+            },
+            Self::Graph(e) => e.reason_label(),
+            Self::Store(StoreError::LeaseLost(_)) => "lease_lost",
+            Self::Store(_) => "store",
+            Self::RoundTooLong { .. } => "round_too_long",
+            Self::PageLoop { .. } => "page_loop",
+            Self::ResyncLoop => "resync_loop",
+            Self::PageKeepsFailing { .. } => "page_keeps_failing",
+            Self::Deferred { .. } => "deferred",
+        }
+    }
+
     pub fn request_ids(&self) -> Option<&RequestIds> {
         match self {
             Self::Graph(e) => e.request_ids(),
@@ -397,7 +415,14 @@ where
         };
         let started = Instant::now();
         let result = with_fresh_token(ctx.tokens, &call).await;
-        crate::metrics::graph_request(ctx.tokens.tenant(), &result);
+        match &result {
+            Ok(_) => crate::metrics::graph_request(ctx.tokens.tenant(), "2xx"),
+            // An error without a Graph error (no token, a refused link) sent nothing.
+            Err(SyncError::Graph(e)) => {
+                crate::metrics::graph_request(ctx.tokens.tenant(), e.status_label())
+            }
+            Err(_) => {}
+        }
         crate::telemetry::record_request_ids(match &result {
             Ok((_, ids)) => Some(ids),
             Err(e) => e.request_ids(),

@@ -354,7 +354,7 @@ fn stuck(b: &mut String, health: &Health) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::JobsHealth;
+    use crate::health::JobsHealth;
     use crate::resilience::guard::Dependency;
     use crate::scheduler::WorkerStatus;
 
