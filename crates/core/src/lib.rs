@@ -5,6 +5,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod credential;
 pub mod graph;
 pub mod health;
 pub mod http;

@@ -421,7 +421,7 @@ pub fn breaker_transition(tenant: &str, dependency: &'static str, to: &'static s
 }
 
 /// Prometheus text exposition, just the parts the state metrics need (rendered at scrape time
-/// by [`crate::health`]).
+/// by the health module).
 #[derive(Default)]
 pub struct Text(String);
 

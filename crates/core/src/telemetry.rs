@@ -32,10 +32,8 @@ pub fn init(settings: &LogSettings) {
 
 /// Puts the ids of the latest Graph response on the current `sync_job` span, so every line the
 /// job logs from here on carries them (Graph support asks for both).
-pub fn record_request_ids(ids: Option<&crate::graph::RequestIds>) {
-    if let Some(ids) = ids {
-        let span = tracing::Span::current();
-        span.record("request_id", ids.request_id.as_deref().unwrap_or("-"));
-        span.record("client_request_id", ids.client_request_id.as_str());
-    }
+pub fn record_request_ids(request_id: Option<&str>, client_request_id: &str) {
+    let span = tracing::Span::current();
+    span.record("request_id", request_id.unwrap_or("-"));
+    span.record("client_request_id", client_request_id);
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use base64::Engine;
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, DurationRound, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -842,6 +842,24 @@ impl MailboxCalendar {
         self.log.push((seq, id.to_string()));
         true
     }
+}
+
+/// Graph accepts ISO 8601 with or without offset (no offset means UTC) and plain dates.
+pub fn parse_graph_datetime(s: &str) -> Option<DateTime<Utc>> {
+    // `+` in an unencoded query string arrives as a space.
+    let s = s.trim().replace(' ', "+");
+    if let Ok(t) = DateTime::parse_from_rfc3339(&s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(&s, f) {
+            return Some(Utc.from_utc_datetime(&t));
+        }
+    }
+    NaiveDate::parse_from_str(&s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| Utc.from_utc_datetime(&t))
 }
 
 #[cfg(test)]

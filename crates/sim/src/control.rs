@@ -12,9 +12,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::calendar::parse_graph_datetime;
 use super::calendar::Window;
 use super::faults::FaultRule;
-use super::graph::parse_graph_datetime;
 use super::state::{lock, Shared};
 
 fn bad_request(msg: String) -> Response {

@@ -382,7 +382,7 @@ impl Drop for Held<'_> {
     }
 }
 
-use super::state::lock;
+use super::locks::lock;
 
 /// A scenario file: `{"faults":[FaultRule...]}` (JSON) or `[[faults]]` tables (TOML), or a bare
 /// JSON array. `after_ms`/`for_ms` become the timeline, counted from when the scenario is loaded

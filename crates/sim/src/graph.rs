@@ -9,11 +9,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use axum::Extension;
-use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use rand::Rng;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use super::calendar::parse_graph_datetime;
 use super::calendar::{DeltaItem, Window};
 use super::conn::ConnCtl;
 use super::faults::{Endpoint, FaultKind, RetryAfter, Target};
@@ -22,7 +23,7 @@ use super::reply::{
 };
 use super::state::{lock, MailboxEntry, Shared};
 use super::stats::ViolationKind;
-use super::tokens::{DeltaPosition, LinkKind, TokenError};
+use super::tokens::{check_bearer, DeltaPosition, LinkKind, TokenError};
 
 /// What the request pipeline decided before the delta logic runs.
 pub enum Outcome {
@@ -252,7 +253,7 @@ async fn pipeline(
     let delivery = Delivery::from_faults(&kinds);
     let shape = DeltaShape::from_faults(&kinds);
 
-    let claims = match check_bearer(sim, headers) {
+    let claims = match check_bearer(&sim.signer, sim.now(), headers) {
         Ok(c) => c,
         Err(msg) => return (Outcome::Reply(unauthorized(msg, ids)), delivery),
     };
@@ -434,27 +435,6 @@ fn unauthorized(message: &str, ids: &RequestIds) -> Reply {
     )
 }
 
-pub(super) fn check_bearer(
-    sim: &Shared,
-    headers: &HeaderMap,
-) -> Result<super::tokens::AccessClaims, &'static str> {
-    let raw = header_str(headers, "authorization").ok_or("Access token is empty.")?;
-    let token = raw
-        .strip_prefix("Bearer ")
-        .or_else(|| raw.strip_prefix("bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or("Access token is empty.")?;
-    let claims = sim.signer.open_access(token).map_err(|e| match e {
-        TokenError::Malformed => "IDX14100: JWT is not well formed.",
-        TokenError::BadSignature => "Access token validation failure. Invalid signature.",
-    })?;
-    if sim.now().timestamp_millis() >= claims.exp {
-        return Err("Lifetime validation failed, the token is expired.");
-    }
-    Ok(claims)
-}
-
 /// Delta-only faults that change the shape of a round rather than a single response.
 #[derive(Default)]
 struct DeltaShape {
@@ -478,24 +458,6 @@ impl DeltaShape {
         }
         s
     }
-}
-
-/// Graph accepts ISO 8601 with or without offset (no offset means UTC) and plain dates.
-pub fn parse_graph_datetime(s: &str) -> Option<DateTime<Utc>> {
-    // `+` in an unencoded query string arrives as a space.
-    let s = s.trim().replace(' ', "+");
-    if let Ok(t) = DateTime::parse_from_rfc3339(&s) {
-        return Some(t.with_timezone(&Utc));
-    }
-    for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
-        if let Ok(t) = NaiveDateTime::parse_from_str(&s, f) {
-            return Some(Utc.from_utc_datetime(&t));
-        }
-    }
-    NaiveDate::parse_from_str(&s, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| Utc.from_utc_datetime(&t))
 }
 
 fn requested_page_size(headers: &HeaderMap) -> (Option<usize>, bool) {

@@ -16,6 +16,7 @@ mod conn;
 mod control;
 mod faults;
 mod graph;
+mod locks;
 mod reply;
 mod state;
 mod stats;

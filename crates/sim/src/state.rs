@@ -2,7 +2,9 @@
 //! fault rules, stats and the simulator clock.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+pub use super::locks::lock;
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, Utc};
@@ -17,11 +19,6 @@ use super::faults::FaultSet;
 use super::stats::{MailboxStats, SimStats, TenantStats};
 use super::subscriptions::{notify_changes, Subscriptions};
 use super::tokens::Signer;
-
-/// Locks a mutex, tolerating poison: a panicked handler must not take the simulator down.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 pub struct MailboxState {
     pub calendar: MailboxCalendar,

@@ -346,7 +346,7 @@ fn check_expiration(
     text: Option<&str>,
     ids: &RequestIds,
 ) -> Result<DateTime<Utc>, Reply> {
-    let Some(at) = text.and_then(super::graph::parse_graph_datetime) else {
+    let Some(at) = text.and_then(super::calendar::parse_graph_datetime) else {
         return Err(error_reply(
             400,
             "InvalidRequest",
@@ -401,7 +401,7 @@ fn authorize(sim: &Shared, headers: &HeaderMap, ids: &RequestIds) -> Result<Stri
         let (code, message) = super::reply::default_graph_code(status);
         return Err(error_reply(status, code, message, ids));
     }
-    super::graph::check_bearer(sim, headers)
+    super::tokens::check_bearer(&sim.signer, sim.now(), headers)
         .map(|claims| claims.tid)
         .map_err(|m| error_reply(401, "InvalidAuthenticationToken", m, ids))
 }

@@ -4,6 +4,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use ring::hmac;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -126,6 +127,32 @@ fn is_false(v: &bool) -> bool {
 }
 fn is_zero_u64(v: &u64) -> bool {
     *v == 0
+}
+
+/// The bearer token of a Graph request, checked: signed by this simulator and not expired.
+pub fn check_bearer(
+    signer: &Signer,
+    now: DateTime<Utc>,
+    headers: &axum::http::HeaderMap,
+) -> Result<AccessClaims, &'static str> {
+    let raw = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("Access token is empty.")?;
+    let token = raw
+        .strip_prefix("Bearer ")
+        .or_else(|| raw.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or("Access token is empty.")?;
+    let claims = signer.open_access(token).map_err(|e| match e {
+        TokenError::Malformed => "IDX14100: JWT is not well formed.",
+        TokenError::BadSignature => "Access token validation failure. Invalid signature.",
+    })?;
+    if now.timestamp_millis() >= claims.exp {
+        return Err("Lifetime validation failed, the token is expired.");
+    }
+    Ok(claims)
 }
 
 #[cfg(test)]

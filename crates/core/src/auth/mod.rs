@@ -2,7 +2,6 @@
 //! [`TokenProvider`] per tenant: a cache refreshed at half-life, single-flight refreshes, and
 //! the `ext_expires_in` grace while the token endpoint is failing transiently.
 
-mod certificate;
 mod classify;
 
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use url::Url;
 
-pub use certificate::{CertificateError, ClientCertificate};
+pub use crate::credential::{CertificateError, ClientCertificate};
 pub use classify::{classify_token_failure, IdentityError};
 
 use crate::config::{Credential, GraphSettings, ResilienceSettings, TenantSettings};

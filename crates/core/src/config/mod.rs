@@ -20,7 +20,7 @@ pub use log_level::validate as validate_log_filter;
 pub use notifications::{NotificationSettings, MAX_EVENT_SUBSCRIPTION};
 pub use server::ServerSettings;
 
-use crate::auth::ClientCertificate;
+use crate::credential::ClientCertificate;
 
 const DEFAULTS: &str = include_str!("defaults.toml");
 const ENV_PREFIX: &str = "CALSYNC_";
@@ -151,23 +151,8 @@ pub struct ApiSettings {
 /// Shortest admin API token accepted, in characters (`openssl rand -hex 32` gives 64).
 pub const API_TOKEN_MIN_LEN: usize = 32;
 
-#[derive(Clone, Debug)]
-pub struct ResilienceSettings {
-    pub retries_per_request: u32,
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
-    pub retry_budget_ratio: f64,
-    pub retry_budget_min_per_second: u32,
-    pub slow_call: Duration,
-    pub breaker: crate::resilience::breaker::BreakerConfig,
-    /// Failures of a tenant's Graph calls count against its breaker only once they come from
-    /// this many mailboxes within the breaker's window (or the connection itself failed): one
-    /// mailbox Graph cannot serve holds back that mailbox only.
-    pub breaker_min_mailboxes: u32,
-    pub mailbox_requests_per_10min: u32,
-    pub tenant_requests_per_second: u32,
-    pub app_requests_per_second: u32,
-}
+/// The resilience policy (retries, breakers, budgets, rate limits), validated here.
+pub use crate::resilience::ResilienceSettings;
 
 #[derive(Clone, Debug)]
 pub struct StoreSettings {

@@ -9,7 +9,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
-use crate::config::ResilienceSettings;
+use super::ResilienceSettings;
 
 const TEN_MINUTES: Duration = Duration::from_secs(600);
 

@@ -18,10 +18,27 @@ use governor::DefaultDirectRateLimiter;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::config::ResilienceSettings;
 use breaker::CallOutcome;
 use budget::RetryBudget;
 use guard::{Dependency, GuardedBreaker};
+
+#[derive(Clone, Debug)]
+pub struct ResilienceSettings {
+    pub retries_per_request: u32,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub retry_budget_ratio: f64,
+    pub retry_budget_min_per_second: u32,
+    pub slow_call: Duration,
+    pub breaker: breaker::BreakerConfig,
+    /// Failures of a tenant's Graph calls count against its breaker only once they come from
+    /// this many mailboxes within the breaker's window (or the connection itself failed): one
+    /// mailbox Graph cannot serve holds back that mailbox only.
+    pub breaker_min_mailboxes: u32,
+    pub mailbox_requests_per_10min: u32,
+    pub tenant_requests_per_second: u32,
+    pub app_requests_per_second: u32,
+}
 
 /// What one tenant's jobs share: the Graph breaker, the tenant's request rate, its retry
 /// budget and the count of its running jobs (for the per-tenant cap).

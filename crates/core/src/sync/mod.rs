@@ -423,10 +423,12 @@ where
             }
             Err(_) => {}
         }
-        crate::telemetry::record_request_ids(match &result {
+        if let Some(ids) = match &result {
             Ok((_, ids)) => Some(ids),
             Err(e) => e.request_ids(),
-        });
+        } {
+            crate::telemetry::record_request_ids(ids.request_id.as_deref(), &ids.client_request_id);
+        }
         let evidence = match &result {
             // Slow for one mailbox (a huge calendar) is that mailbox's matter unless others are.
             Ok(_) if started.elapsed() > ctx.slow_call => Evidence::MailboxFailure,
