@@ -29,7 +29,8 @@ fn breaker(app: &SimApp, tenant: &str, dependency: Dependency) -> BreakerSnapsho
 
 /// Until when the tenant's token breaker refuses calls, if it does.
 fn token_open_until(app: &SimApp, tenant: &str) -> Option<Instant> {
-    app.worker.tokens()[tenant]
+    app.worker.tenants()[tenant]
+        .tokens
         .endpoint_available()
         .err()
         .map(|r| r.until)

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use calsync::auth::TokenProviders;
 use calsync::config::Settings;
 use calsync::scheduler::{JobResult, Worker};
 use calsync::store::{MailboxRecord, Store, StoredEvent};
+use calsync::tenants::Tenants;
 use tempfile::TempDir;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -22,8 +22,8 @@ pub struct TestApp {
     pub settings: Settings,
     pub store: Store,
     pub worker: Arc<Worker>,
-    /// The worker's token providers, by tenant name.
-    pub tokens: Arc<TokenProviders>,
+    /// The configured tenants (token providers, breakers), by name.
+    pub tenants: Arc<Tenants>,
     pub dir: TempDir,
 }
 
@@ -82,14 +82,14 @@ pub async fn spawn_app_on(graph: MockServer, edit: impl FnOnce(String) -> String
     let store = calsync::app::open_store(&settings)
         .await
         .expect("store opens");
-    let (worker, tokens) =
+    let (worker, tenants) =
         calsync::app::build_worker(&settings, store.clone()).expect("worker builds");
     TestApp {
         graph,
         settings,
         store,
         worker,
-        tokens,
+        tenants,
         dir,
     }
 }

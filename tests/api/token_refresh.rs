@@ -68,7 +68,7 @@ async fn refused_token_is_refreshed_once_and_the_page_retried_with_the_new_beare
 
     assert_eq!(result.outcome, RunOutcome::Ok, "{:?}", result.error);
     assert_eq!(app.event_ids(ALICE).await, vec!["AAMkAGI2TG93AAA=after401"]);
-    let status = app.tokens[TENANT].status().await;
+    let status = app.tenants[TENANT].tokens.status().await;
     assert!(status.cached);
     assert_eq!(status.last_error, None);
 }

@@ -9,7 +9,6 @@ use chrono::Utc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{TokenProvider, TokenProviders};
 use crate::config::{ServerSettings, Settings};
 use crate::graph::GraphClient;
 use crate::http::server::{self, Exposure, Limits};
@@ -18,6 +17,7 @@ use crate::net;
 use crate::notifications::SubscriptionUpkeep;
 use crate::scheduler::Worker;
 use crate::store::Store;
+use crate::tenants::Tenants;
 
 pub struct Application {
     /// Health, metrics, status page, admin API.
@@ -59,7 +59,7 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
 pub fn build_worker(
     settings: &Settings,
     store: Store,
-) -> anyhow::Result<(Arc<Worker>, Arc<TokenProviders>)> {
+) -> anyhow::Result<(Arc<Worker>, Arc<Tenants>)> {
     let graph_http = net::http_client(
         settings.graph.connect_timeout,
         settings.graph.request_timeout,
@@ -70,20 +70,10 @@ pub fn build_worker(
         settings.graph.request_timeout,
     )
     .context("cannot build the token HTTP client")?;
-    let mut tokens = TokenProviders::new();
-    for tenant in &settings.tenants {
-        let provider = TokenProvider::new(
-            tenant,
-            &settings.graph,
-            &settings.resilience,
-            token_http.clone(),
-        )
-        .with_context(|| format!("tenant `{}`: bad token endpoint URL", tenant.name))?;
-        tokens.insert(tenant.name.clone(), Arc::new(provider));
-    }
+    let tenants = Arc::new(Tenants::build(settings, token_http)?);
     let graph = GraphClient::new(&settings.graph, graph_http);
-    let worker = Worker::new(settings, store, graph, tokens.clone())?;
-    Ok((Arc::new(worker), Arc::new(tokens)))
+    let worker = Worker::new(settings, store, graph, Arc::clone(&tenants))?;
+    Ok((Arc::new(worker), tenants))
 }
 
 impl Application {

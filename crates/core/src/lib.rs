@@ -17,6 +17,7 @@ pub mod scheduler;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod tenants;
 
 /// An error and its causes on one line, `outer: cause: root cause`, for logs and stored errors.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

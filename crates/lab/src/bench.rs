@@ -296,7 +296,7 @@ async fn measure(
         7,
     );
     let store = app::open_store(&settings).await?;
-    let (worker, tokens) = app::build_worker(&settings, store.clone())?;
+    let (worker, tenants) = app::build_worker(&settings, store.clone())?;
     let mailboxes = args.tenants * args.mailboxes;
     let progress = |s: &str| {
         if !args.json {
@@ -307,7 +307,7 @@ async fn measure(
     // The simulator builds each page's JSON on first use; one unmeasured pass warms it, so
     // calsync and the raw loop below meet the same simulator.
     progress("warming the simulator...");
-    raw_ceiling(&settings, config, &tokens, args.workers).await?;
+    raw_ceiling(&settings, config, &tenants, args.workers).await?;
 
     progress(&format!(
         "initial sync of {mailboxes} mailboxes x {} events...",
@@ -341,7 +341,7 @@ async fn measure(
 
     progress("raw ceiling: the same initial rounds by a bare reqwest loop...");
     let cpu_at_start = (cpu_seconds()?, sim_cpu(sim_stat));
-    let (raw_pages, raw_seconds) = raw_ceiling(&settings, config, &tokens, args.workers).await?;
+    let (raw_pages, raw_seconds) = raw_ceiling(&settings, config, &tenants, args.workers).await?;
     let raw_cpu_seconds = cpu_seconds()? - cpu_at_start.0;
     let raw_sim_cpu_seconds = sim_cpu(sim_stat) - cpu_at_start.1;
     let peak_rss_mib = status_kib("VmHWM:")? as f64 / 1024.0;
@@ -635,7 +635,7 @@ async fn sim_requests(addr: SocketAddr) -> anyhow::Result<u64> {
 async fn raw_ceiling(
     settings: &Settings,
     config: &SimConfig,
-    tokens: &calsync_core::auth::TokenProviders,
+    tenants: &calsync_core::tenants::Tenants,
     workers: usize,
 ) -> anyhow::Result<(u64, f64)> {
     let http = calsync_core::net::http_client(
@@ -645,9 +645,10 @@ async fn raw_ceiling(
     let graph = calsync_core::graph::GraphClient::new(&settings.graph, http.clone());
     let mut work = Vec::new();
     for tenant in &config.tenants {
-        let token = tokens
+        let token = tenants
             .get(&tenant.name)
-            .context("bench tenant has no token provider")?
+            .context("bench tenant is not configured")?
+            .tokens
             .token()
             .await?;
         for mailbox in &tenant.mailboxes {

@@ -141,10 +141,10 @@ pub async fn build(
     worker: &Worker,
     now: DateTime<Utc>,
 ) -> Health {
-    let tokens = worker.tokens();
+    let registry = worker.tenants();
     let mut by_tenant: std::collections::BTreeMap<&str, Vec<&MailboxRecord>> = Default::default();
-    for name in tokens.keys() {
-        by_tenant.entry(name.as_str()).or_default();
+    for name in registry.names() {
+        by_tenant.entry(name).or_default();
     }
     for m in mailboxes {
         by_tenant.entry(m.tenant.as_str()).or_default().push(m);
@@ -171,8 +171,8 @@ pub async fn build(
             })
             .collect();
         let failing = detail.iter().filter(|m| m.consecutive_failures > 0).count();
-        let token = match tokens.get(name) {
-            Some(provider) => Some(provider.status().await),
+        let token = match registry.get(name) {
+            Some(tenant) => Some(tenant.tokens.status().await),
             None => None,
         };
         let breakers_closed = breakers.iter().all(|b| b.state == BreakerState::Closed);

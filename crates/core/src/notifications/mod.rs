@@ -23,7 +23,6 @@ pub use client::{NewSubscription, Subscription, SubscriptionClient, Subscription
 use crate::config::{NotificationSettings, Settings};
 use crate::graph::GraphError;
 use crate::resilience::backoff::BackoffSchedule;
-use crate::resilience::breaker::BreakerState;
 use crate::resilience::Evidence;
 use crate::scheduler::Worker;
 use crate::store::{Store, SubscriptionDue, SubscriptionSaved};
@@ -231,7 +230,8 @@ impl SubscriptionUpkeep {
             .map(|r| r.user_id.to_ascii_lowercase())
             .collect();
         let mut retired = 0;
-        for (tenant, tokens) in self.worker.tokens().iter() {
+        for tenant in self.worker.tenants().iter() {
+            let (tenant, tokens) = (&tenant.name, &tenant.tokens);
             if !self.tenant_available(tenant) {
                 continue;
             }
@@ -281,7 +281,7 @@ impl SubscriptionUpkeep {
         let limit = (self.settings.max_concurrent * 16).min(4096) as u32;
         for item in self.store.retired_due(now, limit).await? {
             let id = &item.subscription_id;
-            let Some(tokens) = self.worker.tokens().get(&item.tenant) else {
+            let Some(tokens) = self.worker.tenants().get(&item.tenant).map(|t| &t.tokens) else {
                 // The tenant left the config with its credentials: Graph lets it expire.
                 tracing::warn!(tenant = %item.tenant, mailbox = %item.user_id, subscription = %id,
                     "cannot delete the subscription of a tenant no longer configured; it will expire");
@@ -332,8 +332,10 @@ impl SubscriptionUpkeep {
     /// Subscriptions wait while the tenant's token endpoint or Graph is failing: the sync
     /// jobs' probes decide when it is back.
     fn tenant_available(&self, tenant: &str) -> bool {
-        let breakers = self.worker.breakers(tenant);
-        !breakers.is_empty() && breakers.iter().all(|b| b.state == BreakerState::Closed)
+        self.worker
+            .tenants()
+            .get(tenant)
+            .is_some_and(|t| t.available())
     }
 }
 
@@ -417,7 +419,7 @@ impl UpkeepCall {
         item: &SubscriptionDue,
     ) -> Result<(Subscription, Option<SecretString>, Option<bool>), (String, Option<Duration>)>
     {
-        let Some(tokens) = self.worker.tokens().get(&item.tenant) else {
+        let Some(tokens) = self.worker.tenants().get(&item.tenant).map(|t| &t.tokens) else {
             return Err((format!("tenant `{}` is not configured", item.tenant), None));
         };
         let token = tokens
@@ -474,7 +476,7 @@ impl UpkeepCall {
         mailbox: i64,
         call: impl std::future::Future<Output = Result<T, SubscriptionError>>,
     ) -> Result<Result<T, SubscriptionError>, (String, Option<Duration>)> {
-        let Some(guard) = self.worker.guard(tenant) else {
+        let Some(guard) = self.worker.tenants().get(tenant).map(|t| &t.guard) else {
             return Err((format!("tenant `{tenant}` is not configured"), None));
         };
         let reservation = guard.graph.reserve().map_err(|rejected| {

@@ -19,16 +19,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::TokenProviders;
 use crate::config::{HumanDuration, ResilienceSettings, Settings, SyncSettings};
 use crate::graph::GraphClient;
 use crate::resilience::backoff::BackoffSchedule;
-use crate::resilience::breaker::BreakerState;
 use crate::resilience::guard::BreakerSnapshot;
-use crate::resilience::limits::RateLimits;
-use crate::resilience::{after_retry_after, RunningJobCount, TenantGuard};
+use crate::resilience::{after_retry_after, RunningJobCount};
 use crate::store::{JobRecord, Lease, MailboxRecord, RunOutcome, Store};
 use crate::sync::{self, RoundContext, SyncError, SyncReport};
+use crate::tenants::Tenants;
 
 /// Stuck jobs remembered for health output.
 const STUCK_KEPT: usize = 20;
@@ -93,9 +91,7 @@ pub struct WorkerStatus {
 pub struct Worker {
     store: Store,
     graph: GraphClient,
-    tokens: TokenProviders,
-    guards: HashMap<String, Arc<TenantGuard>>,
-    limits: RateLimits,
+    tenants: Arc<Tenants>,
     sync: SyncSettings,
     resilience: ResilienceSettings,
     max_pages_per_round: u32,
@@ -114,7 +110,7 @@ impl Worker {
         settings: &Settings,
         store: Store,
         graph: GraphClient,
-        tokens: TokenProviders,
+        tenants: Arc<Tenants>,
     ) -> anyhow::Result<Self> {
         let failure_backoff = BackoffSchedule::new(
             settings.sync.failure_backoff_initial,
@@ -124,23 +120,10 @@ impl Worker {
             settings.resilience.retry_initial,
             settings.resilience.retry_max,
         )?;
-        let limits = RateLimits::new(&settings.resilience);
-        let guards = settings
-            .tenants
-            .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    Arc::new(TenantGuard::new(&t.name, &settings.resilience, &limits)),
-                )
-            })
-            .collect();
         Ok(Self {
             store,
             graph,
-            tokens,
-            guards,
-            limits,
+            tenants,
             sync: settings.sync.clone(),
             resilience: settings.resilience.clone(),
             max_pages_per_round: settings.graph.max_pages_per_round,
@@ -166,26 +149,11 @@ impl Worker {
         (seq, format!("{}/{seq}", self.owner))
     }
 
-    /// How many jobs of `tenant` may start now: none while its token or Graph breaker is
-    /// open (they wait without a slot), one probe while one is half-open, else up to the cap.
+    /// How many jobs of `tenant` may start now (see [`Tenant::allowance`]).
     fn allowance(&self, tenant: &str) -> usize {
-        let (Some(guard), Some(tokens)) = (self.guards.get(tenant), self.tokens.get(tenant)) else {
-            return 0;
-        };
-        if guard.graph.would_allow().is_err() || tokens.endpoint_available().is_err() {
-            return 0;
-        }
-        let free = self
-            .sync
-            .max_jobs_per_tenant
-            .saturating_sub(guard.running());
-        let probing = guard.graph.state() != BreakerState::Closed
-            || tokens.breaker().state != BreakerState::Closed;
-        if probing {
-            free.min(1)
-        } else {
-            free
-        }
+        self.tenants
+            .get(tenant)
+            .map_or(0, |t| t.allowance(self.sync.max_jobs_per_tenant))
     }
 
     /// Claims due mailboxes for the free slots, fairly across tenants, and starts their jobs
@@ -216,12 +184,12 @@ impl Worker {
             else {
                 continue;
             };
-            let Some(guard) = self.guards.get(&mailbox.tenant) else {
+            let Some(tenant) = self.tenants.get(&mailbox.tenant) else {
                 continue;
             };
             let slot = JobSlot {
                 _permit: permit,
-                _count: guard.start_job(),
+                _count: tenant.guard.start_job(),
             };
             let worker = Arc::clone(self);
             jobs.spawn(async move { worker.execute(mailbox, seq, owner, slot).await });
@@ -241,7 +209,7 @@ impl Worker {
                 tracing::error!(error = %crate::error_chain(e.as_ref()), "could not claim due mailboxes");
             }
             if last_shrink.elapsed() > Duration::from_secs(60) {
-                self.limits.shrink();
+                self.tenants.limits().shrink();
                 last_shrink = Instant::now();
             }
             tokio::select! {
@@ -264,10 +232,11 @@ impl Worker {
     pub async fn sync_all_once(self: &Arc<Self>) -> anyhow::Result<Vec<JobResult>> {
         let mut jobs = JoinSet::new();
         for mailbox in self.store.mailboxes().await? {
-            let Some(guard) = self.guards.get(&mailbox.tenant) else {
+            let Some(tenant) = self.tenants.get(&mailbox.tenant) else {
                 tracing::warn!(tenant = %mailbox.tenant, "skipped: tenant not configured");
                 continue;
             };
+            let guard = &tenant.guard;
             let (seq, owner) = self.job_owner();
             let Some(claimed) = self
                 .store
@@ -377,7 +346,7 @@ impl Worker {
         mailbox: &str,
         job: impl std::future::Future<Output = ()>,
     ) -> Option<bool> {
-        let guard = self.guards.get(tenant)?;
+        let guard = &self.tenants.get(tenant)?.guard;
         let slot = JobSlot {
             _permit: Arc::clone(&self.slots).try_acquire_owned().ok()?,
             _count: guard.start_job(),
@@ -393,68 +362,66 @@ impl Worker {
     async fn run_job(&self, mailbox: &MailboxRecord, lease: Lease, deadline: Instant) -> JobResult {
         let started_at = Utc::now();
         let mut report = SyncReport::default();
-        let result: Result<(), (RunOutcome, String, Option<Duration>)> = match (
-            self.tokens.get(&mailbox.tenant),
-            self.guards.get(&mailbox.tenant),
-        ) {
-            (Some(tokens), Some(guard)) => {
-                let ctx = RoundContext {
-                    graph: &self.graph,
-                    store: &self.store,
-                    tokens,
-                    guard,
-                    limits: &self.limits,
-                    lease: &lease,
-                    window_past: self.sync.window_past,
-                    window_future: self.sync.window_future,
-                    max_pages_per_round: self.max_pages_per_round,
-                    page_failure_limit: self.page_failure_limit,
-                    deadline,
-                    retries_per_request: self.resilience.retries_per_request,
-                    retry_backoff: self.retry_backoff,
-                    slow_call: self.resilience.slow_call,
-                };
-                let job = tokio::time::timeout_at(
-                    deadline,
-                    sync::run_round(&ctx, mailbox, started_at, &mut report),
-                );
-                let outcome = tokio::select! {
-                    outcome = job => Some(outcome),
-                    () = self.heartbeat(&lease) => None,
-                };
-                match outcome {
-                    Some(Ok(Ok(()))) => Ok(()),
-                    Some(Ok(Err(SyncError::Deferred { wait, reason }))) => {
-                        Err((RunOutcome::Deferred, reason, Some(wait)))
-                    }
-                    Some(Ok(Err(e))) => {
-                        crate::metrics::job_failed(&mailbox.tenant, e.reason_label());
-                        if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
-                            report.last_request_id = Some(id);
+        let result: Result<(), (RunOutcome, String, Option<Duration>)> =
+            match self.tenants.get(&mailbox.tenant) {
+                Some(tenant) => {
+                    let ctx = RoundContext {
+                        graph: &self.graph,
+                        store: &self.store,
+                        tokens: &tenant.tokens,
+                        guard: &tenant.guard,
+                        limits: self.tenants.limits(),
+                        lease: &lease,
+                        window_past: self.sync.window_past,
+                        window_future: self.sync.window_future,
+                        max_pages_per_round: self.max_pages_per_round,
+                        page_failure_limit: self.page_failure_limit,
+                        deadline,
+                        retries_per_request: self.resilience.retries_per_request,
+                        retry_backoff: self.retry_backoff,
+                        slow_call: self.resilience.slow_call,
+                    };
+                    let job = tokio::time::timeout_at(
+                        deadline,
+                        sync::run_round(&ctx, mailbox, started_at, &mut report),
+                    );
+                    let outcome = tokio::select! {
+                        outcome = job => Some(outcome),
+                        () = self.heartbeat(&lease) => None,
+                    };
+                    match outcome {
+                        Some(Ok(Ok(()))) => Ok(()),
+                        Some(Ok(Err(SyncError::Deferred { wait, reason }))) => {
+                            Err((RunOutcome::Deferred, reason, Some(wait)))
                         }
-                        Err((RunOutcome::Failed, crate::error_chain(&e), e.retry_after()))
+                        Some(Ok(Err(e))) => {
+                            crate::metrics::job_failed(&mailbox.tenant, e.reason_label());
+                            if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
+                                report.last_request_id = Some(id);
+                            }
+                            Err((RunOutcome::Failed, crate::error_chain(&e), e.retry_after()))
+                        }
+                        Some(Err(_elapsed)) => Err((
+                            RunOutcome::DeadlineExceeded,
+                            format!(
+                                "job deadline of {} exceeded; the job was cancelled",
+                                HumanDuration(self.sync.job_deadline)
+                            ),
+                            None,
+                        )),
+                        None => Err((
+                            RunOutcome::Failed,
+                            "lost the mailbox's lease; the job was stopped".into(),
+                            None,
+                        )),
                     }
-                    Some(Err(_elapsed)) => Err((
-                        RunOutcome::DeadlineExceeded,
-                        format!(
-                            "job deadline of {} exceeded; the job was cancelled",
-                            HumanDuration(self.sync.job_deadline)
-                        ),
-                        None,
-                    )),
-                    None => Err((
-                        RunOutcome::Failed,
-                        "lost the mailbox's lease; the job was stopped".into(),
-                        None,
-                    )),
                 }
-            }
-            _ => Err((
-                RunOutcome::Failed,
-                format!("tenant `{}` is not configured", mailbox.tenant),
-                None,
-            )),
-        };
+                None => Err((
+                    RunOutcome::Failed,
+                    format!("tenant `{}` is not configured", mailbox.tenant),
+                    None,
+                )),
+            };
         let finished_at = Utc::now();
         let (outcome, error, wait) = match result {
             Ok(()) => (RunOutcome::Ok, None, None),
@@ -659,25 +626,17 @@ impl Worker {
         }
     }
 
-    /// Breaker states of a tenant: token endpoint and Graph.
+    /// Breaker states of a tenant: token endpoint and Graph (none for an unknown tenant).
     pub fn breakers(&self, tenant: &str) -> Vec<BreakerSnapshot> {
-        let mut out = Vec::new();
-        if let Some(tokens) = self.tokens.get(tenant) {
-            out.push(tokens.breaker());
-        }
-        if let Some(guard) = self.guards.get(tenant) {
-            out.push(guard.graph.snapshot());
-        }
-        out
+        self.tenants
+            .get(tenant)
+            .map(|t| t.breakers())
+            .unwrap_or_default()
     }
 
-    pub fn tokens(&self) -> &TokenProviders {
-        &self.tokens
-    }
-
-    /// The tenant's shared Graph breaker, rate and retry budget.
-    pub fn guard(&self, tenant: &str) -> Option<&Arc<TenantGuard>> {
-        self.guards.get(tenant)
+    /// Every configured tenant: its tokens, breakers, rate, budget and running jobs.
+    pub fn tenants(&self) -> &Arc<Tenants> {
+        &self.tenants
     }
 
     pub fn settings(&self) -> &SyncSettings {

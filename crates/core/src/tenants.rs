@@ -1,0 +1,116 @@
+//! A tenant is one value: its token provider (with the token endpoint's breaker), its Graph
+//! breaker, request rate, retry budget and running jobs. The scheduler, the subscription keeper
+//! and health ask a [`Tenant`] instead of keeping parallel maps keyed by its name.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::auth::TokenProvider;
+use crate::config::Settings;
+use crate::resilience::breaker::BreakerState;
+use crate::resilience::guard::BreakerSnapshot;
+use crate::resilience::limits::RateLimits;
+use crate::resilience::TenantGuard;
+
+pub struct Tenant {
+    pub name: String,
+    /// Access tokens, cached and refreshed, behind the token endpoint's breaker.
+    pub tokens: Arc<TokenProvider>,
+    /// The Graph breaker, the tenant's request rate, its retry budget, its running jobs.
+    pub guard: Arc<TenantGuard>,
+}
+
+impl Tenant {
+    /// Both breakers, token endpoint first.
+    pub fn breakers(&self) -> Vec<BreakerSnapshot> {
+        vec![self.tokens.breaker(), self.guard.graph.snapshot()]
+    }
+
+    /// Both breakers closed: calls of the tenant go out freely.
+    pub fn available(&self) -> bool {
+        self.breakers()
+            .iter()
+            .all(|b| b.state == BreakerState::Closed)
+    }
+
+    /// How many of the tenant's jobs may start now, at most `cap` running: none while a breaker
+    /// is open (they wait without a slot), one probe while one is half-open.
+    pub fn allowance(&self, cap: usize) -> usize {
+        if self.guard.graph.would_allow().is_err() || self.tokens.endpoint_available().is_err() {
+            return 0;
+        }
+        let free = cap.saturating_sub(self.guard.running());
+        let probing = self.guard.graph.state() != BreakerState::Closed
+            || self.tokens.breaker().state != BreakerState::Closed;
+        if probing {
+            free.min(1)
+        } else {
+            free
+        }
+    }
+}
+
+/// Every configured tenant, by name, and the rate limits they share (per mailbox, per app).
+pub struct Tenants {
+    by_name: BTreeMap<String, Arc<Tenant>>,
+    limits: RateLimits,
+}
+
+impl Tenants {
+    /// The configured tenants; `token_http` is the token endpoint's HTTP client.
+    pub fn build(settings: &Settings, token_http: reqwest::Client) -> anyhow::Result<Self> {
+        let limits = RateLimits::new(&settings.resilience);
+        let mut by_name = BTreeMap::new();
+        for tenant in &settings.tenants {
+            let tokens = TokenProvider::new(
+                tenant,
+                &settings.graph,
+                &settings.resilience,
+                token_http.clone(),
+            )
+            .with_context(|| format!("tenant `{}`: bad token endpoint URL", tenant.name))?;
+            let guard = TenantGuard::new(&tenant.name, &settings.resilience, &limits);
+            by_name.insert(
+                tenant.name.clone(),
+                Arc::new(Tenant {
+                    name: tenant.name.clone(),
+                    tokens: Arc::new(tokens),
+                    guard: Arc::new(guard),
+                }),
+            );
+        }
+        Ok(Self { by_name, limits })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.by_name.get(name)
+    }
+
+    /// By name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.by_name.values()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// The per-mailbox and app-wide request rates.
+    pub fn limits(&self) -> &RateLimits {
+        &self.limits
+    }
+}
+
+impl std::ops::Index<&str> for Tenants {
+    type Output = Tenant;
+
+    /// The tenant called `name`; panics if there is none (for tests and known names).
+    fn index(&self, name: &str) -> &Tenant {
+        match self.by_name.get(name) {
+            Some(tenant) => tenant,
+            None => panic!("no tenant `{name}` is configured"),
+        }
+    }
+}
