@@ -27,6 +27,39 @@ const RESYNC_CODES: [&str; 4] = [
 /// Error bodies are read only this far.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
+/// A URL calsync may send its bearer token to: built on the configured Graph base, or a link
+/// Graph gave that passed the same-origin check. Only [`GraphClient`] makes one, so no request
+/// can go to a URL that was not checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedLink(Url);
+
+impl CheckedLink {
+    pub fn as_url(&self) -> &Url {
+        &self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The same URL with query parameters added (same origin, still checked).
+    fn with_query(mut self, pairs: &[(&str, &str)]) -> Self {
+        {
+            let mut query = self.0.query_pairs_mut();
+            for (key, value) in pairs {
+                query.append_pair(key, value);
+            }
+        }
+        self
+    }
+}
+
+impl std::fmt::Display for CheckedLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
 /// The time range a delta state covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -175,7 +208,7 @@ pub struct GraphClient {
 /// passed [`GraphClient::check_link`].
 pub struct GraphRequest<'a> {
     method: http::Method,
-    url: Url,
+    url: CheckedLink,
     body: Option<serde_json::Value>,
     /// Statuses that mean success; anything else is classified as an error.
     success: &'a [u16],
@@ -189,7 +222,7 @@ pub struct GraphRequest<'a> {
 }
 
 impl<'a> GraphRequest<'a> {
-    fn new(method: http::Method, url: Url, success: &'a [u16], max_body: usize) -> Self {
+    fn new(method: http::Method, url: CheckedLink, success: &'a [u16], max_body: usize) -> Self {
         Self {
             method,
             url,
@@ -243,47 +276,47 @@ impl GraphClient {
     }
 
     /// `{base}/{segments...}`, each segment percent-encoded.
-    pub fn url(&self, segments: &[&str]) -> Url {
+    pub fn url(&self, segments: &[&str]) -> CheckedLink {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().extend(segments);
         }
-        url
+        CheckedLink(url)
     }
 
-    pub fn get(&self, url: Url) -> GraphRequest<'static> {
+    pub fn get(&self, url: CheckedLink) -> GraphRequest<'static> {
         GraphRequest::new(http::Method::GET, url, &[200], MAX_ITEM_BODY)
     }
 
-    pub fn post<'a>(&self, url: Url, success: &'a [u16]) -> GraphRequest<'a> {
+    pub fn post<'a>(&self, url: CheckedLink, success: &'a [u16]) -> GraphRequest<'a> {
         GraphRequest::new(http::Method::POST, url, success, MAX_ITEM_BODY)
     }
 
-    pub fn patch<'a>(&self, url: Url, success: &'a [u16]) -> GraphRequest<'a> {
+    pub fn patch<'a>(&self, url: CheckedLink, success: &'a [u16]) -> GraphRequest<'a> {
         GraphRequest::new(http::Method::PATCH, url, success, MAX_ITEM_BODY)
     }
 
-    pub fn delete<'a>(&self, url: Url, success: &'a [u16]) -> GraphRequest<'a> {
+    pub fn delete<'a>(&self, url: CheckedLink, success: &'a [u16]) -> GraphRequest<'a> {
         GraphRequest::new(http::Method::DELETE, url, success, MAX_ITEM_BODY)
     }
 
     /// The first request of a round: `/users/{id}/calendarView/delta?startDateTime&endDateTime`.
-    pub fn initial_link(&self, mailbox: &str, window: &Window) -> Url {
-        let mut url = self.url(&["users", mailbox, "calendarView", "delta"]);
-        url.query_pairs_mut()
-            .append_pair(
-                "startDateTime",
-                &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
-            )
-            .append_pair(
-                "endDateTime",
-                &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
-            );
-        url
+    pub fn initial_link(&self, mailbox: &str, window: &Window) -> CheckedLink {
+        self.url(&["users", mailbox, "calendarView", "delta"])
+            .with_query(&[
+                (
+                    "startDateTime",
+                    &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
+                ),
+                (
+                    "endDateTime",
+                    &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
+                ),
+            ])
     }
 
     /// A nextLink or deltaLink as Graph gave it, checked to point at the configured Graph origin.
-    pub fn check_link(&self, link: &str) -> Result<Url, GraphError> {
+    pub fn check_link(&self, link: &str) -> Result<CheckedLink, GraphError> {
         let url = Url::parse(link).map_err(|_| GraphError::BadLink(truncate(link, 120)))?;
         let same_origin = url.scheme() == self.base.scheme()
             && url.host_str() == self.base.host_str()
@@ -295,14 +328,14 @@ impl GraphClient {
                 host: if host.is_empty() { "(none)" } else { host }.to_string(),
             });
         }
-        Ok(url)
+        Ok(CheckedLink(url))
     }
 
     /// Fetches one page. The URL must come from [`initial_link`](Self::initial_link) or
     /// [`check_link`](Self::check_link).
     pub async fn fetch_page(
         &self,
-        url: &Url,
+        url: &CheckedLink,
         token: &AccessToken,
     ) -> Result<(DeltaPage, RequestIds), GraphError> {
         let mut request = GraphRequest::new(http::Method::GET, url.clone(), &[200], self.max_body);
@@ -325,8 +358,9 @@ impl GraphClient {
         select: &str,
         token: &AccessToken,
     ) -> Result<(Event, RequestIds), GraphError> {
-        let mut url = self.url(&["users", mailbox, "events", id]);
-        url.query_pairs_mut().append_pair("$select", select);
+        let url = self
+            .url(&["users", mailbox, "events", id])
+            .with_query(&[("$select", select)]);
         let answer = self.send(self.get(url), token).await?;
         model::parse_event_text(&String::from_utf8_lossy(&answer.body))
             .map(|event| (event, answer.ids.clone()))
@@ -368,7 +402,7 @@ impl GraphClient {
     ) -> Result<GraphResponse, GraphError> {
         let mut builder = self
             .http
-            .request(request.method.clone(), request.url.clone())
+            .request(request.method.clone(), request.url.as_url().clone())
             .header(http::header::AUTHORIZATION, token.bearer_header())
             .header(http::header::ACCEPT, "application/json")
             .header("Prefer", "outlook.timezone=\"UTC\"")

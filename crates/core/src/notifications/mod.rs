@@ -23,6 +23,7 @@ pub use client::{NewSubscription, Subscription, SubscriptionClient, Subscription
 use crate::config::{NotificationSettings, Settings};
 use crate::graph::GraphError;
 use crate::resilience::backoff::BackoffSchedule;
+use crate::resilience::retry::RetryPolicy;
 use crate::resilience::Evidence;
 use crate::scheduler::Worker;
 use crate::store::{Store, SubscriptionDue, SubscriptionSaved};
@@ -80,7 +81,8 @@ pub struct SubscriptionUpkeep {
     settings: NotificationSettings,
     notification_url: String,
     lifecycle_url: String,
-    backoff: BackoffSchedule,
+    /// When a failed subscription call is tried again.
+    retry: RetryPolicy,
     /// How long a claimed row is ours: past the request deadline, with room to record.
     claim_for: Duration,
     slots: Arc<Semaphore>,
@@ -112,7 +114,7 @@ impl SubscriptionUpkeep {
             client: SubscriptionClient::new(graph, deadline),
             notification_url,
             lifecycle_url,
-            backoff: BackoffSchedule::new(n.retry_initial, n.retry_max)?,
+            retry: RetryPolicy::new(0, BackoffSchedule::new(n.retry_initial, n.retry_max)?),
             claim_for: deadline * 2,
             slots: Arc::new(Semaphore::new(n.max_concurrent)),
             settings: n.clone(),
@@ -180,7 +182,7 @@ impl SubscriptionUpkeep {
                 settings: self.settings.clone(),
                 notification_url: self.notification_url.clone(),
                 lifecycle_url: self.lifecycle_url.clone(),
-                backoff: self.backoff,
+                retry: self.retry,
             };
             work.spawn(async move {
                 let done = this.work_on(&item).await;
@@ -313,9 +315,8 @@ impl SubscriptionUpkeep {
                 }
                 Err((error, retry_after)) => {
                     let wait = self
-                        .backoff
-                        .delay(item.consecutive_failures)
-                        .max(retry_after.unwrap_or_default());
+                        .retry
+                        .reschedule(item.consecutive_failures, retry_after);
                     tracing::warn!(tenant = %item.tenant, mailbox = %item.user_id, subscription = %id,
                         error = %error, retry_in_seconds = wait.as_secs_f64(),
                         "could not delete the Graph subscription of a removed mailbox");
@@ -347,7 +348,8 @@ struct UpkeepCall {
     settings: NotificationSettings,
     notification_url: String,
     lifecycle_url: String,
-    backoff: BackoffSchedule,
+    /// When a failed subscription call is tried again.
+    retry: RetryPolicy,
 }
 
 impl UpkeepCall {
@@ -367,10 +369,7 @@ impl UpkeepCall {
                     .await
             }
             Err(message) => {
-                let wait = self
-                    .backoff
-                    .delay(item.consecutive_failures)
-                    .max(message.1.unwrap_or_default());
+                let wait = self.retry.reschedule(item.consecutive_failures, message.1);
                 tracing::warn!(
                     tenant = %item.tenant,
                     mailbox = %item.user_id,

@@ -40,6 +40,16 @@ impl BackoffSchedule {
         })
     }
 
+    /// The longest [`delay`](Self::delay) can be for `attempt`: its base plus the jitter,
+    /// capped at the maximum.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let base = self.initial.as_secs_f64() * self.multiplier.powi(attempt.min(64) as i32);
+        let top = base * (1.0 + self.randomization);
+        Duration::try_from_secs_f64(top)
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+
     /// The wait before retry number `attempt` (0 = the first retry).
     pub fn delay(&self, attempt: u32) -> Duration {
         let mut backoff = ExponentialBackoff {

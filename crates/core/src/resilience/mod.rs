@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod budget;
 pub mod guard;
 pub mod limits;
+pub mod retry;
 pub mod retry_after;
 pub mod spread;
 

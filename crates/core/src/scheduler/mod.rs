@@ -23,6 +23,7 @@ use crate::config::{HumanDuration, ResilienceSettings, Settings, SyncSettings};
 use crate::graph::GraphClient;
 use crate::resilience::backoff::BackoffSchedule;
 use crate::resilience::guard::BreakerSnapshot;
+use crate::resilience::retry::RetryPolicy;
 use crate::resilience::{after_retry_after, RunningJobCount};
 use crate::store::{JobRecord, Lease, MailboxRecord, RunOutcome, Store};
 use crate::sync::{self, RoundContext, SyncError, SyncReport};
@@ -96,8 +97,10 @@ pub struct Worker {
     resilience: ResilienceSettings,
     max_pages_per_round: u32,
     page_failure_limit: u32,
-    failure_backoff: BackoffSchedule,
-    retry_backoff: BackoffSchedule,
+    /// When a failed job's mailbox runs again.
+    failure_retry: RetryPolicy,
+    /// Retries of one Graph request within a job.
+    request_retry: RetryPolicy,
     owner: String,
     job_seq: AtomicU64,
     slots: Arc<Semaphore>,
@@ -128,8 +131,8 @@ impl Worker {
             resilience: settings.resilience.clone(),
             max_pages_per_round: settings.graph.max_pages_per_round,
             page_failure_limit: settings.graph.page_failure_limit,
-            failure_backoff,
-            retry_backoff,
+            failure_retry: RetryPolicy::new(0, failure_backoff),
+            request_retry: RetryPolicy::new(settings.resilience.retries_per_request, retry_backoff),
             owner: format!("calsync-{}", uuid::Uuid::new_v4()),
             job_seq: AtomicU64::new(0),
             slots: Arc::new(Semaphore::new(settings.sync.workers)),
@@ -377,8 +380,7 @@ impl Worker {
                         max_pages_per_round: self.max_pages_per_round,
                         page_failure_limit: self.page_failure_limit,
                         deadline,
-                        retries_per_request: self.resilience.retries_per_request,
-                        retry_backoff: self.retry_backoff,
+                        retry: self.request_retry,
                         slow_call: self.resilience.slow_call,
                     };
                     let job = tokio::time::timeout_at(
@@ -517,9 +519,9 @@ impl Worker {
                 self.sync.interval + Duration::from_millis(jitter)
             }
             RunOutcome::Deferred => after_retry_after(wait.unwrap_or(self.sync.poll_interval)),
-            RunOutcome::Failed | RunOutcome::DeadlineExceeded => wait
-                .map(after_retry_after)
-                .unwrap_or_else(|| self.failure_backoff.delay(mailbox.consecutive_failures)),
+            RunOutcome::Failed | RunOutcome::DeadlineExceeded => self
+                .failure_retry
+                .reschedule(mailbox.consecutive_failures, wait),
         };
         now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::days(1))
     }

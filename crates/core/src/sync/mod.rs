@@ -13,11 +13,13 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::auth::{AccessToken, AuthError, TokenProvider};
-use crate::graph::{DeltaPage, GraphClient, GraphError, PageItem, PageLink, RequestIds, Window};
+use crate::graph::{
+    CheckedLink, DeltaPage, GraphClient, GraphError, PageItem, PageLink, RequestIds, Window,
+};
 use crate::metrics::DeferReason;
-use crate::resilience::backoff::BackoffSchedule;
 use crate::resilience::limits::RateLimits;
-use crate::resilience::{after_retry_after, Evidence, TenantGuard};
+use crate::resilience::retry::{Decision, Failure, RetryPolicy};
+use crate::resilience::{Evidence, TenantGuard};
 use crate::store::{Cursor, Lease, MailboxRecord, PageWrite, Store, StoreError};
 use tokio::time::Instant;
 
@@ -146,8 +148,8 @@ pub struct RoundContext<'a> {
     pub page_failure_limit: u32,
     /// The job's deadline: waits (rate limits, retries) that would end after it are not started.
     pub deadline: Instant,
-    pub retries_per_request: u32,
-    pub retry_backoff: BackoffSchedule,
+    /// Retries of one request: how many, how long apart.
+    pub retry: RetryPolicy,
     pub slow_call: Duration,
 }
 
@@ -330,7 +332,7 @@ pub async fn run_round(
 /// A page Graph answered with something that is not a delta page (not JSON, too large): the job
 /// fails without writing. The same failure at the same link `page_failure_limit` times in a row
 /// resets the cursor, so the next job starts a fresh round instead of fetching it forever.
-async fn page_failed(ctx: &RoundContext<'_>, url: &url::Url, error: GraphError) -> SyncError {
+async fn page_failed(ctx: &RoundContext<'_>, url: &CheckedLink, error: GraphError) -> SyncError {
     let digest = ring::digest::digest(
         &ring::digest::SHA256,
         format!("malformed {}", url.as_str()).as_bytes(),
@@ -495,25 +497,23 @@ fn next_attempt(
     error: &SyncError,
     attempt: u32,
 ) -> Result<(Duration, bool), Option<SyncError>> {
-    if !error.is_retryable() {
-        return Err(None);
-    }
-    let remaining = ctx.deadline.saturating_duration_since(Instant::now());
-    let (wait, told) = match error.retry_after() {
-        Some(retry_after) => (after_retry_after(retry_after), true),
-        None => (ctx.retry_backoff.delay(attempt), false),
+    let failure = Failure {
+        retryable: error.is_retryable(),
+        retry_after: error.retry_after(),
     };
-    if told && wait >= remaining {
-        crate::metrics::job_deferred(ctx.tokens.tenant(), DeferReason::RetryAfter, wait);
-        return Err(Some(SyncError::Deferred {
-            wait,
-            reason: format!("asked to retry after {}s: {error}", wait.as_secs()),
-        }));
+    let remaining = ctx.deadline.saturating_duration_since(Instant::now());
+    // The budget is withdrawn from only for a retry that happens.
+    match ctx.retry.decide(failure, attempt, remaining, true) {
+        Decision::Retry { wait, told } if ctx.guard.try_retry() => Ok((wait, told)),
+        Decision::Retry { .. } | Decision::GiveUp => Err(None),
+        Decision::Defer { wait } => {
+            crate::metrics::job_deferred(ctx.tokens.tenant(), DeferReason::RetryAfter, wait);
+            Err(Some(SyncError::Deferred {
+                wait,
+                reason: format!("asked to retry after {}s: {error}", wait.as_secs()),
+            }))
+        }
     }
-    if attempt >= ctx.retries_per_request || wait >= remaining || !ctx.guard.try_retry() {
-        return Err(None);
-    }
-    Ok((wait, told))
 }
 
 /// A 401 means the token expired or was revoked: drop it, fetch a fresh one, try once more.
