@@ -1,5 +1,6 @@
 //! The admin API's mailbox list: keyset pages by id, read from the store a page at a time.
 
+use super::contract::*;
 use super::{MailboxId, MailboxRecord, PgStore, SqliteStore, Store, StoreError};
 
 impl Store {
@@ -18,8 +19,8 @@ impl Store {
     }
 }
 
-impl SqliteStore {
-    pub async fn mailboxes_page(
+impl MailboxPages for SqliteStore {
+    async fn mailboxes_page(
         &self,
         tenant: Option<&str>,
         after: MailboxId,
@@ -41,8 +42,8 @@ impl SqliteStore {
     }
 }
 
-impl PgStore {
-    pub async fn mailboxes_page(
+impl MailboxPages for PgStore {
+    async fn mailboxes_page(
         &self,
         tenant: Option<&str>,
         after: MailboxId,

@@ -7,6 +7,7 @@
 //! and each delegating method calls the same-named method on both backends, so a backend that
 //! drifts from the interface fails to compile.
 
+pub mod contract;
 mod mailbox_list;
 mod migrations;
 mod postgres;
@@ -20,6 +21,9 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
+pub use contract::{
+    Lifecycle, MailboxPages, MailboxStore, RetiredStore, RoundStore, SubscriptionStore,
+};
 pub use postgres::PgStore;
 pub use retired::RetiredSubscription;
 pub use sqlite::SqliteStore;

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
+use super::contract::*;
 use super::sqlite::ts;
 use super::{PgStore, SqliteStore, Store, StoreError};
 
@@ -104,32 +105,9 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(s) => {
-                sqlx::query(
-                    "INSERT INTO retired_subscriptions (subscription_id, tenant, user_id, retired_at, next_attempt_at)
-                     VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (subscription_id) DO NOTHING",
-                )
-                .bind(id)
-                .bind(tenant)
-                .bind(user_id)
-                .bind(ts(now))
-                .execute(&s.writer)
-                .await?;
-            }
-            Store::Postgres(s) => {
-                sqlx::query(
-                    "INSERT INTO retired_subscriptions (subscription_id, tenant, user_id, retired_at, next_attempt_at)
-                     VALUES ($1, $2, $3, $4, $4) ON CONFLICT (subscription_id) DO NOTHING",
-                )
-                .bind(id.replace('\0', ""))
-                .bind(tenant)
-                .bind(user_id.replace('\0', ""))
-                .bind(now)
-                .execute(&s.pool)
-                .await?;
-            }
+            Store::Sqlite(s) => s.retire_orphan(id, tenant, user_id, now).await,
+            Store::Postgres(s) => s.retire_orphan(id, tenant, user_id, now).await,
         }
-        Ok(())
     }
 
     /// Every retired subscription still to delete.
@@ -143,11 +121,8 @@ fn error_text(error: &str) -> String {
     error.chars().take(1000).filter(|c| *c != '\0').collect()
 }
 
-impl SqliteStore {
-    pub async fn retire_disabled_subscriptions(
-        &self,
-        now: DateTime<Utc>,
-    ) -> Result<u64, StoreError> {
+impl RetiredStore for SqliteStore {
+    async fn retire_disabled_subscriptions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let moved = sqlx::query(
             "INSERT INTO retired_subscriptions (subscription_id, tenant, user_id, retired_at, next_attempt_at)
@@ -170,7 +145,7 @@ impl SqliteStore {
         Ok(moved.rows_affected())
     }
 
-    pub async fn retired_due(
+    async fn retired_due(
         &self,
         now: DateTime<Utc>,
         limit: u32,
@@ -197,7 +172,7 @@ impl SqliteStore {
             .collect()
     }
 
-    pub async fn claim_retired(
+    async fn claim_retired(
         &self,
         id: &str,
         now: DateTime<Utc>,
@@ -215,7 +190,7 @@ impl SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    pub async fn retired_deleted(&self, id: &str) -> Result<(), StoreError> {
+    async fn retired_deleted(&self, id: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM retired_subscriptions WHERE subscription_id = ?1")
             .bind(id)
             .execute(&self.writer)
@@ -223,7 +198,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn retired_failed(
+    async fn retired_failed(
         &self,
         id: &str,
         error: &str,
@@ -241,13 +216,30 @@ impl SqliteStore {
         .await?;
         Ok(())
     }
+
+    async fn retire_orphan(
+        &self,
+        id: &str,
+        tenant: &str,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO retired_subscriptions (subscription_id, tenant, user_id, retired_at, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (subscription_id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(user_id)
+        .bind(ts(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
 }
 
-impl PgStore {
-    pub async fn retire_disabled_subscriptions(
-        &self,
-        now: DateTime<Utc>,
-    ) -> Result<u64, StoreError> {
+impl RetiredStore for PgStore {
+    async fn retire_disabled_subscriptions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
             "INSERT INTO retired_subscriptions (subscription_id, tenant, user_id, retired_at, next_attempt_at)
@@ -270,7 +262,7 @@ impl PgStore {
         Ok(moved.rows_affected())
     }
 
-    pub async fn retired_due(
+    async fn retired_due(
         &self,
         now: DateTime<Utc>,
         limit: u32,
@@ -298,7 +290,7 @@ impl PgStore {
             .collect()
     }
 
-    pub async fn claim_retired(
+    async fn claim_retired(
         &self,
         id: &str,
         now: DateTime<Utc>,
@@ -316,7 +308,7 @@ impl PgStore {
         Ok(done.rows_affected() == 1)
     }
 
-    pub async fn retired_deleted(&self, id: &str) -> Result<(), StoreError> {
+    async fn retired_deleted(&self, id: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM retired_subscriptions WHERE subscription_id = $1")
             .bind(id)
             .execute(&self.pool)
@@ -324,7 +316,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn retired_failed(
+    async fn retired_failed(
         &self,
         id: &str,
         error: &str,
@@ -338,6 +330,26 @@ impl PgStore {
         .bind(id)
         .bind(error_text(error))
         .bind(retry_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn retire_orphan(
+        &self,
+        id: &str,
+        tenant: &str,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO retired_subscriptions (subscription_id, tenant, user_id, retired_at, next_attempt_at)
+             VALUES ($1, $2, $3, $4, $4) ON CONFLICT (subscription_id) DO NOTHING",
+        )
+        .bind(id.replace('\0', ""))
+        .bind(tenant)
+        .bind(user_id.replace('\0', ""))
+        .bind(now)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -9,6 +9,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 
+// The contract's traits: a backend implements them, a caller reaches them through `Store`.
+use super::contract::*;
 use super::{
     link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
     MasterWrite, PageApplied, PageWrite, QuarantinedItem, RunOutcome, StoreError, StoredEvent,
@@ -82,24 +84,6 @@ impl SqliteStore {
         Ok(Self { pool, writer })
     }
 
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        migrations::migrator(migrations::SQLITE)
-            .await?
-            .run(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
-        self.writer.close().await;
-    }
-
     /// A SQLite file has one process working on it, so leases left by an earlier process that
     /// died are released at start instead of waiting for them to run out.
     pub async fn release_stale_leases(&self) -> Result<u64, StoreError> {
@@ -110,10 +94,32 @@ impl SqliteStore {
         .await?;
         Ok(done.rows_affected())
     }
+}
 
+impl Lifecycle for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        migrations::migrator(migrations::SQLITE)
+            .await?
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+        self.writer.close().await;
+    }
+}
+
+impl MailboxStore for SqliteStore {
     /// Makes the configured mailboxes exactly the enabled config-sourced ones: new ones are
     /// added (due now), removed ones disabled (their events stay until deleted by an operator).
-    pub async fn sync_config_mailboxes(
+    async fn sync_config_mailboxes(
         &self,
         mailboxes: &[(String, String)],
         now: DateTime<Utc>,
@@ -140,7 +146,7 @@ impl SqliteStore {
 
     /// Due, unleased mailboxes, at most `per_tenant` of each tenant, oldest due first within a
     /// tenant. The dispatcher picks among them fairly and claims with [`claim`](Self::claim).
-    pub async fn due_candidates(
+    async fn due_candidates(
         &self,
         now: DateTime<Utc>,
         per_tenant: u32,
@@ -175,7 +181,7 @@ impl SqliteStore {
 
     /// Leases one mailbox to `owner` until `now + lease_for`, if no live lease is held on it
     /// (and, with `only_if_due`, if it is enabled and due). `None` when someone else has it.
-    pub async fn claim(
+    async fn claim(
         &self,
         id: MailboxId,
         owner: &str,
@@ -201,11 +207,7 @@ impl SqliteStore {
         row.as_ref().map(mailbox_from_row).transpose()
     }
 
-    pub async fn renew_lease(
-        &self,
-        lease: &Lease,
-        until: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
+    async fn renew_lease(&self, lease: &Lease, until: DateTime<Utc>) -> Result<bool, StoreError> {
         let done =
             sqlx::query("UPDATE mailboxes SET lease_until = ?1 WHERE id = ?2 AND lease_owner = ?3")
                 .bind(ts(until))
@@ -216,13 +218,221 @@ impl SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
+    /// error, and appends to the sync history.
+    async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
+        let ok = job.outcome == RunOutcome::Ok;
+        // A deferral (open breaker, Retry-After past the deadline) is not a failure of the
+        // mailbox: its failure count stays, but the reason is shown.
+        let failed = matches!(
+            job.outcome,
+            RunOutcome::Failed | RunOutcome::DeadlineExceeded
+        );
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
+                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL
+                     THEN MIN(?1, sync_requested_at) ELSE ?1 END,
+                 last_attempt_at = ?2,
+                 last_success_at = CASE WHEN ?3 THEN ?4 ELSE last_success_at END,
+                 last_error = CASE WHEN ?3 THEN last_error ELSE ?5 END,
+                 last_error_at = CASE WHEN ?3 THEN last_error_at ELSE ?4 END,
+                 last_request_id = COALESCE(?6, last_request_id),
+                 consecutive_failures = CASE WHEN ?3 THEN 0
+                     WHEN ?9 THEN consecutive_failures + 1 ELSE consecutive_failures END
+             WHERE id = ?7 AND lease_owner = ?8",
+        )
+        .bind(ts(job.next_run_at))
+        .bind(ts(job.started_at))
+        .bind(ok)
+        .bind(ts(job.finished_at))
+        .bind(&job.error)
+        .bind(&job.request_id)
+        .bind(lease.mailbox)
+        .bind(&lease.owner)
+        .bind(failed)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
+                 pages, upserted, deleted, error, request_id)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
+             WHERE EXISTS (SELECT 1 FROM mailboxes WHERE id = ?1)",
+        )
+        .bind(lease.mailbox)
+        .bind(ts(job.started_at))
+        .bind(ts(job.finished_at))
+        .bind(job.outcome.as_str())
+        .bind(job.full_round)
+        .bind(job.pages as i64)
+        .bind(job.upserted as i64)
+        .bind(job.deleted as i64)
+        .bind(&job.error)
+        .bind(&job.request_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM sync_runs WHERE mailbox_id = ?1 AND id <= (
+                 SELECT id FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        )
+        .bind(lease.mailbox)
+        .bind(RUNS_KEPT_PER_MAILBOX)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE enabled = 1 ORDER BY tenant, user_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(mailbox_from_row).collect()
+    }
+
+    async fn mailbox(
+        &self,
+        tenant: &str,
+        user_id: &str,
+    ) -> Result<Option<MailboxRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE tenant = ?1 AND user_id = ?2"
+        ))
+        .bind(tenant)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    async fn mailbox_by_id(&self, id: MailboxId) -> Result<Option<MailboxRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            super::mailbox_columns!(),
+            " FROM mailboxes WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(mailbox_from_row).transpose()
+    }
+
+    async fn register_mailbox(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(MailboxRecord, bool), StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let added = sqlx::query(concat!(
+            "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
+             VALUES (?1, ?2, 'api', 1, ?3, ?3)
+             ON CONFLICT (tenant, user_id) DO NOTHING RETURNING ",
+            super::mailbox_columns!()
+        ))
+        .bind(tenant)
+        .bind(user_id)
+        .bind(ts(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (row, is_new) = match added {
+            Some(row) => (row, true),
+            None => {
+                let row = sqlx::query(concat!(
+                    "UPDATE mailboxes SET source = 'api', enabled = 1,
+                         next_run_at = CASE WHEN enabled = 1 THEN next_run_at ELSE ?3 END
+                     WHERE tenant = ?1 AND user_id = ?2 RETURNING ",
+                    super::mailbox_columns!()
+                ))
+                .bind(tenant)
+                .bind(user_id)
+                .bind(ts(now))
+                .fetch_one(&mut *tx)
+                .await?;
+                (row, false)
+            }
+        };
+        tx.commit().await?;
+        Ok((mailbox_from_row(&row)?, is_new))
+    }
+
+    async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        // Its Graph subscription outlives the row until deleted at Graph.
+        sqlx::query(super::retired::SQLITE_RETIRE_OF_MAILBOX)
+            .bind(id)
+            .bind(ts(Utc::now()))
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM mailboxes WHERE id = ?1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn request_sync(
+        &self,
+        id: MailboxId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, StoreError> {
+        let queued = sqlx::query(
+            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = MIN(next_run_at, ?2)
+             WHERE id = ?1 AND enabled = 1 AND sync_requested_at IS NULL",
+        )
+        .bind(id)
+        .bind(ts(now))
+        .execute(&self.writer)
+        .await?;
+        if queued.rows_affected() == 1 {
+            return Ok(Some(true));
+        }
+        let pending = sqlx::query("SELECT 1 FROM mailboxes WHERE id = ?1 AND enabled = 1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(pending.map(|_| false))
+    }
+
+    async fn runs(&self, mailbox: MailboxId, limit: u32) -> Result<Vec<SyncRun>, StoreError> {
+        let rows =
+            sqlx::query("SELECT started_at, finished_at, outcome, full_round, pages, upserted, deleted, error, request_id FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT ?2")
+                .bind(mailbox)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SyncRun {
+                    started_at: parse_ts("started_at", &row.try_get::<String, _>("started_at")?)?,
+                    finished_at: parse_ts(
+                        "finished_at",
+                        &row.try_get::<String, _>("finished_at")?,
+                    )?,
+                    outcome: row.try_get("outcome")?,
+                    full_round: row.try_get("full_round")?,
+                    pages: row.try_get("pages")?,
+                    upserted: row.try_get("upserted")?,
+                    deleted: row.try_get("deleted")?,
+                    error: row.try_get("error")?,
+                    request_id: row.try_get("request_id")?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl RoundStore for SqliteStore {
     /// Begins a full round over `window`: the old delta state is dropped and events not seen
     /// by the time the round completes are deleted then. Returns the new round id.
-    pub async fn start_full_round(
-        &self,
-        lease: &Lease,
-        window: &Window,
-    ) -> Result<i64, StoreError> {
+    async fn start_full_round(&self, lease: &Lease, window: &Window) -> Result<i64, StoreError> {
         let row = sqlx::query(
             "UPDATE mailboxes SET round_id = round_id + 1, round_full = 1, next_link = NULL,
                  delta_link = NULL, window_start = ?1, window_end = ?2
@@ -240,7 +450,7 @@ impl SqliteStore {
 
     /// Applies one page and moves the cursor past it, atomically. With a deltaLink that ends a
     /// full round, events the round did not return are deleted (reconciliation).
-    pub async fn apply_page(
+    async fn apply_page(
         &self,
         lease: &Lease,
         cursor: &Cursor,
@@ -406,7 +616,7 @@ impl SqliteStore {
         Ok(applied)
     }
 
-    pub async fn note_page_failure(
+    async fn note_page_failure(
         &self,
         lease: &Lease,
         signature: &str,
@@ -443,53 +653,7 @@ impl SqliteStore {
         Ok((count, reset))
     }
 
-    pub async fn quarantine_counts(
-        &self,
-    ) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
-        let rows =
-            sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM quarantine GROUP BY mailbox_id")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("mailbox_id")?,
-                    row.try_get::<i64, _>("n")?.max(0) as u64,
-                ))
-            })
-            .collect()
-    }
-
-    pub async fn quarantined(
-        &self,
-        mailbox: MailboxId,
-        limit: u32,
-    ) -> Result<Vec<QuarantinedItem>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT item_key, item_id, reason, first_seen, last_seen, times_seen, raw
-             FROM quarantine WHERE mailbox_id = ?1 ORDER BY last_seen DESC, item_key
-             LIMIT ?2",
-        )
-        .bind(mailbox)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(QuarantinedItem {
-                    item_key: row.try_get("item_key")?,
-                    item_id: row.try_get("item_id")?,
-                    reason: row.try_get("reason")?,
-                    first_seen: parse_ts("first_seen", &row.try_get::<String, _>("first_seen")?)?,
-                    last_seen: parse_ts("last_seen", &row.try_get::<String, _>("last_seen")?)?,
-                    times_seen: row.try_get::<i64, _>("times_seen")?.max(0) as u64,
-                    raw: row.try_get("raw")?,
-                })
-            })
-            .collect()
-    }
-
-    pub async fn series_masters(
+    async fn series_masters(
         &self,
         mailbox: MailboxId,
         ids: &[&str],
@@ -520,190 +684,19 @@ impl SqliteStore {
         Ok(out)
     }
 
-    /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
-    /// error, and appends to the sync history.
-    pub async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
-        let ok = job.outcome == RunOutcome::Ok;
-        // A deferral (open breaker, Retry-After past the deadline) is not a failure of the
-        // mailbox: its failure count stays, but the reason is shown.
-        let failed = matches!(
-            job.outcome,
-            RunOutcome::Failed | RunOutcome::DeadlineExceeded
-        );
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
-                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL
-                     THEN MIN(?1, sync_requested_at) ELSE ?1 END,
-                 last_attempt_at = ?2,
-                 last_success_at = CASE WHEN ?3 THEN ?4 ELSE last_success_at END,
-                 last_error = CASE WHEN ?3 THEN last_error ELSE ?5 END,
-                 last_error_at = CASE WHEN ?3 THEN last_error_at ELSE ?4 END,
-                 last_request_id = COALESCE(?6, last_request_id),
-                 consecutive_failures = CASE WHEN ?3 THEN 0
-                     WHEN ?9 THEN consecutive_failures + 1 ELSE consecutive_failures END
-             WHERE id = ?7 AND lease_owner = ?8",
-        )
-        .bind(ts(job.next_run_at))
-        .bind(ts(job.started_at))
-        .bind(ok)
-        .bind(ts(job.finished_at))
-        .bind(&job.error)
-        .bind(&job.request_id)
-        .bind(lease.mailbox)
-        .bind(&lease.owner)
-        .bind(failed)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
-                 pages, upserted, deleted, error, request_id)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
-             WHERE EXISTS (SELECT 1 FROM mailboxes WHERE id = ?1)",
-        )
-        .bind(lease.mailbox)
-        .bind(ts(job.started_at))
-        .bind(ts(job.finished_at))
-        .bind(job.outcome.as_str())
-        .bind(job.full_round)
-        .bind(job.pages as i64)
-        .bind(job.upserted as i64)
-        .bind(job.deleted as i64)
-        .bind(&job.error)
-        .bind(&job.request_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM sync_runs WHERE mailbox_id = ?1 AND id <= (
-                 SELECT id FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-        )
-        .bind(lease.mailbox)
-        .bind(RUNS_KEPT_PER_MAILBOX)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    pub async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {
+    async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
-            super::mailbox_columns!(),
-            " FROM mailboxes WHERE enabled = 1 ORDER BY tenant, user_id"
+            super::event_columns!(),
+            " FROM events WHERE mailbox_id = ?1 ORDER BY start_utc, event_id"
         ))
+        .bind(mailbox)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(mailbox_from_row).collect()
+        rows.iter().map(event_from_row).collect()
     }
 
-    pub async fn mailbox(
-        &self,
-        tenant: &str,
-        user_id: &str,
-    ) -> Result<Option<MailboxRecord>, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            super::mailbox_columns!(),
-            " FROM mailboxes WHERE tenant = ?1 AND user_id = ?2"
-        ))
-        .bind(tenant)
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(mailbox_from_row).transpose()
-    }
-
-    pub async fn mailbox_by_id(&self, id: MailboxId) -> Result<Option<MailboxRecord>, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            super::mailbox_columns!(),
-            " FROM mailboxes WHERE id = ?1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(mailbox_from_row).transpose()
-    }
-
-    pub async fn register_mailbox(
-        &self,
-        tenant: &str,
-        user_id: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(MailboxRecord, bool), StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let added = sqlx::query(concat!(
-            "INSERT INTO mailboxes (tenant, user_id, source, enabled, next_run_at, created_at)
-             VALUES (?1, ?2, 'api', 1, ?3, ?3)
-             ON CONFLICT (tenant, user_id) DO NOTHING RETURNING ",
-            super::mailbox_columns!()
-        ))
-        .bind(tenant)
-        .bind(user_id)
-        .bind(ts(now))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (row, is_new) = match added {
-            Some(row) => (row, true),
-            None => {
-                let row = sqlx::query(concat!(
-                    "UPDATE mailboxes SET source = 'api', enabled = 1,
-                         next_run_at = CASE WHEN enabled = 1 THEN next_run_at ELSE ?3 END
-                     WHERE tenant = ?1 AND user_id = ?2 RETURNING ",
-                    super::mailbox_columns!()
-                ))
-                .bind(tenant)
-                .bind(user_id)
-                .bind(ts(now))
-                .fetch_one(&mut *tx)
-                .await?;
-                (row, false)
-            }
-        };
-        tx.commit().await?;
-        Ok((mailbox_from_row(&row)?, is_new))
-    }
-
-    pub async fn remove_mailbox(&self, id: MailboxId) -> Result<bool, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        // Its Graph subscription outlives the row until deleted at Graph.
-        sqlx::query(super::retired::SQLITE_RETIRE_OF_MAILBOX)
-            .bind(id)
-            .bind(ts(Utc::now()))
-            .execute(&mut *tx)
-            .await?;
-        let done = sqlx::query("DELETE FROM mailboxes WHERE id = ?1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    pub async fn request_sync(
-        &self,
-        id: MailboxId,
-        now: DateTime<Utc>,
-    ) -> Result<Option<bool>, StoreError> {
-        let queued = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = MIN(next_run_at, ?2)
-             WHERE id = ?1 AND enabled = 1 AND sync_requested_at IS NULL",
-        )
-        .bind(id)
-        .bind(ts(now))
-        .execute(&self.writer)
-        .await?;
-        if queued.rows_affected() == 1 {
-            return Ok(Some(true));
-        }
-        let pending = sqlx::query("SELECT 1 FROM mailboxes WHERE id = ?1 AND enabled = 1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(pending.map(|_| false))
-    }
-
-    pub async fn events_between(
+    async fn events_between(
         &self,
         mailbox: MailboxId,
         start: DateTime<Utc>,
@@ -724,22 +717,8 @@ impl SqliteStore {
         rows.iter().map(event_from_row).collect()
     }
 
-    pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            super::event_columns!(),
-            " FROM events WHERE mailbox_id = ?1 ORDER BY start_utc, event_id"
-        ))
-        .bind(mailbox)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_from_row).collect()
-    }
-
     /// Events held per mailbox.
-    pub async fn event_counts(
-        &self,
-    ) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
+    async fn event_counts(&self) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
         let rows = sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM events GROUP BY mailbox_id")
             .fetch_all(&self.pool)
             .await?;
@@ -753,28 +732,47 @@ impl SqliteStore {
             .collect()
     }
 
-    pub async fn runs(&self, mailbox: MailboxId, limit: u32) -> Result<Vec<SyncRun>, StoreError> {
+    async fn quarantine_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
         let rows =
-            sqlx::query("SELECT started_at, finished_at, outcome, full_round, pages, upserted, deleted, error, request_id FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT ?2")
-                .bind(mailbox)
-                .bind(i64::from(limit))
+            sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM quarantine GROUP BY mailbox_id")
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter()
             .map(|row| {
-                Ok(SyncRun {
-                    started_at: parse_ts("started_at", &row.try_get::<String, _>("started_at")?)?,
-                    finished_at: parse_ts(
-                        "finished_at",
-                        &row.try_get::<String, _>("finished_at")?,
-                    )?,
-                    outcome: row.try_get("outcome")?,
-                    full_round: row.try_get("full_round")?,
-                    pages: row.try_get("pages")?,
-                    upserted: row.try_get("upserted")?,
-                    deleted: row.try_get("deleted")?,
-                    error: row.try_get("error")?,
-                    request_id: row.try_get("request_id")?,
+                Ok((
+                    row.try_get("mailbox_id")?,
+                    row.try_get::<i64, _>("n")?.max(0) as u64,
+                ))
+            })
+            .collect()
+    }
+
+    async fn quarantined(
+        &self,
+        mailbox: MailboxId,
+        limit: u32,
+    ) -> Result<Vec<QuarantinedItem>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT item_key, item_id, reason, first_seen, last_seen, times_seen, raw
+             FROM quarantine WHERE mailbox_id = ?1 ORDER BY last_seen DESC, item_key
+             LIMIT ?2",
+        )
+        .bind(mailbox)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(QuarantinedItem {
+                    item_key: row.try_get("item_key")?,
+                    item_id: row.try_get("item_id")?,
+                    reason: row.try_get("reason")?,
+                    first_seen: parse_ts("first_seen", &row.try_get::<String, _>("first_seen")?)?,
+                    last_seen: parse_ts("last_seen", &row.try_get::<String, _>("last_seen")?)?,
+                    times_seen: row.try_get::<i64, _>("times_seen")?.max(0) as u64,
+                    raw: row.try_get("raw")?,
                 })
             })
             .collect()

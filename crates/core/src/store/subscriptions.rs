@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::Row;
 
+// The contract's traits: a backend implements them, a caller reaches them through `Store`.
+use super::contract::*;
 use super::sqlite::{parse_opt_ts, parse_ts, ts};
 use super::{MailboxId, PgStore, SqliteStore, Store, StoreError};
 
@@ -235,8 +237,158 @@ fn error_text(error: &str) -> String {
     error.chars().take(1000).filter(|c| *c != '\0').collect()
 }
 
-impl SqliteStore {
-    pub async fn subscriptions_due(
+impl SubscriptionStore for SqliteStore {
+    async fn claim_subscription(
+        &self,
+        mailbox: MailboxId,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO subscriptions (mailbox_id, next_attempt_at)
+             SELECT id, ?2 FROM mailboxes WHERE id = ?1 AND enabled = 1
+             ON CONFLICT (mailbox_id) DO NOTHING",
+        )
+        .bind(mailbox)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        let claimed = sqlx::query(
+            "UPDATE subscriptions SET next_attempt_at = ?3
+             WHERE mailbox_id = ?1 AND next_attempt_at <= ?2",
+        )
+        .bind(mailbox)
+        .bind(ts(now))
+        .bind(ts(until))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(claimed.rows_affected() == 1)
+    }
+
+    async fn request_syncs(
+        &self,
+        mailboxes: &[MailboxId],
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = MIN(next_run_at, ?2)
+             WHERE id IN (SELECT value FROM json_each(?1)) AND enabled = 1
+               AND sync_requested_at IS NULL",
+        )
+        .bind(serde_json::to_string(mailboxes).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(ts(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn subscription_by_id(
+        &self,
+        subscription_id: &str,
+    ) -> Result<Option<SubscriptionRecord>, StoreError> {
+        let row = sqlx::query(&format!("{SELECT_RECORD} WHERE s.subscription_id = ?1"))
+            .bind(subscription_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(sqlite_record).transpose()
+    }
+
+    async fn subscription_failed(
+        &self,
+        mailbox: MailboxId,
+        error: &str,
+        now: DateTime<Utc>,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE subscriptions SET last_error = ?2, last_error_at = ?3,
+                 consecutive_failures = consecutive_failures + 1, next_attempt_at = ?4
+             WHERE mailbox_id = ?1",
+        )
+        .bind(mailbox)
+        .bind(error_text(error))
+        .bind(ts(now))
+        .bind(ts(retry_at))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn subscription_needs_work(
+        &self,
+        subscription_id: &str,
+        forget: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = if forget {
+            sqlx::query(
+                "UPDATE subscriptions SET subscription_id = NULL, client_state = NULL,
+                     expires_at = NULL, renew_requested = 0, next_attempt_at = ?2
+                 WHERE subscription_id = ?1",
+            )
+        } else {
+            sqlx::query(
+                "UPDATE subscriptions SET renew_requested = 1, next_attempt_at = ?2
+                 WHERE subscription_id = ?1",
+            )
+        }
+        .bind(subscription_id)
+        .bind(ts(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn subscription_saved(
+        &self,
+        mailbox: MailboxId,
+        saved: &SubscriptionSaved<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE subscriptions SET subscription_id = ?2,
+                 client_state = COALESCE(?3, client_state), expires_at = ?4,
+                 created_at = CASE WHEN ?5 THEN ?6 ELSE created_at END,
+                 renewed_at = CASE WHEN ?5 THEN NULL ELSE ?6 END,
+                 renew_requested = 0, last_error = NULL, last_error_at = NULL,
+                 consecutive_failures = 0, next_attempt_at = ?6
+             WHERE mailbox_id = ?1",
+        )
+        .bind(mailbox)
+        .bind(saved.subscription_id)
+        .bind(saved.client_state.map(|c| c.expose_secret()))
+        .bind(ts(saved.expires_at))
+        .bind(saved.created)
+        .bind(ts(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        let rows = sqlx::query(&format!("{SELECT_RECORD} ORDER BY s.mailbox_id"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(sqlite_record).collect()
+    }
+
+    async fn subscriptions_by_ids(
+        &self,
+        ids: &[&str],
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        // One JSON array parameter, however many ids (SQLite caps bound parameters).
+        let rows = sqlx::query(&format!(
+            "{SELECT_RECORD} WHERE s.subscription_id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sqlite_record).collect()
+    }
+
+    async fn subscriptions_due(
         &self,
         now: DateTime<Utc>,
         renew_by: DateTime<Utc>,
@@ -271,63 +423,66 @@ impl SqliteStore {
             })
             .collect()
     }
+}
 
-    pub async fn claim_subscription(
+impl SubscriptionStore for PgStore {
+    async fn claim_subscription(
         &self,
         mailbox: MailboxId,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO subscriptions (mailbox_id, next_attempt_at)
-             SELECT id, ?2 FROM mailboxes WHERE id = ?1 AND enabled = 1
+             SELECT id, $2 FROM mailboxes WHERE id = $1 AND enabled
              ON CONFLICT (mailbox_id) DO NOTHING",
         )
         .bind(mailbox)
-        .bind(ts(now))
-        .execute(&mut *tx)
+        .bind(now)
+        .execute(&self.pool)
         .await?;
+        // Under READ COMMITTED a concurrent claim waits for the row lock and re-checks the
+        // condition on the row it then sees: one winner.
         let claimed = sqlx::query(
-            "UPDATE subscriptions SET next_attempt_at = ?3
-             WHERE mailbox_id = ?1 AND next_attempt_at <= ?2",
+            "UPDATE subscriptions SET next_attempt_at = $3
+             WHERE mailbox_id = $1 AND next_attempt_at <= $2",
         )
         .bind(mailbox)
-        .bind(ts(now))
-        .bind(ts(until))
-        .execute(&mut *tx)
+        .bind(now)
+        .bind(until)
+        .execute(&self.pool)
         .await?;
-        tx.commit().await?;
         Ok(claimed.rows_affected() == 1)
     }
 
-    pub async fn subscription_saved(
+    async fn request_syncs(
         &self,
-        mailbox: MailboxId,
-        saved: &SubscriptionSaved<'_>,
+        mailboxes: &[MailboxId],
         now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE subscriptions SET subscription_id = ?2,
-                 client_state = COALESCE(?3, client_state), expires_at = ?4,
-                 created_at = CASE WHEN ?5 THEN ?6 ELSE created_at END,
-                 renewed_at = CASE WHEN ?5 THEN NULL ELSE ?6 END,
-                 renew_requested = 0, last_error = NULL, last_error_at = NULL,
-                 consecutive_failures = 0, next_attempt_at = ?6
-             WHERE mailbox_id = ?1",
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE mailboxes SET sync_requested_at = $2, next_run_at = LEAST(next_run_at, $2)
+             WHERE id = ANY($1) AND enabled AND sync_requested_at IS NULL",
         )
-        .bind(mailbox)
-        .bind(saved.subscription_id)
-        .bind(saved.client_state.map(|c| c.expose_secret()))
-        .bind(ts(saved.expires_at))
-        .bind(saved.created)
-        .bind(ts(now))
-        .execute(&self.writer)
+        .bind(mailboxes)
+        .bind(now)
+        .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected())
     }
 
-    pub async fn subscription_failed(
+    async fn subscription_by_id(
+        &self,
+        subscription_id: &str,
+    ) -> Result<Option<SubscriptionRecord>, StoreError> {
+        let row = sqlx::query(&format!("{SELECT_RECORD} WHERE s.subscription_id = $1"))
+            .bind(subscription_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(pg_record).transpose()
+    }
+
+    async fn subscription_failed(
         &self,
         mailbox: MailboxId,
         error: &str,
@@ -335,20 +490,20 @@ impl SqliteStore {
         retry_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE subscriptions SET last_error = ?2, last_error_at = ?3,
-                 consecutive_failures = consecutive_failures + 1, next_attempt_at = ?4
-             WHERE mailbox_id = ?1",
+            "UPDATE subscriptions SET last_error = $2, last_error_at = $3,
+                 consecutive_failures = consecutive_failures + 1, next_attempt_at = $4
+             WHERE mailbox_id = $1",
         )
         .bind(mailbox)
         .bind(error_text(error))
-        .bind(ts(now))
-        .bind(ts(retry_at))
-        .execute(&self.writer)
+        .bind(now)
+        .bind(retry_at)
+        .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    pub async fn subscription_needs_work(
+    async fn subscription_needs_work(
         &self,
         subscription_id: &str,
         forget: bool,
@@ -357,74 +512,70 @@ impl SqliteStore {
         let done = if forget {
             sqlx::query(
                 "UPDATE subscriptions SET subscription_id = NULL, client_state = NULL,
-                     expires_at = NULL, renew_requested = 0, next_attempt_at = ?2
-                 WHERE subscription_id = ?1",
+                     expires_at = NULL, renew_requested = false, next_attempt_at = $2
+                 WHERE subscription_id = $1",
             )
         } else {
             sqlx::query(
-                "UPDATE subscriptions SET renew_requested = 1, next_attempt_at = ?2
-                 WHERE subscription_id = ?1",
+                "UPDATE subscriptions SET renew_requested = true, next_attempt_at = $2
+                 WHERE subscription_id = $1",
             )
         }
         .bind(subscription_id)
-        .bind(ts(now))
-        .execute(&self.writer)
+        .bind(now)
+        .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    pub async fn subscription_by_id(
+    async fn subscription_saved(
         &self,
-        subscription_id: &str,
-    ) -> Result<Option<SubscriptionRecord>, StoreError> {
-        let row = sqlx::query(&format!("{SELECT_RECORD} WHERE s.subscription_id = ?1"))
-            .bind(subscription_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(sqlite_record).transpose()
+        mailbox: MailboxId,
+        saved: &SubscriptionSaved<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE subscriptions SET subscription_id = $2,
+                 client_state = COALESCE($3, client_state), expires_at = $4,
+                 created_at = CASE WHEN $5 THEN $6 ELSE created_at END,
+                 renewed_at = CASE WHEN $5 THEN NULL ELSE $6 END,
+                 renew_requested = false, last_error = NULL, last_error_at = NULL,
+                 consecutive_failures = 0, next_attempt_at = $6
+             WHERE mailbox_id = $1",
+        )
+        .bind(mailbox)
+        .bind(saved.subscription_id)
+        .bind(saved.client_state.map(|c| c.expose_secret()))
+        .bind(saved.expires_at)
+        .bind(saved.created)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
-    pub async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
+    async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
         let rows = sqlx::query(&format!("{SELECT_RECORD} ORDER BY s.mailbox_id"))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(sqlite_record).collect()
+        rows.iter().map(pg_record).collect()
     }
 
-    pub async fn subscriptions_by_ids(
+    async fn subscriptions_by_ids(
         &self,
         ids: &[&str],
     ) -> Result<Vec<SubscriptionRecord>, StoreError> {
-        // One JSON array parameter, however many ids (SQLite caps bound parameters).
+        let ids: Vec<String> = ids.iter().map(|id| id.replace('\0', "")).collect();
         let rows = sqlx::query(&format!(
-            "{SELECT_RECORD} WHERE s.subscription_id IN (SELECT value FROM json_each(?1))"
+            "{SELECT_RECORD} WHERE s.subscription_id = ANY($1)"
         ))
-        .bind(serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(ids)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(sqlite_record).collect()
+        rows.iter().map(pg_record).collect()
     }
 
-    pub async fn request_syncs(
-        &self,
-        mailboxes: &[MailboxId],
-        now: DateTime<Utc>,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = MIN(next_run_at, ?2)
-             WHERE id IN (SELECT value FROM json_each(?1)) AND enabled = 1
-               AND sync_requested_at IS NULL",
-        )
-        .bind(serde_json::to_string(mailboxes).map_err(|e| StoreError::Corrupt(e.to_string()))?)
-        .bind(ts(now))
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected())
-    }
-}
-
-impl PgStore {
-    pub async fn subscriptions_due(
+    async fn subscriptions_due(
         &self,
         now: DateTime<Utc>,
         renew_by: DateTime<Utc>,
@@ -459,154 +610,5 @@ impl PgStore {
                 })
             })
             .collect()
-    }
-
-    pub async fn claim_subscription(
-        &self,
-        mailbox: MailboxId,
-        now: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        sqlx::query(
-            "INSERT INTO subscriptions (mailbox_id, next_attempt_at)
-             SELECT id, $2 FROM mailboxes WHERE id = $1 AND enabled
-             ON CONFLICT (mailbox_id) DO NOTHING",
-        )
-        .bind(mailbox)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        // Under READ COMMITTED a concurrent claim waits for the row lock and re-checks the
-        // condition on the row it then sees: one winner.
-        let claimed = sqlx::query(
-            "UPDATE subscriptions SET next_attempt_at = $3
-             WHERE mailbox_id = $1 AND next_attempt_at <= $2",
-        )
-        .bind(mailbox)
-        .bind(now)
-        .bind(until)
-        .execute(&self.pool)
-        .await?;
-        Ok(claimed.rows_affected() == 1)
-    }
-
-    pub async fn subscription_saved(
-        &self,
-        mailbox: MailboxId,
-        saved: &SubscriptionSaved<'_>,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE subscriptions SET subscription_id = $2,
-                 client_state = COALESCE($3, client_state), expires_at = $4,
-                 created_at = CASE WHEN $5 THEN $6 ELSE created_at END,
-                 renewed_at = CASE WHEN $5 THEN NULL ELSE $6 END,
-                 renew_requested = false, last_error = NULL, last_error_at = NULL,
-                 consecutive_failures = 0, next_attempt_at = $6
-             WHERE mailbox_id = $1",
-        )
-        .bind(mailbox)
-        .bind(saved.subscription_id)
-        .bind(saved.client_state.map(|c| c.expose_secret()))
-        .bind(saved.expires_at)
-        .bind(saved.created)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn subscription_failed(
-        &self,
-        mailbox: MailboxId,
-        error: &str,
-        now: DateTime<Utc>,
-        retry_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE subscriptions SET last_error = $2, last_error_at = $3,
-                 consecutive_failures = consecutive_failures + 1, next_attempt_at = $4
-             WHERE mailbox_id = $1",
-        )
-        .bind(mailbox)
-        .bind(error_text(error))
-        .bind(now)
-        .bind(retry_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn subscription_needs_work(
-        &self,
-        subscription_id: &str,
-        forget: bool,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let done = if forget {
-            sqlx::query(
-                "UPDATE subscriptions SET subscription_id = NULL, client_state = NULL,
-                     expires_at = NULL, renew_requested = false, next_attempt_at = $2
-                 WHERE subscription_id = $1",
-            )
-        } else {
-            sqlx::query(
-                "UPDATE subscriptions SET renew_requested = true, next_attempt_at = $2
-                 WHERE subscription_id = $1",
-            )
-        }
-        .bind(subscription_id)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    pub async fn subscription_by_id(
-        &self,
-        subscription_id: &str,
-    ) -> Result<Option<SubscriptionRecord>, StoreError> {
-        let row = sqlx::query(&format!("{SELECT_RECORD} WHERE s.subscription_id = $1"))
-            .bind(subscription_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(pg_record).transpose()
-    }
-
-    pub async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
-        let rows = sqlx::query(&format!("{SELECT_RECORD} ORDER BY s.mailbox_id"))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(pg_record).collect()
-    }
-
-    pub async fn subscriptions_by_ids(
-        &self,
-        ids: &[&str],
-    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
-        let ids: Vec<String> = ids.iter().map(|id| id.replace('\0', "")).collect();
-        let rows = sqlx::query(&format!(
-            "{SELECT_RECORD} WHERE s.subscription_id = ANY($1)"
-        ))
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(pg_record).collect()
-    }
-
-    pub async fn request_syncs(
-        &self,
-        mailboxes: &[MailboxId],
-        now: DateTime<Utc>,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = $2, next_run_at = LEAST(next_run_at, $2)
-             WHERE id = ANY($1) AND enabled AND sync_requested_at IS NULL",
-        )
-        .bind(mailboxes)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
     }
 }
