@@ -495,7 +495,7 @@ async fn register_sync_read_events_and_remove(store_url: Option<String>) {
     assert_eq!(all.body["truncated"], false);
     assert_eq!(listed.len(), stored.len());
     for (got, want) in listed.iter().zip(&stored) {
-        assert_eq!(got["event_id"], want.event_id.as_str());
+        assert_eq!(got["event_id"], want.id.as_str());
         assert_eq!(got["subject"], json!(want.subject));
         assert_eq!(got["change_key"], json!(want.change_key));
         assert_eq!(got["ical_uid"], json!(want.ical_uid));
@@ -549,7 +549,7 @@ async fn register_sync_read_events_and_remove(store_url: Option<String>) {
         .iter()
         .map(|e| e["event_id"].as_str().expect("id"))
         .collect();
-    let want: Vec<&str> = within.iter().map(|e| e.event_id.as_str()).collect();
+    let want: Vec<&str> = within.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, want);
     let one = api
         .get(&events_path(window.start, window.end, "&limit=1"))
@@ -559,10 +559,7 @@ async fn register_sync_read_events_and_remove(store_url: Option<String>) {
         (one.body["count"].clone(), one.body["truncated"].clone()),
         (json!(1), json!(true))
     );
-    assert_eq!(
-        one.body["events"][0]["event_id"],
-        stored[0].event_id.as_str()
-    );
+    assert_eq!(one.body["events"][0]["event_id"], stored[0].id.as_str());
 
     // Removal: 204, then the mailbox and its events are gone and every route says 404.
     let removed = api.delete(&format!("/v1/mailboxes/{id}")).await;

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use calsync::config::Settings;
+use calsync::graph::Event;
 use calsync::scheduler::{JobResult, Worker};
-use calsync::store::{MailboxRecord, Store, StoredEvent};
+use calsync::store::{MailboxRecord, Store};
 use calsync::tenants::Tenants;
 use tempfile::TempDir;
 use wiremock::matchers::{method, path};
@@ -134,18 +135,13 @@ impl TestApp {
             .expect("mailbox registered")
     }
 
-    pub async fn events(&self, user: &str) -> Vec<StoredEvent> {
+    pub async fn events(&self, user: &str) -> Vec<Event> {
         let mailbox = self.mailbox(user).await;
         self.store.events(mailbox.id).await.expect("store reads")
     }
 
     pub async fn event_ids(&self, user: &str) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .events(user)
-            .await
-            .into_iter()
-            .map(|e| e.event_id)
-            .collect();
+        let mut ids: Vec<String> = self.events(user).await.into_iter().map(|e| e.id).collect();
         ids.sort();
         ids
     }

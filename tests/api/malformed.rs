@@ -65,7 +65,7 @@ async fn bad_second_page_changes_nothing(bad_page: impl FnOnce(&TestApp) -> Resp
         .events(ALICE)
         .await
         .into_iter()
-        .filter(|e| e.event_id != NEW_ON_PAGE_1)
+        .filter(|e| e.id != NEW_ON_PAGE_1)
         .collect();
     assert_eq!(
         after, before,
@@ -206,7 +206,7 @@ async fn unusable_items_are_quarantined_and_the_rest_of_their_page_applied() {
         .events(ALICE)
         .await
         .into_iter()
-        .find(|e| e.event_id == "AAMkAGI2TG93AAA=single1")
+        .find(|e| e.id == "AAMkAGI2TG93AAA=single1")
         .expect("single1");
     assert_eq!(
         single.subject.as_deref(),

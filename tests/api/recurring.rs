@@ -5,8 +5,9 @@
 use std::collections::{BTreeSet, HashSet};
 
 use calsync::graph::model::MASTER_SELECT;
+use calsync::graph::Event;
 use calsync::sim::{FaultKind, FaultRule, SimConfig, GRAPH_SCOPE};
-use calsync::store::{RunOutcome, StoredEvent};
+use calsync::store::RunOutcome;
 use chrono::{NaiveDate, TimeZone, Utc};
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
@@ -79,14 +80,14 @@ async fn after_first_round() -> TestApp {
     app
 }
 
-fn by_id<'a>(events: &'a [StoredEvent], id: &str) -> &'a StoredEvent {
+fn by_id<'a>(events: &'a [Event], id: &str) -> &'a Event {
     events
         .iter()
-        .find(|e| e.event_id == id)
+        .find(|e| e.id == id)
         .unwrap_or_else(|| panic!("{id} is stored"))
 }
 
-fn addresses(event: &StoredEvent) -> Vec<String> {
+fn addresses(event: &Event) -> Vec<String> {
     event
         .attendees
         .as_array()
@@ -116,7 +117,7 @@ async fn a_graph_shaped_round_stores_every_occurrence_complete_and_no_master() {
     assert_eq!(result.report.master_requests, 0);
 
     let events = app.events(ALICE).await;
-    let ids: BTreeSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let ids: BTreeSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(
         ids,
         BTreeSet::from([
@@ -228,7 +229,7 @@ async fn stubs_without_their_master_fetch_it_once_and_a_rename_reaches_every_occ
 
     let events = app.events(ALICE).await;
     assert!(
-        events.iter().all(|e| e.event_id != OCC_1228),
+        events.iter().all(|e| e.id != OCC_1228),
         "the removed occurrence is gone"
     );
     // OCC_1207 came as a stub; OCC_1214 did not come at all: both follow the renamed master.

@@ -77,7 +77,7 @@ async fn expired_state_triggers_a_reconciling_resync(status: u16, code: &str) {
         .events(ALICE)
         .await
         .into_iter()
-        .find(|e| e.event_id == "AAMkAGI2TG93AAA=single1")
+        .find(|e| e.id == "AAMkAGI2TG93AAA=single1")
         .expect("single1 kept");
     assert_eq!(
         single.subject.as_deref(),

@@ -152,11 +152,11 @@ impl SimApp {
         let events = self.store.events(record.id).await.expect("store reads");
         let mut out = HashMap::new();
         for e in events {
-            let fp = e.user_view();
+            let fp = calsync::store::UserView::of_event(&e);
             assert!(
-                out.insert(e.event_id.clone(), fp).is_none(),
+                out.insert(e.id.clone(), fp).is_none(),
                 "{mailbox}: event {} stored twice",
-                e.event_id
+                e.id
             );
         }
         out

@@ -352,7 +352,7 @@ async fn event_ids(store: &Store, id: MailboxId) -> BTreeSet<String> {
         .await
         .expect("events")
         .into_iter()
-        .map(|e| e.event_id)
+        .map(|e| e.id)
         .collect()
 }
 
@@ -820,7 +820,7 @@ async fn upserts_are_idempotent(store: Store) {
     assert_eq!(stored.len(), 3);
     let day = stored
         .iter()
-        .find(|e| e.event_id == "day")
+        .find(|e| e.id == "day")
         .expect("all-day event");
     assert_eq!(
         (day.start_date, day.end_date, day.is_all_day),
@@ -829,10 +829,7 @@ async fn upserts_are_idempotent(store: Store) {
     assert_eq!(day.raw, all_day.raw);
     assert_eq!(day.organizer_address.as_deref(), Some("org@contoso.com"));
     assert_eq!(
-        stored
-            .iter()
-            .map(|e| e.event_id.as_str())
-            .collect::<Vec<_>>(),
+        stored.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["day", "e2", "e1"],
         "by start"
     );
@@ -848,7 +845,7 @@ async fn upserts_are_idempotent(store: Store) {
         .expect("changes");
     let stored = store.events(id).await.expect("events");
     assert_eq!(stored.len(), 3);
-    let e1 = stored.iter().find(|e| e.event_id == "e1").expect("e1");
+    let e1 = stored.iter().find(|e| e.id == "e1").expect("e1");
     assert_eq!(e1.subject.as_deref(), Some("one v3"));
     assert_eq!(e1.change_key.as_deref(), Some("ck-one v3"));
     assert_eq!(
@@ -891,7 +888,7 @@ async fn a_page_applies_its_items_in_order(store: Store) {
         .await
         .expect("events")
         .into_iter()
-        .map(|e| (e.event_id, e.subject))
+        .map(|e| (e.id, e.subject))
         .collect();
     let want = |id: &str, v: &str| (id.to_string(), Some(v.to_string()));
     assert_eq!(
@@ -1421,7 +1418,7 @@ async fn events_between_returns_what_overlaps_the_range(store: Store) {
         .await
         .expect("events")
         .into_iter()
-        .map(|e| e.event_id)
+        .map(|e| e.id)
         .collect();
     assert_eq!(
         found,
@@ -1715,13 +1712,7 @@ async fn series_masters_refill_their_occurrences_and_go_with_their_series(store:
         .await
         .expect("the renamed master");
     let events = store.events(id).await.expect("reads");
-    let get = |eid: &str| {
-        events
-            .iter()
-            .find(|e| e.event_id == eid)
-            .expect(eid)
-            .clone()
-    };
+    let get = |eid: &str| events.iter().find(|e| e.id == eid).expect(eid).clone();
     for eid in ["o1", "o2"] {
         let o = get(eid);
         assert_eq!(o.subject.as_deref(), Some("Weekly (renamed)"), "{eid}");

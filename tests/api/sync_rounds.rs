@@ -45,7 +45,7 @@ async fn events_are_stored_with_normalised_fields() {
     app.sync_alice().await;
 
     let events = app.events(ALICE).await;
-    let by_id = |id: &str| events.iter().find(|e| e.event_id == id).expect(id).clone();
+    let by_id = |id: &str| events.iter().find(|e| e.id == id).expect(id).clone();
 
     let single = by_id("AAMkAGI2TG93AAA=single1");
     assert_eq!(
@@ -85,9 +85,7 @@ async fn events_are_stored_with_normalised_fields() {
         Utc.with_ymd_and_hms(2026, 12, 1, 15, 0, 0).unwrap()
     );
     assert!(
-        events
-            .iter()
-            .all(|e| e.event_id != "AAMkAGI2TG93AAA=series1"),
+        events.iter().all(|e| e.id != "AAMkAGI2TG93AAA=series1"),
         "the series master is not a calendar entry"
     );
 
@@ -160,7 +158,7 @@ async fn incremental_round_applies_updates_and_removals_inside_the_window_only()
         .events(ALICE)
         .await
         .into_iter()
-        .find(|e| e.event_id == "AAMkAGI2TG93AAA=single1")
+        .find(|e| e.id == "AAMkAGI2TG93AAA=single1")
         .expect("single1 kept");
     assert_eq!(
         single.subject.as_deref(),

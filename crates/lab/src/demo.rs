@@ -410,7 +410,7 @@ async fn compare(
             .events(m.id)
             .await?
             .into_iter()
-            .map(|e| (e.event_id.clone(), e.user_view()))
+            .map(|e| (e.id.clone(), UserView::of_event(&e)))
             .collect();
         // Each mailbox's own window: windows move at each mailbox's own time of day.
         let window = m.cursor.window.unwrap_or_else(|| {

@@ -143,15 +143,15 @@ async fn samples_on(
             .with_nanosecond_zero();
         let changed = Instant::now();
         anyhow::ensure!(
-            sim.move_event(&mailbox.user_id, &event.event_id, start),
+            sim.move_event(&mailbox.user_id, &event.id, start),
             "the simulator does not know event {}",
-            event.event_id
+            event.id
         );
         loop {
             let stored = store.events(mailbox.id).await?;
             if stored
                 .iter()
-                .any(|e| e.event_id == event.event_id && e.start_utc == start)
+                .any(|e| e.id == event.id && e.start_utc == start)
             {
                 out.push(changed.elapsed());
                 break;

@@ -23,7 +23,8 @@ use serde_json::Value;
 
 use super::AppState;
 use crate::config::Settings;
-use crate::store::{MailboxId, MailboxRecord, StoreError, StoredEvent};
+use crate::graph::Event;
+use crate::store::{MailboxId, MailboxRecord, StoreError};
 
 /// Where the API is mounted.
 pub const PREFIX: &str = "/v1";
@@ -649,9 +650,9 @@ pub struct EventView {
 }
 
 impl EventView {
-    fn of(e: StoredEvent) -> Self {
+    fn of(e: Event) -> Self {
         Self {
-            event_id: e.event_id,
+            event_id: e.id,
             ical_uid: e.ical_uid,
             change_key: e.change_key,
             etag: e.etag,

@@ -12,10 +12,10 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord, PageApplied, PageWrite,
-    QuarantinedItem, RetiredSubscription, StoreError, StoredEvent, StoredMaster, SubscriptionDue,
+    QuarantinedItem, RetiredSubscription, StoreError, StoredMaster, SubscriptionDue,
     SubscriptionRecord, SubscriptionSaved, SyncRun,
 };
-use crate::graph::{PageLink, Window};
+use crate::graph::{Event, PageLink, Window};
 
 /// Opening and closing: the store's tables, its health.
 pub trait Lifecycle {
@@ -164,7 +164,7 @@ pub trait RoundStore {
     ) -> Result<HashMap<String, StoredMaster>, StoreError>;
 
     /// A mailbox's events, by start.
-    async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError>;
+    async fn events(&self, mailbox: MailboxId) -> Result<Vec<Event>, StoreError>;
 
     /// A mailbox's events that overlap `[start, end)` (an instant event at `start` included),
     /// by start.
@@ -173,7 +173,7 @@ pub trait RoundStore {
         mailbox: MailboxId,
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-    ) -> Result<Vec<StoredEvent>, StoreError>;
+    ) -> Result<Vec<Event>, StoreError>;
 
     /// Events held per mailbox.
     async fn event_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError>;

@@ -154,7 +154,7 @@ mod tests {
             .await
             .expect("reads")
             .into_iter()
-            .map(|e| e.event_id)
+            .map(|e| e.id)
             .collect();
         assert_eq!(ids, ["occ"], "the stored master is no calendar entry");
         assert_eq!(

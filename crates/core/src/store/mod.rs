@@ -80,7 +80,7 @@ macro_rules! mailbox_columns {
 }
 pub(crate) use mailbox_columns;
 
-/// The columns a [`StoredEvent`] is read from (see [`mailbox_columns`]).
+/// The columns an [`Event`] is read back from (see [`mailbox_columns`]).
 macro_rules! event_columns {
     () => {
         "event_id, ical_uid, change_key, etag, last_modified, subject, start_utc, end_utc, \
@@ -317,7 +317,7 @@ impl Store {
     }
 
     /// A mailbox's events, by start.
-    pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
+    pub async fn events(&self, mailbox: MailboxId) -> Result<Vec<Event>, StoreError> {
         delegate!(self, s => s.events(mailbox).await)
     }
 
@@ -328,7 +328,7 @@ impl Store {
         mailbox: MailboxId,
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    ) -> Result<Vec<Event>, StoreError> {
         delegate!(self, s => s.events_between(mailbox, start, end).await)
     }
 
@@ -531,36 +531,6 @@ pub struct JobRecord {
     pub next_run_at: DateTime<Utc>,
 }
 
-/// An event row as the main app reads it, every column. For an occurrence, the fields a user
-/// reads are its series master's, and `raw` is the stub Graph sent.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct StoredEvent {
-    pub event_id: String,
-    pub ical_uid: Option<String>,
-    pub change_key: Option<String>,
-    pub etag: Option<String>,
-    pub last_modified: Option<DateTime<Utc>>,
-    pub subject: Option<String>,
-    pub start_utc: DateTime<Utc>,
-    pub end_utc: DateTime<Utc>,
-    pub start_date: Option<NaiveDate>,
-    pub end_date: Option<NaiveDate>,
-    pub is_all_day: bool,
-    pub is_cancelled: bool,
-    pub show_as: Option<String>,
-    pub sensitivity: Option<String>,
-    pub event_type: Option<String>,
-    pub series_master_id: Option<String>,
-    pub organizer_name: Option<String>,
-    pub organizer_address: Option<String>,
-    /// `[{"name","address","type","response"}]`
-    pub attendees: serde_json::Value,
-    pub location: Option<String>,
-    pub categories: Vec<String>,
-    pub web_link: Option<String>,
-    pub raw: String,
-}
-
 /// The fields of an event a user reads in Outlook, to compare what is stored with what Graph
 /// holds (the demo's and the tests' ground-truth checks).
 #[derive(Clone, Debug, PartialEq)]
@@ -584,32 +554,8 @@ pub struct UserView {
     pub categories: Vec<String>,
 }
 
-impl StoredEvent {
-    pub fn user_view(&self) -> UserView {
-        UserView {
-            change_key: self.change_key.clone(),
-            subject: self.subject.clone(),
-            start_utc: self.start_utc,
-            end_utc: self.end_utc,
-            start_date: self.start_date,
-            end_date: self.end_date,
-            is_all_day: self.is_all_day,
-            is_cancelled: self.is_cancelled,
-            show_as: self.show_as.clone(),
-            sensitivity: self.sensitivity.clone(),
-            event_type: self.event_type.clone(),
-            series_master_id: self.series_master_id.clone(),
-            organizer_name: self.organizer_name.clone(),
-            organizer_address: self.organizer_address.clone(),
-            attendees: self.attendees.clone(),
-            location: self.location.clone(),
-            categories: self.categories.clone(),
-        }
-    }
-}
-
 impl UserView {
-    /// The same fields of an event as Graph represents it in full.
+    /// The fields a user reads of an event, stored or as Graph represents it in full.
     pub fn of_event(e: &Event) -> Self {
         Self {
             change_key: e.change_key.clone(),

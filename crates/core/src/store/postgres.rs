@@ -20,8 +20,8 @@ use sqlx::{PgPool, Row};
 use super::contract::*;
 use super::{
     link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
-    MasterWrite, PageApplied, PageWrite, QuarantinedItem, RunOutcome, StoreError, StoredEvent,
-    StoredMaster, SyncRun, RUNS_KEPT_PER_MAILBOX,
+    MasterWrite, PageApplied, PageWrite, QuarantinedItem, RunOutcome, StoreError, StoredMaster,
+    SyncRun, RUNS_KEPT_PER_MAILBOX,
 };
 use crate::graph::model::RejectedItem;
 use crate::graph::{DeltaItem, Event, PageLink, Window};
@@ -662,7 +662,7 @@ impl RoundStore for PgStore {
             .collect()
     }
 
-    async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn events(&self, mailbox: MailboxId) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             super::event_columns!(),
@@ -679,7 +679,7 @@ impl RoundStore for PgStore {
         mailbox: MailboxId,
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    ) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             super::event_columns!(),
@@ -989,10 +989,10 @@ pub(super) fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, StoreError>
     })
 }
 
-fn event_from_row(row: &PgRow) -> Result<StoredEvent, StoreError> {
+fn event_from_row(row: &PgRow) -> Result<Event, StoreError> {
     let categories: serde_json::Value = row.try_get("categories")?;
-    Ok(StoredEvent {
-        event_id: row.try_get("event_id")?,
+    Ok(Event {
+        id: row.try_get("event_id")?,
         ical_uid: row.try_get("ical_uid")?,
         change_key: row.try_get("change_key")?,
         etag: row.try_get("etag")?,

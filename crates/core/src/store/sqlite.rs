@@ -13,8 +13,8 @@ use sqlx::{Row, SqlitePool};
 use super::contract::*;
 use super::{
     link_parts, migrations, Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord,
-    MasterWrite, PageApplied, PageWrite, QuarantinedItem, RunOutcome, StoreError, StoredEvent,
-    StoredMaster, SyncRun, RUNS_KEPT_PER_MAILBOX,
+    MasterWrite, PageApplied, PageWrite, QuarantinedItem, RunOutcome, StoreError, StoredMaster,
+    SyncRun, RUNS_KEPT_PER_MAILBOX,
 };
 use crate::graph::model::RejectedItem;
 use crate::graph::{DeltaItem, Event, PageLink, Window};
@@ -684,7 +684,7 @@ impl RoundStore for SqliteStore {
         Ok(out)
     }
 
-    async fn events(&self, mailbox: MailboxId) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn events(&self, mailbox: MailboxId) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             super::event_columns!(),
@@ -701,7 +701,7 @@ impl RoundStore for SqliteStore {
         mailbox: MailboxId,
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    ) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             super::event_columns!(),
@@ -982,7 +982,7 @@ pub(super) fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecord, StoreEr
     })
 }
 
-fn event_from_row(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
+fn event_from_row(row: &SqliteRow) -> Result<Event, StoreError> {
     let start: String = row.try_get("start_utc")?;
     let end: String = row.try_get("end_utc")?;
     let json = |column: &str| -> Result<serde_json::Value, StoreError> {
@@ -991,8 +991,8 @@ fn event_from_row(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
     };
     let categories = serde_json::from_value(json("categories")?)
         .map_err(|e| StoreError::Corrupt(format!("categories: {e}")))?;
-    Ok(StoredEvent {
-        event_id: row.try_get("event_id")?,
+    Ok(Event {
+        id: row.try_get("event_id")?,
         ical_uid: row.try_get("ical_uid")?,
         change_key: row.try_get("change_key")?,
         etag: row.try_get("etag")?,
