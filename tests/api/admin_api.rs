@@ -18,9 +18,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wiremock::MockServer;
 
+use crate::helpers::sim::{fast, sim_settings, start_sim, world, Dispatcher, SimApp};
+use crate::helpers::store::{run_caught, TestSchema};
 use crate::helpers::{base_config, ALICE, TENANT};
-use crate::sim_harness::{fast, sim_settings, start_sim, world, Dispatcher, SimApp};
-use crate::store_suite::{run_caught, TestSchema};
 
 const TOKEN: &str = "calsync-admin-Token~0123456789abcdefABCDEF";
 const WRONG: &str = "calsync-admin-Token~0123456789abcdefABCDEX";
@@ -586,7 +586,7 @@ async fn register_sync_read_events_and_remove(store_url: Option<String>) {
 /// API (twice: the second is deduplicated), and the next job the dispatcher starts is its.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_requested_sync_is_dispatched_before_periodic_work_and_deduplicated() {
-    let app = crate::sim_harness::sim_app(world(1, 4, 10), |s| {
+    let app = crate::helpers::sim::sim_app(world(1, 4, 10), |s| {
         fast(s);
         s.sync.workers = 1;
         s.sync.interval = Duration::from_millis(1);

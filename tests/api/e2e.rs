@@ -10,7 +10,7 @@ use calsync::store::RunOutcome;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim_harness::*;
+use crate::helpers::sim::*;
 
 #[tokio::test]
 async fn a_demo_sized_run_of_the_real_service_ends_equal_to_ground_truth() {

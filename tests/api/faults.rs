@@ -13,7 +13,7 @@ use calsync::store::RunOutcome;
 use chrono::Utc;
 use tokio::time::Instant;
 
-use crate::sim_harness::*;
+use crate::helpers::sim::*;
 
 /// Slack over a job deadline for the cut-off job to write its end.
 const MARGIN: Duration = Duration::from_millis(500);

@@ -19,7 +19,6 @@ mod recurring;
 mod replicas;
 mod resync;
 mod sim;
-mod sim_harness;
 mod status_page;
 mod store_suite;
 mod sync_rounds;

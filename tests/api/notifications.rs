@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim_harness::*;
-use crate::store_suite::{run_caught, TestSchema};
+use crate::helpers::sim::*;
+use crate::helpers::store::{run_caught, TestSchema};
 
 struct Service {
     sim: SimHandle,

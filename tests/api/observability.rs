@@ -12,7 +12,7 @@ use calsync::sim::{Endpoint, FaultKind, FaultRule, RetryAfter, SimConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim_harness::{fast, sim_settings, start_sim, world};
+use crate::helpers::sim::{fast, sim_settings, start_sim, world};
 
 /// Label keys a calsync metric may carry (`le` for histogram buckets).
 const ALLOWED_LABELS: [&str; 11] = [
@@ -470,7 +470,7 @@ async fn json_logs_carry_the_job_span_with_request_ids_and_one_line_per_breaker_
     let lines = captured_logs();
     let config = unique_world();
     let a = config.tenants[0].name.clone();
-    let app = crate::sim_harness::sim_app(config.clone(), |s| {
+    let app = crate::helpers::sim::sim_app(config.clone(), |s| {
         fast(s);
         s.resilience.breaker.min_calls = 3;
         s.resilience.breaker.base_break = Duration::from_secs(30);

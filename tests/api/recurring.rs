@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
+use crate::helpers::sim::{fast, sim_app, world, SimApp};
 use crate::helpers::*;
-use crate::sim_harness::{fast, sim_app, world, SimApp};
 
 const WEEKLY: &str = "AAMkADSeriesMasterWeekly=";
 const ALL_DAY: &str = "AAMkADSeriesMasterAllDay=";

@@ -24,8 +24,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim_harness::{start_sim, SimApp};
-use crate::store_suite::{run_caught, TestSchema};
+use crate::helpers::sim::{start_sim, SimApp};
+use crate::helpers::store::{run_caught, TestSchema};
 
 const REPLICAS: usize = 3;
 const KILLS: usize = 15;

@@ -14,7 +14,7 @@ use calsync::sim::{Endpoint, FaultKind, FaultRule, RetryAfter};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim_harness::{fast, sim_settings, start_sim, world};
+use crate::helpers::sim::{fast, sim_settings, start_sim, world};
 
 /// A browser to drive: `CALSYNC_CHROMIUM`, else the usual names on PATH.
 fn find_chromium() -> Option<PathBuf> {

@@ -6,9 +6,6 @@
 //! unless `CALSYNC_REQUIRE_POSTGRES=1`, which makes them fail.
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
-use std::io::Write;
-use std::sync::Once;
 use std::time::Duration;
 
 use calsync::graph::{DeltaItem, Event, PageLink, Window};
@@ -18,9 +15,10 @@ use calsync::store::{
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::Connection;
 
-const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use crate::helpers::store::{on_postgres, on_sqlite};
+pub use crate::helpers::store::{run_caught, TestSchema};
+use sqlx::Connection;
 
 macro_rules! store_suite {
     ($($test:ident),* $(,)?) => {
@@ -69,131 +67,6 @@ store_suite!(
     events_between_returns_what_overlaps_the_range,
     series_masters_refill_their_occurrences_and_go_with_their_series,
 );
-
-// ---------------------------------------------------------------------------------------------
-// Harness
-
-async fn on_sqlite<F, Fut>(test: F)
-where
-    F: FnOnce(Store) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let store = Store::connect(&url, 8).await.expect("SQLite store opens");
-    store.migrate().await.expect("SQLite migrations run");
-    test(store.clone()).await;
-    store.close().await;
-}
-
-async fn on_postgres<F, Fut>(test: F)
-where
-    F: FnOnce(Store) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = match Store::connect(&schema.url, 8).await {
-        Ok(store) => {
-            let outcome = match store.migrate().await {
-                Ok(()) => run_caught(test(store.clone())).await,
-                Err(e) => Err(Box::new(format!("PostgreSQL migrations: {e}")) as _),
-            };
-            store.close().await;
-            outcome
-        }
-        Err(e) => Err(Box::new(format!("PostgreSQL store: {e}")) as _),
-    };
-    schema.drop_after(outcome).await;
-}
-
-pub type Panic = Box<dyn std::any::Any + Send>;
-
-/// Runs `test` as a task, so that its panic is caught and the schema still dropped. For any
-/// test on PostgreSQL: `let Some(schema) = TestSchema::create().await else { return };`, run
-/// the body with `run_caught` against `schema.url`, then `schema.drop_after(outcome)`.
-pub async fn run_caught(test: impl Future<Output = ()> + Send + 'static) -> Result<(), Panic> {
-    tokio::spawn(test).await.map_err(|e| {
-        e.try_into_panic()
-            .unwrap_or_else(|e| Box::new(format!("test task: {e}")))
-    })
-}
-
-/// A schema of its own in the test database, for one test.
-pub struct TestSchema {
-    admin: sqlx::PgConnection,
-    name: String,
-    /// The database URL with this schema as the search path.
-    pub url: String,
-}
-
-impl TestSchema {
-    /// `None` when PostgreSQL is unreachable and not required (said once, on stderr).
-    pub async fn create() -> Option<Self> {
-        let base = std::env::var("CALSYNC_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_string());
-        let mut admin = match admin_connection(&base).await {
-            Ok(admin) => admin,
-            Err(reason) => {
-                postgres_unavailable(&base, &reason);
-                return None;
-            }
-        };
-        let name = format!("calsync_test_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create the test's schema");
-        let mut url = url::Url::parse(&base).expect("CALSYNC_TEST_POSTGRES_URL is a URL");
-        url.query_pairs_mut()
-            .append_pair("options[search_path]", &name);
-        Some(Self {
-            admin,
-            name,
-            url: url.to_string(),
-        })
-    }
-
-    /// Drops the schema, then re-raises the test's panic if it had one.
-    pub async fn drop_after(mut self, outcome: Result<(), Panic>) {
-        let dropped = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name))
-            .execute(&mut self.admin)
-            .await;
-        let _ = self.admin.close().await;
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
-        dropped.expect("drop the test's schema");
-    }
-}
-
-async fn admin_connection(url: &str) -> Result<sqlx::PgConnection, String> {
-    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url)).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no connection within 5s".into()),
-    }
-}
-
-fn postgres_unavailable(url: &str, reason: &str) {
-    let url = calsync::app::redact_url(url);
-    if std::env::var("CALSYNC_REQUIRE_POSTGRES").as_deref() == Ok("1") {
-        panic!(
-            "PostgreSQL is required (CALSYNC_REQUIRE_POSTGRES=1) but {url} is unusable: {reason}"
-        );
-    }
-    static SAID: Once = Once::new();
-    SAID.call_once(|| {
-        // Straight to the process's stderr: the test harness captures `eprintln!` of passing
-        // tests, and this must be seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** PostgreSQL tests were NOT run: {url}: {reason}\n*** (set \
-             CALSYNC_TEST_POSTGRES_URL; CALSYNC_REQUIRE_POSTGRES=1 makes this a failure)\n"
-        );
-    });
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures. Times are whole milliseconds (SQLite keeps milliseconds, PostgreSQL microseconds).
@@ -1502,7 +1375,7 @@ async fn postgres_two_replicas_share_the_mailboxes_and_end_equal_to_ground_truth
 }
 
 async fn two_replicas(url: String) {
-    use crate::sim_harness::{fast, sim_settings, start_sim, SimApp};
+    use crate::helpers::sim::{fast, sim_settings, start_sim, SimApp};
     use calsync::app::Application;
     use tokio_util::sync::CancellationToken;
 

@@ -13,8 +13,8 @@ use calsync::sim::{Endpoint, FaultKind, FaultRule};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
+use crate::helpers::sim::*;
 use crate::helpers::*;
-use crate::sim_harness::*;
 
 use AuthFailureClass::{Permanent, Transient};
 

@@ -1,4 +1,10 @@
-//! Test harness: each test gets its own SQLite file and its own mock Graph + token endpoint.
+//! The test harness. Every app a test starts is built by [`start_app`]: the real wiring
+//! (`Application::build`), its own store, its HTTP served on a free port, its worker left to the
+//! test to drive a step at a time. [`spawn_app`] points it at a mock Graph (wiremock, this
+//! file), [`sim::sim_app`] at the simulator; [`store`] runs one store test on both backends.
+
+pub mod sim;
+pub mod store;
 
 use std::sync::Arc;
 
