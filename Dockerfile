@@ -16,6 +16,8 @@ RUN cargo build --profile production --locked --no-default-features --bin calsyn
  && install -D target/production/calsync /out/calsync
 
 FROM scratch AS context
+# Lets .ci/image.sh remove this stage's image once built: the binary lives on in the runtime stage.
+LABEL calsync.stage=context
 COPY target/production/calsync /out/calsync
 
 FROM ${CALSYNC_BINARY} AS binary

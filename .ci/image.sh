@@ -201,9 +201,12 @@ say "image ${IMAGE} (podman build --format docker: the OCI format drops HEALTHCH
 previous="$(podman image inspect --format '{{.Id}}' "${IMAGE}" 2>/dev/null || true)"
 podman build --format docker --pull=never --build-arg CALSYNC_BINARY=context --tag "${IMAGE}" .
 image_id="$(podman image inspect --format '{{.Id}}' "${IMAGE}")"
+# Keep podman's storage from growing with every new binary: the replaced image (with its own
+# layers) and the context stage's image go; the base and the apt layer stay cached.
 if [ -n "${previous}" ] && [ "${previous}" != "${image_id}" ]; then
     podman rmi "${previous}" >/dev/null 2>&1 || true
 fi
+podman image prune --force --filter label=calsync.stage=context >/dev/null
 podman image inspect "${IMAGE}" >"${work}/image.json"
 python3 - "${work}/image.json" <<'PY'
 import json, sys
