@@ -23,7 +23,7 @@ SYNC_TIMEOUT=180
 TENANTS=2
 MAILBOXES=3
 
-say() { printf '== image: %s\n' "$*"; }
+say() { printf '== image [%d s]: %s\n' "${SECONDS}" "$*"; }
 die() {
     printf '\nimage check FAILED: %s\n' "$*" >&2
     exit 1
