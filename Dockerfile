@@ -11,8 +11,10 @@ FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
 # The whole context minus .dockerignore, so new crates and folders need no change here.
 COPY . .
-# The production binary: no lab commands, no simulator, no debug info (profile.production).
-RUN cargo build --profile production --locked --no-default-features --bin calsync \
+# The production binary: no lab (demo, drill, bench, simulator), no debug info. docker-compose.yml
+# empties CALSYNC_CARGO_FEATURES for a lab build, whose image also runs the simulator.
+ARG CALSYNC_CARGO_FEATURES=--no-default-features
+RUN cargo build --profile production --locked ${CALSYNC_CARGO_FEATURES} --bin calsync \
  && install -D target/production/calsync /out/calsync
 
 FROM scratch AS context
