@@ -6,34 +6,33 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use calsync::app::Application;
 use calsync::config::Settings;
 use calsync::http::admin;
-use calsync::store::Store;
 use chrono::{DateTime, Utc};
 use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use wiremock::MockServer;
 
-use crate::helpers::sim::{fast, sim_settings, start_sim, world, Dispatcher, SimApp};
+use crate::helpers::sim::{fast, sim_settings, start_sim, world, Dispatcher, Truth};
 use crate::helpers::store::{run_caught, TestSchema};
-use crate::helpers::{base_config, ALICE, TENANT};
+use crate::helpers::{base_config, start_app, Jobs, Running, ALICE, TENANT};
 
 const TOKEN: &str = "calsync-admin-Token~0123456789abcdefABCDEF";
 const WRONG: &str = "calsync-admin-Token~0123456789abcdefABCDEX";
 
-/// A running `Application` and a client for its API.
+/// The running service and a client for its API.
 struct Api {
-    base: String,
-    client: reqwest::Client,
-    store: Store,
-    shutdown: CancellationToken,
-    running: JoinHandle<anyhow::Result<()>>,
+    running: Running,
     /// Every response body and header value seen, to check that the token is in none.
     seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl std::ops::Deref for Api {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
+    }
 }
 
 struct Reply {
@@ -50,17 +49,8 @@ impl Reply {
 
 impl Api {
     async fn start(settings: Settings) -> Self {
-        let app = Application::build(settings).await.expect("app builds");
-        let base = format!("http://127.0.0.1:{}", app.port());
-        let store = app.store().clone();
-        let shutdown = CancellationToken::new();
-        let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         Self {
-            base,
-            client: reqwest::Client::new(),
-            store,
-            shutdown,
-            running,
+            running: start_app(settings, Jobs::Loop).await,
             seen: Default::default(),
         }
     }
@@ -73,9 +63,7 @@ impl Api {
         token: Option<&str>,
         body: Option<Value>,
     ) -> Reply {
-        let mut request = self
-            .client
-            .request(method.clone(), format!("{}{path}", self.base));
+        let mut request = self.http.request(method.clone(), self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -145,12 +133,7 @@ impl Api {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.running)
-            .await
-            .expect("the app stops")
-            .expect("no panic")
-            .expect("a clean stop");
+        self.running.stop().await;
     }
 }
 
@@ -297,8 +280,8 @@ async fn requests_without_the_token_get_401_and_the_token_is_never_echoed() {
             TOKEN.to_string(),
         ] {
             let response = api
-                .client
-                .request(method.clone(), format!("{}{path}", api.base))
+                .http
+                .request(method.clone(), api.url(path))
                 .header("authorization", header.clone())
                 .send()
                 .await
@@ -321,8 +304,8 @@ async fn requests_without_the_token_get_401_and_the_token_is_never_echoed() {
     assert_eq!(ok.status, StatusCode::OK, "{:#}", ok.body);
     assert_eq!(ok.headers["cache-control"], "no-store");
     let response = api
-        .client
-        .get(format!("{}/v1/mailboxes/{id}", api.base))
+        .http
+        .get(api.url(&format!("/v1/mailboxes/{id}")))
         .header("authorization", format!("bearer {TOKEN}"))
         .send()
         .await
@@ -395,7 +378,7 @@ async fn postgres_register_sync_read_events_and_remove() {
 async fn register_sync_read_events_and_remove(store_url: Option<String>) {
     let config = world(1, 2, 40);
     let sim = start_sim(config.clone()).await;
-    let (settings, dir) = sim_settings(&sim, &config, |s| {
+    let (settings, _dir) = sim_settings(&sim, &config, |s| {
         fast(s);
         s.sync.job_deadline = Duration::from_secs(5);
         for tenant in &mut s.tenants {
@@ -408,7 +391,7 @@ async fn register_sync_read_events_and_remove(store_url: Option<String>) {
     });
     let tenant = sim.tenants()[0].name.clone();
     let mailbox = sim.tenants()[0].mailboxes[0].clone();
-    let api = Api::start(settings.clone()).await;
+    let api = Api::start(settings).await;
     assert!(api.store.mailboxes().await.expect("reads").is_empty());
 
     let created = api.register(&tenant, &format!("  {mailbox} ")).await;
@@ -465,15 +448,12 @@ async fn register_sync_read_events_and_remove(store_url: Option<String>) {
         .expect("reads")
         .expect("there");
     let window = record.cursor.window.expect("a synced window");
-    let (worker, _) = calsync::app::build_worker(&settings, api.store.clone()).expect("a worker");
-    let check = SimApp {
-        sim,
-        settings,
-        store: api.store.clone(),
-        worker,
-        dir,
-    };
-    check.assert_matches_truth(&mailbox).await;
+    Truth {
+        sim: &sim,
+        store: &api.store,
+    }
+    .assert_matches_truth(&mailbox)
+    .await;
     let events_path = |start: DateTime<Utc>, end: DateTime<Utc>, extra: &str| {
         let q = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         format!(
@@ -595,18 +575,9 @@ async fn a_requested_sync_is_dispatched_before_periodic_work_and_deduplicated() 
     .await;
     app.pass_ok().await;
 
-    // The API without the worker loop: the test drives the dispatcher itself.
-    let state = calsync::http::AppState::new(&app.settings, app.store.clone(), app.worker.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!(
-        "http://127.0.0.1:{}",
-        listener.local_addr().expect("addr").port()
-    );
-    let server =
-        tokio::spawn(async move { axum::serve(listener, calsync::http::router(state)).await });
-    let client = reqwest::Client::new();
+    // The service's API; its jobs are the test's: the test drives the dispatcher itself.
+    let client = &app.http;
+    let base = &app.internal;
     let request_sync = |id: i64| {
         client
             .post(format!("{base}/v1/mailboxes/{id}/sync"))
@@ -701,7 +672,6 @@ async fn a_requested_sync_is_dispatched_before_periodic_work_and_deduplicated() 
     let reply = request_sync(last.id).await.expect("answers");
     let body: Value = reply.json().await.expect("JSON");
     assert_eq!(body["already_queued"], false, "{body:#}");
-    server.abort();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -807,8 +777,8 @@ async fn every_bad_request_is_a_400_naming_its_field_or_parameter() {
     }
     let raw = |body: &'static str, content_type: Option<&'static str>| {
         let mut request = api
-            .client
-            .post(format!("{}/v1/mailboxes", api.base))
+            .http
+            .post(api.url("/v1/mailboxes"))
             .bearer_auth(TOKEN)
             .body(body);
         if let Some(content_type) = content_type {
@@ -837,8 +807,8 @@ async fn every_bad_request_is_a_400_naming_its_field_or_parameter() {
         "a".repeat(64 * 1024)
     );
     let response = api
-        .client
-        .post(format!("{}/v1/mailboxes", api.base))
+        .http
+        .post(api.url("/v1/mailboxes"))
         .bearer_auth(TOKEN)
         .header("content-type", "application/json")
         .body(big)
@@ -1097,8 +1067,8 @@ async fn the_openapi_description_is_served_and_matches_the_router() {
     let file = std::fs::read_to_string(format!("{}/docs/openapi.json", env!("CARGO_MANIFEST_DIR")))
         .expect("docs/openapi.json");
     let response = api
-        .client
-        .get(format!("{}/v1/openapi.json", api.base))
+        .http
+        .get(api.url("/v1/openapi.json"))
         .send()
         .await
         .expect("answers");

@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
-use calsync::app::Application;
 use calsync::sim::{Endpoint, FaultKind, FaultRule, SimConfig};
 use calsync::store::RunOutcome;
 use chrono::Utc;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::sim::*;
 
@@ -16,21 +14,16 @@ use crate::helpers::sim::*;
 async fn a_demo_sized_run_of_the_real_service_ends_equal_to_ground_truth() {
     let config = SimConfig::generated(3, 4, 100, 42);
     let sim = start_sim(config.clone()).await;
-    let (mut settings, dir) = sim_settings(&sim, &config, |s| {
+    let (mut settings, _dir) = sim_settings(&sim, &config, |s| {
         // Several pages per mailbox; the service's own loop does the scheduling.
         s.graph.page_size = 25;
         s.sync.interval = Duration::from_secs(60);
         s.sync.poll_interval = Duration::from_millis(20);
     });
     settings.sync.workers = 8;
-    let app = Application::build(settings.clone())
-        .await
-        .expect("app builds");
-    let store = app.store().clone();
-    let worker = app.worker();
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let app = start_app(settings, Jobs::Loop).await;
+    let store = app.store.clone();
+    let worker = app.worker.clone();
 
     let started = tokio::time::Instant::now();
     let limit = Duration::from_secs(20);
@@ -47,17 +40,13 @@ async fn a_demo_sized_run_of_the_real_service_ends_equal_to_ground_truth() {
     }
     let took = started.elapsed();
 
-    let health: serde_json::Value = reqwest::get(format!("{base}/healthz"))
+    let health: serde_json::Value = reqwest::get(app.url("/healthz"))
         .await
         .expect("healthz answers")
         .json()
         .await
         .expect("healthz is JSON");
-    shutdown.cancel();
-    running
-        .await
-        .expect("no panic")
-        .expect("the service stops cleanly");
+    app.stop().await;
 
     assert_eq!(health["status"], "ok", "{health:#}");
     let tenants = health["tenants"].as_array().expect("tenants");
@@ -69,12 +58,9 @@ async fn a_demo_sized_run_of_the_real_service_ends_equal_to_ground_truth() {
     }
     assert_eq!(worker.status().busy_slots, 0);
 
-    let check = SimApp {
-        sim: sim.clone(),
-        settings,
-        store,
-        worker,
-        dir,
+    let check = Truth {
+        sim: &sim,
+        store: &store,
     };
     let mut total = 0;
     for mailbox in check.mailbox_names() {

@@ -7,38 +7,38 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use calsync::app::Application;
 use calsync::config::Settings;
-use calsync::store::{Store, SubscriptionSaved};
+use calsync::store::SubscriptionSaved;
 use chrono::Utc;
 use secrecy::SecretString;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
 /// Far above what any assertion here needs, so a loaded machine does not fail a test.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-struct Running {
-    internal: String,
+/// The service with both listeners: the public one's address is always there.
+struct Both {
+    running: Running,
     public: String,
-    internal_port: u16,
     public_port: u16,
-    store: Store,
-    store_calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    shutdown: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
     _dir: TempDir,
+}
+
+impl std::ops::Deref for Both {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
+    }
 }
 
 /// The real service with notifications on (Graph unreachable: nothing here needs it), both
 /// listeners on port 0, `tune` applied to the settings.
-async fn start(tune: impl FnOnce(&mut Settings)) -> Running {
+async fn start(tune: impl FnOnce(&mut Settings)) -> Both {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("calsync.db");
     let mut settings = Settings::from_toml_layers(&[
@@ -47,34 +47,19 @@ async fn start(tune: impl FnOnce(&mut Settings)) -> Running {
     ])
     .expect("valid settings");
     tune(&mut settings);
-    let app = Application::build(settings).await.expect("app builds");
-    let internal_port = app.port();
-    let public_port = app.public_port().expect("a public listener");
-    let store = app.store().clone();
-    let store_calls = app.notification_store_calls();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    Running {
-        internal: format!("http://127.0.0.1:{internal_port}"),
+    let running = start_app(settings, Jobs::Loop).await;
+    let public_port = running.public_port.expect("a public listener");
+    Both {
         public: format!("http://127.0.0.1:{public_port}"),
-        internal_port,
         public_port,
-        store,
-        store_calls,
-        shutdown,
-        task,
+        running,
         _dir: dir,
     }
 }
 
-impl Running {
+impl Both {
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(PATIENCE, self.task)
-            .await
-            .expect("stops in time")
-            .expect("no panic")
-            .expect("stops cleanly");
+        self.running.stop().await;
     }
 }
 

@@ -1089,6 +1089,28 @@ async fn rejected_credentials_open_the_token_breaker_as_permanent_and_stop_token
 
 /// Starts a job (through the worker's test seam) that blocks its runtime thread for `blocked`:
 /// the deadline cannot cancel it, since it never yields.
+/// Like [`spawn_blocking_job`], blocking its thread until the test says so (at most a minute):
+/// for checks that must happen while it blocks, however slow a loaded machine makes them.
+fn spawn_job_blocked_until_released(
+    worker: &Arc<calsync::scheduler::Worker>,
+    tenant: &str,
+    mailbox: &str,
+) -> (
+    tokio::task::JoinHandle<Option<bool>>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (worker, tenant, mailbox) = (worker.clone(), tenant.to_string(), mailbox.to_string());
+    let job = tokio::spawn(async move {
+        worker
+            .run_in_slot_for_test(&tenant, &mailbox, async move {
+                let _ = released.recv_timeout(Duration::from_secs(60));
+            })
+            .await
+    });
+    (job, release)
+}
+
 fn spawn_blocking_job(
     worker: &Arc<calsync::scheduler::Worker>,
     tenant: &str,
@@ -1202,9 +1224,8 @@ async fn the_running_service_frees_a_stuck_jobs_slot_and_reports_it_on_healthz()
     let worker = app.worker();
     let mailbox = config.tenants[0].mailboxes[0].clone();
     let started = Instant::now();
-    // Blocks far longer than detection and a sync need: the checks below wait for conditions
-    // while it blocks, not for a time.
-    let job = spawn_blocking_job(&worker, "tenant1", &mailbox, Duration::from_secs(6));
+    // Blocks until the checks below, which wait for conditions while it blocks, are done.
+    let (job, release) = spawn_job_blocked_until_released(&worker, "tenant1", &mailbox);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let client = reqwest::Client::new();
@@ -1259,6 +1280,7 @@ async fn the_running_service_frees_a_stuck_jobs_slot_and_reports_it_on_healthz()
         !job.is_finished(),
         "synced while the stuck job still blocked"
     );
+    release.send(()).expect("the job still waits");
     shutdown.cancel();
     running
         .await

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use calsync::app::Application;
 use calsync::config::Settings;
-use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -165,13 +163,9 @@ async fn health_endpoints_report_failures_without_secrets_and_the_app_stops_on_c
     let graph = MockServer::start().await;
     mount_failing_tenants(&graph).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let app = Application::build(settings(&graph, &dir))
-        .await
-        .expect("app builds");
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    let client = reqwest::Client::new();
+    let app = start_app(settings(&graph, &dir), Jobs::Loop).await;
+    let base = app.internal.clone();
+    let client = app.http.clone();
 
     let health = health_after_failures(&client, &base).await;
 
@@ -252,12 +246,7 @@ async fn health_endpoints_report_failures_without_secrets_and_the_app_stops_on_c
     assert!(check.status.success(), "{check:?}");
     assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "degraded");
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("the app stops within 10s of cancellation")
-        .expect("no panic")
-        .expect("a clean stop");
+    app.stop().await;
     assert!(
         client.get(format!("{base}/livez")).send().await.is_err(),
         "the listener is closed after shutdown"

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use calsync::app::Application;
 use calsync::config::Settings;
 use calsync::sim::{Endpoint, FaultKind, FaultRule};
 use calsync::sim::{SimConfig, SimHandle};
@@ -14,25 +13,24 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde_json::json;
 use tempfile::TempDir;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::sim::*;
 use crate::helpers::store::{run_caught, TestSchema};
 
 struct Service {
     sim: SimHandle,
-    store: Store,
+    running: Running,
     /// The public listener: the notification endpoints.
     base: String,
-    /// The internal listener: health, metrics, admin API.
-    internal: String,
-    config: SimConfig,
-    settings: Settings,
-    shutdown: CancellationToken,
-    running: JoinHandle<anyhow::Result<()>>,
     dir: TempDir,
+}
+
+impl std::ops::Deref for Service {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
+    }
 }
 
 /// A free loopback port: the service's public URL must be known before it is built.
@@ -58,61 +56,40 @@ async fn service(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> Service
         n.retry_max = Duration::from_millis(400);
         tune(s);
     });
-    let app = Application::build(settings.clone())
-        .await
-        .expect("app builds");
-    let store = app.store().clone();
-    let internal = format!("http://127.0.0.1:{}", app.port());
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let running = start_app(settings, Jobs::Loop).await;
     Service {
         sim,
-        store,
-        base: format!("http://127.0.0.1:{port}"),
-        internal,
-        config,
-        settings,
-        shutdown,
         running,
+        base: format!("http://127.0.0.1:{port}"),
         dir,
     }
 }
 
 impl Service {
-    async fn stop(self) -> SimApp {
-        self.shutdown.cancel();
-        self.running
-            .await
-            .expect("no panic")
-            .expect("the service stops cleanly");
-        let (worker, _) =
-            calsync::app::build_worker(&self.settings, self.store.clone()).expect("worker builds");
-        let _ = &self.config;
-        SimApp {
+    /// Stops the service (cleanly, in time) and leaves its store and simulator to be checked.
+    async fn stop(self) -> Stopped {
+        let store = self.running.store.clone();
+        self.running.stop().await;
+        Stopped {
             sim: self.sim,
-            settings: self.settings,
-            store: self.store,
-            worker,
+            store,
             dir: self.dir,
         }
     }
 
+    fn check(&self) -> Truth<'_> {
+        Truth {
+            sim: &self.sim,
+            store: &self.running.store,
+        }
+    }
+
     fn mailboxes(&self) -> Vec<String> {
-        self.sim
-            .tenants()
-            .iter()
-            .flat_map(|t| t.mailboxes.clone())
-            .collect()
+        self.check().mailbox_names()
     }
 
     async fn record(&self, mailbox: &str) -> MailboxRecord {
-        self.store
-            .mailboxes()
-            .await
-            .expect("store reads")
-            .into_iter()
-            .find(|m| m.user_id == mailbox)
-            .expect("mailbox registered")
+        self.check().record(mailbox).await
     }
 
     async fn runs(&self, mailbox: &str) -> usize {
@@ -260,8 +237,8 @@ async fn a_change_in_a_mailbox_is_notified_and_synced_at_once_not_at_the_next_in
     assert_eq!(svc.runs(&other).await, other_runs);
     eprintln!("change to stored via notification: {took:?}");
     let app = svc.stop().await;
-    app.assert_matches_truth(&mailbox).await;
-    app.assert_matches_truth(&other).await;
+    app.check().assert_matches_truth(&mailbox).await;
+    app.check().assert_matches_truth(&other).await;
 }
 
 #[tokio::test]
@@ -441,7 +418,7 @@ async fn lifecycle_events_renew_resync_and_recreate() {
     svc.wait_for_round_after("a round via the new subscription", &mailbox, changed)
         .await;
     let app = svc.stop().await;
-    app.assert_matches_truth(&mailbox).await;
+    app.check().assert_matches_truth(&mailbox).await;
 }
 
 /// Issue 10's lost wake-up, made deterministic: the round a notification started is held
@@ -494,7 +471,7 @@ async fn a_change_notified_while_its_round_runs_gets_a_round_after_it() {
     )
     .await;
     let app = svc.stop().await;
-    app.assert_matches_truth(&mailbox).await;
+    app.check().assert_matches_truth(&mailbox).await;
 }
 
 #[tokio::test]

@@ -7,12 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::Duration;
 
-use calsync::app::Application;
 use calsync::sim::{Endpoint, FaultKind, FaultRule, RetryAfter, SimConfig};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::sim::{fast, sim_settings, start_sim, world};
+use crate::helpers::{start_app, Jobs};
 
 /// Label keys a calsync metric may carry (`le` for histogram buckets).
 const ALLOWED_LABELS: [&str; 11] = [
@@ -146,15 +145,11 @@ async fn metrics_count_per_tenant_and_keep_breaker_held_mailboxes_apart() {
         s.resilience.breaker.max_break = Duration::from_secs(30);
     });
     let job_deadline = settings.sync.job_deadline.as_secs_f64();
-    let app = Application::build(settings).await.expect("app builds");
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let store = app.store().clone();
-    let shutdown = CancellationToken::new();
-    let service = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    let http = reqwest::Client::new();
+    let service = start_app(settings, Jobs::Loop).await;
+    let (base, store, http) = (&service.internal, &service.store, &service.http);
 
     // Healthy: every mailbox synced, counted under its tenant.
-    let (_, healthy) = scrape_until(&http, &base, "all mailboxes synced", |s| {
+    let (_, healthy) = scrape_until(http, base, "all mailboxes synced", |s| {
         value(s, "calsync_mailboxes_never_synced", &[]) == 0.0
             && value(s, "calsync_mailboxes", &[]) == 6.0
             && value(s, "calsync_sync_lag_seconds_count", &[("tenant", &a)]) >= 3.0
@@ -218,7 +213,7 @@ async fn metrics_count_per_tenant_and_keep_breaker_held_mailboxes_apart() {
         .mailbox(throttled_mailbox.clone())
         .endpoint(Endpoint::Graph),
     );
-    scrape_until(&http, &base, "A's Graph breaker opens", |s| {
+    scrape_until(http, base, "A's Graph breaker opens", |s| {
         value(
             s,
             "calsync_breaker_state",
@@ -235,7 +230,7 @@ async fn metrics_count_per_tenant_and_keep_breaker_held_mailboxes_apart() {
                 .expect("request sync");
         }
     }
-    let (text, during) = scrape_until(&http, &base, "A's breaker holds its due mailboxes", |s| {
+    let (text, during) = scrape_until(http, base, "A's breaker holds its due mailboxes", |s| {
         value(s, "calsync_due_jobs_deferred_by_breaker", &[("tenant", &a)]) == 3.0
             && value(
                 s,
@@ -368,8 +363,7 @@ async fn metrics_count_per_tenant_and_keep_breaker_held_mailboxes_apart() {
         assert!(!html.contains(&tenant.client_secret), "secret on the page");
     }
 
-    shutdown.cancel();
-    service.await.expect("joins").expect("stops cleanly");
+    service.stop().await;
     sim.shutdown().await;
 }
 

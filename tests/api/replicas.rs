@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::sim::{start_sim, SimApp};
+use crate::helpers::sim::{start_sim, Truth};
 use crate::helpers::store::{run_caught, TestSchema};
 
 const REPLICAS: usize = 3;
@@ -201,16 +201,12 @@ async fn kill_replicas(url: String) {
     assert_eq!(stats.violations.over_concurrency.count, 0);
 
     // Nothing lost, nothing doubled.
-    let (worker, _) =
-        calsync::app::build_worker(&settings, store.clone()).expect("a worker for the check");
-    let check = SimApp {
-        sim,
-        settings,
-        store,
-        worker,
-        dir: tempfile::tempdir().expect("tempdir"),
-    };
-    check.assert_all_match_truth().await;
+    Truth {
+        sim: &sim,
+        store: &store,
+    }
+    .assert_all_match_truth()
+    .await;
     drop(cluster);
 }
 

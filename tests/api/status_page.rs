@@ -9,12 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use calsync::app::Application;
 use calsync::sim::{Endpoint, FaultKind, FaultRule, RetryAfter};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::sim::{fast, sim_settings, start_sim, world};
+use crate::helpers::{start_app, Jobs};
 
 /// A browser to drive: `CALSYNC_CHROMIUM`, else the usual names on PATH.
 fn find_chromium() -> Option<PathBuf> {
@@ -169,13 +168,10 @@ async fn status_page_in_chromium_shows_an_outage_and_the_recovery() {
         s.sync.interval = Duration::from_millis(300);
         s.resilience.breaker.min_calls = 3;
     });
-    let app = Application::build(settings).await.expect("app builds");
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let shutdown = CancellationToken::new();
-    let service = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    let http = reqwest::Client::new();
+    let service = start_app(settings, Jobs::Loop).await;
+    let (base, http) = (&service.internal, &service.http);
 
-    health_until(&http, &base, "every mailbox synced", |h| {
+    health_until(http, base, "every mailbox synced", |h| {
         h["status"] == "ok"
             && h["tenants"].as_array().is_some_and(|t| {
                 t.iter()
@@ -204,8 +200,8 @@ async fn status_page_in_chromium_shows_an_outage_and_the_recovery() {
     // The breaker can open on failed refreshes while jobs still run on the cached token, so
     // also wait for a job of A to have ended on the outage (the page's error row).
     health_until(
-        &http,
-        &base,
+        http,
+        base,
         "A's token breaker opens and a job of A fails",
         |h| {
             let t = tenant(h, &a);
@@ -245,7 +241,7 @@ async fn status_page_in_chromium_shows_an_outage_and_the_recovery() {
 
     // It comes back: the breaker probes, the token is fetched, the mailboxes sync.
     sim.clear_faults();
-    health_until(&http, &base, "A recovers", |h| {
+    health_until(http, base, "A recovers", |h| {
         h["status"] == "ok" && tenant(h, &a)["failing"] == 0
     })
     .await;
@@ -254,7 +250,6 @@ async fn status_page_in_chromium_shows_an_outage_and_the_recovery() {
     assert!(page.contains(&row(&a, "ok")), "{page}");
     assert!(!page.contains("data-state=\"open\""), "{page}");
 
-    shutdown.cancel();
-    service.await.expect("joins").expect("stops cleanly");
+    service.stop().await;
     sim.shutdown().await;
 }

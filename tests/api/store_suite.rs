@@ -1375,13 +1375,12 @@ async fn postgres_two_replicas_share_the_mailboxes_and_end_equal_to_ground_truth
 }
 
 async fn two_replicas(url: String) {
-    use crate::helpers::sim::{fast, sim_settings, start_sim, SimApp};
-    use calsync::app::Application;
-    use tokio_util::sync::CancellationToken;
+    use crate::helpers::sim::{fast, sim_settings, start_sim, Truth};
+    use crate::helpers::{start_app, Jobs};
 
     let config = calsync::sim::SimConfig::generated(2, 4, 60, 11);
     let sim = start_sim(config.clone()).await;
-    let (settings, dir) = sim_settings(&sim, &config, |s| {
+    let (settings, _dir) = sim_settings(&sim, &config, |s| {
         fast(s);
         s.store.url = url;
         s.sync.interval = Duration::from_millis(300);
@@ -1389,23 +1388,14 @@ async fn two_replicas(url: String) {
         s.sync.workers = 3;
     });
     let mut replicas = Vec::new();
-    for n in 1..=2 {
-        let app = Application::build(settings.clone())
-            .await
-            .unwrap_or_else(|e| panic!("replica {n} starts: {e:#}"));
-        replicas.push(app);
+    for _ in 1..=2 {
+        replicas.push(start_app(settings.clone(), Jobs::Loop).await);
     }
     let owners: BTreeSet<String> = replicas
         .iter()
-        .map(|a| a.worker().owner().to_string())
+        .map(|r| r.worker.owner().to_string())
         .collect();
-    let store = replicas[0].store().clone();
-    let worker = replicas[0].worker();
-    let shutdown = CancellationToken::new();
-    let running: Vec<_> = replicas
-        .into_iter()
-        .map(|app| tokio::spawn(app.run_until_stopped(shutdown.clone())))
-        .collect();
+    let store = replicas[0].store.clone();
 
     sim.set_mutations(40.0);
     let mut lessees = BTreeSet::new();
@@ -1447,25 +1437,19 @@ async fn two_replicas(url: String) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    shutdown.cancel();
-    for replica in running {
-        replica
-            .await
-            .expect("no panic")
-            .expect("the replica stops cleanly");
+    for replica in replicas {
+        replica.stop().await;
     }
 
     assert_eq!(lessees, owners, "both replicas held leases");
     let stats = sim.stats();
     assert_eq!(stats.violations.over_concurrency.count, 0);
-    let check = SimApp {
-        sim,
-        settings,
-        store,
-        worker,
-        dir,
-    };
-    check.assert_all_match_truth().await;
+    Truth {
+        sim: &sim,
+        store: &store,
+    }
+    .assert_all_match_truth()
+    .await;
 }
 
 fn master(id: &str, subject: &str, change_key: &str, all_day: bool) -> Event {

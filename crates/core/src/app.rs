@@ -138,6 +138,16 @@ impl Application {
     /// ones finish or hit their deadline, and stops the HTTP servers last, waiting at most
     /// `server.shutdown_grace` for their requests in flight.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.run(shutdown, true).await
+    }
+
+    /// Like [`run_until_stopped`](Self::run_until_stopped) without the worker loop: whoever
+    /// holds [`worker`](Self::worker) runs its jobs a step at a time (the tests do).
+    pub async fn serve_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.run(shutdown, false).await
+    }
+
+    async fn run(self, shutdown: CancellationToken, with_worker: bool) -> anyhow::Result<()> {
         match &self.public {
             Some(public) => tracing::info!(
                 addr = %self.listener.local_addr()?,
@@ -146,7 +156,8 @@ impl Application {
             ),
             None => tracing::info!(addr = %self.listener.local_addr()?, "calsync serving"),
         }
-        let worker = tokio::spawn(Arc::clone(&self.worker).run(shutdown.clone()));
+        let worker =
+            with_worker.then(|| tokio::spawn(Arc::clone(&self.worker).run(shutdown.clone())));
         let http_stop = CancellationToken::new();
         let throttle = Arc::clone(&self.state.throttle);
         let (internal_limits, public_limits) = fit_descriptors(
@@ -179,8 +190,10 @@ impl Application {
             .subscriptions
             .map(|s| tokio::spawn(s.run(shutdown.clone())));
         shutdown.cancelled().await;
-        if let Err(e) = worker.await {
-            tracing::error!(error = %e, "worker task failed");
+        if let Some(task) = worker {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "worker task failed");
+            }
         }
         if let Some(task) = subscriptions {
             if let Err(e) = task.await {

@@ -1,19 +1,26 @@
 //! The test harness. Every app a test starts is built by [`start_app`]: the real wiring
-//! (`Application::build`), its own store, its HTTP served on a free port, its worker left to the
-//! test to drive a step at a time. [`spawn_app`] points it at a mock Graph (wiremock, this
-//! file), [`sim::sim_app`] at the simulator; [`store`] runs one store test on both backends.
+//! (`Application::build`), its own store, its HTTP served on free ports, and its worker either
+//! run by the service (`Jobs::Loop`) or left to the test to drive a step at a time
+//! (`Jobs::ByTest`). [`spawn_app`] points it at a mock Graph (wiremock, this file),
+//! [`sim::sim_app`] at the simulator; [`store`] runs one store test on both backends.
 
 pub mod sim;
 pub mod store;
 
+use std::ops::Deref;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
+use calsync::app::Application;
 use calsync::config::Settings;
 use calsync::graph::Event;
 use calsync::scheduler::{JobResult, Worker};
 use calsync::store::{MailboxRecord, Store};
 use calsync::tenants::Tenants;
 use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -23,15 +30,115 @@ pub const CLIENT_SECRET: &str = "s3cr3t-Value~that-must-never-leak";
 pub const ALICE: &str = "alice@contoso.com";
 pub const DELTA_PATH: &str = "/v1.0/users/alice@contoso.com/calendarView/delta";
 
-#[allow(dead_code)] // `settings` and `dir` are for tests that need them; `dir` keeps the files alive
-pub struct TestApp {
-    pub graph: MockServer,
-    pub settings: Settings,
+/// Who runs the jobs of an app a test starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Jobs {
+    /// The service's own worker loop, as in production.
+    Loop,
+    /// The test, a step at a time (`worker.run_pass`, `Dispatcher`).
+    ByTest,
+}
+
+/// A started service: its HTTP on free ports, its store and worker. Dropping it asks it to
+/// stop; [`Running::stop`] also waits for a clean stop.
+#[allow(dead_code)] // each test file uses the parts it needs
+pub struct Running {
+    /// `http://127.0.0.1:{port}` of the internal listener (health, metrics, status, admin API).
+    pub internal: String,
+    pub internal_port: u16,
+    /// The public (notification) listener, when notifications are on.
+    pub public: Option<String>,
+    pub public_port: Option<u16>,
     pub store: Store,
     pub worker: Arc<Worker>,
     /// The configured tenants (token providers, breakers), by name.
     pub tenants: Arc<Tenants>,
+    /// Store calls the notification endpoints have made.
+    pub store_calls: Arc<AtomicU64>,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Builds the service from `settings` with the real wiring and serves its HTTP.
+pub async fn start_app(settings: Settings, jobs: Jobs) -> Running {
+    let app = Application::build(settings).await.expect("app builds");
+    let internal_port = app.port();
+    let public_port = app.public_port();
+    let store = app.store().clone();
+    let worker = app.worker();
+    let tenants = Arc::clone(worker.tenants());
+    let store_calls = app.notification_store_calls();
+    let shutdown = CancellationToken::new();
+    let run: Run = match jobs {
+        Jobs::Loop => Box::pin(app.run_until_stopped(shutdown.clone())),
+        Jobs::ByTest => Box::pin(app.serve_until_stopped(shutdown.clone())),
+    };
+    let task = tokio::spawn(run);
+    Running {
+        internal: format!("http://127.0.0.1:{internal_port}"),
+        internal_port,
+        public: public_port.map(|p| format!("http://127.0.0.1:{p}")),
+        public_port,
+        store,
+        worker,
+        tenants,
+        store_calls,
+        http: reqwest::Client::new(),
+        shutdown,
+        task: Some(task),
+    }
+}
+
+type Run = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// How long a stopping service may take: its grace, with room for a loaded machine.
+const STOP_PATIENCE: Duration = Duration::from_secs(30);
+
+#[allow(dead_code)] // each test file uses the parts it needs
+impl Running {
+    /// `internal` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.internal)
+    }
+
+    /// The public listener's `path`; panics when notifications are off.
+    pub fn public_url(&self, path: &str) -> String {
+        let public = self.public.as_deref().expect("notifications are on");
+        format!("{public}{path}")
+    }
+
+    /// Asks the service to stop and waits until it has, cleanly.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("not stopped yet");
+        tokio::time::timeout(STOP_PATIENCE, task)
+            .await
+            .expect("the service stops in time")
+            .expect("the service task does not panic")
+            .expect("the service stops cleanly");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[allow(dead_code)] // `settings` and `dir` are for tests that need them; `dir` keeps the files alive
+pub struct TestApp {
+    pub graph: MockServer,
+    pub settings: Settings,
+    pub running: Running,
     pub dir: TempDir,
+}
+
+impl Deref for TestApp {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
+    }
 }
 
 /// The TOML every test starts from; `extra` is appended (later keys of a table win by merge).
@@ -86,17 +193,11 @@ pub async fn spawn_app_on(graph: MockServer, edit: impl FnOnce(String) -> String
     let db = dir.path().join("calsync.db");
     let toml = edit(base_config(&graph.uri(), &db.display().to_string()));
     let settings = Settings::from_toml_str(&toml).expect("test config is valid");
-    let store = calsync::app::open_store(&settings)
-        .await
-        .expect("store opens");
-    let (worker, tenants) =
-        calsync::app::build_worker(&settings, store.clone()).expect("worker builds");
+    let running = start_app(settings.clone(), Jobs::ByTest).await;
     TestApp {
         graph,
         settings,
-        store,
-        worker,
-        tenants,
+        running,
         dir,
     }
 }

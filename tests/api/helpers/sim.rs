@@ -1,8 +1,9 @@
 //! calsync against the Graph simulator over real sockets: each test gets its own simulator, its
-//! own SQLite file and a worker built by the real wiring (`app::open_store`, `app::build_worker`)
-//! from `demo::demo_settings`, tuned per test.
+//! own SQLite file and a service started by [`start_app`] from `demo::demo_settings`, tuned per
+//! test, whose jobs the test runs.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,17 +15,25 @@ use calsync::sim::{self, SimConfig, SimHandle};
 use calsync::store::{MailboxRecord, RunOutcome, Store, UserView};
 
 use tempfile::TempDir;
+
+pub use super::{start_app, Jobs, Running};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 pub struct SimApp {
     pub sim: SimHandle,
     pub settings: Settings,
-    pub store: Store,
-    pub worker: Arc<Worker>,
+    pub running: Running,
     /// Keeps the SQLite file alive for the test.
     #[allow(dead_code)]
     pub dir: TempDir,
+}
+
+impl Deref for SimApp {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
+    }
 }
 
 pub async fn start_sim(config: SimConfig) -> SimHandle {
@@ -53,15 +62,11 @@ pub fn sim_settings(
 pub async fn sim_app(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> SimApp {
     let sim = start_sim(config.clone()).await;
     let (settings, dir) = sim_settings(&sim, &config, tune);
-    let store = calsync::app::open_store(&settings)
-        .await
-        .expect("store opens");
-    let (worker, _) = calsync::app::build_worker(&settings, store.clone()).expect("worker builds");
+    let running = start_app(settings.clone(), Jobs::ByTest).await;
     SimApp {
         sim,
         settings,
-        store,
-        worker,
+        running,
         dir,
     }
 }
@@ -102,6 +107,88 @@ pub fn world(tenants: usize, mailboxes: usize, events: usize) -> SimConfig {
 }
 
 impl SimApp {
+    /// The ground-truth checks on this app's store.
+    pub fn check(&self) -> Truth<'_> {
+        Truth {
+            sim: &self.sim,
+            store: &self.running.store,
+        }
+    }
+
+    pub fn mailbox_names(&self) -> Vec<String> {
+        self.check().mailbox_names()
+    }
+
+    pub fn tenant_of(&self, mailbox: &str) -> String {
+        self.check().tenant_of(mailbox)
+    }
+
+    pub async fn record(&self, mailbox: &str) -> MailboxRecord {
+        self.check().record(mailbox).await
+    }
+
+    pub async fn stored(&self, mailbox: &str) -> HashMap<String, Fingerprint> {
+        self.check().stored(mailbox).await
+    }
+
+    pub async fn truth(&self, mailbox: &str) -> HashMap<String, Fingerprint> {
+        self.check().truth(mailbox).await
+    }
+
+    pub async fn diff(&self, mailbox: &str) -> Diff {
+        self.check().diff(mailbox).await
+    }
+
+    pub async fn assert_matches_truth(&self, mailbox: &str) {
+        self.check().assert_matches_truth(mailbox).await
+    }
+
+    pub async fn assert_all_match_truth(&self) {
+        self.check().assert_all_match_truth().await
+    }
+
+    /// One `sync_all_once` pass; results by mailbox.
+    pub async fn pass(&self) -> HashMap<String, JobResult> {
+        let results = self.worker.sync_all_once().await.expect("sync pass runs");
+        results
+            .into_iter()
+            .map(|r| (r.mailbox.clone(), r))
+            .collect()
+    }
+
+    /// A pass that must succeed for every mailbox.
+    pub async fn pass_ok(&self) -> HashMap<String, JobResult> {
+        let results = self.pass().await;
+        assert_eq!(results.len(), self.mailbox_names().len());
+        for (mailbox, r) in &results {
+            assert_eq!(r.outcome, RunOutcome::Ok, "{mailbox}: {:?}", r.error);
+        }
+        results
+    }
+
+    /// Token requests the simulator received for `tenant`.
+    pub fn token_requests(&self, tenant: &str) -> u64 {
+        self.sim.stats().tenants[tenant].token_requests
+    }
+
+    /// Graph requests the simulator received for `mailbox`, by HTTP status (0 = no answer).
+    pub fn graph_statuses(&self, mailbox: &str) -> HashMap<u16, u64> {
+        self.sim.stats().mailboxes[mailbox]
+            .by_endpoint
+            .get("delta")
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The ground-truth checks: what a store holds against what the simulator holds, for any store
+/// and simulator (the service's, or replicas' sharing one).
+pub struct Truth<'a> {
+    pub sim: &'a SimHandle,
+    pub store: &'a Store,
+}
+
+impl Truth<'_> {
     pub fn mailbox_names(&self) -> Vec<String> {
         self.sim
             .tenants()
@@ -125,25 +212,6 @@ impl SimApp {
             .await
             .expect("store reads")
             .expect("mailbox registered")
-    }
-
-    /// One `sync_all_once` pass; results by mailbox.
-    pub async fn pass(&self) -> HashMap<String, JobResult> {
-        let results = self.worker.sync_all_once().await.expect("sync pass runs");
-        results
-            .into_iter()
-            .map(|r| (r.mailbox.clone(), r))
-            .collect()
-    }
-
-    /// A pass that must succeed for every mailbox.
-    pub async fn pass_ok(&self) -> HashMap<String, JobResult> {
-        let results = self.pass().await;
-        assert_eq!(results.len(), self.mailbox_names().len());
-        for (mailbox, r) in &results {
-            assert_eq!(r.outcome, RunOutcome::Ok, "{mailbox}: {:?}", r.error);
-        }
-        results
     }
 
     /// The stored events of `mailbox` as (id -> fingerprint), failing on a duplicate id.
@@ -225,19 +293,23 @@ impl SimApp {
             self.assert_matches_truth(&mailbox).await;
         }
     }
+}
 
-    /// Token requests the simulator received for `tenant`.
-    pub fn token_requests(&self, tenant: &str) -> u64 {
-        self.sim.stats().tenants[tenant].token_requests
-    }
+/// What a stopped service leaves behind: its store and simulator, for the ground-truth checks.
+pub struct Stopped {
+    pub sim: SimHandle,
+    pub store: Store,
+    /// Keeps the SQLite file alive.
+    #[allow(dead_code)]
+    pub dir: TempDir,
+}
 
-    /// Graph requests the simulator received for `mailbox`, by HTTP status (0 = no answer).
-    pub fn graph_statuses(&self, mailbox: &str) -> HashMap<u16, u64> {
-        self.sim.stats().mailboxes[mailbox]
-            .by_endpoint
-            .get("delta")
-            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
-            .unwrap_or_default()
+impl Stopped {
+    pub fn check(&self) -> Truth<'_> {
+        Truth {
+            sim: &self.sim,
+            store: &self.store,
+        }
     }
 }
 
