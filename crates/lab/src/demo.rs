@@ -364,7 +364,7 @@ async fn tenant_table(store: &Store, mailboxes: &[MailboxRecord]) -> anyhow::Res
         row.0 += 1;
         row.1 += usize::from(m.last_success_at.is_some());
         row.2 += counts.get(&m.id).copied().unwrap_or(0);
-        let lag = (now - m.last_success_at.unwrap_or(m.created_at)).num_milliseconds();
+        let lag = (now - m.behind_since()).num_milliseconds();
         row.3 = row.3.max(lag);
         row.4 += usize::from(m.consecutive_failures > 0);
     }

@@ -376,8 +376,7 @@ async fn run_once(
         let mut mailboxes = store.mailboxes().await?;
         mailboxes.retain(|m| Some(&m.user_id) != poisoned.as_ref());
         for m in &mailboxes {
-            let lag = (now - m.last_success_at.unwrap_or(m.created_at)).num_milliseconds() as f64
-                / 1000.0;
+            let lag = (now - m.behind_since()).num_milliseconds() as f64 / 1000.0;
             if let Some(s) = samples.get_mut(&m.tenant) {
                 s[phase].push(lag);
             }
@@ -552,8 +551,7 @@ fn frame(
     let mut tenants: BTreeMap<&str, (i64, usize)> = BTreeMap::new();
     for m in mailboxes {
         let e = tenants.entry(m.tenant.as_str()).or_default();
-        e.0 =
-            e.0.max((now - m.last_success_at.unwrap_or(m.created_at)).num_milliseconds());
+        e.0 = e.0.max((now - m.behind_since()).num_milliseconds());
         e.1 += usize::from(m.consecutive_failures > 0);
     }
     let status = worker.status();

@@ -157,15 +157,13 @@ pub async fn build(
             .map(|m| MailboxHealth {
                 mailbox: m.user_id.clone(),
                 last_success_at: m.last_success_at,
-                lag_seconds: (now - m.last_success_at.unwrap_or(m.created_at))
-                    .num_seconds()
-                    .max(0),
+                lag_seconds: m.lag_seconds(now),
                 last_error: m.last_error.clone(),
                 last_error_at: m.last_error_at,
                 last_request_id: m.last_request_id.clone(),
                 consecutive_failures: m.consecutive_failures,
                 next_run_at: m.next_run_at,
-                running: m.lease_until.is_some_and(|until| until > now),
+                running: m.is_running(now),
                 quarantined: quarantined.get(&m.id).copied().unwrap_or(0),
                 fresh_rounds_forced: m.fresh_rounds_forced,
             })

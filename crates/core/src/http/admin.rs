@@ -603,15 +603,13 @@ impl MailboxView {
                 state,
                 last_success_at: m.last_success_at,
                 last_attempt_at: m.last_attempt_at,
-                lag_seconds: (now - m.last_success_at.unwrap_or(m.created_at))
-                    .num_seconds()
-                    .max(0),
+                lag_seconds: m.lag_seconds(now),
                 last_error: m.last_error.clone(),
                 last_error_at: m.last_error_at,
                 last_request_id: m.last_request_id.clone(),
                 consecutive_failures: m.consecutive_failures,
                 next_run_at: m.next_run_at,
-                running: m.lease_until.is_some_and(|until| until > now),
+                running: m.is_running(now),
                 sync_requested: m.sync_requested_at.is_some(),
                 sync_requested_at: m.sync_requested_at,
             },

@@ -435,8 +435,7 @@ impl Worker {
             outcome: outcome.as_str(),
             started_at,
             finished_at,
-            lag_since: (outcome == RunOutcome::Ok)
-                .then(|| mailbox.last_success_at.unwrap_or(mailbox.created_at)),
+            lag_since: (outcome == RunOutcome::Ok).then(|| mailbox.behind_since()),
             upserted: report.upserted,
             deleted: report.deleted,
             pages: report.pages,

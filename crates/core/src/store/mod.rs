@@ -471,6 +471,23 @@ pub struct MailboxRecord {
     pub fresh_rounds_forced: u64,
 }
 
+impl MailboxRecord {
+    /// Since when the mailbox has been behind: its last success, or its registration.
+    pub fn behind_since(&self) -> DateTime<Utc> {
+        self.last_success_at.unwrap_or(self.created_at)
+    }
+
+    /// Whole seconds behind at `now` (never negative): what health and the admin API report.
+    pub fn lag_seconds(&self, now: DateTime<Utc>) -> i64 {
+        (now - self.behind_since()).num_seconds().max(0)
+    }
+
+    /// A job holds the mailbox's lease at `now` (on this replica or another).
+    pub fn is_running(&self, now: DateTime<Utc>) -> bool {
+        self.lease_until.is_some_and(|until| until > now)
+    }
+}
+
 /// A mailbox waiting for a worker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DueMailbox {
