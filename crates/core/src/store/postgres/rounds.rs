@@ -285,32 +285,19 @@ impl RoundStore for PgStore {
     }
 
     async fn event_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
-        let rows = sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM events GROUP BY mailbox_id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("mailbox_id")?,
-                    u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
-                ))
-            })
-            .collect()
+        rows_per_mailbox(
+            &self.pool,
+            "SELECT mailbox_id, COUNT(*) AS n FROM events GROUP BY mailbox_id",
+        )
+        .await
     }
 
     async fn quarantine_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
-        let rows =
-            sqlx::query("SELECT mailbox_id, COUNT(*) AS n FROM quarantine GROUP BY mailbox_id")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("mailbox_id")?,
-                    row.try_get::<i64, _>("n")?.max(0) as u64,
-                ))
-            })
-            .collect()
+        rows_per_mailbox(
+            &self.pool,
+            "SELECT mailbox_id, COUNT(*) AS n FROM quarantine GROUP BY mailbox_id",
+        )
+        .await
     }
 
     async fn quarantined(
@@ -569,4 +556,20 @@ fn event_from_row(row: &PgRow) -> Result<Event, StoreError> {
         web_link: row.try_get("web_link")?,
         raw: row.try_get("raw")?,
     })
+}
+
+/// `(mailbox_id, n)` rows of a per-mailbox `COUNT(*)` query, as a map.
+async fn rows_per_mailbox(
+    pool: &sqlx::PgPool,
+    sql: &'static str,
+) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
+    let rows = sqlx::query(sql).fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get("mailbox_id")?,
+                u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
+            ))
+        })
+        .collect()
 }
