@@ -21,11 +21,9 @@ use crate::helpers::*;
 /// Far above what any assertion here needs, so a loaded machine does not fail a test.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The service with both listeners: the public one's address is always there.
+/// The service with both listeners (its files kept with it).
 struct Both {
     running: Running,
-    public: String,
-    public_port: u16,
     _dir: TempDir,
 }
 
@@ -47,17 +45,22 @@ async fn start(tune: impl FnOnce(&mut Settings)) -> Both {
     ])
     .expect("valid settings");
     tune(&mut settings);
-    let running = start_app(settings, Jobs::Loop).await;
-    let public_port = running.public_port.expect("a public listener");
     Both {
-        public: format!("http://127.0.0.1:{public_port}"),
-        public_port,
-        running,
+        running: start_app(settings, Jobs::Loop).await,
         _dir: dir,
     }
 }
 
 impl Both {
+    /// The public (notification) listener's address.
+    fn public(&self) -> &str {
+        self.running.public.as_deref().expect("a public listener")
+    }
+
+    fn public_port(&self) -> u16 {
+        self.running.public_port.expect("a public listener")
+    }
+
     async fn stop(self) {
         self.running.stop().await;
     }
@@ -105,7 +108,7 @@ async fn a_connection_that_sends_nothing_or_trickles_its_headers_is_closed() {
         s.server.idle_timeout = Duration::from_secs(60);
     })
     .await;
-    for port in [app.internal_port, app.public_port] {
+    for port in [app.internal_port, app.public_port()] {
         // Idle from the start.
         let mut idle = connect(port).await;
         let (took, _) = until_closed(&mut idle).await;
@@ -165,7 +168,7 @@ async fn a_body_sent_too_slowly_is_cut_at_the_request_timeout() {
         s.server.idle_timeout = Duration::from_secs(60);
     })
     .await;
-    let mut stream = connect(app.public_port).await;
+    let mut stream = connect(app.public_port()).await;
     stream
         .write_all(b"POST /notifications HTTP/1.1\r\nHost: calsync\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"value\":[")
         .await
@@ -219,10 +222,10 @@ async fn livez_answers_while_the_public_listener_is_flooded() {
     // kernel drops the SYNs and our own connects would stall).
     let mut held = Vec::new();
     for _ in 0..100 {
-        held.push(connect(app.public_port).await);
+        held.push(connect(app.public_port()).await);
     }
     // Past the limit, a complete request is not even read.
-    let mut extra = connect(app.public_port).await;
+    let mut extra = connect(app.public_port()).await;
     extra
         .write_all(b"POST /notifications?validationToken=x HTTP/1.1\r\nHost: calsync\r\nContent-Length: 0\r\n\r\n")
         .await
@@ -258,10 +261,10 @@ async fn one_source_is_held_to_its_connection_cap_and_request_rate() {
     .await;
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(connect(app.public_port).await);
+        held.push(connect(app.public_port()).await);
     }
     // The fifth connection of this source is closed at once, without an answer.
-    let mut fifth = connect(app.public_port).await;
+    let mut fifth = connect(app.public_port()).await;
     let (_, got) = until_closed(&mut fifth).await;
     assert!(got.is_empty());
     held.clear();
@@ -271,7 +274,10 @@ async fn one_source_is_held_to_its_connection_cap_and_request_rate() {
     // still at its cap.
     let give_up = Instant::now() + PATIENCE;
     while client
-        .post(format!("{}/notifications?validationToken=abc", app.public))
+        .post(format!(
+            "{}/notifications?validationToken=abc",
+            app.public()
+        ))
         .send()
         .await
         .is_err()
@@ -286,7 +292,10 @@ async fn one_source_is_held_to_its_connection_cap_and_request_rate() {
     let started = Instant::now();
     for _ in 0..100 {
         let r = client
-            .post(format!("{}/notifications?validationToken=abc", app.public))
+            .post(format!(
+                "{}/notifications?validationToken=abc",
+                app.public()
+            ))
             .send()
             .await
             .expect("answers");
@@ -315,7 +324,7 @@ async fn each_listener_serves_only_its_own_routes() {
     let app = start(|_| {}).await;
     let client = reqwest::Client::new();
     let on_public = client
-        .get(format!("{}/livez", app.public))
+        .get(format!("{}/livez", app.public()))
         .send()
         .await
         .expect("answers");
@@ -328,7 +337,7 @@ async fn each_listener_serves_only_its_own_routes() {
         "/v1/openapi.json",
     ] {
         let r = client
-            .get(format!("{}{path}", app.public))
+            .get(format!("{}{path}", app.public()))
             .send()
             .await
             .expect("answers");
@@ -348,7 +357,7 @@ async fn each_listener_serves_only_its_own_routes() {
     let echo = client
         .post(format!(
             "{}/notifications?validationToken=%3Cb%3Ehi",
-            app.public
+            app.public()
         ))
         .send()
         .await
@@ -383,7 +392,7 @@ async fn shutdown_waits_for_requests_in_flight_at_most_the_grace() {
         s.server.idle_timeout = Duration::from_secs(600);
     })
     .await;
-    let mut stream = connect(app.public_port).await;
+    let mut stream = connect(app.public_port()).await;
     stream
         .write_all(b"POST /notifications HTTP/1.1\r\nHost: calsync\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
         .await
@@ -432,7 +441,7 @@ async fn a_forged_batch_costs_one_store_lookup_and_an_oversized_one_none() {
     let client = reqwest::Client::new();
     let post = |body: String| {
         client
-            .post(format!("{}/notifications", app.public))
+            .post(format!("{}/notifications", app.public()))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -529,7 +538,7 @@ async fn a_silent_connection_is_closed_at_the_idle_timeout() {
         s.server.idle_timeout = Duration::from_millis(300);
     })
     .await;
-    for port in [app.internal_port, app.public_port] {
+    for port in [app.internal_port, app.public_port()] {
         let mut silent = connect(port).await;
         let (took, got) = until_closed(&mut silent).await;
         assert!(got.is_empty());

@@ -1087,14 +1087,14 @@ async fn rejected_credentials_open_the_token_breaker_as_permanent_and_stop_token
 
 // ---- 9: a job that blocks its thread ----
 
-/// Starts a job (through the worker's test seam) that blocks its runtime thread for `blocked`:
-/// the deadline cannot cancel it, since it never yields.
-/// Like [`spawn_blocking_job`], blocking its thread until the test says so (at most a minute):
-/// for checks that must happen while it blocks, however slow a loaded machine makes them.
-fn spawn_job_blocked_until_released(
+/// Starts a job (through the worker's test seam) that blocks its runtime thread, so the
+/// deadline cannot cancel it (it never yields), until the returned sender sends or is dropped,
+/// or `at_most` has passed. Keep the sender for as long as the job must block.
+fn spawn_blocking_job(
     worker: &Arc<calsync::scheduler::Worker>,
     tenant: &str,
     mailbox: &str,
+    at_most: Duration,
 ) -> (
     tokio::task::JoinHandle<Option<bool>>,
     std::sync::mpsc::Sender<()>,
@@ -1104,27 +1104,11 @@ fn spawn_job_blocked_until_released(
     let job = tokio::spawn(async move {
         worker
             .run_in_slot_for_test(&tenant, &mailbox, async move {
-                let _ = released.recv_timeout(Duration::from_secs(60));
+                let _ = released.recv_timeout(at_most);
             })
             .await
     });
     (job, release)
-}
-
-fn spawn_blocking_job(
-    worker: &Arc<calsync::scheduler::Worker>,
-    tenant: &str,
-    mailbox: &str,
-    blocked: Duration,
-) -> tokio::task::JoinHandle<Option<bool>> {
-    let (worker, tenant, mailbox) = (worker.clone(), tenant.to_string(), mailbox.to_string());
-    tokio::spawn(async move {
-        worker
-            .run_in_slot_for_test(&tenant, &mailbox, async move {
-                std::thread::sleep(blocked);
-            })
-            .await
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1138,7 +1122,8 @@ async fn a_job_blocking_its_thread_past_its_deadline_loses_its_slot_and_shows_in
     .await;
     let stuck_mailbox = app.sim.tenants()[0].mailboxes[0].clone();
     let started = Instant::now();
-    let job = spawn_blocking_job(
+    // Blocks the whole 1.5 s: the sender is kept, never used.
+    let (job, _blocking) = spawn_blocking_job(
         &app.worker,
         "tenant1",
         &stuck_mailbox,
@@ -1225,7 +1210,7 @@ async fn the_running_service_frees_a_stuck_jobs_slot_and_reports_it_on_healthz()
     let mailbox = config.tenants[0].mailboxes[0].clone();
     let started = Instant::now();
     // Blocks until the checks below, which wait for conditions while it blocks, are done.
-    let (job, release) = spawn_job_blocked_until_released(&worker, "tenant1", &mailbox);
+    let (job, release) = spawn_blocking_job(&worker, "tenant1", &mailbox, Duration::from_secs(60));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let client = reqwest::Client::new();

@@ -21,8 +21,6 @@ use crate::helpers::store::{run_caught, TestSchema};
 struct Service {
     sim: SimHandle,
     running: Running,
-    /// The public listener: the notification endpoints.
-    base: String,
     dir: TempDir,
 }
 
@@ -57,12 +55,7 @@ async fn service(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> Service
         tune(s);
     });
     let running = start_app(settings, Jobs::Loop).await;
-    Service {
-        sim,
-        running,
-        base: format!("http://127.0.0.1:{port}"),
-        dir,
-    }
+    Service { sim, running, dir }
 }
 
 impl Service {
@@ -171,7 +164,7 @@ impl Service {
 
     async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
         reqwest::Client::new()
-            .post(format!("{}{path}", self.base))
+            .post(self.public_url(path))
             .header("content-type", "application/json")
             .body(body)
             .send()

@@ -30,6 +30,18 @@ fn master_path(id: &str) -> String {
     format!("/v1.0/users/{ALICE}/events/{id}")
 }
 
+/// Graph answers one GET of the weekly series' master (with the `$select` calsync sends) with
+/// `status` and the fixture; exactly one such request must come.
+async fn mount_master_once(app: &TestApp, status: u16, fixture: &str) {
+    Mock::given(method("GET"))
+        .and(path(master_path(WEEKLY)))
+        .and(param("$select", MASTER_SELECT))
+        .respond_with(ResponseTemplate::new(status).set_body_json(app.fixture(fixture)))
+        .expect(1)
+        .mount(&app.graph)
+        .await;
+}
+
 /// The three pages of `fixtures/graph/recurring/page*.json` for Alice's first round.
 async fn mount_recurring_round(app: &TestApp) {
     Mock::given(method("GET"))
@@ -200,16 +212,7 @@ async fn a_graph_shaped_round_stores_every_occurrence_complete_and_no_master() {
 async fn stubs_without_their_master_fetch_it_once_and_a_rename_reaches_every_occurrence() {
     let app = after_first_round().await;
     mount_incremental(&app).await;
-    Mock::given(method("GET"))
-        .and(path(master_path(WEEKLY)))
-        .and(param("$select", MASTER_SELECT))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(app.fixture("graph/recurring/master_renamed.json")),
-        )
-        .expect(1)
-        .mount(&app.graph)
-        .await;
+    mount_master_once(&app, 200, "graph/recurring/master_renamed.json").await;
     Mock::given(method("GET"))
         .and(path(DELTA_PATH))
         .and(param("$deltatoken", "R0usmcRecur-round2"))
@@ -273,15 +276,7 @@ async fn stubs_without_their_master_fetch_it_once_and_a_rename_reaches_every_occ
 async fn a_series_whose_master_is_gone_is_removed_with_all_its_instances() {
     let app = after_first_round().await;
     mount_incremental(&app).await;
-    Mock::given(method("GET"))
-        .and(path(master_path(WEEKLY)))
-        .respond_with(
-            ResponseTemplate::new(404)
-                .set_body_json(app.fixture("graph/recurring/item_not_found.json")),
-        )
-        .expect(1)
-        .mount(&app.graph)
-        .await;
+    mount_master_once(&app, 404, "graph/recurring/item_not_found.json").await;
 
     let result = app.sync_alice().await;
     assert_eq!(result.outcome, RunOutcome::Ok, "{:?}", result.error);
@@ -326,15 +321,7 @@ async fn a_failed_master_fetch_writes_nothing_and_the_round_resumes_from_the_sam
     app.graph.reset().await;
     app.mount_token_ok().await;
     mount_incremental(&app).await;
-    Mock::given(method("GET"))
-        .and(path(master_path(WEEKLY)))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(app.fixture("graph/recurring/master_renamed.json")),
-        )
-        .expect(1)
-        .mount(&app.graph)
-        .await;
+    mount_master_once(&app, 200, "graph/recurring/master_renamed.json").await;
     let resumed = app.sync_alice().await;
     assert_eq!(resumed.outcome, RunOutcome::Ok, "{:?}", resumed.error);
     let events = app.events(ALICE).await;
