@@ -8,6 +8,6 @@
 pub use calsync_core::*;
 
 #[cfg(feature = "lab")]
-pub use calsync_lab::{bench, console, demo, drill, latency};
+pub use calsync_lab::{bench, console, demo, drill, instructions, latency};
 #[cfg(feature = "lab")]
 pub use calsync_sim as sim;

@@ -316,6 +316,20 @@ mod lab {
 
     pub async fn bench(args: calsync::bench::BenchArgs) -> anyhow::Result<ExitCode> {
         let json = args.json;
+        if args.instructions {
+            let report = calsync::instructions::count(&args).await?;
+            if json {
+                crate::say!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                crate::say_raw!("{}", calsync::instructions::render(&report));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if args.sync_only {
+            let report = calsync::bench::sync_only(&args).await?;
+            crate::say!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(ExitCode::SUCCESS);
+        }
         let report = calsync::bench::run(args).await?;
         if json {
             crate::say!("{}", serde_json::to_string_pretty(&report)?);

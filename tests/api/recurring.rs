@@ -102,6 +102,7 @@ fn by_id<'a>(events: &'a [Event], id: &str) -> &'a Event {
 fn addresses(event: &Event) -> Vec<String> {
     event
         .attendees
+        .to_value()
         .as_array()
         .map(|a| {
             a.iter()

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use calsync::graph::{DeltaItem, Event, PageLink, Window};
+use calsync::graph::{Attendees, DeltaItem, Event, PageLink, Window};
 use calsync::store::{
     Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, MasterWrite, PageWrite,
     RunOutcome, Store, StoreError, RUNS_KEPT_PER_MAILBOX,
@@ -51,6 +51,7 @@ store_suite!(
     stale_leases_are_released_at_start_only_on_sqlite,
     stale_owners_page_is_refused_and_nothing_written,
     stale_round_is_refused,
+    an_empty_page_moves_only_the_cursor_and_is_fenced,
     no_write_of_the_old_owner_lands_after_a_takeover,
     upserts_are_idempotent,
     a_page_applies_its_items_in_order,
@@ -108,8 +109,8 @@ fn event(id: &str, subject: &str, start: DateTime<Utc>) -> Event {
         series_master_id: None,
         organizer_name: Some("Org".into()),
         organizer_address: Some("org@contoso.com".into()),
-        attendees: json!([{"name": "Bob", "address": "bob@contoso.com", "type": "required",
-                           "response": "accepted"}]),
+        attendees: Attendees::from_value(&json!([{"name": "Bob", "address": "bob@contoso.com",
+                           "type": "required", "response": "accepted"}])),
         location: Some("Room 1".into()),
         categories: vec!["Blue category".into()],
         web_link: None,
@@ -584,6 +585,100 @@ async fn stale_round_is_refused(store: Store) {
     assert_eq!(event_ids(&store, id).await, set(&["e1"]));
 }
 
+/// A page with nothing in it (an idle round's) writes only the cursor, and is refused like any
+/// other page to an owner that lost the lease or a round that is over.
+async fn an_empty_page_moves_only_the_cursor_and_is_fenced(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let cursor = full_round(&store, &a).await;
+    let page = [upsert("e1", "one", t0())];
+    store
+        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p2"), t0())
+        .await
+        .expect("page 1");
+    // The full round ends with an empty page: it still reconciles (e1 was seen, so it stays).
+    let applied = store
+        .apply_page(&a, &cursor, &PageWrite::default(), &delta("d1"), t0())
+        .await
+        .expect("last page");
+    assert_eq!((applied.upserted, applied.deleted), (0, 0));
+    let after_full = record_of(&store, id).await.cursor;
+    assert_eq!(
+        (
+            after_full.full,
+            after_full.next_link.as_deref(),
+            after_full.delta_link.as_deref()
+        ),
+        (false, None, Some("https://graph.example/delta/d1"))
+    );
+    assert_eq!(event_ids(&store, id).await, set(&["e1"]));
+
+    // An incremental round of empty pages: a nextLink, then a deltaLink.
+    let incremental = Cursor {
+        full: false,
+        ..after_full.clone()
+    };
+    store
+        .apply_page(&a, &incremental, &PageWrite::default(), &next("i2"), t0())
+        .await
+        .expect("empty next page");
+    let moved = record_of(&store, id).await.cursor;
+    assert_eq!(
+        (
+            moved.full,
+            moved.next_link.as_deref(),
+            moved.delta_link.as_deref()
+        ),
+        (
+            false,
+            Some("https://graph.example/next/i2"),
+            Some("https://graph.example/delta/d1")
+        )
+    );
+
+    // Refused to an owner whose lease was taken over and to a round that is over.
+    store
+        .claim(id, "b", t0() + secs(61), Duration::from_secs(60), false)
+        .await
+        .expect("claim")
+        .expect("taken over");
+    assert!(is_lease_lost(
+        store
+            .apply_page(
+                &a,
+                &incremental,
+                &PageWrite::default(),
+                &delta("stale"),
+                t0()
+            )
+            .await
+    ));
+    let b = Lease {
+        mailbox: id,
+        owner: "b".into(),
+    };
+    let old_round = Cursor {
+        round_id: incremental.round_id - 1,
+        ..incremental.clone()
+    };
+    assert!(is_lease_lost(
+        store
+            .apply_page(&b, &old_round, &PageWrite::default(), &delta("stale"), t0())
+            .await
+    ));
+    assert_eq!(record_of(&store, id).await.cursor, moved, "cursor unmoved");
+    store
+        .apply_page(&b, &incremental, &PageWrite::default(), &delta("d2"), t0())
+        .await
+        .expect("the new owner's empty last page");
+    let done = record_of(&store, id).await.cursor;
+    assert_eq!(
+        (done.next_link.as_deref(), done.delta_link.as_deref()),
+        (None, Some("https://graph.example/delta/d2"))
+    );
+    assert_eq!(event_ids(&store, id).await, set(&["e1"]));
+}
+
 /// Replica A writes large pages as fast as it can while replica B takes the mailbox over:
 /// once B's claim has returned, none of A's pages may commit, and B's claim must have seen the
 /// cursor of A's last committed page. (Without the row lock in `apply_page`, a page whose fence
@@ -1034,7 +1129,8 @@ async fn nul_characters_do_not_poison_a_page_or_a_record(store: Store) {
     let l = lease(&store, id, "w", t0()).await;
     let cursor = full_round(&store, &l).await;
     let mut e = event("e\u{0}1", "sub\u{0}ject", t0());
-    e.attendees = json!([{"name": "B\u{0}ob", "address": "bob@contoso.com"}]);
+    e.attendees =
+        Attendees::from_value(&json!([{"name": "B\u{0}ob", "address": "bob@contoso.com"}]));
     e.raw = json!({"id": "e\u{0}1", "subject": "sub\u{0}ject"}).to_string();
     let page = [DeltaItem::Upsert(Box::new(e))];
     store
@@ -1460,8 +1556,8 @@ fn master(id: &str, subject: &str, change_key: &str, all_day: bool) -> Event {
     m.show_as = Some("tentative".into());
     m.organizer_name = Some("Carol".into());
     m.categories = vec!["Customer".into()];
-    m.attendees = json!([{"name": "Dana", "address": "dana@fabrikam.com", "type": "required",
-                          "response": "none"}]);
+    m.attendees = Attendees::from_value(&json!([{"name": "Dana", "address": "dana@fabrikam.com",
+                          "type": "required", "response": "none"}]));
     m.raw = json!({"id": id, "type": "seriesMaster", "changeKey": change_key}).to_string();
     m
 }

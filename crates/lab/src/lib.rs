@@ -7,4 +7,5 @@ pub mod bench;
 pub mod console;
 pub mod demo;
 pub mod drill;
+pub mod instructions;
 pub mod latency;

@@ -10,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
-pub use model::{DeltaItem, DeltaPage, Event, OccurrenceStub, PageItem, PageLink};
+pub use model::{Attendees, DeltaItem, DeltaPage, Event, OccurrenceStub, PageItem, PageLink};
 
 use crate::auth::AccessToken;
 use crate::config::GraphSettings;

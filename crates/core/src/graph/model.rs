@@ -182,8 +182,7 @@ pub struct Event {
     pub series_master_id: Option<String>,
     pub organizer_name: Option<String>,
     pub organizer_address: Option<String>,
-    /// `[{"name","address","type","response"}]`
-    pub attendees: serde_json::Value,
+    pub attendees: Attendees,
     pub location: Option<String>,
     pub categories: Vec<String>,
     pub web_link: Option<String>,
@@ -191,21 +190,68 @@ pub struct Event {
     pub raw: String,
 }
 
+/// An event's attendees as JSON text in one canonical form,
+/// `[{"address":..,"name":..,"response":..,"type":..}]` (keys sorted, no spaces: what
+/// `serde_json::Value` writes), so equal attendees are equal text. Kept as text because that is
+/// what the store writes and the sync path never looks inside: no tree built per event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attendees(String);
+
+impl Default for Attendees {
+    fn default() -> Self {
+        Self("[]".into())
+    }
+}
+
+impl Attendees {
+    /// The canonical form of any JSON value (what a store or a test holds).
+    pub fn from_value(value: &serde_json::Value) -> Self {
+        Self(value.to_string())
+    }
+
+    /// Reads stored text, checking it is JSON and making it canonical.
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str::<serde_json::Value>(text).map(|v| Self::from_value(&v))
+    }
+
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or_else(|_| serde_json::Value::Array(Vec::new()))
+    }
+
+    /// Graph's `attendees` as calsync keeps them: name, address, type and response.
+    fn of_graph(attendees: &[RawAttendee]) -> Self {
+        // Fields in key order: serialized, this is exactly `Value`'s canonical text.
+        #[derive(serde::Serialize)]
+        struct Kept<'a> {
+            address: Option<&'a str>,
+            name: Option<&'a str>,
+            response: Option<&'a str>,
+            #[serde(rename = "type")]
+            kind: Option<&'a str>,
+        }
+        let kept: Vec<Kept<'_>> = attendees
+            .iter()
+            .map(|a| {
+                let email = a.email_address.as_ref();
+                Kept {
+                    address: email.and_then(|e| e.address.as_deref()),
+                    name: email.and_then(|e| e.name.as_deref()),
+                    response: a.status.as_ref().and_then(|s| s.response.as_deref()),
+                    kind: a.kind.as_deref(),
+                }
+            })
+            .collect();
+        Self(serde_json::to_string(&kept).unwrap_or_else(|_| "[]".into()))
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct PayloadError(pub String);
-
-#[derive(Deserialize)]
-struct RawPage<'a> {
-    /// Items stay raw JSON text until parsed one by one: each is stored exactly as sent, with
-    /// no parse-to-tree and re-serialisation.
-    #[serde(borrow)]
-    value: Vec<&'a serde_json::value::RawValue>,
-    #[serde(rename = "@odata.nextLink")]
-    next_link: Option<String>,
-    #[serde(rename = "@odata.deltaLink")]
-    delta_link: Option<String>,
-}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -282,10 +328,53 @@ struct RawLocation {
 /// Parses a page body. A body that is not a delta page fails as a whole (nothing of it is
 /// applied); an item calsync cannot store faithfully is set aside as rejected, so one bad item
 /// cannot stop its mailbox.
+///
+/// One pass over the body: each item of `value` is deserialized where it stands and its text
+/// (kept as `raw`, exactly as sent) is the span the deserializer consumed. Only an item that is
+/// not an event object is scanned a second time, to find where it ends.
 pub fn parse_page(body: &[u8]) -> Result<DeltaPage, PayloadError> {
-    let raw: RawPage = serde_json::from_slice(body)
-        .map_err(|e| PayloadError(format!("delta page is not the expected JSON: {e}")))?;
-    let link = match (raw.next_link, raw.delta_link) {
+    let page_error = |e: &dyn std::fmt::Display| {
+        PayloadError(format!("delta page is not the expected JSON: {e}"))
+    };
+    let text = std::str::from_utf8(body).map_err(|e| page_error(&e))?;
+    let mut json = JsonCursor { text, pos: 0 };
+    let mut items = None;
+    let mut rejected = Vec::new();
+    let (mut next_link, mut delta_link) = (None, None);
+    json.expect(b'{').map_err(|e| page_error(&e))?;
+    if !json.next_is(b'}') {
+        loop {
+            let key: std::borrow::Cow<'_, str> = json.value().map_err(|e| page_error(&e))?;
+            json.expect(b':').map_err(|e| page_error(&e))?;
+            let duplicate = match key.as_ref() {
+                "value" => items
+                    .replace(json.items(&mut rejected).map_err(|e| page_error(&e))?)
+                    .is_some(),
+                "@odata.nextLink" => next_link
+                    .replace(json.value::<Option<String>>().map_err(|e| page_error(&e))?)
+                    .is_some(),
+                "@odata.deltaLink" => delta_link
+                    .replace(json.value::<Option<String>>().map_err(|e| page_error(&e))?)
+                    .is_some(),
+                _ => {
+                    json.value::<serde::de::IgnoredAny>()
+                        .map_err(|e| page_error(&e))?;
+                    false
+                }
+            };
+            if duplicate {
+                return Err(page_error(&format_args!("duplicate field `{key}`")));
+            }
+            if json.next_is(b',') {
+                continue;
+            }
+            json.expect(b'}').map_err(|e| page_error(&e))?;
+            break;
+        }
+    }
+    json.end().map_err(|e| page_error(&e))?;
+    let items = items.ok_or_else(|| page_error(&"missing field `value`"))?;
+    let link = match (next_link.flatten(), delta_link.flatten()) {
         (Some(next), _) => PageLink::Next(next),
         (None, Some(delta)) => PageLink::Delta(delta),
         (None, None) => {
@@ -294,24 +383,118 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, PayloadError> {
             ))
         }
     };
-    let mut items = Vec::with_capacity(raw.value.len());
-    let mut rejected = Vec::new();
-    for item in raw.value {
-        let text = item.get();
-        match parse_item(text) {
-            Ok(parsed) => items.push(parsed),
-            Err(e) => rejected.push(RejectedItem {
-                id: item_id(text),
-                raw: text.to_string(),
-                reason: e.0,
-            }),
-        }
-    }
     Ok(DeltaPage {
         items,
         rejected,
         link,
     })
+}
+
+/// A position in a JSON text, for walking a delta page's outer object and its `value` array
+/// while serde_json deserializes each member where it stands.
+struct JsonCursor<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl<'a> JsonCursor<'a> {
+    fn skip_whitespace(&mut self) {
+        let rest = &self.text.as_bytes()[self.pos..];
+        self.pos += rest
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+            .count();
+    }
+
+    /// Consumes `byte` (after whitespace) if it comes next.
+    fn next_is(&mut self, byte: u8) -> bool {
+        self.skip_whitespace();
+        if self.text.as_bytes().get(self.pos) == Some(&byte) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), String> {
+        if self.next_is(byte) {
+            return Ok(());
+        }
+        Err(match self.text[self.pos..].chars().next() {
+            Some(found) => format!(
+                "expected `{}` at byte {}, found `{found}`",
+                char::from(byte),
+                self.pos
+            ),
+            None => format!("expected `{}`, found the end of the body", char::from(byte)),
+        })
+    }
+
+    fn end(&mut self) -> Result<(), String> {
+        self.skip_whitespace();
+        match self.pos < self.text.len() {
+            true => Err(format!("trailing characters at byte {}", self.pos)),
+            false => Ok(()),
+        }
+    }
+
+    /// Deserializes the value that starts here and moves past it; returns it with its text.
+    fn spanned<T: serde::Deserialize<'a>>(&mut self) -> Result<(T, &'a str), serde_json::Error> {
+        self.skip_whitespace();
+        let rest = &self.text[self.pos..];
+        let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<T>();
+        let value = match stream.next() {
+            Some(value) => value?,
+            None => return Err(serde::de::Error::custom("a value was expected")),
+        };
+        let len = stream.byte_offset();
+        self.pos += len;
+        Ok((value, &rest[..len]))
+    }
+
+    fn value<T: serde::Deserialize<'a>>(&mut self) -> Result<T, serde_json::Error> {
+        self.spanned().map(|(value, _)| value)
+    }
+
+    /// The `value` array: each item parsed, or set aside in `rejected` with its reason.
+    fn items(&mut self, rejected: &mut Vec<RejectedItem>) -> Result<Vec<PageItem>, String> {
+        self.expect(b'[')?;
+        let mut items = Vec::with_capacity(128);
+        if self.next_is(b']') {
+            return Ok(items);
+        }
+        loop {
+            let start = self.pos;
+            match self.spanned::<RawEvent>() {
+                Ok((raw, text)) => match parse_raw(raw, text) {
+                    Ok(item) => items.push(item),
+                    Err(e) => rejected.push(RejectedItem {
+                        id: item_id(text),
+                        raw: text.to_string(),
+                        reason: e.0,
+                    }),
+                },
+                Err(e) => {
+                    // Not an event object: find where it ends, keep it as sent.
+                    self.pos = start;
+                    let (_, text) = self
+                        .spanned::<serde::de::IgnoredAny>()
+                        .map_err(|e| e.to_string())?;
+                    rejected.push(RejectedItem {
+                        id: item_id(text),
+                        raw: text.to_string(),
+                        reason: item_error(text, &e).0,
+                    });
+                }
+            }
+            if self.next_is(b',') {
+                continue;
+            }
+            self.expect(b']')?;
+            return Ok(items);
+        }
+    }
 }
 
 /// The `id` of an item that may not be an event at all.
@@ -349,16 +532,20 @@ pub fn parse_event_text(text: &str) -> Result<Event, PayloadError> {
 }
 
 fn parse_item(text: &str) -> Result<PageItem, PayloadError> {
-    // One pass over the item; a removal has only `id` and `@removed` of these fields.
-    let raw: RawEvent = serde_json::from_str(text).map_err(|e| {
-        let id = serde_json::from_str::<serde_json::Value>(text)
-            .ok()
-            .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string));
-        match id {
-            Some(id) => PayloadError(format!("event {id}: {e}")),
-            None => PayloadError(format!("item is not an event object: {e}")),
-        }
-    })?;
+    let raw: RawEvent = serde_json::from_str(text).map_err(|e| item_error(text, &e))?;
+    parse_raw(raw, text)
+}
+
+/// Why an item did not deserialize as an event, naming it when it has an id.
+fn item_error(text: &str, e: &serde_json::Error) -> PayloadError {
+    match item_id(text) {
+        Some(id) => PayloadError(format!("event {id}: {e}")),
+        None => PayloadError(format!("item is not an event object: {e}")),
+    }
+}
+
+/// An item deserialized from `text` (a removal has only `id` and `@removed` of these fields).
+fn parse_raw(raw: RawEvent, text: &str) -> Result<PageItem, PayloadError> {
     let id = raw
         .id
         .clone()
@@ -402,23 +589,7 @@ fn parse_item(text: &str) -> Result<PageItem, PayloadError> {
         .and_then(|o| o.email_address)
         .map(|e| (e.name, e.address))
         .unwrap_or((None, None));
-    let attendees = raw
-        .attendees
-        .unwrap_or_default()
-        .into_iter()
-        .map(|a| {
-            let (name, address) = a
-                .email_address
-                .map(|e| (e.name, e.address))
-                .unwrap_or((None, None));
-            serde_json::json!({
-                "name": name,
-                "address": address,
-                "type": a.kind,
-                "response": a.status.and_then(|s| s.response),
-            })
-        })
-        .collect();
+    let attendees = Attendees::of_graph(raw.attendees.as_deref().unwrap_or_default());
     let is_master = raw.event_type.as_deref() == Some(SERIES_MASTER);
     let event = Box::new(Event {
         id,
@@ -439,7 +610,7 @@ fn parse_item(text: &str) -> Result<PageItem, PayloadError> {
         series_master_id: raw.series_master_id,
         organizer_name,
         organizer_address,
-        attendees: serde_json::Value::Array(attendees),
+        attendees,
         location: raw
             .location
             .and_then(|l| l.display_name)
@@ -482,7 +653,9 @@ fn graph_date_time(
     value: RawDateTime,
 ) -> Result<GraphDateTime, PayloadError> {
     let text = value.date_time.trim();
-    let date_time = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+    let date_time = fixed_date_time(text)
+        .map(Ok)
+        .unwrap_or_else(|| NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f"))
         .or_else(|_| DateTime::parse_from_rfc3339(text).map(|d| d.naive_utc()))
         .map_err(|_| {
             PayloadError(format!(
@@ -493,6 +666,39 @@ fn graph_date_time(
         date_time,
         time_zone: value.time_zone,
     })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` with an optional fraction of up to 9 digits, the form Graph sends
+/// (`2026-12-09T20:30:00.0000000`), read without a format string; anything else is `None` and
+/// goes to chrono's general parser.
+fn fixed_date_time(text: &str) -> Option<NaiveDateTime> {
+    let b = text.as_bytes();
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<u32> {
+        b[range].iter().try_fold(0u32, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let nanos = match &b[19..] {
+        [] => 0,
+        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
+            let n = num(20..b.len())?;
+            n * 10u32.pow(9 - digits.len() as u32)
+        }
+        _ => return None,
+    };
+    let date = NaiveDate::from_ymd_opt(i32::try_from(num(0..4)?).ok()?, num(5..7)?, num(8..10)?)?;
+    let time =
+        chrono::NaiveTime::from_hms_nano_opt(num(11..13)?, num(14..16)?, num(17..19)?, nanos)?;
+    Some(date.and_time(time))
 }
 
 /// Zone names meaning UTC. calsync asks for UTC (`Prefer: outlook.timezone="UTC"`, also Graph's
@@ -592,5 +798,117 @@ mod tests {
         };
         assert_eq!(event.start_date, NaiveDate::from_ymd_opt(2026, 1, 1));
         assert_eq!(event.end_date, NaiveDate::from_ymd_opt(2026, 1, 2));
+    }
+
+    #[test]
+    fn attendees_are_kept_in_the_canonical_form_a_json_tree_writes() {
+        let item = r#"{"id":"A1","subject":"s","start":{"dateTime":"2026-01-01T09:00:00","timeZone":"UTC"},
+            "end":{"dateTime":"2026-01-01T10:00:00","timeZone":"UTC"},"attendees":[
+            {"type":"required","status":{"response":"accepted","time":"0001-01-01T00:00:00Z"},
+             "emailAddress":{"name":"B\"ob \u00e9\u0000","address":"bob@contoso.com"}},
+            {"emailAddress":{"address":"x@y"}},
+            {}]}"#;
+        let event = parse_event_text(item).expect("parses");
+        let tree = serde_json::json!([
+            {"name": "B\"ob \u{e9}\u{0}", "address": "bob@contoso.com", "type": "required", "response": "accepted"},
+            {"name": null, "address": "x@y", "type": null, "response": null},
+            {"name": null, "address": null, "type": null, "response": null},
+        ]);
+        assert_eq!(event.attendees, Attendees::from_value(&tree));
+        assert_eq!(event.attendees.to_value(), tree);
+        assert_eq!(
+            Attendees::from_json(event.attendees.as_json()).expect("canonical text reads back"),
+            event.attendees
+        );
+        assert_eq!(parse_event_text(r#"{"id":"A2","start":{"dateTime":"2026-01-01T09:00:00"},"end":{"dateTime":"2026-01-01T09:00:00"}}"#)
+            .expect("parses").attendees.as_json(), "[]");
+    }
+
+    #[test]
+    fn graph_date_times_read_without_a_format_string_match_chrono() {
+        for text in [
+            "2026-12-09T20:30:00.0000000",
+            "2026-12-09T20:30:00",
+            "2026-12-09T20:30:00.1",
+            "2026-02-28T23:59:59.123456789",
+            "0001-01-01T00:00:00.0000000",
+        ] {
+            let chrono = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").expect(text);
+            assert_eq!(fixed_date_time(text), Some(chrono), "{text}");
+        }
+        // Not the fixed form: left to chrono's parser (which accepts or rejects them).
+        for text in [
+            "2026-02-30T00:00:00",
+            "2026-12-09T20:30:00Z",
+            "2026-12-09T20:30:00.",
+            "2026-12-09T20:30:00.1234567890",
+            "2026-12-09 20:30:00",
+            "2026-1-09T20:30:00.000",
+            "+2026-12-09T20:30:00",
+            "2026-12-09T24:00:00",
+        ] {
+            assert_eq!(fixed_date_time(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_page_is_walked_in_one_pass_whatever_the_order_of_its_members() {
+        let body = br#" { "@odata.deltaLink" : "https://graph/delta?x=1" , "@odata.context":"c",
+            "value" : [ {"id":"e\u0031","subject":"a\nb","start":{"dateTime":"2026-01-01T09:00:00","timeZone":"UTC"},"end":{"dateTime":"2026-01-01T10:00:00","timeZone":"UTC"},"extra":{"deep":[1,2,{"x":null}]}} ,
+            [1,2], "text", null, {"id":"gone","@removed":{"reason":"deleted"}} ] , "n": 1.5e3 } "#;
+        let page = parse_page(body).expect("parses");
+        assert_eq!(page.link, PageLink::Delta("https://graph/delta?x=1".into()));
+        let ids: Vec<&str> = page.items.iter().map(PageItem::id).collect();
+        assert_eq!(ids, ["e1", "gone"]);
+        let PageItem::Event(event) = &page.items[0] else {
+            panic!("expected an event")
+        };
+        // The raw text is exactly what was sent, escapes and all.
+        assert!(
+            event.raw.starts_with(r#"{"id":"e\u0031","subject":"a\nb""#),
+            "{}",
+            event.raw
+        );
+        assert!(
+            event.raw.ends_with(r#""extra":{"deep":[1,2,{"x":null}]}}"#),
+            "{}",
+            event.raw
+        );
+        assert_eq!(event.subject.as_deref(), Some("a\nb"));
+        let rejected: Vec<&str> = page.rejected.iter().map(|r| r.raw.as_str()).collect();
+        assert_eq!(rejected, ["[1,2]", "\"text\"", "null"]);
+
+        for (body, wanted) in [
+            (
+                &br#"{"value":[],"@odata.deltaLink":"x"} trailing"#[..],
+                "trailing",
+            ),
+            (
+                br#"{"value":[],"value":[],"@odata.deltaLink":"x"}"#,
+                "duplicate field `value`",
+            ),
+            (br#"{"@odata.deltaLink":"x"}"#, "missing field `value`"),
+            (br#"{"value":[{"id":"a"},"#, "not the expected JSON"),
+            (
+                br#"{"value":[{"id":"a"} {"id":"b"}],"@odata.deltaLink":"x"}"#,
+                "expected `]`",
+            ),
+            (br#"{"value":{},"@odata.deltaLink":"x"}"#, "expected `[`"),
+            (br#"[]"#, "expected `{`"),
+            (b"", "expected `{`"),
+            (
+                b"{\"value\":[],\"@odata.deltaLink\":\"\xff\"}",
+                "not the expected JSON",
+            ),
+            (br#"{"value":[],"@odata.nextLink":null}"#, "neither"),
+        ] {
+            let err = parse_page(body).expect_err(&String::from_utf8_lossy(body));
+            assert!(
+                err.0.contains(wanted),
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                err.0
+            );
+        }
     }
 }

@@ -671,7 +671,7 @@ impl EventView {
             series_master_id: e.series_master_id,
             organizer_name: e.organizer_name,
             organizer_address: e.organizer_address,
-            attendees: e.attendees,
+            attendees: e.attendees.to_value(),
             raw: RawValue::from_string(e.raw).ok(),
         }
     }

@@ -383,6 +383,14 @@ impl<'a> PageWrite<'a> {
             ..Self::default()
         }
     }
+
+    /// Nothing but the cursor to write (an idle round's page).
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+            && self.masters.is_empty()
+            && self.gone_series.is_empty()
+            && self.quarantined.is_empty()
+    }
 }
 
 /// A series master to keep.
@@ -589,7 +597,7 @@ impl UserView {
             series_master_id: e.series_master_id.clone(),
             organizer_name: e.organizer_name.clone(),
             organizer_address: e.organizer_address.clone(),
-            attendees: e.attendees.clone(),
+            attendees: e.attendees.to_value(),
             location: e.location.clone(),
             categories: e.categories.clone(),
         }

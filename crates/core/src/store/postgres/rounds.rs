@@ -8,7 +8,7 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 
 use crate::graph::model::RejectedItem;
-use crate::graph::{DeltaItem, Event, PageLink, Window};
+use crate::graph::{Attendees, DeltaItem, Event, PageLink, Window};
 use crate::store::contract::*;
 use crate::store::{
     link_parts, Cursor, Lease, MailboxId, MasterWrite, PageApplied, PageWrite, QuarantinedItem,
@@ -407,7 +407,7 @@ async fn upsert_events(
     .bind(
         latest
             .iter()
-            .map(|e| json_without_nul(&e.attendees))
+            .map(|e| json_without_nul(&e.attendees.to_value()))
             .collect::<Vec<_>>(),
     )
     .bind(texts(|e| &e.location))
@@ -518,7 +518,7 @@ async fn upsert_master(
     .bind(opt_text(&m.sensitivity))
     .bind(opt_text(&m.organizer_name))
     .bind(opt_text(&m.organizer_address))
-    .bind(json_without_nul(&m.attendees))
+    .bind(json_without_nul(&m.attendees.to_value()))
     .bind(opt_text(&m.location))
     .bind(categories_json(&m.categories))
     .bind(opt_text(&m.web_link))
@@ -549,7 +549,7 @@ fn event_from_row(row: &PgRow) -> Result<Event, StoreError> {
         series_master_id: row.try_get("series_master_id")?,
         organizer_name: row.try_get("organizer_name")?,
         organizer_address: row.try_get("organizer_address")?,
-        attendees: row.try_get("attendees")?,
+        attendees: Attendees::from_value(&row.try_get::<serde_json::Value, _>("attendees")?),
         location: row.try_get("location")?,
         categories: serde_json::from_value(categories)
             .map_err(|e| StoreError::Corrupt(format!("categories: {e}")))?,

@@ -5,7 +5,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
 use crate::graph::model::RejectedItem;
-use crate::graph::{DeltaItem, Event, PageLink, Window};
+use crate::graph::{Attendees, DeltaItem, Event, PageLink, Window};
 use crate::store::contract::*;
 use crate::store::{
     link_parts, Cursor, Lease, MailboxId, MasterWrite, PageApplied, PageWrite, QuarantinedItem,
@@ -46,6 +46,28 @@ impl RoundStore for SqliteStore {
         let window = cursor
             .window
             .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
+        let (next_link, delta_link) = link_parts(link);
+        if page.is_empty() && !(delta_link.is_some() && cursor.full) {
+            // Nothing to write but the cursor (an idle round's page): one statement, fenced
+            // by its own WHERE, atomic without a transaction around it.
+            let moved = sqlx::query(
+                "UPDATE mailboxes SET next_link = ?1, delta_link = COALESCE(?2, delta_link),
+                     round_full = CASE WHEN ?2 IS NULL THEN round_full ELSE 0 END,
+                     failing_link = NULL, failing_link_count = 0
+                 WHERE id = ?3 AND lease_owner = ?4 AND round_id = ?5",
+            )
+            .bind(next_link)
+            .bind(delta_link)
+            .bind(lease.mailbox)
+            .bind(&lease.owner)
+            .bind(cursor.round_id)
+            .execute(&self.writer)
+            .await?;
+            return match moved.rows_affected() {
+                1 => Ok(PageApplied::default()),
+                _ => Err(StoreError::LeaseLost(lease.mailbox)),
+            };
+        }
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let fence = sqlx::query("SELECT lease_owner, round_id FROM mailboxes WHERE id = ?1")
             .bind(lease.mailbox)
@@ -100,19 +122,15 @@ impl RoundStore for SqliteStore {
                 .await?
                 .is_some();
         if any_quarantined {
-            for chunk in page.items.chunks(500) {
-                let placeholders: Vec<String> =
-                    (2..chunk.len() + 2).map(|n| format!("?{n}")).collect();
-                let sql = format!(
-                    "DELETE FROM quarantine WHERE mailbox_id = ?1 AND item_key IN ({})",
-                    placeholders.join(", ")
-                );
-                let mut query = sqlx::query(&sql).bind(lease.mailbox);
-                for item in chunk {
-                    query = query.bind(item.id());
-                }
-                query.execute(&mut *tx).await?;
-            }
+            let ids: Vec<&str> = page.items.iter().map(DeltaItem::id).collect();
+            sqlx::query(
+                "DELETE FROM quarantine WHERE mailbox_id = ?1
+                   AND item_key IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(lease.mailbox)
+            .bind(json_list(&ids))
+            .execute(&mut *tx)
+            .await?;
         }
         // Runs of upserts go in multi-row statements; a removal flushes the run before it, so
         // the page is applied in its order.
@@ -152,7 +170,6 @@ impl RoundStore for SqliteStore {
         }
         applied.upserted +=
             upsert_events(&mut tx, lease.mailbox, &run, cursor.round_id, &synced_at).await?;
-        let (next_link, delta_link) = link_parts(link);
         if delta_link.is_some() && cursor.full {
             let done = sqlx::query("DELETE FROM events WHERE mailbox_id = ?1 AND seen_round <> ?2")
                 .bind(lease.mailbox)
@@ -244,27 +261,26 @@ impl RoundStore for SqliteStore {
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, StoredMaster>, StoreError> {
         let mut out = std::collections::HashMap::new();
-        // Within SQLite's variable limit, with room for the mailbox id.
-        for chunk in ids.chunks(500) {
-            let placeholders: Vec<String> = (2..chunk.len() + 2).map(|n| format!("?{n}")).collect();
-            let sql = format!(
-                "SELECT master_id, change_key, checked_round, raw FROM series_masters
-                 WHERE mailbox_id = ?1 AND master_id IN ({})",
-                placeholders.join(", ")
-            );
-            let mut query = sqlx::query(&sql).bind(mailbox);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&self.pool).await? {
-                let master = StoredMaster {
-                    master_id: row.try_get("master_id")?,
-                    change_key: row.try_get("change_key")?,
-                    checked_round: row.try_get("checked_round")?,
-                    raw: row.try_get("raw")?,
-                };
-                out.insert(master.master_id.clone(), master);
-            }
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        // The ids as one JSON array: one statement whatever their number.
+        let rows = sqlx::query(
+            "SELECT master_id, change_key, checked_round, raw FROM series_masters
+             WHERE mailbox_id = ?1 AND master_id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(mailbox)
+        .bind(json_list(ids))
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let master = StoredMaster {
+                master_id: row.try_get("master_id")?,
+                change_key: row.try_get("change_key")?,
+                checked_round: row.try_get("checked_round")?,
+                raw: row.try_get("raw")?,
+            };
+            out.insert(master.master_id.clone(), master);
         }
         Ok(out)
     }
@@ -350,9 +366,26 @@ impl RoundStore for SqliteStore {
     }
 }
 
-/// Rows per multi-row upsert: 25 parameters each, far below SQLite's 32766-variable limit.
-const UPSERT_CHUNK: usize = 200;
+/// Most rows per multi-row upsert: 26 parameters each, far below SQLite's 32766-variable limit.
+const UPSERT_CHUNK: usize = 100;
 const EVENT_COLUMNS: usize = 26;
+
+/// The row counts a run of `n` upserts is written in: hundreds, then a multiple of ten, then
+/// the rest. Each row count is its own prepared statement, so keeping to 19 of them (10, 20 ..
+/// 100 and 1 .. 9) lets the connection's statement cache keep them all: any other split would
+/// prepare a new 2,600-parameter statement for most pages.
+fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let rows = match n {
+            0 => return None,
+            n if n >= UPSERT_CHUNK => UPSERT_CHUNK,
+            n if n >= 10 => n / 10 * 10,
+            n => n,
+        };
+        n -= rows;
+        Some(rows)
+    })
+}
 
 /// Upserts `events` (in order: a later duplicate wins) in multi-row statements; returns how
 /// many rows were written.
@@ -363,7 +396,10 @@ async fn upsert_events(
     round_id: i64,
     synced_at: &str,
 ) -> Result<u64, StoreError> {
-    for chunk in events.chunks(UPSERT_CHUNK) {
+    let mut rest = events;
+    for rows in statement_sizes(events.len()) {
+        let (chunk, after) = rest.split_at(rows);
+        rest = after;
         let row = format!("({})", vec!["?"; EVENT_COLUMNS].join(", "));
         let sql = format!(
             "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
@@ -407,7 +443,7 @@ async fn upsert_events(
                 .bind(&e.series_master_id)
                 .bind(&e.organizer_name)
                 .bind(&e.organizer_address)
-                .bind(e.attendees.to_string())
+                .bind(e.attendees.as_json())
                 .bind(&e.location)
                 .bind(categories_json(&e.categories))
                 .bind(&e.web_link)
@@ -450,6 +486,11 @@ async fn quarantine(
 
 fn categories_json(categories: &[String]) -> String {
     serde_json::to_string(categories).unwrap_or_else(|_| "[]".into())
+}
+
+/// Ids as a JSON array, for `IN (SELECT value FROM json_each(?))`.
+fn json_list<S: AsRef<str> + serde::Serialize>(ids: &[S]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
 }
 
 /// Keeps a series master and, when it changed, gives every stored occurrence of its series the
@@ -502,7 +543,7 @@ async fn upsert_master(
     .bind(&m.sensitivity)
     .bind(&m.organizer_name)
     .bind(&m.organizer_address)
-    .bind(m.attendees.to_string())
+    .bind(m.attendees.as_json())
     .bind(&m.location)
     .bind(categories_json(&m.categories))
     .bind(&m.web_link)
@@ -540,7 +581,8 @@ fn event_from_row(row: &SqliteRow) -> Result<Event, StoreError> {
         series_master_id: row.try_get("series_master_id")?,
         organizer_name: row.try_get("organizer_name")?,
         organizer_address: row.try_get("organizer_address")?,
-        attendees: json("attendees")?,
+        attendees: Attendees::from_json(&row.try_get::<String, _>("attendees")?)
+            .map_err(|e| StoreError::Corrupt(format!("attendees: {e}")))?,
         location: row.try_get("location")?,
         categories,
         web_link: row.try_get("web_link")?,
@@ -562,4 +604,24 @@ async fn rows_per_mailbox(
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_upserts_is_split_into_few_distinct_statement_sizes() {
+        let mut sizes = std::collections::BTreeSet::new();
+        for n in 0..=1000 {
+            let split: Vec<usize> = statement_sizes(n).collect();
+            assert_eq!(split.iter().sum::<usize>(), n, "{n}: {split:?}");
+            assert!(split.len() <= n / UPSERT_CHUNK + 2, "{n}: {split:?}");
+            sizes.extend(split);
+        }
+        let expected: std::collections::BTreeSet<usize> =
+            (1..10).chain((10..=UPSERT_CHUNK).step_by(10)).collect();
+        assert_eq!(sizes, expected);
+        assert_eq!(statement_sizes(97).collect::<Vec<_>>(), [90, 7]);
+    }
 }

@@ -1,0 +1,181 @@
+//! `calsync bench --instructions`: calsync's instructions per stored event, a figure that does
+//! not depend on the machine's load (CI prints it, so a regression shows as a number).
+//!
+//! The command runs the bench's sync-only mode (`--sync-only`: the initial sync and one idle
+//! round against the simulator, nothing else) twice under `valgrind --tool=callgrind`, with the
+//! same mailboxes and two sizes of calendar. The simulator is a child process that valgrind does
+//! not follow, so only calsync's instructions are counted. The difference between the two runs
+//! divided by the difference in stored events is the marginal cost of one stored event (its
+//! share of the page request, parsing, series hydration and the page write); start-up, the
+//! idle round and everything else that does not grow with events cancel out.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+use crate::bench::{BenchArgs, SyncOnlyReport};
+
+/// The world both runs share: few mailboxes so valgrind finishes in a minute or two.
+const TENANTS: usize = 2;
+const MAILBOXES: usize = 10;
+/// Events per mailbox of the small and the large run (one and three pages of 100).
+const SMALL: usize = 100;
+const LARGE: usize = 300;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InstructionReport {
+    pub mailboxes: usize,
+    pub small: Run,
+    pub large: Run,
+    /// (large − small instructions) / (large − small stored events).
+    pub instructions_per_stored_event: f64,
+    /// The large run's instructions per stored event with start-up and the idle round
+    /// included: for scale only.
+    pub whole_run_instructions_per_stored_event: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Run {
+    pub events_per_mailbox: usize,
+    pub stored_events: u64,
+    pub pages: u64,
+    pub instructions: u64,
+}
+
+pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
+    let valgrind = Command::new("valgrind")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    anyhow::ensure!(
+        valgrind.is_ok_and(|s| s.success()),
+        "`calsync bench --instructions` needs valgrind (Debian: apt-get install valgrind)"
+    );
+    let dir = std::env::temp_dir().join(format!("calsync-instr-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let result = async {
+        let small = run_under_callgrind(args, SMALL, &dir).await?;
+        let large = run_under_callgrind(args, LARGE, &dir).await?;
+        Ok::<_, anyhow::Error>((small, large))
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let (small, large) = result?;
+    anyhow::ensure!(
+        large.stored_events > small.stored_events,
+        "the large run stored no more events than the small one ({} vs {})",
+        large.stored_events,
+        small.stored_events
+    );
+    let marginal = large.instructions.saturating_sub(small.instructions) as f64
+        / (large.stored_events - small.stored_events) as f64;
+    Ok(InstructionReport {
+        mailboxes: TENANTS * MAILBOXES,
+        whole_run_instructions_per_stored_event: large.instructions as f64
+            / large.stored_events as f64,
+        instructions_per_stored_event: marginal,
+        small,
+        large,
+    })
+}
+
+async fn run_under_callgrind(args: &BenchArgs, events: usize, dir: &Path) -> anyhow::Result<Run> {
+    let exe = std::env::current_exe().context("cannot find the calsync executable")?;
+    let out = dir.join(format!("callgrind.{events}.out"));
+    if !args.json {
+        eprintln!(
+            "callgrind: sync-only bench of {} mailboxes x {events} events...",
+            TENANTS * MAILBOXES
+        );
+    }
+    let output = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(&exe)
+        .args(["bench", "--sync-only", "--json", "--workers"])
+        .arg(args.workers.to_string())
+        .args(["--tenants", &TENANTS.to_string()])
+        .args(["--mailboxes", &MAILBOXES.to_string()])
+        .args(["--events", &events.to_string()])
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("cannot run valgrind")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the bench under callgrind failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let report: SyncOnlyReport = serde_json::from_slice(&output.stdout)
+        .context("the sync-only bench did not print its JSON report")?;
+    anyhow::ensure!(
+        report.failed_jobs == 0,
+        "{} sync jobs failed under callgrind",
+        report.failed_jobs
+    );
+    let text = std::fs::read_to_string(&out)
+        .with_context(|| format!("callgrind wrote no profile to {}", out.display()))?;
+    Ok(Run {
+        events_per_mailbox: events,
+        stored_events: report.initial_events,
+        pages: report.initial_pages,
+        instructions: totals(&text)
+            .with_context(|| format!("no `totals:` line in {}", out.display()))?,
+    })
+}
+
+/// The instruction total of a callgrind profile (`totals:`, or `summary:` in older formats).
+fn totals(profile: &str) -> Option<u64> {
+    profile.lines().rev().find_map(|line| {
+        let rest = line
+            .strip_prefix("totals:")
+            .or_else(|| line.strip_prefix("summary:"))?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+pub fn render(r: &InstructionReport) -> String {
+    format!(
+        "\ncalsync instructions (callgrind), {} mailboxes, sync-only bench\n\
+         \x20 {:>6} events/mailbox: {:>7} events stored in {:>3} pages, {:>14} instructions\n\
+         \x20 {:>6} events/mailbox: {:>7} events stored in {:>3} pages, {:>14} instructions\n\
+         \x20 instructions per stored event   {:.0} (marginal: the difference of the two runs)\n",
+        r.mailboxes,
+        r.small.events_per_mailbox,
+        r.small.stored_events,
+        r.small.pages,
+        r.small.instructions,
+        r.large.events_per_mailbox,
+        r.large.stored_events,
+        r.large.pages,
+        r.large.instructions,
+        r.instructions_per_stored_event,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_total_is_read_from_the_profiles_last_totals_line() {
+        let profile =
+            "version: 1\ncmd: calsync\nevents: Ir\nfn=main\n1 5\nsummary: 999\ntotals: 123456789\n";
+        assert_eq!(totals(profile), Some(123_456_789));
+        assert_eq!(totals("events: Ir\nsummary: 42\n"), Some(42));
+        assert_eq!(totals("events: Ir\n"), None);
+    }
+}
