@@ -10,7 +10,6 @@
 //! a row (plus up to 25 % jitter, never less), capped at `max_break`.
 //! half-open → closed after `probes` successful probe calls; → open again on any failure.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use rand::Rng;
@@ -104,7 +103,7 @@ pub struct Breaker {
     /// Trips in a row without a full recovery; grows the break time.
     consecutive_trips: u32,
     permanent: bool,
-    outcomes: VecDeque<(Instant, bool)>,
+    outcomes: OutcomeWindow,
     failures_in_a_row: u32,
     last_change: Instant,
 }
@@ -112,6 +111,7 @@ pub struct Breaker {
 impl Breaker {
     pub fn new(config: BreakerConfig, now: Instant) -> Self {
         Self {
+            outcomes: OutcomeWindow::new(config.window, now),
             config,
             state: BreakerState::Closed,
             open_until: now,
@@ -119,7 +119,6 @@ impl Breaker {
             probe_successes: 0,
             consecutive_trips: 0,
             permanent: false,
-            outcomes: VecDeque::new(),
             failures_in_a_row: 0,
             last_change: now,
         }
@@ -198,12 +197,10 @@ impl Breaker {
                 }
                 let ok = outcome == CallOutcome::Success;
                 self.failures_in_a_row = if ok { 0 } else { self.failures_in_a_row + 1 };
-                self.outcomes.push_back((now, ok));
-                self.evict(now);
-                let calls = self.outcomes.len() as u32;
-                let failures = self.outcomes.iter().filter(|(_, ok)| !ok).count() as f64;
-                let rate_tripped = calls >= self.config.min_calls
-                    && failures / f64::from(calls) >= self.config.failure_rate;
+                self.outcomes.push(ok, now);
+                let (calls, failures) = (self.outcomes.calls, self.outcomes.failures);
+                let rate_tripped = calls >= u64::from(self.config.min_calls)
+                    && failures as f64 / calls as f64 >= self.config.failure_rate;
                 if rate_tripped || self.failures_in_a_row >= self.config.min_calls {
                     return Some(self.trip(now, false));
                 }
@@ -218,16 +215,6 @@ impl Breaker {
     pub fn release(&mut self) {
         if self.state == BreakerState::HalfOpen {
             self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
-        }
-    }
-
-    fn evict(&mut self, now: Instant) {
-        while let Some((at, _)) = self.outcomes.front() {
-            if now.duration_since(*at) > self.config.window {
-                self.outcomes.pop_front();
-            } else {
-                break;
-            }
         }
     }
 
@@ -258,6 +245,81 @@ impl Breaker {
         self.state = to;
         self.last_change = now;
         Transition { from, to }
+    }
+}
+
+/// Slices of the sliding window: a call is forgotten at most `window / SLICES` early.
+const SLICES: usize = 60;
+
+/// How many calls ended within the window, and how many of them failed, kept as counts per
+/// slice of `window / SLICES` rather than one entry per call: its size does not grow with the
+/// call rate, so recording a call neither allocates nor scans earlier calls. A call is forgotten
+/// between `window - window / SLICES` and `window` after it ended, never later.
+#[derive(Debug)]
+struct OutcomeWindow {
+    slices: [Slice; SLICES],
+    slice_nanos: u64,
+    origin: Instant,
+    /// The number of the newest slice, counted from `origin`.
+    newest: u64,
+    calls: u64,
+    failures: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Slice {
+    calls: u64,
+    failures: u64,
+}
+
+impl OutcomeWindow {
+    fn new(window: Duration, now: Instant) -> Self {
+        let slice = window / SLICES as u32;
+        Self {
+            slices: [Slice::default(); SLICES],
+            slice_nanos: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX).max(1),
+            origin: now,
+            newest: 0,
+            calls: 0,
+            failures: 0,
+        }
+    }
+
+    fn push(&mut self, ok: bool, now: Instant) {
+        self.forget_before(now);
+        let slice = &mut self.slices[(self.newest % SLICES as u64) as usize];
+        slice.calls += 1;
+        self.calls += 1;
+        if !ok {
+            slice.failures += 1;
+            self.failures += 1;
+        }
+    }
+
+    /// Drops the slices that left the window by `now`. A call reported with an earlier time
+    /// than one already recorded counts in the newest slice.
+    fn forget_before(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        let index = u64::try_from(elapsed).unwrap_or(u64::MAX) / self.slice_nanos;
+        if index <= self.newest {
+            return;
+        }
+        if index - self.newest >= SLICES as u64 {
+            self.clear();
+        } else {
+            for i in self.newest + 1..=index {
+                let slice = std::mem::take(&mut self.slices[(i % SLICES as u64) as usize]);
+                self.calls -= slice.calls;
+                self.failures -= slice.failures;
+            }
+        }
+        self.newest = index;
+    }
+
+    fn clear(&mut self) {
+        self.slices = [Slice::default(); SLICES];
+        self.calls = 0;
+        self.failures = 0;
     }
 }
 
@@ -338,6 +400,32 @@ mod tests {
         assert_eq!(b.record(CallOutcome::Success, later), None);
         assert_eq!(b.record(CallOutcome::Failure, later), None);
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_call_leaves_the_window_by_its_end_and_at_most_a_slice_early() {
+        let t0 = Instant::now();
+        let window = config().window;
+        let slice = window / SLICES as u32;
+        let mut b = Breaker::new(config(), t0);
+        b.record(CallOutcome::Failure, t0);
+        let still_in = t0 + window - slice - Duration::from_millis(1);
+        b.record(CallOutcome::Success, still_in);
+        b.record(CallOutcome::Success, still_in);
+        assert!(
+            b.record(CallOutcome::Failure, still_in).is_some(),
+            "2 of 4 failed: the first failure still counts"
+        );
+        let mut b = Breaker::new(config(), t0);
+        b.record(CallOutcome::Failure, t0);
+        let gone = t0 + window + Duration::from_millis(1);
+        b.record(CallOutcome::Success, gone);
+        b.record(CallOutcome::Success, gone);
+        assert_eq!(
+            b.record(CallOutcome::Failure, gone),
+            None,
+            "1 of 3 failed: the first failure has left the window"
+        );
     }
 
     #[test]

@@ -51,6 +51,11 @@ impl RetryBudget {
         }
     }
 
+    /// Nothing to earn: a deposit now or later changes nothing (time refills it no further).
+    pub fn is_full(&self) -> bool {
+        self.balance >= self.max
+    }
+
     pub fn balance(&self) -> f64 {
         self.balance
     }

@@ -62,22 +62,34 @@ impl GuardedBreaker {
     /// the returned [`Reservation`]; dropped without one (its future was cancelled, e.g. at the
     /// job deadline), it gives its probe back.
     pub fn reserve(&self) -> Result<Reservation<'_>, Rejected> {
-        self.acquire()?;
+        let probe = self.admit()?;
         Ok(Reservation {
             breaker: self,
-            probe: self.state() == BreakerState::HalfOpen,
+            probe,
             settled: false,
         })
     }
 
     /// Reserves a call, or says until when the breaker refuses.
     pub fn acquire(&self) -> Result<(), Rejected> {
-        let now = Instant::now();
-        let transition = self.with(|b, _| b.acquire(now))?;
+        self.admit().map(|_| ())
+    }
+
+    /// Reserves a call; true when it is a half-open breaker's probe.
+    fn admit(&self) -> Result<bool, Rejected> {
+        let (transition, probe) = self.with(|b, _| {
+            // A closed breaker lets every call out whenever it comes: reading the clock (the
+            // dearest step of a call on some machines) is left to the other states.
+            if b.state() == BreakerState::Closed {
+                return Ok((None, false));
+            }
+            let t = b.acquire(Instant::now())?;
+            Ok((t, b.state() == BreakerState::HalfOpen))
+        })?;
         if let Some(t) = transition {
             self.log(t, None);
         }
-        Ok(())
+        Ok(probe)
     }
 
     pub fn would_allow(&self) -> Result<(), Rejected> {

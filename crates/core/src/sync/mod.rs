@@ -19,7 +19,7 @@ use crate::graph::{
 use crate::metrics::DeferReason;
 use crate::resilience::limits::RateLimits;
 use crate::resilience::retry::{Decision, Failure, RetryPolicy};
-use crate::resilience::{Evidence, TenantGuard};
+use crate::resilience::{Evidence, Refused, TenantGuard};
 use crate::store::{Cursor, Lease, MailboxRecord, PageWrite, Store, StoreError};
 use tokio::time::Instant;
 
@@ -386,24 +386,20 @@ where
 {
     let mut attempt: u32 = 0;
     loop {
-        if let Err(wait) = ctx
-            .limits
-            .acquire(mailbox, &ctx.guard.rate, ctx.deadline)
-            .await
-        {
-            crate::metrics::job_deferred(
-                ctx.tokens.tenant(),
-                DeferReason::RateLimit,
-                wait.ready_in,
-            );
-            return Err(SyncError::Deferred {
-                wait: wait.ready_in,
-                reason: "request rate limit".into(),
-            });
-        }
-        let reservation = match ctx.guard.graph.reserve() {
+        let reservation = match ctx.guard.admit(ctx.limits, mailbox, ctx.deadline).await {
             Ok(reservation) => reservation,
-            Err(rejected) => {
+            Err(Refused::RateLimit(wait)) => {
+                crate::metrics::job_deferred(
+                    ctx.tokens.tenant(),
+                    DeferReason::RateLimit,
+                    wait.ready_in,
+                );
+                return Err(SyncError::Deferred {
+                    wait: wait.ready_in,
+                    reason: "request rate limit".into(),
+                });
+            }
+            Err(Refused::Breaker(rejected)) => {
                 crate::metrics::job_deferred(
                     ctx.tokens.tenant(),
                     DeferReason::GraphBreaker,
@@ -439,8 +435,7 @@ where
         };
         let error = match result {
             Ok(answer) => {
-                settle(ctx, mailbox, reservation, evidence);
-                ctx.guard.deposit();
+                ctx.guard.answered(reservation, mailbox, evidence);
                 return Ok(answer);
             }
             Err(SyncError::Auth(
