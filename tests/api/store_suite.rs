@@ -55,6 +55,9 @@ store_suite!(
     no_write_of_the_old_owner_lands_after_a_takeover,
     upserts_are_idempotent,
     a_page_applies_its_items_in_order,
+    repeated_ids_in_a_page_end_as_applied_in_order,
+    a_round_ending_page_reconciles_what_it_leaves,
+    a_page_of_a_lost_lease_changes_nothing,
     removals_only_delete_inside_the_window,
     full_round_reconciles_at_its_end_only,
     cursor_resumes_from_the_last_committed_page,
@@ -865,6 +868,275 @@ async fn a_page_applies_its_items_in_order(store: Store) {
     );
 }
 
+/// Ids met several times in one page, against stored events inside and outside the window: the
+/// result and the counts are those of applying the items one by one.
+async fn repeated_ids_in_a_page_end_as_applied_in_order(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let cursor = full_round(&store, &a).await;
+    let outside = window().end + chrono::Duration::days(2);
+    let stored = [
+        upsert("y", "v1", t0()),
+        upsert("z", "v1", t0()),
+        upsert("w", "v1", outside),
+    ];
+    store
+        .apply_page(&a, &cursor, &PageWrite::items(&stored), &next("p1"), t0())
+        .await
+        .expect("page 1");
+    let page = [
+        // Upserted outside the window, then removed: Graph's removal does not delete it.
+        upsert("x", "v1", outside),
+        removed("x"),
+        // The stored one removed (1), the new one too (1).
+        removed("y"),
+        upsert("y", "v2", t0()),
+        removed("y"),
+        // The stored one removed (1), then back.
+        removed("z"),
+        upsert("z", "v2", t0()),
+        // The stored one (outside) replaced by one inside, which is removed (1).
+        upsert("w", "v2", t0()),
+        removed("w"),
+        // Removed inside (1), back outside, whose removal keeps it.
+        upsert("v", "a", t0()),
+        removed("v"),
+        upsert("v", "b", outside),
+        removed("v"),
+    ];
+    let applied = store
+        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p2"), t0())
+        .await
+        .expect("page 2");
+    assert_eq!((applied.upserted, applied.deleted), (6, 5));
+    let stored: Vec<(String, Option<String>)> = store
+        .events(id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.id, e.subject))
+        .collect();
+    let want = |id: &str, v: &str| (id.to_string(), Some(v.to_string()));
+    assert_eq!(stored, [want("z", "v2"), want("v", "b"), want("x", "v1")]);
+}
+
+fn rejected(id: &str) -> calsync::graph::model::RejectedItem {
+    calsync::graph::model::RejectedItem {
+        id: Some(id.to_string()),
+        raw: json!({"id": id, "start": "not a time"}).to_string(),
+        reason: "start: not a time".into(),
+    }
+}
+
+fn masters(events: &[&Event]) -> Vec<MasterWrite> {
+    events
+        .iter()
+        .map(|m| MasterWrite {
+            master: (*m).clone(),
+            refill_occurrences: true,
+        })
+        .collect()
+}
+
+async fn quarantine_keys(store: &Store, id: MailboxId) -> BTreeSet<String> {
+    store
+        .quarantined(id, 100)
+        .await
+        .expect("quarantine")
+        .into_iter()
+        .map(|q| q.item_key)
+        .collect()
+}
+
+async fn master_ids(store: &Store, id: MailboxId, of: &[&str]) -> BTreeSet<String> {
+    store
+        .series_masters(id, of)
+        .await
+        .expect("masters")
+        .into_keys()
+        .collect()
+}
+
+/// The page that ends a full round, with removals, upserts and a removed master beside the
+/// reconciliation: events, masters and quarantine end as if the items were applied one by one
+/// and the round reconciled after them.
+async fn a_round_ending_page_reconciles_what_it_leaves(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let outside = window().end + chrono::Duration::days(2);
+    let [m1, m2, m3, m4, m5] =
+        ["M1", "M2", "M3", "M4", "M5"].map(|m| master(m, &format!("series {m}"), "ck", false));
+
+    let round1 = full_round(&store, &a).await;
+    let items = [
+        upsert("z", "v1", t0()),
+        upsert("x", "v1", outside),
+        upsert("v", "v1", t0()),
+        upsert("old", "v1", outside),
+        occurrence("m4-a", "M4", &m4, t0()),
+    ];
+    let marker = round1.round_marker();
+    store
+        .apply_page(
+            &a,
+            &round1,
+            &PageWrite {
+                items: &items,
+                masters: &masters(&[&m4]),
+                gone_series: &[],
+                round: &marker,
+                quarantined: &[rejected("q1"), rejected("q2")],
+            },
+            &next("p1"),
+            t0(),
+        )
+        .await
+        .expect("round 1");
+
+    let round2 = full_round(&store, &a).await;
+    let items = [
+        upsert("z", "v2", t0()),
+        occurrence("m1-a", "M1", &m1, t0()),
+        occurrence("m2-a", "M2", &m2, t0()),
+        occurrence("m5-a", "M5", &m5, t0()),
+    ];
+    let marker = round2.round_marker();
+    store
+        .apply_page(
+            &a,
+            &round2,
+            &PageWrite {
+                items: &items,
+                masters: &masters(&[&m1, &m2, &m3, &m5]),
+                gone_series: &[],
+                round: &marker,
+                quarantined: &[rejected("q3")],
+            },
+            &next("r2-p1"),
+            t0(),
+        )
+        .await
+        .expect("round 2, page 1");
+    let last = [
+        removed("x"),
+        upsert("v", "v2", t0()),
+        removed("z"),
+        removed("m1-a"),
+        occurrence("m3-a", "M3", &m3, t0()),
+        removed("M5"),
+        upsert("q2", "understood now", t0()),
+    ];
+    let applied = store
+        .apply_page(&a, &round2, &PageWrite::items(&last), &delta("d2"), t0())
+        .await
+        .expect("round 2, last page");
+    // Removed inside the window: z, m1-a; not returned by the round: old, m4-a and x (whose
+    // removal, outside the window, kept it).
+    assert_eq!((applied.upserted, applied.deleted), (3, 5));
+    assert_eq!(
+        event_ids(&store, id).await,
+        set(&["m2-a", "m3-a", "m5-a", "q2", "v"])
+    );
+    // M1 and M4 have no event left, M5 was removed; M3's only event came in the last page.
+    assert_eq!(
+        master_ids(&store, id, &["M1", "M2", "M3", "M4", "M5"]).await,
+        set(&["M2", "M3"])
+    );
+    assert_eq!(quarantine_keys(&store, id).await, set(&["q3"]));
+    let cursor = record_of(&store, id).await.cursor;
+    assert!(!cursor.full);
+    assert_eq!(
+        cursor.delta_link.as_deref(),
+        Some("https://graph.example/delta/d2")
+    );
+    assert_eq!(cursor.next_link, None);
+}
+
+/// Once another owner has the mailbox, no page of the old one writes anything, whatever it
+/// carries: items, masters, gone series, quarantine, or the end of a full round.
+async fn a_page_of_a_lost_lease_changes_nothing(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let round = full_round(&store, &a).await;
+    let m1 = master("M1", "Weekly", "ck1", false);
+    let items = [
+        upsert("e1", "one", t0()),
+        upsert("e2", "two", t0()),
+        occurrence("o1", "M1", &m1, t0()),
+    ];
+    let marker = round.round_marker();
+    store
+        .apply_page(
+            &a,
+            &round,
+            &PageWrite {
+                items: &items,
+                masters: &masters(&[&m1]),
+                gone_series: &[],
+                round: &marker,
+                quarantined: &[rejected("q1")],
+            },
+            &next("p1"),
+            t0(),
+        )
+        .await
+        .expect("page 1");
+    let cursor = record_of(&store, id).await.cursor;
+    store
+        .claim(id, "b", t0() + secs(61), Duration::from_secs(60), false)
+        .await
+        .expect("claim")
+        .expect("taken over");
+    let before = (
+        store.events(id).await.expect("events"),
+        store
+            .series_masters(id, &["M1", "M2"])
+            .await
+            .expect("masters"),
+        store.quarantined(id, 100).await.expect("quarantine"),
+        record_of(&store, id).await.cursor,
+    );
+    let m2 = master("M2", "Daily", "ck2", false);
+    let changed_m1 = master("M1", "Weekly (renamed)", "ck9", true);
+    let pages = [
+        // A plain page that would end the round: reconcile, remove, leave quarantine.
+        PageWrite {
+            items: &[
+                upsert("e3", "three", t0()),
+                removed("e1"),
+                removed("M1"),
+                upsert("q1", "understood now", t0()),
+            ],
+            ..PageWrite::default()
+        },
+        // One with every rare part.
+        PageWrite {
+            items: &[upsert("e1", "changed", t0()), removed("e2")],
+            masters: &masters(&[&m2, &changed_m1]),
+            gone_series: &["M1".to_string()],
+            round: &marker,
+            quarantined: &[rejected("q2")],
+        },
+    ];
+    for page in &pages {
+        for link in [delta("d1"), next("p2")] {
+            assert!(is_lease_lost(
+                store.apply_page(&a, &cursor, page, &link, t0()).await
+            ));
+            let after = (
+                store.events(id).await.expect("events"),
+                store
+                    .series_masters(id, &["M1", "M2"])
+                    .await
+                    .expect("masters"),
+                store.quarantined(id, 100).await.expect("quarantine"),
+                record_of(&store, id).await.cursor,
+            );
+            assert_eq!(after, before, "nothing written");
+        }
+    }
+}
+
 async fn removals_only_delete_inside_the_window(store: Store) {
     let id = register(&store, &[("a", "ann")]).await[0];
     let a = lease(&store, id, "a", t0()).await;
@@ -1453,6 +1725,158 @@ async fn frozen_replica(url: String) {
     );
     let _ = frozen.close().await;
     store.close().await;
+}
+
+/// A page of upserts and removals is one statement and one round trip, as seen on the wire: the
+/// store talks to the server through a proxy that notes the type of every message it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_page_is_one_round_trip() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let outcome = run_caught(one_round_trip(schema.url.clone())).await;
+    schema.drop_after(outcome).await;
+}
+
+async fn one_round_trip(url: String) {
+    let (proxy_url, sent) = message_log_proxy(&url).await;
+    // One connection: nothing else goes over it while a page is written.
+    let store = Store::connect(&proxy_url, 1).await.expect("store");
+    store.migrate().await.expect("migrations");
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let round = full_round(&store, &a).await;
+    // The first page prepares the statement (a round trip of its own, once per connection).
+    let first: Vec<DeltaItem> = (0..50)
+        .map(|n| upsert(&format!("e{n}"), "v1", t0()))
+        .collect();
+    store
+        .apply_page(&a, &round, &PageWrite::items(&first), &next("p1"), t0())
+        .await
+        .expect("page 1");
+    let plain: Vec<DeltaItem> = (0..50)
+        .map(|n| upsert(&format!("e{n}"), "v2", t0()))
+        .chain((50..100).map(|n| upsert(&format!("n{n}"), "new", t0())))
+        .chain([removed("e3"), removed("e4"), upsert("e3", "back", t0())])
+        .collect();
+    let last = [upsert("e0", "v3", t0()), removed("e1")];
+    for (page, link) in [(&plain[..], next("p2")), (&last[..], delta("d1"))] {
+        let from = returned_to_pool(&sent).await;
+        store
+            .apply_page(&a, &round, &PageWrite::items(page), &link, t0())
+            .await
+            .expect("page");
+        let to = returned_to_pool(&sent).await;
+        let messages: Vec<u8> = sent.lock().expect("log")[from..to].to_vec();
+        // 'S' Sync ends a flight of messages, after which the client waits for the server:
+        // a round trip; so does 'Q', a simple query (BEGIN, COMMIT). 'E' Execute runs a
+        // statement.
+        let flights: Vec<&[u8]> = messages
+            .split_inclusive(|&m| m == b'S' || m == b'Q')
+            .collect();
+        let work: Vec<&[u8]> = flights.iter().copied().filter(|f| f != b"S").collect();
+        let shown = String::from_utf8_lossy(&messages);
+        assert_eq!(work.len(), 1, "one round trip: {shown}");
+        assert_eq!(
+            work[0].iter().filter(|&&m| m == b'E').count(),
+            1,
+            "one statement: {shown}"
+        );
+        assert!(!messages.contains(&b'Q'), "no BEGIN or COMMIT: {shown}");
+        // Besides it only the ping sqlx makes when the connection is returned to the pool,
+        // off the caller's path: none before the statement.
+        assert_eq!(flights.len(), 2, "{shown}");
+    }
+    assert_eq!(event_ids(&store, id).await.len(), 98);
+    store.close().await;
+}
+
+/// Waits until the log ends with the ping sqlx sends when a connection comes back to the pool (a
+/// Sync of its own after the Sync or simple Query that ended the last work); returns the log's
+/// length then.
+async fn returned_to_pool(sent: &std::sync::Mutex<Vec<u8>>) -> usize {
+    for _ in 0..1000 {
+        {
+            let log = sent.lock().expect("log");
+            if log.ends_with(b"SS") || log.ends_with(b"QS") {
+                return log.len();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the connection did not come back to the pool within 10 s");
+}
+
+/// A TCP proxy to the server of `url`: returns a URL through it (without TLS, so the messages
+/// can be read) and the log of the types of the messages clients send, in order.
+async fn message_log_proxy(url: &str) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut proxy_url = url::Url::parse(url).expect("a URL");
+    let server = format!(
+        "{}:{}",
+        proxy_url.host_str().expect("a host"),
+        proxy_url.port().unwrap_or(5432)
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    proxy_url.set_host(Some("127.0.0.1")).expect("host");
+    proxy_url.set_port(Some(port)).expect("port");
+    proxy_url
+        .query_pairs_mut()
+        .append_pair("sslmode", "disable");
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(&server).await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+                // The startup message has no type byte; every later one is a type byte and a
+                // length (which counts itself).
+                let (mut pending, mut started) = (Vec::new(), false);
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match client_read.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&chunk[..n]);
+                    loop {
+                        let header = if started { 5 } else { 4 };
+                        if pending.len() < header {
+                            break;
+                        }
+                        let length = u32::from_be_bytes(
+                            pending[header - 4..header].try_into().expect("4 bytes"),
+                        ) as usize;
+                        let whole = header - 4 + length;
+                        if pending.len() < whole {
+                            break;
+                        }
+                        if started {
+                            log.lock().expect("log").push(pending[0]);
+                        }
+                        started = true;
+                        pending.drain(..whole);
+                    }
+                    // Logged before it is forwarded, so before any answer to it.
+                    if server_write.write_all(&chunk[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (proxy_url.to_string(), sent)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 //! delta page requests by a bare reqwest loop, same concurrency, no parsing or storing),
 //! peak RSS, and the memory and scheduling cost of many registered mailboxes. With
 //! `--replicas 1,2,4 --postgres URL`, also initial-sync throughput of that many `calsync serve`
-//! processes sharing one PostgreSQL schema (a fresh one per count, dropped afterwards).
+//! processes sharing one PostgreSQL schema (a fresh one per count, dropped afterwards), with
+//! the CPU per stored event of those processes and of the PostgreSQL server.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -211,6 +212,15 @@ pub struct ReplicaRun {
     pub mailboxes_per_second: f64,
     /// User + system CPU of the replica processes.
     pub replica_cpu_seconds: f64,
+    /// `replica_cpu_seconds` per stored event, in µs.
+    pub replica_cpu_us_per_event: f64,
+    /// User + system CPU of the PostgreSQL server in the same time: every process named
+    /// `postgres` (backends of all its clients, the bench's own poll included, and its
+    /// background processes), and backends that exited meanwhile (reaped into the
+    /// postmaster's children time). Other databases' work on the same server counts too.
+    pub postgres_cpu_seconds: f64,
+    /// `postgres_cpu_seconds` per stored event, in µs.
+    pub postgres_cpu_us_per_event: f64,
     /// User + system CPU of the simulator process in the same time.
     pub sim_cpu_seconds: f64,
     /// How busy the machine's CPUs were (all processes, PostgreSQL's included), 0-100.
@@ -558,6 +568,7 @@ async fn replicas_initial_sync(
     std::fs::write(&config_path, &toml)?;
     let exe = std::env::current_exe().context("cannot find the calsync executable")?;
     let (sim_cpu_before, machine_before) = (sim_cpu(), machine_ticks());
+    let postgres_cpu_before = postgres_cpu_seconds();
     let started_at = Utc::now();
     let started = Instant::now();
     let mut children = Vec::with_capacity(replicas);
@@ -595,6 +606,7 @@ async fn replicas_initial_sync(
         }
     };
     let (sim_cpu_seconds, machine_after) = (sim_cpu() - sim_cpu_before, machine_ticks());
+    let postgres_cpu_seconds = (postgres_cpu_seconds() - postgres_cpu_before).max(0.0);
     let machine_cpu_busy_percent = match (machine_before, machine_after) {
         (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
             (busy1 - busy0) as f64 * 100.0 / (total1 - total0) as f64
@@ -617,6 +629,7 @@ async fn replicas_initial_sync(
         ((finished_at - started_at).num_microseconds().unwrap_or(0) as f64 / 1e6).max(f64::EPSILON);
     let events: u64 = store.event_counts().await?.values().sum();
     store.close().await;
+    let us_per_event = |cpu_seconds: f64| cpu_seconds * 1e6 / events.max(1) as f64;
     Ok(ReplicaRun {
         replicas,
         workers_per_replica: args.workers,
@@ -625,6 +638,9 @@ async fn replicas_initial_sync(
         events_per_second: events as f64 / seconds,
         mailboxes_per_second: mailboxes as f64 / seconds,
         replica_cpu_seconds,
+        replica_cpu_us_per_event: us_per_event(replica_cpu_seconds),
+        postgres_cpu_seconds,
+        postgres_cpu_us_per_event: us_per_event(postgres_cpu_seconds),
         sim_cpu_seconds,
         machine_cpu_busy_percent,
         mailboxes_with_errors: done.iter().filter(|m| m.last_error_at.is_some()).count(),
@@ -878,16 +894,52 @@ fn cpu_seconds() -> anyhow::Result<f64> {
 /// User + system CPU seconds from a `/proc/<pid>/stat` file.
 fn cpu_seconds_of(path: &str) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let (_, ticks) = stat_ticks(&stat);
+    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
+/// The command name of a `/proc/<pid>/stat` line and its fields after it, by index from the
+/// state field (0), as clock ticks (0 if absent).
+fn stat_ticks(stat: &str) -> (&str, impl Fn(usize) -> u64 + '_) {
+    // The command name is in parentheses and may contain spaces.
+    let (head, rest) = stat.rsplit_once(')').unwrap_or_default();
+    let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
+    (comm, move |i: usize| {
         fields
             .get(i)
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
+    })
+}
+
+/// User + system CPU seconds of every `postgres` process on the machine, with the time of
+/// their reaped children (a backend that ends is reaped by the postmaster, so the CPU of a
+/// connection closed between two readings still shows in their difference).
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
     };
-    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+    let mut ticks_total = 0;
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        // A process may end between listing and reading.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (comm, ticks) = stat_ticks(&stat);
+        if comm == "postgres" {
+            ticks_total += ticks(11) + ticks(12) + ticks(13) + ticks(14);
+        }
+    }
+    ticks_total as f64 / 100.0
 }
 
 /// Busy and total CPU ticks of the whole machine, from the first line of `/proc/stat`.
@@ -1025,24 +1077,30 @@ pub fn render(r: &BenchReport) -> String {
             r.mailboxes, r.events_per_mailbox, r.replica_runs[0].workers_per_replica
         ));
         out.push_str(&format!(
-            "  {:>8} {:>9} {:>10} {:>12} {:>14} {:>10} {:>11} {:>11}\n",
+            "  {:>8} {:>9} {:>10} {:>12} {:>14} {:>13} {:>10} {:>13} {:>10} {:>11} {:>11}\n",
             "replicas",
             "seconds",
             "events/s",
             "mailboxes/s",
             "replica CPU s",
+            "µs/event",
+            "PG CPU s",
+            "PG µs/event",
             "sim CPU s",
             "machine CPU",
             "mbx w/ err"
         ));
         for run in &r.replica_runs {
             out.push_str(&format!(
-                "  {:>8} {:>9.2} {:>10.0} {:>12.1} {:>14.2} {:>10.2} {:>10.0}% {:>11}\n",
+                "  {:>8} {:>9.2} {:>10.0} {:>12.1} {:>14.2} {:>13.1} {:>10.2} {:>13.1} {:>10.2} {:>10.0}% {:>11}\n",
                 run.replicas,
                 run.seconds,
                 run.events_per_second,
                 run.mailboxes_per_second,
                 run.replica_cpu_seconds,
+                run.replica_cpu_us_per_event,
+                run.postgres_cpu_seconds,
+                run.postgres_cpu_us_per_event,
                 run.sim_cpu_seconds,
                 run.machine_cpu_busy_percent,
                 run.mailboxes_with_errors
@@ -1178,6 +1236,9 @@ mod tests {
             events_per_second: 25.0,
             mailboxes_per_second: 5.0,
             replica_cpu_seconds: 0.5,
+            replica_cpu_us_per_event: 10_000.0,
+            postgres_cpu_seconds: 0.25,
+            postgres_cpu_us_per_event: 5_000.0,
             sim_cpu_seconds: 0.5,
             machine_cpu_busy_percent: 50.0,
             mailboxes_with_errors: 0,
@@ -1187,5 +1248,19 @@ mod tests {
         assert!(table.contains("        2      2.00         25"), "{table}");
         let json = serde_json::to_value(&report).expect("serialises");
         assert_eq!(json["replica_runs"][0]["replicas"], 2);
+        assert_eq!(json["replica_runs"][0]["postgres_cpu_us_per_event"], 5000.0);
+        assert!(
+            table.contains("10000.0") && table.contains("5000.0"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_proc_stat_line_gives_its_command_and_ticks() {
+        let line = "2216 (postgres: x) S 1 2216 2216 0 -1 4194304 3964 13085 0 0 11 3 7 14 20 0";
+        let (comm, ticks) = stat_ticks(line);
+        assert_eq!(comm, "postgres: x");
+        assert_eq!((ticks(11), ticks(12), ticks(13), ticks(14)), (11, 3, 7, 14));
+        assert_eq!(ticks(99), 0);
     }
 }

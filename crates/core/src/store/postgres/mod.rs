@@ -27,6 +27,9 @@ pub(in crate::store) use mailboxes::mailbox_from_row;
 /// "calsync" in ASCII).
 const CONFIG_SYNC_LOCK: i64 = 0x63_616c_7379_6e63;
 
+/// How long a pooled connection may have been idle and still be used without a ping first.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 /// PostgreSQL text cannot hold NUL; Graph data and error bodies can. A NUL is stored as U+FFFD
 /// rather than failing the page (or the job's record) forever.
 pub(super) fn text(s: &str) -> Cow<'_, str> {
@@ -80,6 +83,19 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // A connection back from work a moment ago is not pinged before its next use
+            // (sqlx pings every one by default): a ping is a round trip, as many as a page's
+            // whole write. A connection that died meanwhile fails that use, is dropped, and the
+            // job is retried like any other store error.
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_PING {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Self { pool })
