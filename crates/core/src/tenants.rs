@@ -11,7 +11,7 @@ use crate::auth::TokenProvider;
 use crate::config::Settings;
 use crate::resilience::breaker::BreakerState;
 use crate::resilience::guard::BreakerSnapshot;
-use crate::resilience::limits::RateLimits;
+use crate::resilience::limits::{RateLimits, Share};
 use crate::resilience::TenantGuard;
 
 pub struct Tenant {
@@ -100,6 +100,14 @@ impl Tenants {
     /// The per-mailbox and app-wide request rates.
     pub fn limits(&self) -> &RateLimits {
         &self.limits
+    }
+
+    /// Sizes the app-wide rate and every tenant's rate for this replica's `share` of them.
+    pub fn set_share(&self, share: Share) {
+        self.limits.set_share(share);
+        for tenant in self.by_name.values() {
+            tenant.guard.rate.resize(share);
+        }
     }
 }
 
