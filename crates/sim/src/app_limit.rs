@@ -146,15 +146,18 @@ mod tests {
         let a = app.arrive(ms(300), Some(3), window);
         assert_eq!(a.in_window, 4);
         assert_eq!(a.throttled_for, Some(Duration::from_millis(200)));
-        // At 600 ms the window holds 200, 300, 300 and this one: still over (throttled ones
-        // count), until the 200 ms one leaves at 700.
+        // Throttled requests count too: at 400 ms two must leave (the 100 ms one at 600).
+        let a = app.arrive(ms(400), Some(3), window);
+        assert_eq!(a.in_window, 5);
+        assert_eq!(a.throttled_for, Some(Duration::from_millis(200)));
+        // At 600 ms the window holds 200, 300, 400 and this one: over until 700.
         let a = app.arrive(ms(600), Some(3), window);
         assert_eq!(a.in_window, 4);
         assert_eq!(a.throttled_for, Some(Duration::from_millis(100)));
         assert_eq!(a.in_second, 6, "every arrival within the second counts");
         let a = app.arrive(ms(1250), Some(3), window);
         assert_eq!((a.in_window, a.throttled_for), (1, None));
-        assert_eq!(a.in_second, 2, "the 600 ms and the 1250 ms ones");
+        assert_eq!(a.in_second, 4, "300, 400, 600 and 1250");
     }
 
     #[tokio::test(start_paused = true)]
