@@ -363,6 +363,7 @@ mod tests {
         Health {
             status: "degraded",
             checked_at: now,
+            replica: "calsync-test".into(),
             jobs: JobsHealth {
                 worker: WorkerStatus {
                     workers: 4,
@@ -374,6 +375,14 @@ mod tests {
                 },
                 oldest_due_seconds: 0,
                 deferred_by_breaker: 1,
+            },
+            fleet: crate::resilience::limits::ShareStatus {
+                live_replicas: 1,
+                replicas: Some(1),
+                app_requests_per_second: 2000.0,
+                tenant_requests_per_second: 200.0,
+                app_limit_per_second: 2000,
+                tenant_limit_per_second: 200,
             },
             tenants: vec![TenantHealth {
                 name: "contoso".into(),

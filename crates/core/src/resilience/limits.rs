@@ -410,6 +410,8 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert!(!limits.has_share());
         assert_eq!(limits.status().replicas, None);
+        // (A fresh tenant rate each time: governor's clock is real, not tokio's paused one.)
+        let tenant = limits.tenant_limiter();
         let soon = Instant::now() + Duration::from_millis(20);
         assert_eq!(
             limits.acquire(1, &tenant, soon).await,
@@ -418,6 +420,8 @@ mod tests {
             })
         );
         limits.hold_share_until(Instant::now() + Duration::from_secs(1));
+        let tenant = limits.tenant_limiter();
+        let far = Instant::now() + Duration::from_secs(60);
         assert!(limits.acquire(1, &tenant, far).await.is_ok());
     }
 
