@@ -88,8 +88,8 @@ fn replica_heartbeat_is_a_fraction_of_the_lease() {
         settings.sync.replica_heartbeat,
         std::time::Duration::from_secs(3)
     );
-    let settings = with_extra("[sync]\nlease_ttl = \"3s\"\nreplica_heartbeat = \"200ms\"\n")
-        .expect("valid");
+    let settings =
+        with_extra("[sync]\nlease_ttl = \"3s\"\nreplica_heartbeat = \"200ms\"\n").expect("valid");
     assert_eq!(
         settings.sync.replica_heartbeat,
         std::time::Duration::from_millis(200)

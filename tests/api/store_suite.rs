@@ -550,7 +550,10 @@ async fn replicas_heartbeat_run_out_leave_and_are_forgotten(store: Store) {
     assert_eq!(live[0].started_at, t0());
 
     assert_eq!(
-        store.forget_replicas(t0() + secs(15)).await.expect("forget"),
+        store
+            .forget_replicas(t0() + secs(15))
+            .await
+            .expect("forget"),
         1
     );
     assert!(store.remove_replica("r1").await.expect("leaves"));

@@ -233,7 +233,8 @@ impl RateLimits {
 
     fn share_expired(&self, now: Instant) -> bool {
         let until = self.valid_until_ms.load(Ordering::Relaxed);
-        until != u64::MAX && now.saturating_duration_since(self.epoch).as_millis() > u128::from(until)
+        until != u64::MAX
+            && now.saturating_duration_since(self.epoch).as_millis() > u128::from(until)
     }
 
     pub fn status(&self) -> ShareStatus {
@@ -266,9 +267,9 @@ impl RateLimits {
         let started = Instant::now();
         wait_for(
             || {
-                self.mailbox.check_key(&mailbox).map_err(|not_until| {
-                    not_until.wait_time_from(DefaultClock::default().now())
-                })
+                self.mailbox
+                    .check_key(&mailbox)
+                    .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
             },
             deadline,
         )
@@ -355,8 +356,15 @@ mod tests {
 
     #[test]
     fn a_share_never_exceeds_its_part_of_the_limit_in_any_second() {
-        for (limit, replicas) in [(30, 3), (24, 3), (2000, 1), (2000, 3), (200, 7), (5, 2), (10, 1)]
-        {
+        for (limit, replicas) in [
+            (30, 3),
+            (24, 3),
+            (2000, 1),
+            (2000, 3),
+            (200, 7),
+            (5, 2),
+            (10, 1),
+        ] {
             let share = f64::from(limit) / f64::from(replicas);
             let permits = greedy_permits(quota_for(limit, replicas), 5, true);
             let max = max_per_second(&permits);

@@ -193,7 +193,11 @@ impl Membership {
         }
         .then(|| self.lowered_at.map(|t| t + self.window))
         .flatten();
-        [raise, grow].into_iter().flatten().filter(|t| *t > now).min()
+        [raise, grow]
+            .into_iter()
+            .flatten()
+            .filter(|t| *t > now)
+            .min()
     }
 }
 
@@ -300,7 +304,9 @@ impl Fleet {
             let beat = tokio::time::timeout(self.lease, self.beat()).await;
             match beat {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "replica heartbeat failed; will try again"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "replica heartbeat failed; will try again")
+                }
                 Err(_) => tracing::warn!("replica heartbeat timed out; will try again"),
             }
             beats += 1;
@@ -335,8 +341,12 @@ impl Fleet {
         self.tenants.set_share(Share::Nothing);
         match tokio::time::timeout(self.lease, self.store.remove_replica(&self.id)).await {
             Ok(Ok(_)) => tracing::info!(replica = %self.id, "left the replica registry"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the replica registry; the row runs out with its lease"),
-            Err(_) => tracing::warn!("leaving the replica registry timed out; the row runs out with its lease"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not leave the replica registry; the row runs out with its lease")
+            }
+            Err(_) => tracing::warn!(
+                "leaving the replica registry timed out; the row runs out with its lease"
+            ),
         }
     }
 }
@@ -408,9 +418,17 @@ mod tests {
     async fn a_lone_replica_on_postgres_is_admitted_after_one_window() {
         let mut w = World::new();
         let a = w.join(Membership::joining(STALE));
-        assert_eq!(w.beat(a, ms(0)), None, "first it only says it sends nothing");
+        assert_eq!(
+            w.beat(a, ms(0)),
+            None,
+            "first it only says it sends nothing"
+        );
         assert_eq!(w.members[a].0.promise(w.t0), Some(1));
-        assert_eq!(w.beat(a, ms(100)), None, "told, but the window has not passed");
+        assert_eq!(
+            w.beat(a, ms(100)),
+            None,
+            "told, but the window has not passed"
+        );
         assert_eq!(
             w.members[a].0.next_wake(w.t0 + ms(100)),
             Some(w.t0 + ms(1100))
@@ -432,7 +450,10 @@ mod tests {
         assert_eq!(w.beat(a, ms(1600)), Some(Share::of(2)));
         assert_eq!(w.members[a].2, Some(1));
         assert_eq!(w.beat(b, ms(1700)), None, "A's promise is still the whole");
-        assert_eq!(w.members[a].0.next_wake(w.t0 + ms(1600)), Some(w.t0 + ms(2600)));
+        assert_eq!(
+            w.members[a].0.next_wake(w.t0 + ms(1600)),
+            Some(w.t0 + ms(2600))
+        );
         w.beat(a, ms(2600));
         assert_eq!(w.members[a].2, Some(2));
         assert_eq!(w.beat(b, ms(2700)), Some(Share::of(2)));
