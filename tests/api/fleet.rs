@@ -147,6 +147,30 @@ async fn share_the_limit(url: String) {
         assert_ne!(share.id, victim_id);
     }
 
+    // The metrics say the same.
+    let survivor = &fleet.replicas[0];
+    let metrics = fleet
+        .http
+        .get(format!("http://127.0.0.1:{}/metrics", survivor.port))
+        .send()
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("/metrics reads");
+    for line in [
+        "calsync_replicas_live 2".to_string(),
+        format!(
+            "calsync_app_share_requests_per_second {}",
+            f64::from(APP_LIMIT) / 2.0
+        ),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "/metrics lacks `{line}`"
+        );
+    }
+
     let stats = sim.stats();
     let app = &stats.app;
     let _ = writeln!(

@@ -155,6 +155,11 @@ fn summary(b: &mut String, health: &Health) {
             health.jobs.deferred_by_breaker.to_string(),
         ),
         ("Stuck jobs (total)", w.stuck_total.to_string()),
+        ("Live replicas", health.fleet.live_replicas.to_string()),
+        (
+            "This replica's share of the app rate",
+            format!("{:.1} req/s", health.fleet.app_requests_per_second),
+        ),
     ];
     b.push_str("<section class=\"cards\" id=\"jobs\">");
     for (label, value) in cards {
