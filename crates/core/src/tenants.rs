@@ -126,6 +126,7 @@ impl std::ops::Index<&str> for Tenants {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resilience::limits::Refused;
 
     const TWO_TENANTS: &str = r#"
 [resilience]
@@ -165,7 +166,9 @@ client_secret = "not-a-real-secret"
         assert_eq!(status.tenant_requests_per_second, 25.0);
         for t in tenants.iter() {
             // 25 a second: the resized rate starts empty, its first permit 1/24 s away.
-            let wait = t.guard.rate.check().expect_err("starts empty");
+            let Err(Refused::Wait(wait)) = t.guard.rate.check() else {
+                panic!("{}: the resized rate starts empty", t.name);
+            };
             assert!(
                 wait > std::time::Duration::from_millis(30),
                 "{}: {wait:?}",

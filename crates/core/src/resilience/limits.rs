@@ -26,9 +26,19 @@ const TEN_MINUTES: Duration = Duration::from_secs(600);
 /// The window Graph's per-second limits are counted in.
 pub const LIMIT_WINDOW: Duration = Duration::from_secs(1);
 
-/// How often a caller without a share looks again (only while this replica has none: before
-/// the fleet admits it, or once its heartbeat is too old).
-const NO_SHARE_POLL: Duration = Duration::from_millis(50);
+/// When a job stopped for want of a share is due again (for whichever replica has one: this
+/// one takes no jobs until it has a share again).
+const NO_SHARE_RETRY: Duration = Duration::from_millis(50);
+
+/// Why there is no permit now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The next one is this far away.
+    Wait(Duration),
+    /// This replica has no share of the rate: not admitted by the fleet yet, or its heartbeat
+    /// is too old. Waiting would hold the mailbox's lease for nothing.
+    NoShare,
+}
 
 /// How much of a fleet-wide rate (the app's, a tenant's) this replica may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -112,17 +122,17 @@ impl SharedRate {
         }
     }
 
-    /// One permit now, or how long to wait before asking again.
-    pub fn check(&self) -> Result<(), Duration> {
+    /// One permit now, or why not.
+    pub fn check(&self) -> Result<(), Refused> {
         let current = match self.limiter.read() {
             Ok(current) => current,
             Err(poisoned) => poisoned.into_inner(),
         };
         match current.as_ref() {
-            Some(limiter) => limiter
-                .check()
-                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
-            None => Err(NO_SHARE_POLL),
+            Some(limiter) => limiter.check().map_err(|not_until| {
+                Refused::Wait(not_until.wait_time_from(DefaultClock::default().now()))
+            }),
+            None => Err(Refused::NoShare),
         }
     }
 }
@@ -267,9 +277,9 @@ impl RateLimits {
         let started = Instant::now();
         let waited = wait_for(
             || {
-                self.mailbox
-                    .check_key(&mailbox)
-                    .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+                self.mailbox.check_key(&mailbox).map_err(|not_until| {
+                    Refused::Wait(not_until.wait_time_from(DefaultClock::default().now()))
+                })
             },
             deadline,
         )
@@ -280,7 +290,7 @@ impl RateLimits {
         wait_for(
             || {
                 if self.share_expired(now.take().unwrap_or_else(Instant::now)) {
-                    return Err(NO_SHARE_POLL);
+                    return Err(Refused::NoShare);
                 }
                 self.app.check()
             },
@@ -298,16 +308,22 @@ impl RateLimits {
     }
 }
 
-/// Whether it had to wait.
+/// Whether it had to wait. Without a share it returns at once: the job stops, its lease is
+/// released, and a replica with a share takes the mailbox.
 async fn wait_for(
-    mut check: impl FnMut() -> Result<(), Duration>,
+    mut check: impl FnMut() -> Result<(), Refused>,
     deadline: Instant,
 ) -> Result<bool, NotBeforeDeadline> {
     let mut waited = false;
     loop {
         match check() {
             Ok(()) => return Ok(waited),
-            Err(wait) => {
+            Err(Refused::NoShare) => {
+                return Err(NotBeforeDeadline {
+                    ready_in: NO_SHARE_RETRY,
+                })
+            }
+            Err(Refused::Wait(wait)) => {
                 if Instant::now() + wait > deadline {
                     return Err(NotBeforeDeadline { ready_in: wait });
                 }
@@ -404,10 +420,12 @@ mod tests {
     #[tokio::test]
     async fn no_share_means_no_permit_and_a_resize_starts_empty() {
         let rate = SharedRate::new(100, Share::Nothing);
-        assert_eq!(rate.check(), Err(NO_SHARE_POLL));
+        assert_eq!(rate.check(), Err(Refused::NoShare));
         rate.resize(Share::of(2));
         // 50 per second: one permit per 1/49 s, the first one period after the resize.
-        let wait = rate.check().expect_err("a resized limiter starts empty");
+        let Err(Refused::Wait(wait)) = rate.check() else {
+            panic!("a resized limiter starts empty");
+        };
         assert!(wait > Duration::from_millis(10) && wait <= Duration::from_millis(21));
     }
 
@@ -424,14 +442,18 @@ mod tests {
         assert!(!limits.has_share());
         assert_eq!(limits.status().replicas, None);
         // (A fresh tenant rate each time: governor's clock is real, not tokio's paused one.)
+        // Without a share the job stops at once, however far its deadline: it must not hold
+        // its mailbox's lease while it cannot send.
         let tenant = limits.tenant_limiter();
-        let soon = Instant::now() + Duration::from_millis(20);
+        let before = Instant::now();
+        let far = before + Duration::from_secs(60);
         assert_eq!(
-            limits.acquire(1, &tenant, soon).await,
+            limits.acquire(1, &tenant, far).await,
             Err(NotBeforeDeadline {
-                ready_in: NO_SHARE_POLL
+                ready_in: NO_SHARE_RETRY
             })
         );
+        assert_eq!(Instant::now(), before, "no wait");
         limits.hold_share_until(Instant::now() + Duration::from_secs(1));
         let tenant = limits.tenant_limiter();
         let far = Instant::now() + Duration::from_secs(60);

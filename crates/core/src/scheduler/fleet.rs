@@ -21,9 +21,12 @@
 //!   one now fills). Writes are committed before the read that follows them, so of a replica
 //!   that grows and one that joins at the same time, at least one sees the other.
 //! - **A stale heartbeat stops the sending**: a replica whose last successful heartbeat is
-//!   older than the lease minus one heartbeat sends nothing more
-//!   ([`RateLimits::hold_share_until`]), before the others can count it dead, and it joins
-//!   again (from "sends nothing") once a heartbeat succeeds.
+//!   older than the lease minus one heartbeat sends nothing more ([`hold_share_until`]),
+//!   before the others can count it dead: its running jobs stop at their next request and
+//!   release their mailboxes to the others, it takes no new ones, and it joins again (from
+//!   "sends nothing") once a heartbeat succeeds.
+//!
+//! [`hold_share_until`]: crate::resilience::limits::RateLimits::hold_share_until
 //!
 //! Hence, whoever joins, leaves or dies, the sum of the promises of the replicas sending at any
 //! moment keeps within the limit, and so do their requests in every 1-second window (as they
