@@ -79,6 +79,29 @@ fn two_credentials_are_rejected_too() {
     assert_eq!(error.key, "tenants[0].client_secret");
 }
 
+/// The replica heartbeat defaults to a tenth of the lease, and may not be so slow that a
+/// live replica's row could run out between two heartbeats.
+#[test]
+fn replica_heartbeat_is_a_fraction_of_the_lease() {
+    let settings = with_extra("[sync]\nlease_ttl = \"30s\"\n").expect("valid");
+    assert_eq!(
+        settings.sync.replica_heartbeat,
+        std::time::Duration::from_secs(3)
+    );
+    let settings =
+        with_extra("[sync]\nlease_ttl = \"3s\"\nreplica_heartbeat = \"200ms\"\n").expect("valid");
+    assert_eq!(
+        settings.sync.replica_heartbeat,
+        std::time::Duration::from_millis(200)
+    );
+    let error = with_extra("[sync]\nlease_ttl = \"3s\"\nreplica_heartbeat = \"2s\"\n")
+        .expect_err("slower than a third of the lease");
+    assert_eq!(error.key, "sync.replica_heartbeat");
+    assert!(error.message.contains("sync.lease_ttl"), "{error}");
+    let error = with_extra("[sync]\nreplica_heartbeat = \"0s\"\n").expect_err("zero");
+    assert_eq!(error.key, "sync.replica_heartbeat");
+}
+
 #[test]
 fn job_deadline_not_longer_than_the_request_timeout_is_rejected() {
     let error = rejected(&config_text().replace("job_deadline = \"5s\"", "job_deadline = \"2s\""));

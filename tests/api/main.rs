@@ -7,6 +7,7 @@ mod deadline;
 mod e2e;
 mod edges;
 mod faults;
+mod fleet;
 mod foreign_links;
 mod health;
 mod helpers;

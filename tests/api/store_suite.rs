@@ -70,6 +70,7 @@ store_suite!(
     a_request_while_a_requested_job_runs_gets_a_round_after_it,
     events_between_returns_what_overlaps_the_range,
     series_masters_refill_their_occurrences_and_go_with_their_series,
+    replicas_heartbeat_run_out_leave_and_are_forgotten,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -507,6 +508,80 @@ async fn stale_leases_are_released_at_start_only_on_sqlite(store: Store) {
         Backend::Sqlite => assert_eq!((released, owner), (1, None)),
         // Other replicas hold live leases in a shared database.
         Backend::Postgres => assert_eq!((released, owner.as_deref()), (0, Some("another-process"))),
+    }
+}
+
+/// The replica registry: a heartbeat creates or updates the row with its promise; a row is
+/// live while its heartbeat is within the lease; a clean stop removes it; dead rows are
+/// forgotten; on SQLite the rows of an earlier process are removed at start.
+async fn replicas_heartbeat_run_out_leave_and_are_forgotten(store: Store) {
+    let lease = secs(30);
+    store
+        .replica_heartbeat("r1", t0(), t0(), None)
+        .await
+        .expect("r1 joins");
+    store
+        .replica_heartbeat("r2", t0(), t0() + secs(10), Some(2))
+        .await
+        .expect("r2 joins");
+    let live = store
+        .live_replicas(t0() + secs(5) - lease)
+        .await
+        .expect("reads");
+    let seen: Vec<(&str, Option<u32>)> = live
+        .iter()
+        .map(|r| (r.replica_id.as_str(), r.keeps_share_of))
+        .collect();
+    assert_eq!(seen, [("r1", None), ("r2", Some(2))]);
+    assert_eq!(live[1].heartbeat_at, t0() + secs(10));
+    assert_eq!(live[1].started_at, t0());
+
+    // r1 heartbeats with a new promise; its start stays.
+    store
+        .replica_heartbeat("r1", t0() + secs(99), t0() + secs(20), Some(3))
+        .await
+        .expect("r1 beats");
+    // At t0 + 45 s r2's heartbeat (t0 + 10 s) is older than the lease: it is dead.
+    let live = store
+        .live_replicas(t0() + secs(45) - lease)
+        .await
+        .expect("reads");
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(
+        (live[0].replica_id.as_str(), live[0].keeps_share_of),
+        ("r1", Some(3))
+    );
+    assert_eq!(live[0].started_at, t0());
+
+    assert_eq!(
+        store
+            .forget_replicas(t0() + secs(15))
+            .await
+            .expect("forget"),
+        1
+    );
+    assert!(store.remove_replica("r1").await.expect("leaves"));
+    assert!(!store.remove_replica("r1").await.expect("already gone"));
+    assert!(store
+        .live_replicas(t0() - secs(3600))
+        .await
+        .expect("reads")
+        .is_empty());
+
+    store
+        .replica_heartbeat("r3", t0(), t0(), Some(1))
+        .await
+        .expect("r3 joins");
+    store.release_stale_leases().await.expect("release");
+    let left = store
+        .live_replicas(t0() - secs(3600))
+        .await
+        .expect("reads")
+        .len();
+    match store.backend() {
+        // One process per SQLite file: an earlier process's row is a dead one's.
+        Backend::Sqlite => assert_eq!(left, 0),
+        Backend::Postgres => assert_eq!(left, 1),
     }
 }
 

@@ -15,6 +15,7 @@ use crate::http::server::{self, Exposure, Limits};
 use crate::http::{self, AppState};
 use crate::net;
 use crate::notifications::SubscriptionUpkeep;
+use crate::scheduler::fleet::Fleet;
 use crate::scheduler::Worker;
 use crate::store::Store;
 use crate::tenants::Tenants;
@@ -27,6 +28,8 @@ pub struct Application {
     server: ServerSettings,
     state: AppState,
     worker: Arc<Worker>,
+    /// This replica in the replica registry: its heartbeat and its share of the request rates.
+    fleet: Arc<Fleet>,
     /// Keeps Graph subscriptions when `notifications.public_url` is set.
     subscriptions: Option<Arc<SubscriptionUpkeep>>,
 }
@@ -80,7 +83,13 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         crate::metrics::install();
         let store = open_store(&settings).await?;
-        let (worker, _) = build_worker(&settings, store.clone())?;
+        let (worker, tenants) = build_worker(&settings, store.clone())?;
+        let fleet = Arc::new(Fleet::new(
+            &settings,
+            store.clone(),
+            tenants,
+            worker.owner(),
+        ));
         let subscriptions = SubscriptionUpkeep::new(&settings, store.clone(), Arc::clone(&worker))?;
         let listener = TcpListener::bind(settings.server.listen)
             .await
@@ -104,6 +113,7 @@ impl Application {
             server: settings.server.clone(),
             state: AppState::new(&settings, store, Arc::clone(&worker)),
             worker,
+            fleet,
             subscriptions,
         })
     }
@@ -156,6 +166,10 @@ impl Application {
             ),
             None => tracing::info!(addr = %self.listener.local_addr()?, "calsync serving"),
         }
+        // The heartbeat outlives the worker: a replica keeps its share while its last jobs
+        // finish, and gives it back (removes its row) once it sends no more.
+        let fleet_stop = CancellationToken::new();
+        let fleet = tokio::spawn(Arc::clone(&self.fleet).run(fleet_stop.clone()));
         let worker =
             with_worker.then(|| tokio::spawn(Arc::clone(&self.worker).run(shutdown.clone())));
         let http_stop = CancellationToken::new();
@@ -199,6 +213,10 @@ impl Application {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, "subscription task failed");
             }
+        }
+        fleet_stop.cancel();
+        if let Err(e) = fleet.await {
+            tracing::error!(error = %e, "replica heartbeat task failed");
         }
         http_stop.cancel();
         while let Some(done) = servers.join_next().await {

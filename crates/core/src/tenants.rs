@@ -11,7 +11,7 @@ use crate::auth::TokenProvider;
 use crate::config::Settings;
 use crate::resilience::breaker::BreakerState;
 use crate::resilience::guard::BreakerSnapshot;
-use crate::resilience::limits::RateLimits;
+use crate::resilience::limits::{RateLimits, Share};
 use crate::resilience::TenantGuard;
 
 pub struct Tenant {
@@ -101,6 +101,14 @@ impl Tenants {
     pub fn limits(&self) -> &RateLimits {
         &self.limits
     }
+
+    /// Sizes the app-wide rate and every tenant's rate for this replica's `share` of them.
+    pub fn set_share(&self, share: Share) {
+        self.limits.set_share(share);
+        for tenant in self.by_name.values() {
+            tenant.guard.rate.resize(share);
+        }
+    }
 }
 
 impl std::ops::Index<&str> for Tenants {
@@ -111,6 +119,61 @@ impl std::ops::Index<&str> for Tenants {
         match self.by_name.get(name) {
             Some(tenant) => tenant,
             None => panic!("no tenant `{name}` is configured"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::limits::Refused;
+
+    const TWO_TENANTS: &str = r#"
+[resilience]
+tenant_requests_per_second = 100
+app_requests_per_second = 1000
+[[tenants]]
+name = "a"
+tenant_id = "11111111-2222-3333-4444-555555555555"
+client_id = "app"
+client_secret = "not-a-real-secret"
+[[tenants]]
+name = "b"
+tenant_id = "66666666-2222-3333-4444-555555555555"
+client_id = "app"
+client_secret = "not-a-real-secret"
+"#;
+
+    #[tokio::test]
+    async fn a_share_resizes_the_app_rate_and_every_tenants_rate() {
+        let settings = Settings::from_toml_str(TWO_TENANTS).expect("valid");
+        let tenants = Tenants::build(&settings, reqwest::Client::new()).expect("builds");
+        for t in tenants.iter() {
+            assert!(t.guard.rate.check().is_ok(), "whole rate: a permit at once");
+        }
+        tenants.set_share(Share::Nothing);
+        for t in tenants.iter() {
+            assert!(
+                t.guard.rate.check().is_err(),
+                "{}: no share, no permit",
+                t.name
+            );
+        }
+        assert_eq!(tenants.limits().status().app_requests_per_second, 0.0);
+        tenants.set_share(Share::of(4));
+        let status = tenants.limits().status();
+        assert_eq!(status.app_requests_per_second, 250.0);
+        assert_eq!(status.tenant_requests_per_second, 25.0);
+        for t in tenants.iter() {
+            // 25 a second: the resized rate starts empty, its first permit 1/24 s away.
+            let Err(Refused::Wait(wait)) = t.guard.rate.check() else {
+                panic!("{}: the resized rate starts empty", t.name);
+            };
+            assert!(
+                wait > std::time::Duration::from_millis(30),
+                "{}: {wait:?}",
+                t.name
+            );
         }
     }
 }

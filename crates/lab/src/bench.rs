@@ -553,13 +553,15 @@ async fn replicas_initial_sync(
         );
     }
     // A dispatcher that lost every claim to another replica waits a poll interval: shorter
-    // than the default second, so the figure is not the poll interval's.
+    // than the default second, so the figure is not the poll interval's. Replicas starting
+    // together are admitted to their shares of the request rates within a heartbeat or two
+    // and a second: short heartbeats, so the figure is not the admission's either.
     let toml = bench_toml(
         config,
         addr,
         store_url,
         args.workers,
-        "poll_interval = \"100ms\"\n",
+        "poll_interval = \"100ms\"\nreplica_heartbeat = \"200ms\"\n",
     );
     let settings = Settings::from_toml_str(&toml)?;
     // Tables and mailboxes first, so the clock measures syncing only.

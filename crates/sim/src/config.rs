@@ -91,6 +91,13 @@ pub struct SimConfig {
     /// Series masters are listed in calendarView delta (dated at their first occurrence), as
     /// reported of Graph. Off: never listed, so clients must fetch them (`GET /events/{id}`).
     pub masters_in_delta: bool,
+    /// Graph's app-wide limit across all tenants: at most this many Graph requests per
+    /// `app_window` (sliding), over it 429 `ApplicationThrottled`. `None`: not enforced (the
+    /// requests per second are measured all the same). GRAPH.md gives 2,000 per second;
+    /// Microsoft's throttling page gives a global 130,000 per 10 seconds.
+    pub app_requests_per_window: Option<u32>,
+    #[serde(with = "duration_text")]
+    pub app_window: Duration,
 }
 
 impl Default for SimConfig {
@@ -112,6 +119,8 @@ impl Default for SimConfig {
             default_page_size: 10,
             max_page_size: 100,
             masters_in_delta: true,
+            app_requests_per_window: None,
+            app_window: Duration::from_secs(1),
         }
     }
 }
@@ -169,6 +178,11 @@ impl SimConfig {
             "mutations_per_second must be a finite number >= 0"
         );
         anyhow::ensure!(!self.mailbox_window.is_zero(), "mailbox_window must be > 0");
+        anyhow::ensure!(!self.app_window.is_zero(), "app_window must be > 0");
+        anyhow::ensure!(
+            self.app_requests_per_window != Some(0),
+            "app_requests_per_window must be >= 1 (leave it out for no app-wide limit)"
+        );
         let mut seen = std::collections::HashSet::new();
         for t in &self.tenants {
             anyhow::ensure!(!t.tenant_id.is_empty(), "tenants.tenant_id must be set");

@@ -8,8 +8,10 @@
 //! `GET /_sim/tenants`, `POST /_sim/mutations {"per_second"}`, `POST /_sim/mutate/{mailbox}
 //! {"n"}`, `POST /_sim/clock {"advance_ms"}`. Change notifications: `POST|GET /v1.0/subscriptions`,
 //! `GET|PATCH|DELETE /v1.0/subscriptions/{id}`; control `POST /_sim/lifecycle {"mailbox","event"}`,
-//! `GET /_sim/subscriptions`.
+//! `GET /_sim/subscriptions`. Every Graph route (`/v1.0/...`) passes the app-wide limit
+//! (`app_requests_per_window` per `app_window`, off by default) and is counted per second.
 
+mod app_limit;
 mod calendar;
 mod config;
 mod conn;
@@ -36,6 +38,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use app_limit::AppRequestStats;
 pub use calendar::MutationKind;
 pub use config::{CalendarBound, SimConfig, SimTenant};
 pub use faults::{
@@ -102,6 +105,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/_sim/lifecycle", post(subscriptions::control_lifecycle))
         .route("/_sim/subscriptions", get(subscriptions::control_list))
         .fallback(graph::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            app_limit::app_limit,
+        ))
         .with_state(shared)
 }
 
@@ -345,6 +352,13 @@ pub struct SimArgs {
     /// Fault timeline (TOML or JSON) started when the simulator starts.
     #[arg(long)]
     pub scenario: Option<PathBuf>,
+    /// Graph's app-wide limit: at most this many Graph requests per `--app-window-ms`
+    /// (over it: 429 ApplicationThrottled). Off unless given.
+    #[arg(long)]
+    pub app_limit: Option<u32>,
+    /// The app-wide limit's window, in milliseconds.
+    #[arg(long)]
+    pub app_window_ms: Option<u64>,
 }
 
 /// Builds the config `calsync sim` would run with.
@@ -382,6 +396,12 @@ pub fn config_from_args(args: &SimArgs) -> anyhow::Result<SimConfig> {
     }
     if let Some(m) = args.mutations_per_second {
         config.mutations_per_second = m;
+    }
+    if let Some(limit) = args.app_limit {
+        config.app_requests_per_window = Some(limit);
+    }
+    if let Some(ms) = args.app_window_ms {
+        config.app_window = std::time::Duration::from_millis(ms);
     }
     config.validate()?;
     Ok(config)

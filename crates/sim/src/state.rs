@@ -47,6 +47,8 @@ pub struct Shared {
     pub mailbox_order: Vec<String>,
     pub faults: Mutex<FaultSet>,
     pub stats: Mutex<SimStats>,
+    /// Graph requests of the app, for its app-wide limit.
+    pub app_requests: Mutex<super::app_limit::AppRequests>,
     pub token_not_before: Mutex<HashMap<usize, Instant>>,
     clock_offset: Mutex<chrono::Duration>,
     pub mutation_rate: watch::Sender<f64>,
@@ -129,6 +131,7 @@ impl Shared {
             mailbox_order,
             faults: Mutex::new(FaultSet::new(config.seed)),
             stats: Mutex::new(stats),
+            app_requests: Mutex::new(Default::default()),
             token_not_before: Mutex::new(HashMap::new()),
             clock_offset: Mutex::new(chrono::Duration::zero()),
             mutation_rate,

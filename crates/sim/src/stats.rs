@@ -93,6 +93,8 @@ pub struct SimStats {
     /// Fault rule id -> times it fired.
     pub faults_fired: BTreeMap<u64, u64>,
     pub violations: Violations,
+    /// The app-wide rate: its limit, the most requests seen in one second, the 429s it gave.
+    pub app: super::app_limit::AppRequestStats,
 }
 
 impl SimStats {

@@ -187,6 +187,9 @@ pub struct SyncSettings {
     pub failure_backoff_max: Duration,
     pub poll_interval: Duration,
     pub lease_ttl: Duration,
+    /// How often a replica writes its heartbeat to the replica registry and looks at the
+    /// others' (the fleet's shares of the request rates follow within a few of these).
+    pub replica_heartbeat: Duration,
     /// Jobs of one tenant running at once (the bulkhead); never all workers.
     pub max_jobs_per_tenant: usize,
     pub stuck_grace: Duration,
@@ -329,6 +332,8 @@ struct RawSync {
     failure_backoff_max: HumanDuration,
     poll_interval: HumanDuration,
     lease_ttl: HumanDuration,
+    /// Unset: a tenth of the lease.
+    replica_heartbeat: Option<HumanDuration>,
     #[serde(deserialize_with = "lenient_number")]
     max_jobs_per_tenant: u64,
     stuck_grace: HumanDuration,
@@ -736,6 +741,26 @@ impl RawSettings {
                 jitter
             }
         };
+        let lease_ttl = bounded("sync.lease_ttl", s.lease_ttl, DAY)?;
+        let replica_heartbeat = match s.replica_heartbeat {
+            // A tenth of the lease: a replica that is alive never looks dead to the others.
+            None => lease_ttl / 10,
+            Some(every) => {
+                let every = bounded("sync.replica_heartbeat", every, HOUR)?;
+                if every > lease_ttl / 3 {
+                    return Err(ConfigError::new(
+                        "sync.replica_heartbeat",
+                        format!(
+                            "must be at most a third of sync.lease_ttl ({}), got {} (leave it \
+                             out for a tenth of the lease)",
+                            HumanDuration(lease_ttl / 3),
+                            HumanDuration(every)
+                        ),
+                    ));
+                }
+                every
+            }
+        };
         let mut sync = SyncSettings {
             interval,
             jitter,
@@ -746,7 +771,8 @@ impl RawSettings {
             failure_backoff_initial,
             failure_backoff_max,
             poll_interval: bounded("sync.poll_interval", s.poll_interval, HOUR)?,
-            lease_ttl: bounded("sync.lease_ttl", s.lease_ttl, DAY)?,
+            lease_ttl,
+            replica_heartbeat,
             max_jobs_per_tenant: 0,
             stuck_grace: bounded("sync.stuck_grace", s.stuck_grace, DAY)?,
         };

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::auth::TokenStatus;
 use crate::resilience::breaker::BreakerState;
 use crate::resilience::guard::{BreakerSnapshot, Dependency};
+use crate::resilience::limits::ShareStatus;
 use crate::scheduler::{Worker, WorkerStatus};
 use crate::store::{MailboxId, MailboxRecord, Store};
 
@@ -26,7 +27,11 @@ pub const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Health {
     pub status: &'static str,
     pub checked_at: DateTime<Utc>,
+    /// This replica's id in the replica registry (its leases are held as `{replica}/{job}`).
+    pub replica: String,
     pub jobs: JobsHealth,
+    /// This replica's share of Graph's app-wide and per-tenant request rates.
+    pub fleet: ShareStatus,
     pub tenants: Vec<TenantHealth>,
 }
 
@@ -213,11 +218,13 @@ pub async fn build(
     Health {
         status: if degraded { "degraded" } else { "ok" },
         checked_at: now,
+        replica: worker.owner().to_string(),
         jobs: JobsHealth {
             worker: worker_status,
             oldest_due_seconds,
             deferred_by_breaker,
         },
+        fleet: registry.limits().status(),
         tenants,
     }
 }

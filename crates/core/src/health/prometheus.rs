@@ -167,7 +167,26 @@ pub fn render(health: &Health, limits: Limits, now: DateTime<Utc>) -> String {
         out.sample("calsync_jobs_running", &[("tenant", &t.name)], n as f64);
     }
     let worker = &health.jobs.worker;
-    let single: [(&str, &str, &str, f64); 6] = [
+    let fleet = &health.fleet;
+    let single: [(&str, &str, &str, f64); 9] = [
+        (
+            "calsync_replicas_live",
+            "gauge",
+            "Replicas sharing the store whose heartbeat is within one lease period, this one included, as this replica last saw them.",
+            f64::from(fleet.live_replicas),
+        ),
+        (
+            "calsync_app_share_requests_per_second",
+            "gauge",
+            "This replica's share of resilience.app_requests_per_second (0 while it has none: not yet admitted by the fleet, or its heartbeat is stale).",
+            fleet.app_requests_per_second,
+        ),
+        (
+            "calsync_tenant_share_requests_per_second",
+            "gauge",
+            "This replica's share of resilience.tenant_requests_per_second, for each tenant.",
+            fleet.tenant_requests_per_second,
+        ),
         (
             "calsync_job_longest_running_seconds",
             "gauge",

@@ -155,6 +155,11 @@ fn summary(b: &mut String, health: &Health) {
             health.jobs.deferred_by_breaker.to_string(),
         ),
         ("Stuck jobs (total)", w.stuck_total.to_string()),
+        ("Live replicas", health.fleet.live_replicas.to_string()),
+        (
+            "This replica's share of the app rate",
+            format!("{:.1} req/s", health.fleet.app_requests_per_second),
+        ),
     ];
     b.push_str("<section class=\"cards\" id=\"jobs\">");
     for (label, value) in cards {
@@ -363,6 +368,7 @@ mod tests {
         Health {
             status: "degraded",
             checked_at: now,
+            replica: "calsync-test".into(),
             jobs: JobsHealth {
                 worker: WorkerStatus {
                     workers: 4,
@@ -374,6 +380,14 @@ mod tests {
                 },
                 oldest_due_seconds: 0,
                 deferred_by_breaker: 1,
+            },
+            fleet: crate::resilience::limits::ShareStatus {
+                live_replicas: 1,
+                replicas: Some(1),
+                app_requests_per_second: 2000.0,
+                tenant_requests_per_second: 200.0,
+                app_limit_per_second: 2000,
+                tenant_limit_per_second: 200,
             },
             tenants: vec![TenantHealth {
                 name: "contoso".into(),

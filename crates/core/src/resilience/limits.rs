@@ -1,22 +1,175 @@
 //! Request rate limits with `governor`: per mailbox (Outlook: 10,000 requests per 10 minutes),
 //! per tenant and per app. Waiting for a permit happens inside the job, so it counts against
 //! the job's deadline; a wait that would pass the deadline is returned to the caller instead.
+//!
+//! The app-wide and per-tenant rates are Graph's for the whole application, so replicas sharing
+//! a store split them: each takes [`Share::Of`] the live replicas (see
+//! [`crate::scheduler::fleet`], which decides when a share may change). A share is sized so that
+//! no 1-second window holds more than `limit / replicas` of this replica's requests
+//! ([`quota_for`]). The per-mailbox rate is not shared: a mailbox is synced by the replica
+//! holding its lease.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
 use tokio::time::Instant;
 
 use super::ResilienceSettings;
 
 const TEN_MINUTES: Duration = Duration::from_secs(600);
 
+/// The window Graph's per-second limits are counted in.
+pub const LIMIT_WINDOW: Duration = Duration::from_secs(1);
+
+/// When a job stopped for want of a share is due again (for whichever replica has one: this
+/// one takes no jobs until it has a share again).
+const NO_SHARE_RETRY: Duration = Duration::from_millis(50);
+
+/// Why there is no permit now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The next one is this far away.
+    Wait(Duration),
+    /// This replica has no share of the rate: not admitted by the fleet yet, or its heartbeat
+    /// is too old. Waiting would hold the mailbox's lease for nothing.
+    NoShare,
+}
+
+/// How much of a fleet-wide rate (the app's, a tenant's) this replica may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Share {
+    /// An equal part of this many replicas' (1: the whole rate).
+    Of(NonZeroU32),
+    /// None at all: the fleet has not admitted this replica yet, or its heartbeat is too old.
+    Nothing,
+}
+
+impl Share {
+    /// The whole rate: a replica on its own.
+    pub const WHOLE: Share = Share::Of(NonZeroU32::MIN);
+
+    pub fn of(replicas: u32) -> Self {
+        Share::Of(NonZeroU32::new(replicas).unwrap_or(NonZeroU32::MIN))
+    }
+
+    /// Requests per second this share allows of `per_second` (its 1-second window budget).
+    pub fn per_second(self, per_second: u32) -> f64 {
+        match self {
+            Share::Of(n) => f64::from(per_second) / f64::from(n.get()),
+            Share::Nothing => 0.0,
+        }
+    }
+}
+
+/// The quota for one replica's part of `per_second` shared by `replicas`: at most
+/// `per_second / replicas` permits in any closed 1-second window, and as many as that allows
+/// over time. A token bucket of burst `b` and rate `r` gives up to `b + r` permits in one
+/// second (a full bucket, then a second's refill), so `Quota::per_second(n)` allows `2n`; here
+/// the burst is 1 and the rate `share - 1` per second, so a second holds at most `share`
+/// (the sum over replicas at most `per_second`) and a replica sustains `share - 1`. Below two
+/// per second, one permit a little over a second apart. (Below one per second, i.e. fewer
+/// requests allowed than replicas, each replica still gets one permit per `replicas /
+/// per_second` seconds: the fleet then keeps the limit on average, not in every second.)
+pub fn quota_for(per_second: u32, replicas: u32) -> Quota {
+    const SECOND_NS: u128 = 1_000_000_000;
+    let limit = u128::from(per_second.max(1));
+    let n = u128::from(replicas.max(1));
+    let period_ns = if limit >= 2 * n {
+        // 1 s / (share - 1) = n s / (limit - n), rounded up: never a permit early.
+        (n * SECOND_NS).div_ceil(limit - n)
+    } else {
+        // 1 s / share, but always more than a second.
+        (n * SECOND_NS).div_ceil(limit).max(SECOND_NS + 1_000_000)
+    };
+    let period = Duration::from_nanos(u64::try_from(period_ns).unwrap_or(u64::MAX));
+    Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::MIN)
+}
+
+/// One fleet-wide rate (the app's, or one tenant's): this replica's part of it, resized when
+/// its share changes. Taking a permit allocates nothing (a read lock and the limiter's atomic).
+pub struct SharedRate {
+    per_second: u32,
+    limiter: RwLock<Option<DefaultDirectRateLimiter>>,
+}
+
+impl SharedRate {
+    pub fn new(per_second: u32, share: Share) -> Self {
+        Self {
+            per_second,
+            limiter: RwLock::new(limiter_for(per_second, share)),
+        }
+    }
+
+    /// Sizes the rate for `share`. The new limiter starts empty: its first permit comes one
+    /// period from now, so the permits of the old one in the last second and the new one's
+    /// never add up to more than the larger of the two shares allows.
+    pub fn resize(&self, share: Share) {
+        let limiter = limiter_for(self.per_second, share);
+        if let Some(fresh) = &limiter {
+            let _ = fresh.check();
+        }
+        match self.limiter.write() {
+            Ok(mut current) => *current = limiter,
+            Err(poisoned) => *poisoned.into_inner() = limiter,
+        }
+    }
+
+    /// One permit now, or why not.
+    pub fn check(&self) -> Result<(), Refused> {
+        let current = match self.limiter.read() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match current.as_ref() {
+            Some(limiter) => limiter.check().map_err(|not_until| {
+                Refused::Wait(not_until.wait_time_from(DefaultClock::default().now()))
+            }),
+            None => Err(Refused::NoShare),
+        }
+    }
+}
+
+fn limiter_for(per_second: u32, share: Share) -> Option<DefaultDirectRateLimiter> {
+    match share {
+        Share::Of(n) => Some(RateLimiter::direct(quota_for(per_second, n.get()))),
+        Share::Nothing => None,
+    }
+}
+
+/// This replica's share of the fleet-wide rates, for `/healthz` and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ShareStatus {
+    /// Replicas whose heartbeat is within the lease, this one included, as last seen (1
+    /// without a fleet).
+    pub live_replicas: u32,
+    /// Live replicas the rates are split between (none while this replica has no share).
+    pub replicas: Option<u32>,
+    /// This replica's part of `resilience.app_requests_per_second`.
+    pub app_requests_per_second: f64,
+    /// Its part of `resilience.tenant_requests_per_second`, for each tenant.
+    pub tenant_requests_per_second: f64,
+    pub app_limit_per_second: u32,
+    pub tenant_limit_per_second: u32,
+}
+
 pub struct RateLimits {
     mailbox: DefaultKeyedRateLimiter<i64>,
-    app: DefaultDirectRateLimiter,
-    tenant_quota: Quota,
+    app: SharedRate,
+    tenant_per_second: u32,
+    share: Mutex<Share>,
+    live_replicas: AtomicU32,
+    /// Milliseconds after `epoch` until which the share holds without a new heartbeat
+    /// (`u64::MAX`: no fleet, no expiry).
+    valid_until_ms: AtomicU64,
+    epoch: Instant,
 }
 
 /// A permit is not available before the deadline; it will be at `ready_in` from now.
@@ -30,6 +183,7 @@ fn nonzero(n: u32) -> NonZeroU32 {
 }
 
 impl RateLimits {
+    /// The whole app and tenant rates, until a fleet says otherwise.
     pub fn new(settings: &ResilienceSettings) -> Self {
         // Burst half the window's allowance and replenish the other half evenly: no 10-minute
         // window can then see more than the limit.
@@ -40,13 +194,76 @@ impl RateLimits {
             .allow_burst(nonzero(half));
         Self {
             mailbox: RateLimiter::keyed(mailbox_quota),
-            app: RateLimiter::direct(Quota::per_second(nonzero(settings.app_requests_per_second))),
-            tenant_quota: Quota::per_second(nonzero(settings.tenant_requests_per_second)),
+            app: SharedRate::new(settings.app_requests_per_second, Share::WHOLE),
+            tenant_per_second: settings.tenant_requests_per_second,
+            share: Mutex::new(Share::WHOLE),
+            live_replicas: AtomicU32::new(1),
+            valid_until_ms: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
         }
     }
 
-    pub fn tenant_limiter(&self) -> DefaultDirectRateLimiter {
-        RateLimiter::direct(self.tenant_quota)
+    /// A tenant's rate, at the current share.
+    pub fn tenant_limiter(&self) -> SharedRate {
+        SharedRate::new(self.tenant_per_second, self.share())
+    }
+
+    pub fn share(&self) -> Share {
+        self.share.lock().map_or(Share::Nothing, |s| *s)
+    }
+
+    /// Sets the app rate's share (the caller resizes the tenants' rates: see
+    /// [`Tenants::set_share`](crate::tenants::Tenants::set_share)).
+    pub fn set_share(&self, share: Share) {
+        match self.share.lock() {
+            Ok(mut s) => *s = share,
+            Err(poisoned) => *poisoned.into_inner() = share,
+        }
+        self.app.resize(share);
+    }
+
+    /// The share holds until `until` unless extended again (each heartbeat extends it): a
+    /// replica whose heartbeat stops sends nothing from then on, before the others, who stop
+    /// counting it one lease period after its last heartbeat, take its share.
+    pub fn hold_share_until(&self, until: Instant) {
+        let ms = until.saturating_duration_since(self.epoch).as_millis();
+        self.valid_until_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX - 1), Ordering::SeqCst);
+    }
+
+    /// Replicas live at the last heartbeat, this one included (for the status).
+    pub fn note_live_replicas(&self, live: u32) {
+        self.live_replicas.store(live, Ordering::Relaxed);
+    }
+
+    /// This replica may send now: it has a share and its heartbeat is recent enough.
+    pub fn has_share(&self) -> bool {
+        self.share() != Share::Nothing && !self.share_expired(Instant::now())
+    }
+
+    fn share_expired(&self, now: Instant) -> bool {
+        let until = self.valid_until_ms.load(Ordering::Relaxed);
+        until != u64::MAX
+            && now.saturating_duration_since(self.epoch).as_millis() > u128::from(until)
+    }
+
+    pub fn status(&self) -> ShareStatus {
+        let share = if self.share_expired(Instant::now()) {
+            Share::Nothing
+        } else {
+            self.share()
+        };
+        ShareStatus {
+            live_replicas: self.live_replicas.load(Ordering::Relaxed),
+            replicas: match share {
+                Share::Of(n) => Some(n.get()),
+                Share::Nothing => None,
+            },
+            app_requests_per_second: share.per_second(self.app.per_second),
+            tenant_requests_per_second: share.per_second(self.tenant_per_second),
+            app_limit_per_second: self.app.per_second,
+            tenant_limit_per_second: self.tenant_per_second,
+        }
     }
 
     /// Waits for one permit from each limiter in turn (mailbox, tenant, app), each consumed
@@ -54,12 +271,32 @@ impl RateLimits {
     pub async fn acquire(
         &self,
         mailbox: i64,
-        tenant: &DefaultDirectRateLimiter,
+        tenant: &SharedRate,
         deadline: Instant,
     ) -> Result<(), NotBeforeDeadline> {
-        wait_for(|| self.mailbox.check_key(&mailbox), deadline).await?;
-        wait_for(|| tenant.check(), deadline).await?;
-        wait_for(|| self.app.check(), deadline).await
+        let waited = wait_for(
+            || {
+                self.mailbox.check_key(&mailbox).map_err(|not_until| {
+                    Refused::Wait(not_until.wait_time_from(DefaultClock::default().now()))
+                })
+            },
+            deadline,
+        )
+        .await?;
+        let waited = wait_for(|| tenant.check(), deadline).await? || waited;
+        // Without a wait so far, one clock read serves the share check.
+        let mut now = (!waited).then(Instant::now);
+        wait_for(
+            || {
+                if self.share_expired(now.take().unwrap_or_else(Instant::now)) {
+                    return Err(Refused::NoShare);
+                }
+                self.app.check()
+            },
+            deadline,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Drops per-mailbox state that has fully replenished (memory stays proportional to the
@@ -70,22 +307,169 @@ impl RateLimits {
     }
 }
 
-type Permit = Result<(), governor::NotUntil<<DefaultClock as Clock>::Instant>>;
-
+/// Whether it had to wait. Without a share it returns at once: the job stops, its lease is
+/// released, and a replica with a share takes the mailbox.
 async fn wait_for(
-    mut check: impl FnMut() -> Permit,
+    mut check: impl FnMut() -> Result<(), Refused>,
     deadline: Instant,
-) -> Result<(), NotBeforeDeadline> {
+) -> Result<bool, NotBeforeDeadline> {
+    let mut waited = false;
     loop {
         match check() {
-            Ok(()) => return Ok(()),
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Ok(()) => return Ok(waited),
+            Err(Refused::NoShare) => {
+                return Err(NotBeforeDeadline {
+                    ready_in: NO_SHARE_RETRY,
+                })
+            }
+            Err(Refused::Wait(wait)) => {
                 if Instant::now() + wait > deadline {
                     return Err(NotBeforeDeadline { ready_in: wait });
                 }
                 tokio::time::sleep(wait).await;
+                waited = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    /// Permits a greedy caller gets from `quota` over `seconds`, asking again exactly when the
+    /// limiter says the next one is due.
+    fn greedy_permits(quota: Quota, seconds: u64, start_full: bool) -> Vec<Duration> {
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone());
+        if !start_full {
+            let _ = limiter.check();
+        }
+        let mut at = Vec::new();
+        let mut now = Duration::ZERO;
+        while now < Duration::from_secs(seconds) {
+            match limiter.check() {
+                Ok(()) => at.push(now),
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(clock.now());
+                    clock.advance(wait);
+                    now += wait;
+                }
+            }
+        }
+        at
+    }
+
+    /// The most permits in any closed window of one second.
+    fn max_per_second(permits: &[Duration]) -> usize {
+        let mut max = 0;
+        for (i, start) in permits.iter().enumerate() {
+            let n = permits[i..]
+                .iter()
+                .take_while(|t| **t <= *start + LIMIT_WINDOW)
+                .count();
+            max = max.max(n);
+        }
+        max
+    }
+
+    #[test]
+    fn a_share_never_exceeds_its_part_of_the_limit_in_any_second() {
+        for (limit, replicas) in [
+            (30, 3),
+            (24, 3),
+            (2000, 1),
+            (2000, 3),
+            (200, 7),
+            (5, 2),
+            (10, 1),
+        ] {
+            let share = f64::from(limit) / f64::from(replicas);
+            let permits = greedy_permits(quota_for(limit, replicas), 5, true);
+            let max = max_per_second(&permits);
+            assert!(
+                max as f64 <= share,
+                "{limit}/s over {replicas}: {max} in one second, share {share}"
+            );
+            // And it uses the share: at least share - 1 per second sustained.
+            let sustained = permits.len() as f64 / 5.0;
+            assert!(
+                sustained >= (share - 1.0).max(0.9) - 0.3,
+                "{limit}/s over {replicas}: only {sustained}/s sustained"
+            );
+        }
+    }
+
+    #[test]
+    fn per_second_quota_would_allow_twice_the_limit() {
+        // Why the burst is 1: governor's own per_second(n) lets a full bucket and a second's
+        // refill through in one second.
+        let permits = greedy_permits(Quota::per_second(nonzero(30)), 3, true);
+        assert!(max_per_second(&permits) >= 59);
+    }
+
+    #[test]
+    fn fewer_allowed_than_two_per_second_is_one_a_little_over_a_second_apart() {
+        let permits = greedy_permits(quota_for(3, 2), 5, true);
+        assert_eq!(max_per_second(&permits), 1, "{permits:?}");
+        assert!(permits.len() >= 4);
+    }
+
+    #[tokio::test]
+    async fn no_share_means_no_permit_and_a_resize_starts_empty() {
+        let rate = SharedRate::new(100, Share::Nothing);
+        assert_eq!(rate.check(), Err(Refused::NoShare));
+        rate.resize(Share::of(2));
+        // 50 per second: one permit per 1/49 s, the first one period after the resize.
+        let Err(Refused::Wait(wait)) = rate.check() else {
+            panic!("a resized limiter starts empty");
+        };
+        assert!(wait > Duration::from_millis(10) && wait <= Duration::from_millis(21));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_share_sends_nothing_until_extended() {
+        let settings = crate::config::Settings::from_toml_str("").expect("defaults");
+        let limits = RateLimits::new(&settings.resilience);
+        let tenant = limits.tenant_limiter();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(limits.acquire(1, &tenant, far).await.is_ok());
+        limits.hold_share_until(Instant::now() + Duration::from_secs(1));
+        assert!(limits.has_share());
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(!limits.has_share());
+        assert_eq!(limits.status().replicas, None);
+        // (A fresh tenant rate each time: governor's clock is real, not tokio's paused one.)
+        // Without a share the job stops at once, however far its deadline: it must not hold
+        // its mailbox's lease while it cannot send.
+        let tenant = limits.tenant_limiter();
+        let before = Instant::now();
+        let far = before + Duration::from_secs(60);
+        assert_eq!(
+            limits.acquire(1, &tenant, far).await,
+            Err(NotBeforeDeadline {
+                ready_in: NO_SHARE_RETRY
+            })
+        );
+        assert_eq!(Instant::now(), before, "no wait");
+        limits.hold_share_until(Instant::now() + Duration::from_secs(1));
+        let tenant = limits.tenant_limiter();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(limits.acquire(1, &tenant, far).await.is_ok());
+    }
+
+    #[test]
+    fn status_shows_this_replicas_part() {
+        let settings = crate::config::Settings::from_toml_str("").expect("defaults");
+        let limits = RateLimits::new(&settings.resilience);
+        assert_eq!(limits.status().replicas, Some(1));
+        limits.set_share(Share::of(4));
+        let status = limits.status();
+        assert_eq!(status.replicas, Some(4));
+        assert_eq!(status.app_requests_per_second, 500.0);
+        assert_eq!(status.tenant_requests_per_second, 50.0);
+        limits.set_share(Share::Nothing);
+        assert_eq!(limits.status().app_requests_per_second, 0.0);
     }
 }

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use governor::DefaultDirectRateLimiter;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -46,7 +45,8 @@ pub struct ResilienceSettings {
 /// budget and the count of its running jobs (for the per-tenant cap).
 pub struct TenantGuard {
     pub graph: GuardedBreaker,
-    pub rate: DefaultDirectRateLimiter,
+    /// This replica's share of the tenant's request rate.
+    pub rate: limits::SharedRate,
     budget: Mutex<RetryBudget>,
     running: AtomicUsize,
     spread: Mutex<spread::FailureSpread>,

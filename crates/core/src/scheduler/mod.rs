@@ -4,6 +4,7 @@
 //! when cancelled, and writes each outcome with the next run time.
 
 pub mod fair;
+pub mod fleet;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -166,7 +167,9 @@ impl Worker {
         jobs: &mut JoinSet<JobResult>,
     ) -> anyhow::Result<usize> {
         let free = self.slots.available_permits();
-        if free == 0 {
+        // Without a share of the request rates (not admitted by the fleet yet, or a stale
+        // heartbeat) a job could only wait: leave the mailboxes to the replicas that have one.
+        if free == 0 || !self.tenants.limits().has_share() {
             return Ok(0);
         }
         let now = Utc::now();

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord, PageApplied, PageWrite,
-    QuarantinedItem, RetiredSubscription, StoreError, StoredMaster, SubscriptionDue,
+    QuarantinedItem, ReplicaRecord, RetiredSubscription, StoreError, StoredMaster, SubscriptionDue,
     SubscriptionRecord, SubscriptionSaved, SyncRun,
 };
 use crate::graph::{Event, PageLink, Window};
@@ -300,4 +300,33 @@ pub trait RetiredStore {
         user_id: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+}
+
+/// The replica registry: the running calsync processes sharing the store, so they can share
+/// Graph's request rates ([`crate::scheduler::fleet`]).
+pub trait ReplicaStore {
+    /// Writes this replica's heartbeat and what it keeps to (`keeps_share_of`: its requests stay
+    /// within `limit / n` in every 1-second window from `now` on; `None`: it sends none),
+    /// creating its row. One statement, committed when it returns: a replica that reads after
+    /// it sees it.
+    async fn replica_heartbeat(
+        &self,
+        id: &str,
+        started_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        keeps_share_of: Option<u32>,
+    ) -> Result<(), StoreError>;
+
+    /// Replicas whose last heartbeat is later than `live_after`, by id.
+    async fn live_replicas(
+        &self,
+        live_after: DateTime<Utc>,
+    ) -> Result<Vec<ReplicaRecord>, StoreError>;
+
+    /// Removes a replica's row (at a clean stop); whether it existed.
+    async fn remove_replica(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Deletes the rows of replicas whose last heartbeat is before `before` (dead ones');
+    /// returns how many.
+    async fn forget_replicas(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 }

@@ -61,6 +61,11 @@ pub const SQLITE: Embedded = Embedded(&[
         "quarantine",
         include_str!("../../migrations/sqlite/0007_quarantine.sql"),
     ),
+    (
+        8,
+        "replicas",
+        include_str!("../../migrations/sqlite/0008_replicas.sql"),
+    ),
 ]);
 
 pub const POSTGRES: Embedded = Embedded(&[
@@ -93,6 +98,11 @@ pub const POSTGRES: Embedded = Embedded(&[
         7,
         "quarantine",
         include_str!("../../migrations/postgres/0007_quarantine.sql"),
+    ),
+    (
+        8,
+        "replicas",
+        include_str!("../../migrations/postgres/0008_replicas.sql"),
     ),
 ]);
 

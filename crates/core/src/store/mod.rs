@@ -11,6 +11,7 @@ pub mod contract;
 mod mailbox_list;
 mod migrations;
 mod postgres;
+mod replicas;
 mod retired;
 mod sqlite;
 mod subscriptions;
@@ -22,9 +23,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
 pub use contract::{
-    Lifecycle, MailboxPages, MailboxStore, RetiredStore, RoundStore, SubscriptionStore,
+    Lifecycle, MailboxPages, MailboxStore, ReplicaStore, RetiredStore, RoundStore,
+    SubscriptionStore,
 };
 pub use postgres::PgStore;
+pub use replicas::ReplicaRecord;
 pub use retired::RetiredSubscription;
 pub use sqlite::SqliteStore;
 pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
@@ -137,9 +140,10 @@ impl Store {
     }
 
     /// Releases every lease at start, on SQLite only: a SQLite file has one process working on
-    /// it, so leases still held are a dead process's. On PostgreSQL other replicas hold live
-    /// leases, so nothing is released and a dead replica's leases simply run out (one lease
-    /// period); `PgStore` has no such method on purpose.
+    /// it, so leases still held are a dead process's (and so are rows in the replica registry).
+    /// On PostgreSQL other replicas hold live leases, so nothing is released and a dead
+    /// replica's leases and row simply run out (one lease period); `PgStore` has no such method
+    /// on purpose.
     pub async fn release_stale_leases(&self) -> Result<u64, StoreError> {
         match self {
             Self::Sqlite(s) => s.release_stale_leases().await,

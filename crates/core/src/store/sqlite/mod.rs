@@ -85,13 +85,18 @@ impl SqliteStore {
     }
 
     /// A SQLite file has one process working on it, so leases left by an earlier process that
-    /// died are released at start instead of waiting for them to run out.
+    /// died are released at start instead of waiting for them to run out, and its row in the
+    /// replica registry is removed.
     pub async fn release_stale_leases(&self) -> Result<u64, StoreError> {
         let done = sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL",
         )
         .execute(&self.writer)
         .await?;
+        // Their replica rows too: a dead process's share of the request rates is free at once.
+        sqlx::query("DELETE FROM replicas")
+            .execute(&self.writer)
+            .await?;
         Ok(done.rows_affected())
     }
 }
