@@ -199,14 +199,16 @@ mod tests {
     /// timed, on this thread only, so other tests running at once do not disturb the count.
     #[test]
     fn a_successful_call_allocates_nothing() {
-        let settings = crate::config::Settings::from_toml_str(
-            "[resilience]\n\
-             mailbox_requests_per_10min = 1000000\n\
-             tenant_requests_per_second = 1000000\n\
-             app_requests_per_second = 1000000\n",
-        )
-        .expect("valid settings")
-        .resilience;
+        // Limits beyond what the configuration accepts: each share is paced to one request
+        // per period (burst 1), and 10,000 calls in a loop must never wait for one.
+        let settings = ResilienceSettings {
+            mailbox_requests_per_10min: u32::MAX,
+            tenant_requests_per_second: 1_000_000_000,
+            app_requests_per_second: 1_000_000_000,
+            ..crate::config::Settings::from_toml_str("")
+                .expect("the embedded defaults load")
+                .resilience
+        };
         let limits = RateLimits::new(&settings);
         let guard = TenantGuard::new("tenant", &settings, &limits);
         let deadline = Instant::now() + Duration::from_secs(3600);
