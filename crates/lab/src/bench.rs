@@ -229,26 +229,49 @@ pub struct ReplicaRun {
     pub mailboxes_with_errors: usize,
 }
 
+/// The bench's world: the simulator process with its generated calendars, and a scratch
+/// directory for stores and configuration files; [`SimWorld::stop`] removes both.
+struct SimWorld {
+    config: SimConfig,
+    addr: SocketAddr,
+    sim: Child,
+    dir: std::path::PathBuf,
+    /// The simulator's `/proc/<pid>/stat`, for its CPU time.
+    sim_stat: Option<String>,
+}
+
+impl SimWorld {
+    async fn start(args: &BenchArgs) -> anyhow::Result<Self> {
+        let seed = 99;
+        let config = SimConfig::generated(args.tenants, args.mailboxes, args.events, seed);
+        let addr = free_port()?;
+        let sim = spawn_sim(args, addr, seed).await?;
+        let dir = std::env::temp_dir().join(format!("calsync-bench-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir)?;
+        let sim_stat = sim.id().map(|pid| format!("/proc/{pid}/stat"));
+        Ok(Self {
+            config,
+            addr,
+            sim,
+            dir,
+            sim_stat,
+        })
+    }
+
+    async fn stop(mut self) {
+        let _ = self.sim.kill().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
-    let seed = 99;
-    let sim_config = SimConfig::generated(args.tenants, args.mailboxes, args.events, seed);
-    let addr = free_port()?;
-    let mut sim = spawn_sim(&args, addr, seed).await?;
-    let dir = std::env::temp_dir().join(format!("calsync-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    let sim_stat = sim.id().map(|pid| format!("/proc/{pid}/stat"));
-    let mut result = measure(&args, &sim_config, addr, &dir, &sim_stat).await;
+    let world = SimWorld::start(&args).await?;
+    let (sim_config, addr, dir, sim_stat) =
+        (&world.config, world.addr, &world.dir, &world.sim_stat);
+    let mut result = measure(&args, sim_config, addr, dir, sim_stat).await;
     if let (Ok(report), Some(postgres)) = (&mut result, &args.postgres) {
         for &replicas in &args.replicas {
-            let run = replica_run(
-                &args,
-                &sim_config,
-                addr,
-                &dir,
-                postgres,
-                replicas,
-                &sim_stat,
-            );
+            let run = replica_run(&args, sim_config, addr, dir, postgres, replicas, sim_stat);
             match run.await {
                 Ok(run) => report.replica_runs.push(run),
                 Err(e) => {
@@ -258,8 +281,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             }
         }
     }
-    let _ = sim.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    world.stop().await;
     if let (Ok(report), true) = (&mut result, args.latency_samples > 0) {
         if !args.json {
             eprintln!(
@@ -466,18 +488,13 @@ async fn initial_and_idle(
 
 /// `--sync-only`: the initial sync and one idle round of the simulated world, nothing else.
 pub async fn sync_only(args: &BenchArgs) -> anyhow::Result<SyncOnlyReport> {
-    let seed = 99;
-    let config = SimConfig::generated(args.tenants, args.mailboxes, args.events, seed);
-    let addr = free_port()?;
-    let mut sim = spawn_sim(args, addr, seed).await?;
-    let dir = std::env::temp_dir().join(format!("calsync-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    let sim_stat = sim.id().map(|pid| format!("/proc/{pid}/stat"));
+    let world = SimWorld::start(args).await?;
     let result = async {
-        let settings = bench_settings(&config, addr, &dir.join("bench.db"), args.workers)?;
+        let store_path = world.dir.join("bench.db");
+        let settings = bench_settings(&world.config, world.addr, &store_path, args.workers)?;
         let store = app::open_store(&settings).await?;
         let (worker, _tenants) = app::build_worker(&settings, store.clone())?;
-        let sync = initial_and_idle(&worker, addr, &sim_stat, &|_| {}).await?;
+        let sync = initial_and_idle(&worker, world.addr, &world.sim_stat, &|_| {}).await?;
         store.close().await;
         let mailboxes = args.tenants * args.mailboxes;
         Ok(SyncOnlyReport {
@@ -492,8 +509,7 @@ pub async fn sync_only(args: &BenchArgs) -> anyhow::Result<SyncOnlyReport> {
         })
     }
     .await;
-    let _ = sim.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    world.stop().await;
     result
 }
 
