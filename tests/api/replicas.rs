@@ -251,22 +251,7 @@ level = "warn"
         authority = sim.authority(),
         lease_ms = LEASE_TTL.as_millis(),
     );
-    for tenant in &config.tenants {
-        let mailboxes: Vec<String> = tenant
-            .mailboxes
-            .iter()
-            .map(|m| format!("\"{m}\""))
-            .collect();
-        toml.push_str(&format!(
-            "[[tenants]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\n\
-             client_secret = \"{}\"\nmailboxes = [{}]\n",
-            tenant.name,
-            tenant.tenant_id,
-            tenant.client_id,
-            tenant.client_secret,
-            mailboxes.join(", ")
-        ));
-    }
+    toml.push_str(&calsync::demo::tenants_toml(config));
     toml
 }
 
