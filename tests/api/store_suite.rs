@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use calsync::graph::{Attendees, DeltaItem, Event, PageLink, Window};
 use calsync::store::{
-    Backend, Cursor, JobRecord, Lease, MailboxId, MailboxRecord, MasterWrite, PageWrite,
-    RunOutcome, Store, StoreError, RUNS_KEPT_PER_MAILBOX,
+    Backend, Cursor, Enqueued, EventLink, JobRecord, Lease, MailboxId, MailboxRecord, MasterWrite,
+    NewWrite, PageWrite, RunOutcome, Store, StoreError, WriteCounts, WriteOp, WriteRecord,
+    WriteResult, WriteState, RUNS_KEPT_PER_MAILBOX,
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::helpers::store::{on_postgres, on_sqlite};
+use crate::helpers::store::{on_postgres, on_postgres_at, on_sqlite, on_sqlite_at};
 pub use crate::helpers::store::{run_caught, TestSchema};
 use sqlx::Connection;
 
@@ -71,6 +72,17 @@ store_suite!(
     events_between_returns_what_overlaps_the_range,
     series_masters_refill_their_occurrences_and_go_with_their_series,
     replicas_heartbeat_run_out_leave_and_are_forgotten,
+    writes_are_enqueued_replayed_and_refused,
+    an_enqueued_write_makes_its_mailbox_due_at_once,
+    pending_writes_come_in_order_with_their_links,
+    record_write_is_fenced_on_the_lease,
+    delivered_writes_update_the_link_and_end,
+    retries_count_attempts_and_stay_queued,
+    a_conflict_keeps_outlooks_version,
+    a_cancel_that_did_not_happen_reopens_its_appointment,
+    concurrent_enqueues_of_one_key_store_one_write,
+    write_counts_per_tenant,
+    removing_a_mailbox_removes_its_writes_and_links,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -2251,4 +2263,879 @@ async fn series_masters_refill_their_occurrences_and_go_with_their_series(store:
         .await
         .expect("reads")
         .is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outbox of two-way sync: writes and their appointments' links.
+
+/// A write of `external_id` with key `key`: its id, request hash, body and transactionId are
+/// derived from them.
+struct Write {
+    id: String,
+    external_id: String,
+    op: WriteOp,
+    key: String,
+    hash: String,
+    body: String,
+    transaction_id: String,
+}
+
+fn write(external_id: &str, op: WriteOp, key: &str) -> Write {
+    Write {
+        id: format!("write-{key}"),
+        external_id: external_id.to_string(),
+        op,
+        key: key.to_string(),
+        hash: format!("hash-{key}"),
+        body: json!({"subject": format!("{} {external_id}", op.as_str())}).to_string(),
+        transaction_id: format!("txn-{external_id}"),
+    }
+}
+
+impl Write {
+    fn of(&self, mailbox: MailboxId, now: DateTime<Utc>) -> NewWrite<'_> {
+        NewWrite {
+            id: &self.id,
+            mailbox,
+            external_id: &self.external_id,
+            op: self.op,
+            idempotency_key: &self.key,
+            request_hash: &self.hash,
+            body: &self.body,
+            transaction_id: &self.transaction_id,
+            now,
+        }
+    }
+}
+
+async fn enqueue(store: &Store, mailbox: MailboxId, w: &Write, now: DateTime<Utc>) -> Enqueued {
+    store
+        .enqueue_write(&w.of(mailbox, now))
+        .await
+        .expect("enqueue")
+}
+
+/// Enqueues a write that must be stored.
+async fn queued(store: &Store, mailbox: MailboxId, w: &Write, now: DateTime<Utc>) -> WriteRecord {
+    match enqueue(store, mailbox, w, now).await {
+        Enqueued::New(record) => record,
+        other => panic!("{} of {}: {other:?}", w.key, w.external_id),
+    }
+}
+
+async fn write_record(store: &Store, id: &str) -> WriteRecord {
+    store
+        .write_by_id(id)
+        .await
+        .expect("write_by_id")
+        .expect("the write exists")
+}
+
+async fn link(store: &Store, mailbox: MailboxId, external_id: &str) -> EventLink {
+    store
+        .event_link(mailbox, external_id)
+        .await
+        .expect("event_link")
+        .expect("the link exists")
+}
+
+fn delivered(id: &str, change_key: &str) -> WriteResult {
+    WriteResult::Delivered {
+        graph_event_id: Some(id.to_string()),
+        change_key: Some(change_key.to_string()),
+        etag: Some(format!("W/\"{change_key}\"")),
+        note: None,
+    }
+}
+
+async fn pending_ids(store: &Store, mailbox: MailboxId) -> Vec<String> {
+    store
+        .pending_writes(mailbox, 100)
+        .await
+        .expect("pending")
+        .into_iter()
+        .map(|w| w.id)
+        .collect()
+}
+
+async fn writes_are_enqueued_replayed_and_refused(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob")]).await;
+    let (ann, bob) = (ids[0], ids[1]);
+    let at = |n| t0() + secs(n);
+
+    let create = write("e1", WriteOp::Create, "k1");
+    let record = queued(&store, ann, &create, at(1)).await;
+    assert_eq!(
+        (
+            record.id.as_str(),
+            record.mailbox_id,
+            record.external_id.as_str()
+        ),
+        ("write-k1", ann, "e1")
+    );
+    assert_eq!(
+        (record.op, record.state, record.attempts),
+        (WriteOp::Create, WriteState::Queued, 0)
+    );
+    assert_eq!(
+        (record.created_at, record.updated_at, record.delivered_at),
+        (at(1), at(1), None)
+    );
+    assert_eq!(write_record(&store, "write-k1").await, record);
+    let l = link(&store, ann, "e1").await;
+    assert_eq!(l.transaction_id, "txn-e1");
+    assert_eq!(
+        (l.graph_event_id, l.cancelled, l.created_at),
+        (None, false, at(1))
+    );
+
+    // The same key and request, even under another write id: the earlier write, nothing stored.
+    let again = Write {
+        id: "write-k1-again".into(),
+        ..write("e1", WriteOp::Create, "k1")
+    };
+    match enqueue(&store, ann, &again, at(2)).await {
+        Enqueued::Replay(earlier) => assert_eq!(earlier, record),
+        other => panic!("replay expected: {other:?}"),
+    }
+    let reused = Write {
+        id: "write-k1-other".into(),
+        hash: "another request".into(),
+        ..write("e2", WriteOp::Create, "k1")
+    };
+    match enqueue(&store, ann, &reused, at(2)).await {
+        Enqueued::KeyReused(earlier) => assert_eq!(earlier, record),
+        other => panic!("key reuse expected: {other:?}"),
+    }
+    for id in ["write-k1-again", "write-k1-other"] {
+        assert!(
+            store.write_by_id(id).await.expect("reads").is_none(),
+            "{id} stored"
+        );
+    }
+    assert!(store.event_link(ann, "e2").await.expect("reads").is_none());
+    // Keys are per mailbox.
+    queued(
+        &store,
+        bob,
+        &Write {
+            id: "write-bob-k1".into(),
+            ..write("e1", WriteOp::Create, "k1")
+        },
+        at(2),
+    )
+    .await;
+
+    assert!(matches!(
+        enqueue(&store, 9999, &write("e1", WriteOp::Create, "k9"), at(3)).await,
+        Enqueued::NoMailbox
+    ));
+    assert!(matches!(
+        enqueue(&store, ann, &write("e1", WriteOp::Create, "k2"), at(3)).await,
+        Enqueued::EventExists
+    ));
+    assert!(matches!(
+        enqueue(&store, ann, &write("nope", WriteOp::Update, "k3"), at(3)).await,
+        Enqueued::NoSuchEvent
+    ));
+    assert!(matches!(
+        enqueue(&store, ann, &write("nope", WriteOp::Cancel, "k4"), at(3)).await,
+        Enqueued::NoSuchEvent
+    ));
+    assert!(store
+        .event_link(ann, "nope")
+        .await
+        .expect("reads")
+        .is_none());
+
+    // Updates queue behind the create; a cancel closes the appointment at once, while queued.
+    queued(&store, ann, &write("e1", WriteOp::Update, "k5"), at(4)).await;
+    queued(&store, ann, &write("e1", WriteOp::Cancel, "k6"), at(5)).await;
+    assert!(link(&store, ann, "e1").await.cancelled);
+    for (op, key) in [(WriteOp::Update, "k7"), (WriteOp::Cancel, "k8")] {
+        assert!(
+            matches!(
+                enqueue(&store, ann, &write("e1", op, key), at(6)).await,
+                Enqueued::EventCancelled
+            ),
+            "{op:?} after a cancel"
+        );
+    }
+    assert!(
+        matches!(
+            enqueue(&store, ann, &write("e1", WriteOp::Create, "k10"), at(6)).await,
+            Enqueued::EventExists
+        ),
+        "a cancelled appointment is not created again"
+    );
+    // A replay is still answered after the cancel.
+    assert!(matches!(
+        enqueue(&store, ann, &write("e1", WriteOp::Update, "k5"), at(7)).await,
+        Enqueued::Replay(_)
+    ));
+    let history: Vec<String> = store
+        .writes_of_event(ann, "e1", 10)
+        .await
+        .expect("writes_of_event")
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(
+        history,
+        ["write-k6", "write-k5", "write-k1"],
+        "newest first"
+    );
+    assert_eq!(
+        store
+            .writes_of_event(ann, "e1", 1)
+            .await
+            .expect("reads")
+            .len(),
+        1
+    );
+
+    // A disabled mailbox takes no writes.
+    register(&store, &[("a", "ann")]).await;
+    assert!(matches!(
+        enqueue(&store, bob, &write("e5", WriteOp::Create, "k11"), at(8)).await,
+        Enqueued::MailboxDisabled
+    ));
+    assert!(store.event_link(bob, "e5").await.expect("reads").is_none());
+}
+
+async fn an_enqueued_write_makes_its_mailbox_due_at_once(store: Store) {
+    let ids = register(&store, &[("a", "m1"), ("a", "m2")]).await;
+    let (m1, m2) = (ids[0], ids[1]);
+    let at = |n| t0() + secs(n);
+    schedule(&store, m1, at(3600)).await;
+    schedule(&store, m2, at(3600)).await;
+    assert!(store
+        .due_candidates(at(10), 5)
+        .await
+        .expect("due")
+        .is_empty());
+
+    queued(&store, m1, &write("e1", WriteOp::Create, "k1"), at(10)).await;
+    let m = record_of(&store, m1).await;
+    assert_eq!((m.sync_requested_at, m.next_run_at), (Some(at(10)), at(10)));
+    let due = store.due_candidates(at(11), 5).await.expect("due");
+    assert_eq!(
+        due.iter().map(|d| (d.id, d.requested)).collect::<Vec<_>>(),
+        [(m1, true)]
+    );
+    // A later write keeps the earlier request.
+    queued(&store, m1, &write("e1", WriteOp::Update, "k2"), at(12)).await;
+    let m = record_of(&store, m1).await;
+    assert_eq!((m.sync_requested_at, m.next_run_at), (Some(at(10)), at(10)));
+    // What is refused asks for nothing.
+    enqueue(&store, m2, &write("e1", WriteOp::Update, "k3"), at(12)).await;
+    assert_eq!(record_of(&store, m2).await.sync_requested_at, None);
+
+    // A write queued while a job runs (which may have read the queue already) gets a job
+    // after it.
+    let l = lease(&store, m1, "w", at(13)).await;
+    assert_eq!(
+        record_of(&store, m1).await.sync_requested_at,
+        None,
+        "the claim served it"
+    );
+    queued(&store, m1, &write("e1", WriteOp::Update, "k4"), at(14)).await;
+    store
+        .finish_job(&l, &job(RunOutcome::Ok, at(13), at(313)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, m1).await;
+    assert_eq!((m.sync_requested_at, m.next_run_at), (Some(at(14)), at(14)));
+    assert!(
+        store
+            .claim(m1, "w2", at(15), Duration::from_secs(60), true)
+            .await
+            .expect("claim")
+            .is_some(),
+        "due at once"
+    );
+}
+
+async fn pending_writes_come_in_order_with_their_links(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("b", "bob")]).await;
+    let (ann, bob) = (ids[0], ids[1]);
+    let at = |n| t0() + secs(n);
+    queued(&store, ann, &write("e2", WriteOp::Create, "k1"), at(1)).await;
+    queued(&store, bob, &write("e1", WriteOp::Create, "b1"), at(2)).await;
+    queued(&store, ann, &write("e1", WriteOp::Create, "k2"), at(3)).await;
+    queued(&store, ann, &write("e2", WriteOp::Update, "k3"), at(4)).await;
+    queued(&store, ann, &write("e1", WriteOp::Update, "k4"), at(5)).await;
+    queued(&store, ann, &write("e2", WriteOp::Cancel, "k5"), at(6)).await;
+
+    let pending = store.pending_writes(ann, 100).await.expect("pending");
+    let order: Vec<(&str, &str, WriteOp)> = pending
+        .iter()
+        .map(|w| (w.id.as_str(), w.external_id.as_str(), w.op))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("write-k1", "e2", WriteOp::Create),
+            ("write-k2", "e1", WriteOp::Create),
+            ("write-k3", "e2", WriteOp::Update),
+            ("write-k4", "e1", WriteOp::Update),
+            ("write-k5", "e2", WriteOp::Cancel),
+        ]
+    );
+    assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq));
+    let first = &pending[0];
+    assert_eq!(first.transaction_id, "txn-e2");
+    assert_eq!((first.attempts, first.created_at), (0, at(1)));
+    assert_eq!(first.body, write("e2", WriteOp::Create, "k1").body);
+    assert_eq!(
+        (&first.graph_event_id, &first.change_key, &first.etag),
+        (&None, &None, &None)
+    );
+    assert_eq!(pending_ids(&store, bob).await, ["write-b1"]);
+    let two = store.pending_writes(ann, 2).await.expect("pending");
+    assert_eq!(
+        two.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(),
+        ["write-k1", "write-k2"]
+    );
+
+    // A delivered write leaves the queue, and the next writes carry what it taught the link.
+    let l = lease(&store, ann, "w", at(7)).await;
+    store
+        .record_write(&l, "write-k1", &delivered("g2", "ck1"), at(8))
+        .await
+        .expect("record");
+    let pending = store.pending_writes(ann, 100).await.expect("pending");
+    assert_eq!(pending[0].id, "write-k2");
+    let update = pending.iter().find(|w| w.id == "write-k3").expect("queued");
+    assert_eq!(
+        (
+            update.graph_event_id.as_deref(),
+            update.change_key.as_deref(),
+            update.etag.as_deref()
+        ),
+        (Some("g2"), Some("ck1"), Some("W/\"ck1\""))
+    );
+}
+
+async fn record_write_is_fenced_on_the_lease(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let at = |n| t0() + secs(n);
+    let created = queued(&store, id, &write("e1", WriteOp::Create, "k1"), at(1)).await;
+    let stranger = Lease {
+        mailbox: id,
+        owner: "stranger".into(),
+    };
+    // Unleased, then leased by someone else.
+    assert!(is_lease_lost(
+        store
+            .record_write(&stranger, "write-k1", &delivered("g1", "ck1"), at(2))
+            .await
+    ));
+    let _held = lease(&store, id, "owner", at(3)).await;
+    for result in [
+        delivered("g1", "ck1"),
+        WriteResult::Retry {
+            reason: "timeout".into(),
+        },
+        WriteResult::Failed {
+            reason: "400".into(),
+        },
+    ] {
+        assert!(is_lease_lost(
+            store
+                .record_write(&stranger, "write-k1", &result, at(4))
+                .await
+        ));
+    }
+    assert_eq!(
+        write_record(&store, "write-k1").await,
+        created,
+        "nothing written"
+    );
+    let l = link(&store, id, "e1").await;
+    assert_eq!(
+        (l.graph_event_id, l.change_key, l.updated_at),
+        (None, None, at(1))
+    );
+    assert_eq!(pending_ids(&store, id).await, ["write-k1"]);
+    // A lease on another mailbox does not cover this one's writes.
+    let other = register(&store, &[("a", "ann"), ("a", "bob")]).await[1];
+    let bobs = lease(&store, other, "owner", at(5)).await;
+    store
+        .record_write(&bobs, "write-k1", &delivered("g1", "ck1"), at(6))
+        .await
+        .expect("not this mailbox's write: nothing to do");
+    assert_eq!(write_record(&store, "write-k1").await, created);
+}
+
+async fn delivered_writes_update_the_link_and_end(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let at = |n| t0() + secs(n);
+    queued(&store, id, &write("e1", WriteOp::Create, "k1"), at(1)).await;
+    queued(&store, id, &write("e1", WriteOp::Update, "k2"), at(2)).await;
+    let l = lease(&store, id, "w", at(3)).await;
+
+    store
+        .record_write(&l, "write-k1", &delivered("g1", "ck1"), at(4))
+        .await
+        .expect("record");
+    let w = write_record(&store, "write-k1").await;
+    assert_eq!(
+        (w.state, w.graph_event_id.as_deref()),
+        (WriteState::Delivered, Some("g1"))
+    );
+    assert_eq!(
+        (w.updated_at, w.delivered_at, w.attempts),
+        (at(4), Some(at(4)), 0)
+    );
+    let link1 = link(&store, id, "e1").await;
+    assert_eq!(
+        (
+            link1.graph_event_id.as_deref(),
+            link1.change_key.as_deref(),
+            link1.etag.as_deref()
+        ),
+        (Some("g1"), Some("ck1"), Some("W/\"ck1\""))
+    );
+    assert_eq!(
+        (link1.transaction_id.as_str(), link1.updated_at),
+        ("txn-e1", at(4))
+    );
+
+    // Recorded again (a repeated job): the first result stands.
+    store
+        .record_write(
+            &l,
+            "write-k1",
+            &WriteResult::Failed {
+                reason: "late".into(),
+            },
+            at(5),
+        )
+        .await
+        .expect("a no-op");
+    assert_eq!(write_record(&store, "write-k1").await, w);
+    store
+        .record_write(&l, "no-such-write", &delivered("g9", "ck9"), at(5))
+        .await
+        .expect("a no-op");
+
+    // An update's result carries the new change key; the event id is the link's.
+    store
+        .record_write(
+            &l,
+            "write-k2",
+            &WriteResult::Delivered {
+                graph_event_id: None,
+                change_key: Some("ck2".into()),
+                etag: Some("W/\"ck2\"".into()),
+                note: Some("attendees unchanged".into()),
+            },
+            at(6),
+        )
+        .await
+        .expect("record");
+    let w = write_record(&store, "write-k2").await;
+    assert_eq!(
+        (w.state, w.graph_event_id.as_deref()),
+        (WriteState::Delivered, Some("g1"))
+    );
+    assert_eq!(w.note.as_deref(), Some("attendees unchanged"));
+    let link2 = link(&store, id, "e1").await;
+    assert_eq!(
+        (
+            link2.graph_event_id.as_deref(),
+            link2.change_key.as_deref(),
+            link2.cancelled
+        ),
+        (Some("g1"), Some("ck2"), false)
+    );
+
+    // A delivered cancel: the link stays cancelled and keeps its ids.
+    queued(&store, id, &write("e1", WriteOp::Cancel, "k3"), at(7)).await;
+    store
+        .record_write(
+            &l,
+            "write-k3",
+            &WriteResult::Delivered {
+                graph_event_id: Some("g1".into()),
+                change_key: None,
+                etag: None,
+                note: None,
+            },
+            at(8),
+        )
+        .await
+        .expect("record");
+    assert_eq!(
+        write_record(&store, "write-k3").await.state,
+        WriteState::Delivered
+    );
+    let link3 = link(&store, id, "e1").await;
+    assert!(link3.cancelled);
+    assert_eq!(
+        (link3.graph_event_id.as_deref(), link3.change_key.as_deref()),
+        (Some("g1"), Some("ck2"))
+    );
+    assert!(pending_ids(&store, id).await.is_empty());
+    assert!(matches!(
+        enqueue(&store, id, &write("e1", WriteOp::Update, "k4"), at(9)).await,
+        Enqueued::EventCancelled
+    ));
+}
+
+async fn retries_count_attempts_and_stay_queued(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let at = |n| t0() + secs(n);
+    let w = write("e1", WriteOp::Create, "k1");
+    queued(&store, id, &w, at(1)).await;
+    let l = lease(&store, id, "w", at(2)).await;
+    for (n, reason) in [(3, "timeout"), (4, "503 Service Unavailable")] {
+        store
+            .record_write(
+                &l,
+                "write-k1",
+                &WriteResult::Retry {
+                    reason: reason.into(),
+                },
+                at(n),
+            )
+            .await
+            .expect("record");
+    }
+    let record = write_record(&store, "write-k1").await;
+    assert_eq!((record.state, record.attempts), (WriteState::Queued, 2));
+    assert_eq!(
+        (record.last_error.as_deref(), record.updated_at),
+        (Some("503 Service Unavailable"), at(4))
+    );
+    assert_eq!(record.delivered_at, None);
+    let pending = store.pending_writes(id, 10).await.expect("pending");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].attempts, pending[0].body.as_str()),
+        (2, w.body.as_str()),
+        "the body is kept for the next try"
+    );
+    let link = link(&store, id, "e1").await;
+    assert_eq!((link.graph_event_id, link.updated_at), (None, at(1)));
+
+    // A later success keeps the count of tries it took.
+    store
+        .record_write(&l, "write-k1", &delivered("g1", "ck1"), at(5))
+        .await
+        .expect("record");
+    let record = write_record(&store, "write-k1").await;
+    assert_eq!((record.state, record.attempts), (WriteState::Delivered, 2));
+}
+
+async fn a_conflict_keeps_outlooks_version(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let at = |n| t0() + secs(n);
+    queued(&store, id, &write("e1", WriteOp::Create, "k1"), at(1)).await;
+    queued(&store, id, &write("e1", WriteOp::Update, "k2"), at(2)).await;
+    let l = lease(&store, id, "w", at(3)).await;
+    store
+        .record_write(&l, "write-k1", &delivered("g1", "ck1"), at(4))
+        .await
+        .expect("record");
+    store
+        .record_write(
+            &l,
+            "write-k2",
+            &WriteResult::Conflict {
+                reason: "changed in Outlook".into(),
+                change_key: Some("ck-outlook".into()),
+                etag: Some("W/\"outlook\"".into()),
+            },
+            at(5),
+        )
+        .await
+        .expect("record");
+    let w = write_record(&store, "write-k2").await;
+    assert_eq!(
+        (w.state, w.conflict.as_deref()),
+        (WriteState::Conflict, Some("changed in Outlook"))
+    );
+    assert_eq!(
+        (w.delivered_at, w.graph_event_id.as_deref(), w.updated_at),
+        (None, Some("g1"), at(5))
+    );
+    let link = link(&store, id, "e1").await;
+    assert_eq!(
+        (
+            link.graph_event_id.as_deref(),
+            link.change_key.as_deref(),
+            link.etag.as_deref()
+        ),
+        (Some("g1"), Some("ck-outlook"), Some("W/\"outlook\""))
+    );
+    assert!(pending_ids(&store, id).await.is_empty());
+    // The application may write again, from Outlook's version.
+    queued(&store, id, &write("e1", WriteOp::Update, "k3"), at(6)).await;
+}
+
+async fn a_cancel_that_did_not_happen_reopens_its_appointment(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let at = |n| t0() + secs(n);
+    queued(&store, id, &write("e1", WriteOp::Create, "k1"), at(1)).await;
+    queued(&store, id, &write("e1", WriteOp::Cancel, "k2"), at(2)).await;
+    let l = lease(&store, id, "w", at(3)).await;
+    store
+        .record_write(&l, "write-k1", &delivered("g1", "ck1"), at(4))
+        .await
+        .expect("record");
+    store
+        .record_write(
+            &l,
+            "write-k2",
+            &WriteResult::Retry {
+                reason: "timeout".into(),
+            },
+            at(5),
+        )
+        .await
+        .expect("record");
+    assert!(
+        link(&store, id, "e1").await.cancelled,
+        "still being cancelled"
+    );
+    store
+        .record_write(
+            &l,
+            "write-k2",
+            &WriteResult::Failed {
+                reason: "403 Forbidden".into(),
+            },
+            at(6),
+        )
+        .await
+        .expect("record");
+    let w = write_record(&store, "write-k2").await;
+    assert_eq!(
+        (w.state, w.last_error.as_deref()),
+        (WriteState::Failed, Some("403 Forbidden"))
+    );
+    assert!(
+        !link(&store, id, "e1").await.cancelled,
+        "the event is still in Outlook"
+    );
+    queued(&store, id, &write("e1", WriteOp::Cancel, "k3"), at(7)).await;
+    assert!(link(&store, id, "e1").await.cancelled);
+}
+
+async fn concurrent_enqueues_of_one_key_store_one_write(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let mut racers = tokio::task::JoinSet::new();
+    for n in 0..8 {
+        let store = store.clone();
+        racers.spawn(async move {
+            // Each caller has its own write id, as each API request makes one.
+            let w = Write {
+                id: format!("racer-{n}"),
+                ..write("e1", WriteOp::Create, "k1")
+            };
+            enqueue(&store, id, &w, t0()).await
+        });
+    }
+    let (mut new, mut replayed) = (Vec::new(), Vec::new());
+    while let Some(done) = racers.join_next().await {
+        match done.expect("racer") {
+            Enqueued::New(record) => new.push(record),
+            Enqueued::Replay(record) => replayed.push(record),
+            other => panic!("only one new write and replays: {other:?}"),
+        }
+    }
+    assert_eq!((new.len(), replayed.len()), (1, 7));
+    assert!(
+        replayed.iter().all(|r| *r == new[0]),
+        "every replay is the stored write"
+    );
+    assert_eq!(pending_ids(&store, id).await, [new[0].id.clone()]);
+    assert_eq!(
+        store
+            .writes_of_event(id, "e1", 10)
+            .await
+            .expect("reads")
+            .len(),
+        1
+    );
+}
+
+async fn write_counts_per_tenant(store: Store) {
+    let ids = register(
+        &store,
+        &[("a", "ann"), ("a", "bob"), ("b", "cat"), ("c", "dan")],
+    )
+    .await;
+    let (ann, bob, cat) = (ids[0], ids[1], ids[2]);
+    let at = |n| t0() + secs(n);
+    assert!(store.write_counts().await.expect("counts").is_empty());
+    for (mailbox, external, key, n) in [
+        (bob, "e1", "k1", 5),
+        (ann, "e1", "k2", 3),
+        (ann, "e2", "k3", 4),
+        (ann, "e3", "k4", 6),
+        (cat, "e1", "k5", 7),
+    ] {
+        queued(
+            &store,
+            mailbox,
+            &write(external, WriteOp::Create, key),
+            at(n),
+        )
+        .await;
+    }
+    let a = lease(&store, ann, "w", at(8)).await;
+    store
+        .record_write(&a, "write-k2", &delivered("g1", "ck"), at(9))
+        .await
+        .expect("record");
+    store
+        .record_write(
+            &a,
+            "write-k3",
+            &WriteResult::Failed {
+                reason: "400".into(),
+            },
+            at(9),
+        )
+        .await
+        .expect("record");
+    store
+        .record_write(
+            &a,
+            "write-k4",
+            &WriteResult::Conflict {
+                reason: "changed".into(),
+                change_key: None,
+                etag: None,
+            },
+            at(9),
+        )
+        .await
+        .expect("record");
+    let c = lease(&store, cat, "w", at(8)).await;
+    store
+        .record_write(&c, "write-k5", &delivered("g5", "ck"), at(9))
+        .await
+        .expect("record");
+
+    let counts = store.write_counts().await.expect("counts");
+    assert_eq!(
+        counts.get("a"),
+        Some(&WriteCounts {
+            queued: 1,
+            oldest_queued_at: Some(at(5)),
+            failed: 1,
+            conflict: 1
+        })
+    );
+    assert_eq!(counts.get("b"), None, "all delivered");
+    assert_eq!(counts.len(), 1);
+}
+
+async fn removing_a_mailbox_removes_its_writes_and_links(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob")]).await;
+    let (ann, bob) = (ids[0], ids[1]);
+    queued(&store, ann, &write("e1", WriteOp::Create, "k1"), t0()).await;
+    queued(&store, ann, &write("e1", WriteOp::Update, "k2"), t0()).await;
+    queued(&store, bob, &write("e1", WriteOp::Create, "b1"), t0()).await;
+    assert!(store.remove_mailbox(ann).await.expect("remove"));
+    assert!(store
+        .write_by_id("write-k1")
+        .await
+        .expect("reads")
+        .is_none());
+    assert!(store
+        .write_by_id("write-k2")
+        .await
+        .expect("reads")
+        .is_none());
+    assert!(store.event_link(ann, "e1").await.expect("reads").is_none());
+    assert!(store
+        .pending_writes(ann, 10)
+        .await
+        .expect("reads")
+        .is_empty());
+    assert_eq!(pending_ids(&store, bob).await, ["write-b1"]);
+    assert!(store.event_link(bob, "e1").await.expect("reads").is_some());
+    let counts = store.write_counts().await.expect("counts");
+    assert_eq!(counts.get("a").map(|c| c.queued), Some(1));
+}
+
+/// The body of a write as stored, read past the store.
+async fn stored_body(store: &Store, url: &str, id: &str) -> String {
+    match store.backend() {
+        Backend::Sqlite => {
+            let mut db = sqlx::SqliteConnection::connect(url).await.expect("connect");
+            sqlx::query_scalar("SELECT body FROM writes WHERE id = ?1")
+                .bind(id)
+                .fetch_one(&mut db)
+                .await
+                .expect("body")
+        }
+        Backend::Postgres => {
+            let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+            sqlx::query_scalar("SELECT body FROM writes WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut db)
+                .await
+                .expect("body")
+        }
+    }
+}
+
+/// Bodies hold personal data: kept while a write may still be sent, dropped when it ends.
+async fn an_ended_write_keeps_no_body(store: Store, url: String) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let at = |n| t0() + secs(n);
+    let writes = [
+        write("e1", WriteOp::Create, "k1"),
+        write("e2", WriteOp::Create, "k2"),
+        write("e3", WriteOp::Create, "k3"),
+        write("e4", WriteOp::Create, "k4"),
+    ];
+    for w in &writes {
+        queued(&store, id, w, at(1)).await;
+    }
+    let l = lease(&store, id, "w", at(2)).await;
+    let results = [
+        delivered("g1", "ck1"),
+        WriteResult::Failed {
+            reason: "400".into(),
+        },
+        WriteResult::Conflict {
+            reason: "changed".into(),
+            change_key: None,
+            etag: None,
+        },
+        WriteResult::Retry {
+            reason: "timeout".into(),
+        },
+    ];
+    for (w, result) in writes.iter().zip(&results) {
+        store
+            .record_write(&l, &w.id, result, at(3))
+            .await
+            .expect("record");
+    }
+    for w in &writes[..3] {
+        assert_eq!(stored_body(&store, &url, &w.id).await, "{}", "{}", w.id);
+    }
+    assert_eq!(
+        stored_body(&store, &url, "write-k4").await,
+        writes[3].body,
+        "queued: kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_ended_write_keeps_no_body() {
+    on_sqlite_at(an_ended_write_keeps_no_body).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_ended_write_keeps_no_body() {
+    on_postgres_at(an_ended_write_keeps_no_body).await;
 }

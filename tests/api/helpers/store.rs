@@ -16,11 +16,20 @@ where
     F: FnOnce(Store) -> Fut,
     Fut: Future<Output = ()>,
 {
+    on_sqlite_at(|store, _| test(store)).await;
+}
+
+/// [`on_sqlite`] for a test that also reads the database itself: it is given the store's URL.
+pub async fn on_sqlite_at<F, Fut>(test: F)
+where
+    F: FnOnce(Store, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("store.db").display());
     let store = Store::connect(&url, 8).await.expect("SQLite store opens");
     store.migrate().await.expect("SQLite migrations run");
-    test(store.clone()).await;
+    test(store.clone(), url).await;
     store.close().await;
 }
 
@@ -29,13 +38,22 @@ where
     F: FnOnce(Store) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    on_postgres_at(|store, _| test(store)).await;
+}
+
+/// [`on_postgres`] for a test that also reads the database itself: it is given the store's URL.
+pub async fn on_postgres_at<F, Fut>(test: F)
+where
+    F: FnOnce(Store, String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let Some(schema) = TestSchema::create().await else {
         return;
     };
     let outcome = match Store::connect(&schema.url, 8).await {
         Ok(store) => {
             let outcome = match store.migrate().await {
-                Ok(()) => run_caught(test(store.clone())).await,
+                Ok(()) => run_caught(test(store.clone(), schema.url.clone())).await,
                 Err(e) => Err(Box::new(format!("PostgreSQL migrations: {e}")) as _),
             };
             store.close().await;

@@ -15,6 +15,7 @@ use super::{
     QuarantinedItem, ReplicaRecord, RetiredSubscription, StoreError, StoredMaster, SubscriptionDue,
     SubscriptionRecord, SubscriptionSaved, SyncRun,
 };
+use super::{Enqueued, EventLink, NewWrite, PendingWrite, WriteCounts, WriteRecord, WriteResult};
 use crate::graph::{Event, PageLink, Window};
 
 /// Opening and closing: the store's tables, its health.
@@ -329,4 +330,53 @@ pub trait ReplicaStore {
     /// Deletes the rows of replicas whose last heartbeat is before `before` (dead ones');
     /// returns how many.
     async fn forget_replicas(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+}
+
+/// The outbox of two-way sync: the application's writes to its appointments, queued until the
+/// mailbox's sync job delivers them, and each appointment's link to its Graph event.
+pub trait WriteStore {
+    /// Stores a write and asks for a sync of its mailbox (as [`request_sync`](MailboxStore::request_sync)
+    /// would, even if one is pending), in one transaction, after the idempotency and link checks
+    /// of [`Enqueued`]; a cancel marks its link cancelled at once. Concurrent calls with one
+    /// idempotency key store one write; the others replay it.
+    async fn enqueue_write(&self, write: &NewWrite<'_>) -> Result<Enqueued, StoreError>;
+
+    /// The mailbox's queued writes in delivery order with their links, at most `limit`.
+    async fn pending_writes(
+        &self,
+        mailbox: MailboxId,
+        limit: u32,
+    ) -> Result<Vec<PendingWrite>, StoreError>;
+
+    /// Records the result of delivering a queued write of the leased mailbox, and what it
+    /// teaches the link, only while `lease` is held ([`StoreError::LeaseLost`] otherwise,
+    /// nothing written). A write that ends loses its body. No-op for a write not queued.
+    async fn record_write(
+        &self,
+        lease: &Lease,
+        write_id: &str,
+        result: &WriteResult,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// A write by its id.
+    async fn write_by_id(&self, id: &str) -> Result<Option<WriteRecord>, StoreError>;
+
+    /// An appointment's link to its Graph event.
+    async fn event_link(
+        &self,
+        mailbox: MailboxId,
+        external_id: &str,
+    ) -> Result<Option<EventLink>, StoreError>;
+
+    /// Writes not delivered per tenant (tenants with none are absent).
+    async fn write_counts(&self) -> Result<HashMap<String, WriteCounts>, StoreError>;
+
+    /// An appointment's writes, newest first, at most `limit`.
+    async fn writes_of_event(
+        &self,
+        mailbox: MailboxId,
+        external_id: &str,
+        limit: u32,
+    ) -> Result<Vec<WriteRecord>, StoreError>;
 }

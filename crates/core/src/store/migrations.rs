@@ -66,6 +66,11 @@ pub const SQLITE: Embedded = Embedded(&[
         "replicas",
         include_str!("../../migrations/sqlite/0008_replicas.sql"),
     ),
+    (
+        9,
+        "writes",
+        include_str!("../../migrations/sqlite/0009_writes.sql"),
+    ),
 ]);
 
 pub const POSTGRES: Embedded = Embedded(&[
@@ -103,6 +108,11 @@ pub const POSTGRES: Embedded = Embedded(&[
         8,
         "replicas",
         include_str!("../../migrations/postgres/0008_replicas.sql"),
+    ),
+    (
+        9,
+        "writes",
+        include_str!("../../migrations/postgres/0009_writes.sql"),
     ),
 ]);
 

@@ -15,6 +15,7 @@ mod replicas;
 mod retired;
 mod sqlite;
 mod subscriptions;
+mod writes;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,13 +25,17 @@ use serde::Serialize;
 
 pub use contract::{
     Lifecycle, MailboxPages, MailboxStore, ReplicaStore, RetiredStore, RoundStore,
-    SubscriptionStore,
+    SubscriptionStore, WriteStore,
 };
 pub use postgres::PgStore;
 pub use replicas::ReplicaRecord;
 pub use retired::RetiredSubscription;
 pub use sqlite::SqliteStore;
 pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
+pub use writes::{
+    Enqueued, EventLink, NewWrite, PendingWrite, WriteCounts, WriteOp, WriteRecord, WriteResult,
+    WriteState,
+};
 
 use crate::graph::model::RejectedItem;
 use crate::graph::{DeltaItem, Event, PageLink, Window};

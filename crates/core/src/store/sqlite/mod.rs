@@ -15,6 +15,7 @@ use crate::store::{migrations, StoreError};
 
 mod mailboxes;
 mod rounds;
+mod writes;
 
 pub(in crate::store) use mailboxes::mailbox_from_row;
 
