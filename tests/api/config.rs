@@ -287,8 +287,8 @@ fn the_example_config_parses_and_states_the_defaults() {
     let defaults = Settings::from_toml_str("").expect("the defaults parse");
     let shown = |s: &Settings| {
         format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
-            s.server, s.store, s.graph, s.sync, s.log, s.resilience, s.notifications
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            s.server, s.store, s.graph, s.sync, s.log, s.resilience, s.notifications, s.writes
         )
     };
     assert_eq!(shown(&example), shown(&defaults));

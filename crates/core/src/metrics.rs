@@ -46,9 +46,11 @@ pub const HTTP_OPEN_CONNECTIONS: &str = "calsync_http_open_connections";
 pub const ADMIN_AUTH_FAILURES: &str = "calsync_admin_auth_failures_total";
 pub const NOTIFICATIONS_RECEIVED: &str = "calsync_notifications_received_total";
 pub const NOTIFICATION_BATCHES_REFUSED: &str = "calsync_notification_batches_refused_total";
+pub const WRITES_FINISHED: &str = "calsync_writes_total";
+pub const WRITE_ATTEMPTS_FAILED: &str = "calsync_write_attempts_failed_total";
 
 /// Every event metric, for checks that dashboards and alert rules name only real series.
-pub const EVENT_COUNTERS: [&str; 23] = [
+pub const EVENT_COUNTERS: [&str; 25] = [
     JOBS_STARTED,
     JOBS_FINISHED,
     JOB_FAILURES,
@@ -72,6 +74,8 @@ pub const EVENT_COUNTERS: [&str; 23] = [
     ADMIN_AUTH_FAILURES,
     NOTIFICATIONS_RECEIVED,
     NOTIFICATION_BATCHES_REFUSED,
+    WRITES_FINISHED,
+    WRITE_ATTEMPTS_FAILED,
 ];
 pub const EVENT_HISTOGRAMS: [&str; 2] = [JOB_DURATION, SYNC_LAG];
 
@@ -122,6 +126,14 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 fn describe() {
     use metrics::{describe_counter, describe_histogram, Unit};
     describe_counter!(JOBS_STARTED, "Sync jobs started, by tenant.");
+    describe_counter!(
+        WRITES_FINISHED,
+        "The application's writes to Outlook that reached a final state, by tenant, op (create, update, cancel) and state (delivered, conflict, failed)."
+    );
+    describe_counter!(
+        WRITE_ATTEMPTS_FAILED,
+        "Attempts to deliver a write that stopped on a failure of Graph or the tenant (the write stays queued), by tenant and reason."
+    );
     describe_counter!(
         JOBS_FINISHED,
         "Sync jobs finished, by tenant and outcome (ok, failed, deadline_exceeded, deferred)."
@@ -361,6 +373,17 @@ pub fn graph_request(tenant: &str, status: &'static str) {
     if status == "429" {
         counter!(GRAPH_THROTTLED, "tenant" => tenant.to_string()).increment(1);
     }
+}
+
+/// A write reached a final state.
+pub fn write_finished(tenant: &str, op: &'static str, state: &'static str) {
+    counter!(WRITES_FINISHED, "tenant" => tenant.to_string(), "op" => op, "state" => state)
+        .increment(1);
+}
+
+/// A write's delivery stopped on a failure that leaves it queued.
+pub fn write_attempt_failed(tenant: &str, reason: &'static str) {
+    counter!(WRITE_ATTEMPTS_FAILED, "tenant" => tenant.to_string(), "reason" => reason).increment(1);
 }
 
 /// A 401 answered before the token was refreshed and the request sent again.

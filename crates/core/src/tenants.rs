@@ -20,6 +20,8 @@ pub struct Tenant {
     pub tokens: Arc<TokenProvider>,
     /// The Graph breaker, the tenant's request rate, its retry budget, its running jobs.
     pub guard: Arc<TenantGuard>,
+    /// The application may write events into this tenant's calendars (`tenants[].writes`).
+    pub writes: bool,
 }
 
 impl Tenant {
@@ -78,6 +80,7 @@ impl Tenants {
                     name: tenant.name.clone(),
                     tokens: Arc::new(tokens),
                     guard: Arc::new(guard),
+                    writes: tenant.writes,
                 }),
             );
         }

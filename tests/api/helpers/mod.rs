@@ -4,6 +4,7 @@
 //! (`Jobs::ByTest`). [`spawn_app`] points it at a mock Graph (wiremock, this file),
 //! [`sim::sim_app`] at the simulator; [`store`] runs one store test on both backends.
 
+pub mod api;
 pub mod sim;
 pub mod store;
 

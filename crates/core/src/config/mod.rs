@@ -4,6 +4,7 @@
 mod duration;
 mod log_level;
 mod notifications;
+mod writes;
 mod server;
 
 use std::collections::{BTreeMap, HashSet};
@@ -18,6 +19,7 @@ use url::Url;
 pub use duration::HumanDuration;
 pub use log_level::validate as validate_log_filter;
 pub use notifications::{NotificationSettings, MAX_EVENT_SUBSCRIPTION};
+pub use writes::{ConflictPolicy, WriteSettings};
 pub use server::ServerSettings;
 
 use crate::credential::ClientCertificate;
@@ -25,7 +27,7 @@ use crate::credential::ClientCertificate;
 const DEFAULTS: &str = include_str!("defaults.toml");
 const ENV_PREFIX: &str = "CALSYNC_";
 /// The top-level tables: a setting's variable is `CALSYNC_<TABLE>__<KEY>`.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "server",
     "store",
     "graph",
@@ -34,6 +36,7 @@ const SECTIONS: [&str; 9] = [
     "resilience",
     "api",
     "notifications",
+    "writes",
     "tenants",
 ];
 
@@ -139,6 +142,7 @@ pub struct Settings {
     pub tenants: Vec<TenantSettings>,
     pub api: ApiSettings,
     pub notifications: NotificationSettings,
+    pub writes: WriteSettings,
 }
 
 /// The admin API under `/v1`. `Debug` shows no token (`SecretString` redacts itself).
@@ -215,6 +219,9 @@ pub struct TenantSettings {
     pub client_id: String,
     pub credential: Credential,
     pub mailboxes: Vec<String>,
+    /// The application may write events into this tenant's calendars: the tenant granted it
+    /// `Calendars.ReadWrite`. Off unless set.
+    pub writes: bool,
 }
 
 /// How a tenant's app proves itself to the token endpoint. `Debug` never shows the secret.
@@ -250,6 +257,8 @@ struct RawSettings {
     api: RawApi,
     #[serde(default)]
     notifications: notifications::RawNotifications,
+    #[serde(default)]
+    writes: writes::RawWrites,
 }
 
 #[derive(Default, Deserialize)]
@@ -357,6 +366,8 @@ struct RawTenant {
     certificate_file: Option<PathBuf>,
     #[serde(default)]
     mailboxes: Vec<String>,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    writes: bool,
 }
 
 /// Numbers may arrive as TOML integers or, from the environment, as strings.
@@ -372,6 +383,26 @@ fn lenient_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::
         NumberOrText::Text(text) => text.trim().parse().map_err(|_| {
             serde::de::Error::custom(format!("expected a whole number, got `{text}`"))
         }),
+    }
+}
+
+/// Switches may arrive as TOML booleans or, from the environment, as `true`/`false`.
+fn lenient_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum BoolOrText {
+        Bool(bool),
+        Text(String),
+    }
+    match BoolOrText::deserialize(deserializer)? {
+        BoolOrText::Bool(b) => Ok(b),
+        BoolOrText::Text(text) => match text.trim().to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected `true` or `false`, got `{text}`"
+            ))),
+        },
     }
 }
 
@@ -806,6 +837,7 @@ impl RawSettings {
         }
         let api = self.api.validate()?;
         let notifications = self.notifications.validate()?;
+        let writes = self.writes.validate()?;
 
         Ok(Settings {
             server,
@@ -833,6 +865,7 @@ impl RawSettings {
             tenants,
             api,
             notifications,
+            writes,
         })
     }
 }
@@ -1077,6 +1110,7 @@ impl RawTenant {
             client_id,
             credential,
             mailboxes,
+            writes: self.writes,
         })
     }
 }

@@ -43,7 +43,7 @@ impl CheckedLink {
     }
 
     /// The same URL with query parameters added (same origin, still checked).
-    fn with_query(mut self, pairs: &[(&str, &str)]) -> Self {
+    pub fn with_query(mut self, pairs: &[(&str, &str)]) -> Self {
         {
             let mut query = self.0.query_pairs_mut();
             for (key, value) in pairs {
@@ -219,6 +219,9 @@ pub struct GraphRequest<'a> {
     /// Longer than the client's own deadline, for a call Graph answers only after work of its
     /// own (a subscription create waits for Graph's validation request).
     deadline: Option<Duration>,
+    /// `If-Match`: the etag the item must still have (an update that must not overwrite a
+    /// change it has not seen).
+    if_match: Option<String>,
 }
 
 impl<'a> GraphRequest<'a> {
@@ -232,7 +235,14 @@ impl<'a> GraphRequest<'a> {
             secret: None,
             page_size: None,
             deadline: None,
+            if_match: None,
         }
+    }
+
+    /// Sent only if the item still has `etag`; Graph answers 412 otherwise.
+    pub fn if_match(mut self, etag: &str) -> Self {
+        self.if_match = Some(etag.to_string());
+        self
     }
 
     pub fn deadline(mut self, deadline: Duration) -> Self {
@@ -407,6 +417,9 @@ impl GraphClient {
             .header(http::header::ACCEPT, "application/json")
             .header("Prefer", "outlook.timezone=\"UTC\"")
             .header("client-request-id", &ids.client_request_id);
+        if let Some(etag) = &request.if_match {
+            builder = builder.header(http::header::IF_MATCH, etag);
+        }
         if let Some(size) = request.page_size {
             builder = builder.header("Prefer", format!("odata.maxpagesize={size}"));
         }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::AppState;
+use super::{appointments, AppState};
 use crate::config::Settings;
 use crate::graph::Event;
 use crate::store::{MailboxId, MailboxRecord, StoreError};
@@ -52,6 +52,9 @@ pub struct AdminApi {
     key: hmac::Key,
     expected: Option<hmac::Tag>,
     tenants: BTreeSet<String>,
+    /// Tenants the application may write to (`tenants[].writes`).
+    write_tenants: BTreeSet<String>,
+    max_write_body: usize,
 }
 
 impl AdminApi {
@@ -68,7 +71,22 @@ impl AdminApi {
             key,
             expected,
             tenants: settings.tenants.iter().map(|t| t.name.clone()).collect(),
+            write_tenants: settings
+                .tenants
+                .iter()
+                .filter(|t| t.writes)
+                .map(|t| t.name.clone())
+                .collect(),
+            max_write_body: settings.writes.max_body_bytes,
         }
+    }
+
+    pub fn writes_allowed(&self, tenant: &str) -> bool {
+        self.write_tenants.contains(tenant)
+    }
+
+    pub fn max_write_body(&self) -> usize {
+        self.max_write_body
     }
 
     pub fn enabled(&self) -> bool {
@@ -95,7 +113,17 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
             get(mailbox_status).delete(remove_mailbox),
         ),
         ("/mailboxes/{id}/sync", post(request_sync)),
-        ("/mailboxes/{id}/events", get(mailbox_events)),
+        (
+            "/mailboxes/{id}/events",
+            get(mailbox_events).post(appointments::create_event),
+        ),
+        (
+            "/mailboxes/{id}/events/{external_id}",
+            get(appointments::read_event)
+                .patch(appointments::update_event)
+                .delete(appointments::cancel_event),
+        ),
+        ("/writes/{id}", get(appointments::write_status)),
         ("/mailboxes/{id}/quarantine", get(mailbox_quarantine)),
     ]
 }
@@ -129,7 +157,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
 /// An API error: status, a stable `code`, a message for people, and the body field or the
 /// path/query parameter at fault when there is one.
 #[derive(Debug)]
-pub struct ApiError {
+pub(super) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -154,7 +182,7 @@ struct ErrorDetail<'a> {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -165,21 +193,45 @@ impl ApiError {
         }
     }
 
-    fn field(code: &'static str, field: &str, message: impl Into<String>) -> Self {
+    pub(super) fn field(code: &'static str, field: &str, message: impl Into<String>) -> Self {
         Self {
             field: Some(field.to_string()),
             ..Self::new(StatusCode::BAD_REQUEST, code, message)
         }
     }
 
-    fn parameter(code: &'static str, parameter: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn parameter(
+        code: &'static str,
+        parameter: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             parameter: Some(parameter),
             ..Self::new(StatusCode::BAD_REQUEST, code, message)
         }
     }
 
-    fn mailbox_not_found(id: MailboxId) -> Self {
+    /// [`field`](Self::field) in the shape of a plain function.
+    pub(super) fn field_error(code: &'static str, field: &str, message: String) -> Self {
+        Self::field(code, field, message)
+    }
+
+    /// A request header missing or malformed (400).
+    pub(super) fn header(name: &'static str, message: &str) -> Self {
+        Self::parameter("invalid_header", name, message)
+    }
+
+    #[cfg(test)]
+    pub(super) fn field_name(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+
+    #[cfg(test)]
+    pub(super) fn code(&self) -> &str {
+        self.code
+    }
+
+    pub(super) fn mailbox_not_found(id: MailboxId) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "mailbox_not_found",
@@ -361,7 +413,7 @@ async fn method_not_allowed() -> ApiError {
 // ---- input ----
 
 /// The `{id}` of a mailbox route: the positive number returned at registration.
-fn mailbox_id(path: Result<Path<String>, PathRejection>) -> Result<MailboxId, ApiError> {
+pub(super) fn mailbox_id(path: Result<Path<String>, PathRejection>) -> Result<MailboxId, ApiError> {
     let invalid = || {
         ApiError::parameter(
             "invalid_parameter",
@@ -414,7 +466,7 @@ fn query_params(
     Ok(params)
 }
 
-fn truncate(text: &str, max: usize) -> String {
+pub(super) fn truncate(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &text[..at]),
         None => text.to_string(),
@@ -530,7 +582,7 @@ impl Registration {
 }
 
 /// Runs a store call with a deadline; its failure is logged and answered without detail.
-async fn store_call<T>(
+pub(super) async fn store_call<T>(
     what: &'static str,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, ApiError> {
@@ -648,7 +700,7 @@ pub struct EventView {
 }
 
 impl EventView {
-    fn of(e: Event) -> Self {
+    pub(super) fn of(e: Event) -> Self {
         Self {
             event_id: e.id,
             ical_uid: e.ical_uid,

@@ -5,6 +5,7 @@
 
 pub mod abuse;
 pub mod admin;
+pub mod appointments;
 pub mod notifications;
 pub mod server;
 

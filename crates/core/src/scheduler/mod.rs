@@ -20,13 +20,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{HumanDuration, ResilienceSettings, Settings, SyncSettings};
+use crate::config::{HumanDuration, ResilienceSettings, Settings, SyncSettings, WriteSettings};
 use crate::graph::GraphClient;
 use crate::resilience::backoff::BackoffSchedule;
 use crate::resilience::guard::BreakerSnapshot;
 use crate::resilience::retry::RetryPolicy;
 use crate::resilience::{after_retry_after, RunningJobCount};
 use crate::store::{JobRecord, Lease, MailboxRecord, RunOutcome, Store};
+use crate::sync::writes::WritePolicy;
 use crate::sync::{self, RoundContext, SyncError, SyncReport};
 use crate::tenants::Tenants;
 
@@ -96,6 +97,7 @@ pub struct Worker {
     tenants: Arc<Tenants>,
     sync: SyncSettings,
     resilience: ResilienceSettings,
+    writes: WriteSettings,
     max_pages_per_round: u32,
     page_failure_limit: u32,
     /// When a failed job's mailbox runs again.
@@ -130,6 +132,7 @@ impl Worker {
             tenants,
             sync: settings.sync.clone(),
             resilience: settings.resilience.clone(),
+            writes: settings.writes.clone(),
             max_pages_per_round: settings.graph.max_pages_per_round,
             page_failure_limit: settings.graph.page_failure_limit,
             failure_retry: RetryPolicy::new(0, failure_backoff),
@@ -386,10 +389,17 @@ impl Worker {
                         retry: self.request_retry,
                         slow_call: self.resilience.slow_call,
                     };
-                    let job = tokio::time::timeout_at(
-                        deadline,
-                        sync::run_round(&ctx, mailbox, started_at, &mut report),
-                    );
+                    let writes = WritePolicy {
+                        allowed: tenant.writes,
+                        conflict: self.writes.conflict_policy,
+                        per_job: self.writes.per_job,
+                    };
+                    let job = tokio::time::timeout_at(deadline, async {
+                        // The application's writes first: the round that follows reads back
+                        // what Outlook made of them.
+                        sync::writes::deliver(&ctx, mailbox, &writes, &mut report).await?;
+                        sync::run_round(&ctx, mailbox, started_at, &mut report).await
+                    });
                     let outcome = tokio::select! {
                         outcome = job => Some(outcome),
                         () = self.heartbeat(&lease) => None,

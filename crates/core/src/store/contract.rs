@@ -176,6 +176,13 @@ pub trait RoundStore {
         end: DateTime<Utc>,
     ) -> Result<Vec<Event>, StoreError>;
 
+    /// One stored event of a mailbox, by Graph id.
+    async fn event_by_id(
+        &self,
+        mailbox: MailboxId,
+        event_id: &str,
+    ) -> Result<Option<Event>, StoreError>;
+
     /// Events held per mailbox.
     async fn event_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError>;
 

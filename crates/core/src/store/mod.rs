@@ -341,6 +341,15 @@ impl Store {
         delegate!(self, s => s.events_between(mailbox, start, end).await)
     }
 
+    /// One stored event of a mailbox, by Graph id.
+    pub async fn event_by_id(
+        &self,
+        mailbox: MailboxId,
+        event_id: &str,
+    ) -> Result<Option<Event>, StoreError> {
+        delegate!(self, s => s.event_by_id(mailbox, event_id).await)
+    }
+
     /// Events held per mailbox.
     pub async fn event_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
         delegate!(self, s => s.event_counts().await)

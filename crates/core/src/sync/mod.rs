@@ -3,6 +3,7 @@
 //! deadline is enforced from outside): the store then holds the last committed page.
 
 mod series;
+pub mod writes;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -131,6 +132,10 @@ pub struct SyncReport {
     /// Series masters fetched because stubs of their series came without them.
     pub master_requests: u64,
     pub last_request_id: Option<String>,
+    /// The application's writes delivered to Outlook, kept as conflicts, or refused for good.
+    pub writes_delivered: u64,
+    pub writes_conflicted: u64,
+    pub writes_failed: u64,
 }
 
 /// Everything a round works with besides the mailbox itself.

@@ -318,6 +318,23 @@ impl RoundStore for SqliteStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    async fn event_by_id(
+        &self,
+        mailbox: MailboxId,
+        event_id: &str,
+    ) -> Result<Option<Event>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            crate::store::event_columns!(),
+            " FROM events WHERE mailbox_id = ?1 AND event_id = ?2"
+        ))
+        .bind(mailbox)
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(event_from_row).transpose()
+    }
+
     async fn event_counts(&self) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
         rows_per_mailbox(
             &self.pool,

@@ -1,0 +1,432 @@
+//! Delivering the application's queued writes (create, update, cancel of its appointments) to
+//! Graph, in order, at the start of the mailbox's sync job: the same lease, deadline, breaker,
+//! rate limits and retry policy as the delta round that follows (which then reads back what
+//! Outlook holds).
+//!
+//! Exactly once: a create carries the `transactionId` chosen when it was queued, so a create
+//! whose answer was lost (timeout, reset, a crash of calsync) is sent again and Graph answers
+//! with the event it already made. An update first reads the event's `changeKey` and compares
+//! it with the one calsync last wrote; the PATCH then carries `If-Match` with the etag just
+//! read. Write bodies hold personal data: nothing here logs them, only ids and states.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{call_graph, RoundContext, SyncError, SyncReport};
+use crate::config::ConflictPolicy;
+use crate::graph::{GraphError, RequestIds};
+use crate::store::{MailboxRecord, PendingWrite, WriteOp, WriteResult};
+
+/// What the job needs to know about writing for this mailbox's tenant.
+#[derive(Clone, Copy, Debug)]
+pub struct WritePolicy {
+    /// The tenant allows writes (`tenants[].writes`); a write queued before it stopped allowing
+    /// them fails instead of being sent.
+    pub allowed: bool,
+    pub conflict: ConflictPolicy,
+    /// Writes one job delivers at most.
+    pub per_job: u32,
+}
+
+/// The parts of an event Graph answers that the link keeps.
+#[derive(Debug, Deserialize)]
+struct EventVersion {
+    id: String,
+    #[serde(rename = "changeKey")]
+    change_key: Option<String>,
+    #[serde(rename = "@odata.etag")]
+    etag: Option<String>,
+    #[serde(default)]
+    attendees: Option<Vec<Value>>,
+}
+
+/// What the job knows of an appointment's Graph event, updated as its writes are delivered
+/// (the queued writes were read with the link as it was before the first of them).
+#[derive(Clone, Debug, Default)]
+struct Known {
+    graph_event_id: Option<String>,
+    change_key: Option<String>,
+    etag: Option<String>,
+}
+
+/// Delivers the mailbox's queued writes in order. A write Graph refuses for good is recorded
+/// as failed and the next one goes on; a failure of Graph or of the tenant (unreachable,
+/// throttled past the deadline, token endpoint down, breaker open) records the attempt and
+/// stops the job with that error, so the writes wait, queued, for the mailbox's next job.
+pub async fn deliver(
+    ctx: &RoundContext<'_>,
+    mailbox: &MailboxRecord,
+    policy: &WritePolicy,
+    report: &mut SyncReport,
+) -> Result<(), SyncError> {
+    let pending = ctx.store.pending_writes(mailbox.id, policy.per_job).await?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut known: HashMap<String, Known> = HashMap::new();
+    for write in &pending {
+        let link = known
+            .entry(write.external_id.clone())
+            .or_insert_with(|| Known {
+                graph_event_id: write.graph_event_id.clone(),
+                change_key: write.change_key.clone(),
+                etag: write.etag.clone(),
+            })
+            .clone();
+        let outcome = if policy.allowed {
+            deliver_one(ctx, mailbox, policy.conflict, write, &link).await
+        } else {
+            Ok(WriteResult::Failed {
+                reason: "the tenant no longer allows writes (tenants[].writes)".into(),
+            })
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(stop) => {
+                let result = WriteResult::Retry {
+                    reason: crate::error_chain(&stop),
+                };
+                ctx.store
+                    .record_write(ctx.lease, &write.id, &result, Utc::now())
+                    .await?;
+                crate::metrics::write_attempt_failed(ctx.tokens.tenant(), stop.reason_label());
+                return Err(stop);
+            }
+        };
+        ctx.store
+            .record_write(ctx.lease, &write.id, &result, Utc::now())
+            .await?;
+        let state = match &result {
+            WriteResult::Delivered {
+                graph_event_id,
+                change_key,
+                etag,
+                ..
+            } => {
+                if write.op == WriteOp::Cancel {
+                    known.remove(&write.external_id);
+                } else {
+                    known.insert(
+                        write.external_id.clone(),
+                        Known {
+                            graph_event_id: graph_event_id.clone(),
+                            change_key: change_key.clone(),
+                            etag: etag.clone(),
+                        },
+                    );
+                }
+                report.writes_delivered += 1;
+                "delivered"
+            }
+            WriteResult::Conflict {
+                change_key, etag, ..
+            } => {
+                if let Some(entry) = known.get_mut(&write.external_id) {
+                    entry.change_key.clone_from(change_key);
+                    entry.etag.clone_from(etag);
+                }
+                report.writes_conflicted += 1;
+                "conflict"
+            }
+            WriteResult::Failed { .. } => {
+                report.writes_failed += 1;
+                "failed"
+            }
+            WriteResult::Retry { .. } => "retry",
+        };
+        tracing::info!(
+            write = %write.id,
+            op = write.op.as_str(),
+            state,
+            attempts = write.attempts + 1,
+            "write to Outlook recorded"
+        );
+        if state != "retry" {
+            crate::metrics::write_finished(ctx.tokens.tenant(), write.op.as_str(), state);
+        }
+    }
+    if pending.len() >= policy.per_job as usize {
+        // More are queued: the next job of this mailbox is due as soon as this one ends.
+        ctx.store.request_sync(mailbox.id, Utc::now()).await?;
+    }
+    Ok(())
+}
+
+/// One write: `Ok` with what to record, or `Err` when the job must stop (the write stays
+/// queued).
+async fn deliver_one(
+    ctx: &RoundContext<'_>,
+    mailbox: &MailboxRecord,
+    conflict: ConflictPolicy,
+    write: &PendingWrite,
+    known: &Known,
+) -> Result<WriteResult, SyncError> {
+    let body: Value = match serde_json::from_str(&write.body) {
+        Ok(Value::Object(members)) => Value::Object(members),
+        // Checked by the API before it was stored: only a damaged row gets here.
+        _ => {
+            return Ok(WriteResult::Failed {
+                reason: "the stored write is not a JSON object".into(),
+            })
+        }
+    };
+    match write.op {
+        WriteOp::Create => create(ctx, mailbox, write, body).await,
+        WriteOp::Update => {
+            let Some(event_id) = known.graph_event_id.as_deref() else {
+                return Ok(WriteResult::Failed {
+                    reason: "the appointment's create was not delivered, so there is no event to update".into(),
+                });
+            };
+            update(ctx, mailbox, conflict, event_id, known, body).await
+        }
+        WriteOp::Cancel => {
+            let Some(event_id) = known.graph_event_id.as_deref() else {
+                return Ok(delivered_note(
+                    None,
+                    "nothing to cancel: the appointment's create was never delivered",
+                ));
+            };
+            cancel(ctx, mailbox, event_id, body).await
+        }
+    }
+}
+
+async fn create(
+    ctx: &RoundContext<'_>,
+    mailbox: &MailboxRecord,
+    write: &PendingWrite,
+    mut body: Value,
+) -> Result<WriteResult, SyncError> {
+    if let Value::Object(members) = &mut body {
+        members.insert(
+            "transactionId".into(),
+            Value::String(write.transaction_id.clone()),
+        );
+    }
+    let graph = ctx.graph;
+    let url = graph.url(&["users", &mailbox.user_id, "events"]);
+    let answer = call_graph(ctx, mailbox.id, |token| {
+        let request = graph.post(url.clone(), &[200, 201]).json(body.clone(), None);
+        async move {
+            let answer = graph.send(request, &token).await?;
+            Ok((answer.body, answer.ids))
+        }
+    })
+    .await;
+    match answer {
+        Ok((bytes, ids)) => version_of(&bytes, ids).map(|event| delivered(&event, None)),
+        Err(e) => refused_or_stop(e),
+    }
+}
+
+async fn update(
+    ctx: &RoundContext<'_>,
+    mailbox: &MailboxRecord,
+    conflict: ConflictPolicy,
+    event_id: &str,
+    known: &Known,
+    body: Value,
+) -> Result<WriteResult, SyncError> {
+    let mut overwrote = false;
+    // Twice at most: a 412 means the event changed between the read and the PATCH, and the
+    // application's version may be applied over that change once more.
+    for _ in 0..2 {
+        let current = match read_event(ctx, mailbox, event_id, "changeKey").await {
+            Ok(Some(current)) => current,
+            Ok(None) => {
+                return Ok(WriteResult::Failed {
+                    reason: "the event no longer exists in Outlook (deleted there)".into(),
+                })
+            }
+            Err(e) => return refused_or_stop(e),
+        };
+        let changed = known.change_key.is_some() && current.change_key != known.change_key;
+        if changed || overwrote {
+            match conflict {
+                ConflictPolicy::OutlookWins => return Ok(conflict_with(&current)),
+                ConflictPolicy::ApplicationWins => overwrote = true,
+            }
+        }
+        let graph = ctx.graph;
+        let url = graph.url(&["users", &mailbox.user_id, "events", event_id]);
+        let etag = current.etag.clone();
+        let answer = call_graph(ctx, mailbox.id, |token| {
+            let mut request = graph.patch(url.clone(), &[200]).json(body.clone(), None);
+            if let Some(etag) = &etag {
+                request = request.if_match(etag);
+            }
+            async move {
+                let answer = graph.send(request, &token).await?;
+                Ok((answer.body, answer.ids))
+            }
+        })
+        .await;
+        match answer {
+            Ok((bytes, ids)) => {
+                let note = overwrote.then_some(
+                    "the event had been changed in Outlook; the application's version was written over it (writes.conflict_policy = application_wins)",
+                );
+                return version_of(&bytes, ids).map(|event| delivered(&event, note));
+            }
+            Err(SyncError::Graph(GraphError::Permanent { status: 412, .. })) => {
+                overwrote = true;
+                if conflict == ConflictPolicy::OutlookWins {
+                    let fresh = read_event(ctx, mailbox, event_id, "changeKey").await;
+                    return match fresh {
+                        Ok(Some(current)) => Ok(conflict_with(&current)),
+                        Ok(None) => Ok(WriteResult::Failed {
+                            reason: "the event no longer exists in Outlook (deleted there)".into(),
+                        }),
+                        Err(e) => refused_or_stop(e),
+                    };
+                }
+            }
+            Err(SyncError::Graph(GraphError::NotFound { .. })) => {
+                return Ok(WriteResult::Failed {
+                    reason: "the event no longer exists in Outlook (deleted there)".into(),
+                })
+            }
+            Err(e) => return refused_or_stop(e),
+        }
+    }
+    Ok(WriteResult::Retry {
+        reason: "the event kept changing in Outlook while it was being updated (HTTP 412 twice)"
+            .into(),
+    })
+}
+
+async fn cancel(
+    ctx: &RoundContext<'_>,
+    mailbox: &MailboxRecord,
+    event_id: &str,
+    body: Value,
+) -> Result<WriteResult, SyncError> {
+    let current = match read_event(ctx, mailbox, event_id, "changeKey,attendees").await {
+        Ok(Some(current)) => current,
+        Ok(None) => return Ok(delivered_note(None, "the event was already gone from Outlook")),
+        Err(e) => return refused_or_stop(e),
+    };
+    let graph = ctx.graph;
+    let is_meeting = current.attendees.as_ref().is_some_and(|a| !a.is_empty());
+    let comment = body
+        .get("comment")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let answer = if is_meeting {
+        // The organizer's cancel tells the attendees, with the comment.
+        let url = graph.url(&["users", &mailbox.user_id, "events", event_id, "cancel"]);
+        let payload = serde_json::json!({ "comment": comment });
+        call_graph(ctx, mailbox.id, |token| {
+            let request = graph.post(url.clone(), &[200, 202, 204]).json(payload.clone(), None);
+            async move {
+                let answer = graph.send(request, &token).await?;
+                Ok(((), answer.ids))
+            }
+        })
+        .await
+    } else {
+        let url = graph.url(&["users", &mailbox.user_id, "events", event_id]);
+        call_graph(ctx, mailbox.id, |token| {
+            let request = graph.delete(url.clone(), &[200, 204]);
+            async move {
+                let answer = graph.send(request, &token).await?;
+                Ok(((), answer.ids))
+            }
+        })
+        .await
+    };
+    match answer {
+        Ok(_) => Ok(delivered_note(Some(event_id), "")),
+        // Gone already (a retry after a lost answer, or deleted in Outlook): cancelled is done.
+        Err(SyncError::Graph(GraphError::NotFound { .. })) => Ok(delivered_note(
+            Some(event_id),
+            "the event was already gone from Outlook",
+        )),
+        Err(e) => refused_or_stop(e),
+    }
+}
+
+/// `GET /users/{id}/events/{id}?$select=...`: `None` when the event is gone.
+async fn read_event(
+    ctx: &RoundContext<'_>,
+    mailbox: &MailboxRecord,
+    event_id: &str,
+    select: &str,
+) -> Result<Option<EventVersion>, SyncError> {
+    let graph = ctx.graph;
+    let url = graph
+        .url(&["users", &mailbox.user_id, "events", event_id])
+        .with_query(&[("$select", select)]);
+    match call_graph(ctx, mailbox.id, |token| {
+        let request = graph.get(url.clone());
+        async move {
+            let answer = graph.send(request, &token).await?;
+            Ok((answer.body, answer.ids))
+        }
+    })
+    .await
+    {
+        Ok((bytes, ids)) => Ok(Some(version_of(&bytes, ids)?)),
+        Err(SyncError::Graph(GraphError::NotFound { .. })) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn version_of(bytes: &[u8], ids: RequestIds) -> Result<EventVersion, SyncError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        SyncError::Graph(GraphError::Malformed {
+            reason: format!("an event answer without a usable `id`/`changeKey`: {e}"),
+            ids,
+        })
+    })
+}
+
+fn delivered(event: &EventVersion, note: Option<&str>) -> WriteResult {
+    WriteResult::Delivered {
+        graph_event_id: Some(event.id.clone()),
+        change_key: event.change_key.clone(),
+        etag: event.etag.clone(),
+        note: note.map(str::to_string),
+    }
+}
+
+fn delivered_note(event_id: Option<&str>, note: &str) -> WriteResult {
+    WriteResult::Delivered {
+        graph_event_id: event_id.map(str::to_string),
+        change_key: None,
+        etag: None,
+        note: (!note.is_empty()).then(|| note.to_string()),
+    }
+}
+
+fn conflict_with(current: &EventVersion) -> WriteResult {
+    WriteResult::Conflict {
+        reason: "the event was changed in Outlook since calsync last wrote it; Outlook's version was kept (writes.conflict_policy = outlook_wins)".into(),
+        change_key: current.change_key.clone(),
+        etag: current.etag.clone(),
+    }
+}
+
+/// Graph refusing this write for good (a 4xx other than throttling and 401; a 404 for the
+/// mailbox) fails the write; anything else stops the job with the write still queued.
+fn refused_or_stop(error: SyncError) -> Result<WriteResult, SyncError> {
+    match error {
+        SyncError::Graph(GraphError::NotFound { code, .. }) => Ok(WriteResult::Failed {
+            reason: format!("Graph has no such mailbox or event (HTTP 404 {code})"),
+        }),
+        SyncError::Graph(GraphError::Permanent {
+            status,
+            code,
+            message,
+            ..
+        }) => Ok(WriteResult::Failed {
+            reason: format!("Graph refused the write: HTTP {status} {code}: {message}"),
+        }),
+        other => Err(other),
+    }
+}
