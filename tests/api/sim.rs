@@ -1177,3 +1177,621 @@ async fn certificate_assertions_are_verified() {
     .await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
+
+// Event writes: create, update, delete, cancel, and what a lost answer leaves behind.
+
+use crate::helpers::sim::{mailbox_write_stats, write_stats};
+
+fn new_event(subject: &str, transaction_id: Option<&str>) -> Value {
+    let mut body = json!({
+        "subject": subject,
+        "body": {"contentType": "text", "content": "Agenda"},
+        "start": {"dateTime": "2030-03-04T09:00:00", "timeZone": "UTC"},
+        "end": {"dateTime": "2030-03-04T09:30:00", "timeZone": "UTC"},
+        "location": {"displayName": "Room 7"},
+        "attendees": [{"emailAddress": {"address": "bob@example.com", "name": "Bob"}, "type": "optional"}],
+        "showAs": "tentative",
+        "categories": ["Customer"]
+    });
+    if let Some(tid) = transaction_id {
+        body["transactionId"] = tid.into();
+    }
+    body
+}
+
+impl TestSim {
+    fn events_url(&self, mailbox: &str) -> String {
+        format!("{}/users/{mailbox}/events", self.sim.graph_base_url())
+    }
+
+    fn event_url(&self, mailbox: &str, id: &str) -> String {
+        format!("{}/users/{mailbox}/events/{id}", self.sim.graph_base_url())
+    }
+
+    async fn create(&self, mailbox: &str, token: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.events_url(mailbox))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("create request")
+    }
+
+    /// Creates `body` and returns the event Graph answered with.
+    async fn created(&self, mailbox: &str, token: &str, body: &Value) -> Value {
+        let resp = self.create(mailbox, token, body).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        resp.json().await.expect("event json")
+    }
+
+    async fn patch(
+        &self,
+        mailbox: &str,
+        id: &str,
+        token: &str,
+        if_match: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .patch(self.event_url(mailbox, id))
+            .bearer_auth(token)
+            .json(body);
+        if let Some(tag) = if_match {
+            req = req.header("If-Match", tag);
+        }
+        req.send().await.expect("patch request")
+    }
+
+    /// A full round now; returns its deltaLink, from which the next round reads the changes.
+    async fn delta_mark(&self, mailbox: &str, token: &str) -> String {
+        self.round(&self.delta_url(mailbox), token, 50).await.1
+    }
+
+    /// The items of the round that follows `mark`.
+    async fn changes_since(&self, mark: &str, token: &str) -> Vec<Value> {
+        items(&self.round(mark, token, 50).await.0)
+    }
+
+    fn truth_by_id(&self, mailbox: &str, id: &str) -> Option<Value> {
+        self.sim
+            .truth(mailbox, None)
+            .into_iter()
+            .find(|e| e["id"] == id)
+    }
+
+    fn truth_with_subject(&self, mailbox: &str, subject: &str) -> Vec<Value> {
+        self.sim
+            .truth(mailbox, None)
+            .into_iter()
+            .filter(|e| e["subject"] == subject)
+            .collect()
+    }
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} is a string in {v}"))
+}
+
+fn is_removed(item: &Value, id: &str) -> bool {
+    item["id"] == id && item["@removed"]["reason"] == "deleted"
+}
+
+#[tokio::test]
+async fn a_created_event_is_a_full_graph_event_in_delta_and_truth() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let mark = t.delta_mark(&mailbox, &token).await;
+
+    let ev = t
+        .created(&mailbox, &token, &new_event("Kick-off", Some("tx-1")))
+        .await;
+    let id = str_of(&ev, "id");
+    let change_key = str_of(&ev, "changeKey");
+    assert_eq!(ev["@odata.etag"], format!("W/\"{change_key}\""));
+    assert_eq!(ev["type"], "singleInstance");
+    assert_eq!(ev["isOrganizer"], true);
+    assert_eq!(ev["organizer"]["emailAddress"]["address"], mailbox.as_str());
+    assert_eq!(ev["responseStatus"]["response"], "organizer");
+    assert_eq!(ev["transactionId"], "tx-1");
+    assert_eq!(ev["subject"], "Kick-off");
+    assert_eq!(
+        ev["body"],
+        json!({"contentType": "text", "content": "Agenda"})
+    );
+    assert_eq!(ev["bodyPreview"], "Agenda");
+    assert_eq!(ev["start"]["dateTime"], "2030-03-04T09:00:00.0000000");
+    assert_eq!(ev["end"]["timeZone"], "UTC");
+    assert_eq!(ev["location"]["displayName"], "Room 7");
+    assert_eq!(ev["showAs"], "tentative");
+    assert_eq!(ev["attendees"][0]["type"], "optional");
+    assert_eq!(
+        ev["attendees"][0]["emailAddress"]["address"],
+        "bob@example.com"
+    );
+    assert_eq!(ev["createdDateTime"], ev["lastModifiedDateTime"]);
+    assert!(str_of(&ev, "iCalUId").starts_with("040000008200E00074C5B7101A82E008"));
+    assert!(ev["@odata.context"]
+        .as_str()
+        .is_some_and(|c| c.ends_with("/events/$entity")));
+
+    // The next round carries it in full, as ground truth holds it.
+    let changes = t.changes_since(&mark, &token).await;
+    let sent = changes
+        .iter()
+        .find(|i| i["id"] == id)
+        .expect("the created event is in the next round");
+    assert_eq!(sent["changeKey"], change_key);
+    let truth = t.truth_by_id(&mailbox, id).expect("in ground truth");
+    assert_eq!(&truth, sent);
+    assert_eq!(write_stats(&t.sim).creates, 1);
+    assert_eq!(mailbox_write_stats(&t.sim, &mailbox).creates, 1);
+
+    // The other create paths, and Graph's 400 for missing or impossible times.
+    for path in ["calendar/events", "calendars/AAMkCal=/events"] {
+        let url = format!("{}/users/{mailbox}/{path}", t.sim.graph_base_url());
+        let resp = t
+            .http
+            .post(url)
+            .bearer_auth(&token)
+            .json(&new_event(path, None))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::CREATED, "{path}");
+    }
+    let mut no_start = new_event("No start", None);
+    no_start.as_object_mut().expect("object").remove("start");
+    let resp = t.create(&mailbox, &token, &no_start).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let err: Value = resp.json().await.expect("error json");
+    assert_eq!(err["error"]["code"], "ErrorInvalidRequest");
+    assert!(str_of(&err["error"], "message").contains("'start"), "{err}");
+    let mut backwards = new_event("Backwards", None);
+    backwards["end"]["dateTime"] = "2030-03-04T08:00:00".into();
+    let resp = t.create(&mailbox, &token, &backwards).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "ErrorPropertyValidationFailure");
+    assert_eq!(write_stats(&t.sim).creates, 3);
+}
+
+#[tokio::test]
+async fn a_repeated_transaction_id_returns_the_first_event_and_creates_nothing() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let first = t
+        .created(&mailbox, &token, &new_event("Retry me", Some("tx-retry")))
+        .await;
+    let second = t
+        .created(&mailbox, &token, &new_event("Retry me", Some("tx-retry")))
+        .await;
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(first["changeKey"], second["changeKey"]);
+    assert_eq!(t.truth_with_subject(&mailbox, "Retry me").len(), 1);
+    let w = write_stats(&t.sim);
+    assert_eq!((w.creates, w.deduplicated, w.duplicates), (1, 1, 0));
+
+    // The same transactionId for a different event is refused.
+    let resp = t
+        .create(
+            &mailbox,
+            &token,
+            &new_event("Something else", Some("tx-retry")),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "ErrorDuplicateTransactionId");
+    assert!(t.truth_with_subject(&mailbox, "Something else").is_empty());
+    // transactionIds are per mailbox.
+    let other = t.mailbox(0, 1);
+    let elsewhere = t
+        .created(&other, &token, &new_event("Retry me", Some("tx-retry")))
+        .await;
+    assert_ne!(elsewhere["id"], first["id"]);
+}
+
+#[tokio::test]
+async fn creates_without_transaction_id_leave_counted_duplicates() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let a = t.created(&mailbox, &token, &new_event("Twice", None)).await;
+    let b = t.created(&mailbox, &token, &new_event("Twice", None)).await;
+    assert_ne!(a["id"], b["id"]);
+    assert_eq!(t.truth_with_subject(&mailbox, "Twice").len(), 2);
+    let w = mailbox_write_stats(&t.sim, &mailbox);
+    assert_eq!((w.creates, w.deduplicated, w.duplicates), (2, 0, 1));
+    // A different subject at the same time is not a duplicate.
+    t.created(&mailbox, &token, &new_event("Once", None)).await;
+    assert_eq!(write_stats(&t.sim).duplicates, 1);
+}
+
+#[tokio::test]
+async fn patch_applies_only_with_a_current_if_match_or_none() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let ev = t
+        .created(&mailbox, &token, &new_event("Original", None))
+        .await;
+    let id = str_of(&ev, "id");
+    let stale_etag = str_of(&ev, "@odata.etag");
+
+    // The owner edits it in Outlook: the client's etag is now stale.
+    let edited = t
+        .sim
+        .outlook_edit(&mailbox, id, &json!({"subject": "moved by the user"}))
+        .expect("outlook edit");
+    let resp = t
+        .patch(
+            &mailbox,
+            id,
+            &token,
+            Some(stale_etag),
+            &json!({"subject": "Mine"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED);
+    let err: Value = resp.json().await.expect("error json");
+    assert_eq!(err["error"]["code"], "ErrorIrresolvableConflict");
+    assert_eq!(
+        err["error"]["message"],
+        "The send or update operation could not be performed because the change key passed in the request does not match the current change key for the item."
+    );
+    let now = t.truth_by_id(&mailbox, id).expect("still there");
+    assert_eq!(now["subject"], "moved by the user");
+    assert_eq!(now["changeKey"], edited["changeKey"]);
+    assert_eq!(write_stats(&t.sim).precondition_failed, 1);
+
+    // The current etag (W/"..." form) applies; only the given property changes.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let resp = t
+        .patch(
+            &mailbox,
+            id,
+            &token,
+            Some(str_of(&edited, "@odata.etag")),
+            &json!({"subject": "Mine"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let patched: Value = resp.json().await.expect("event json");
+    assert_eq!(patched["subject"], "Mine");
+    assert_eq!(patched["location"]["displayName"], "Room 7");
+    assert_eq!(patched["start"], ev["start"]);
+    assert_ne!(patched["changeKey"], edited["changeKey"]);
+    assert_eq!(
+        patched["@odata.etag"],
+        format!("W/\"{}\"", str_of(&patched, "changeKey"))
+    );
+    assert!(str_of(&patched, "lastModifiedDateTime") > str_of(&edited, "lastModifiedDateTime"));
+    assert_eq!(patched["createdDateTime"], ev["createdDateTime"]);
+
+    // A bare changeKey works as If-Match too.
+    let resp = t
+        .patch(
+            &mailbox,
+            id,
+            &token,
+            Some(str_of(&patched, "changeKey")),
+            &json!({"showAs": "busy"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // Without If-Match a PATCH always applies, whoever changed the event last.
+    t.sim
+        .outlook_edit(&mailbox, id, &json!({"subject": "the user again"}))
+        .expect("outlook edit");
+    let resp = t
+        .patch(&mailbox, id, &token, None, &json!({"subject": "Last word"}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        t.truth_by_id(&mailbox, id).expect("there")["subject"],
+        "Last word"
+    );
+    let w = write_stats(&t.sim);
+    assert_eq!((w.updates, w.precondition_failed), (3, 1));
+
+    let resp = t
+        .patch(
+            &mailbox,
+            "AAMkADnotthere=",
+            &token,
+            None,
+            &json!({"subject": "x"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "ErrorItemNotFound");
+}
+
+#[tokio::test]
+async fn delete_is_204_then_404_and_reported_removed() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let ev = t
+        .created(&mailbox, &token, &new_event("Doomed", None))
+        .await;
+    let id = str_of(&ev, "id");
+    let mark = t.delta_mark(&mailbox, &token).await;
+    let url = t.event_url(&mailbox, id);
+    let first = t
+        .http
+        .delete(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(first.status(), StatusCode::NO_CONTENT);
+    let second = t
+        .http
+        .delete(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(second.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(second).await, "ErrorItemNotFound");
+    assert!(t.truth_by_id(&mailbox, id).is_none());
+    let changes = t.changes_since(&mark, &token).await;
+    assert!(changes.iter().any(|i| is_removed(i, id)), "{changes:?}");
+    assert_eq!(write_stats(&t.sim).deletes, 1);
+}
+
+#[tokio::test]
+async fn cancel_is_for_the_organizer_and_removes_the_event() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let ev = t
+        .created(&mailbox, &token, &new_event("Meeting", None))
+        .await;
+    let id = str_of(&ev, "id");
+    let mark = t.delta_mark(&mailbox, &token).await;
+    let cancel = |id: &str| {
+        t.http
+            .post(format!("{}/cancel", t.event_url(&mailbox, id)))
+            .bearer_auth(&token)
+            .json(&json!({"comment": "Cancelling for the holidays"}))
+            .send()
+    };
+    let resp = cancel(id).await.expect("send");
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert!(resp.bytes().await.expect("body").is_empty());
+    assert!(t.truth_by_id(&mailbox, id).is_none());
+    let changes = t.changes_since(&mark, &token).await;
+    assert!(changes.iter().any(|i| is_removed(i, id)), "{changes:?}");
+
+    // Generated events are organized by someone else: an attendee cannot cancel.
+    let theirs = t
+        .sim
+        .truth(&mailbox, None)
+        .into_iter()
+        .find(|e| e["type"] == "singleInstance" && e["isOrganizer"] == false)
+        .expect("an event organized by someone else");
+    let resp = cancel(str_of(&theirs, "id")).await.expect("send");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let err: Value = resp.json().await.expect("error json");
+    assert_eq!(
+        err["error"]["message"],
+        "Your request can't be completed. You need to be an organizer to cancel a meeting."
+    );
+    assert!(t.truth_by_id(&mailbox, str_of(&theirs, "id")).is_some());
+    let gone = cancel(id).await.expect("send");
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+    assert_eq!(write_stats(&t.sim).cancels, 1);
+}
+
+#[tokio::test]
+async fn commit_then_hang_applies_the_write_the_client_never_hears_of() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let rule = t.sim.add_fault(
+        FaultRule::new(FaultKind::CommitThenHang)
+            .mailbox(&mailbox)
+            .endpoint(Endpoint::Writes),
+    );
+    // Reads are not writes: delta still answers.
+    let ok = t.get(&t.delta_url(&mailbox), &token, 5).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let err = t
+        .http
+        .post(t.events_url(&mailbox))
+        .bearer_auth(&token)
+        .timeout(Duration::from_millis(400))
+        .json(&new_event("Lost answer", Some("tx-lost")))
+        .send()
+        .await
+        .expect_err("the answer never comes");
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(t.truth_with_subject(&mailbox, "Lost answer").len(), 1);
+
+    // The retry with the same transactionId finds it instead of making a second one.
+    t.sim.remove_fault(rule);
+    let retried = t
+        .created(&mailbox, &token, &new_event("Lost answer", Some("tx-lost")))
+        .await;
+    let truth = t.truth_with_subject(&mailbox, "Lost answer");
+    assert_eq!(truth.len(), 1);
+    assert_eq!(truth[0]["id"], retried["id"]);
+    let w = write_stats(&t.sim);
+    assert_eq!((w.creates, w.deduplicated, w.duplicates), (1, 1, 0));
+}
+
+#[tokio::test]
+async fn commit_then_reset_applies_the_write_and_resets_the_connection() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let ev = t.created(&mailbox, &token, &new_event("Reset", None)).await;
+    let id = str_of(&ev, "id");
+    t.sim.add_fault(
+        FaultRule::new(FaultKind::CommitThenReset)
+            .endpoint(Endpoint::Writes)
+            .max_count(1),
+    );
+    let err = t
+        .http
+        .patch(t.event_url(&mailbox, id))
+        .bearer_auth(&token)
+        .json(&json!({"subject": "Applied anyway"}))
+        .send()
+        .await
+        .expect_err("connection must fail");
+    assert!(chain_has_reset(&err), "expected ECONNRESET, got {err:?}");
+    assert_eq!(
+        t.truth_by_id(&mailbox, id).expect("there")["subject"],
+        "Applied anyway"
+    );
+    // A retry without transactionId after a reset create: two events.
+    t.sim.add_fault(
+        FaultRule::new(FaultKind::CommitThenReset)
+            .endpoint(Endpoint::Writes)
+            .max_count(1),
+    );
+    let err = t
+        .http
+        .post(t.events_url(&mailbox))
+        .bearer_auth(&token)
+        .json(&new_event("Made twice", None))
+        .send()
+        .await
+        .expect_err("connection must fail");
+    assert!(chain_has_reset(&err), "{err:?}");
+    t.created(&mailbox, &token, &new_event("Made twice", None))
+        .await;
+    assert_eq!(t.truth_with_subject(&mailbox, "Made twice").len(), 2);
+    assert_eq!(write_stats(&t.sim).duplicates, 1);
+
+    // On a read it is a plain reset.
+    t.sim.add_fault(
+        FaultRule::new(FaultKind::CommitThenReset)
+            .endpoint(Endpoint::Delta)
+            .max_count(1),
+    );
+    let err = t
+        .http
+        .get(t.delta_url(&mailbox))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect_err("reset");
+    assert!(chain_has_reset(&err), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_outlook_edit_moves_the_change_key_and_shows_in_delta() {
+    let t = spawn().await;
+    let token = t.token(0).await;
+    let mailbox = t.mailbox(0, 0);
+    let ev = t
+        .created(&mailbox, &token, &new_event("Planned", None))
+        .await;
+    let id = str_of(&ev, "id");
+    let mark = t.delta_mark(&mailbox, &token).await;
+    let url = format!("http://{}/_sim/outlook/{mailbox}/events/{id}", t.sim.addr());
+    let resp = t
+        .http
+        .post(&url)
+        .json(&json!({"subject": "moved by the user", "start": {"dateTime": "2030-03-04T10:00:00", "timeZone": "UTC"}, "end": {"dateTime": "2030-03-04T10:30:00", "timeZone": "UTC"}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let edited: Value = resp.json().await.expect("json");
+    assert_eq!(edited["subject"], "moved by the user");
+    assert_eq!(edited["start"]["dateTime"], "2030-03-04T10:00:00.0000000");
+    assert_ne!(edited["changeKey"], ev["changeKey"]);
+    let changes = t.changes_since(&mark, &token).await;
+    let sent = changes.iter().find(|i| i["id"] == id).expect("in delta");
+    assert_eq!(sent["changeKey"], edited["changeKey"]);
+    // The owner's edits are not client writes.
+    assert_eq!(write_stats(&t.sim).updates, 0);
+
+    let missing = format!(
+        "http://{}/_sim/outlook/{mailbox}/events/AAMkADnone=",
+        t.sim.addr()
+    );
+    let resp = t
+        .http
+        .post(&missing)
+        .json(&json!({"subject": "x"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let deleted = t.http.delete(&url).send().await.expect("send");
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert!(t.truth_by_id(&mailbox, id).is_none());
+}
+
+#[tokio::test]
+async fn writes_need_a_valid_token_and_share_the_mailbox_limits() {
+    let t = spawn().await;
+    let mailbox = t.mailbox(0, 0);
+    let body = new_event("Unauthorized", None);
+    let missing = t
+        .http
+        .post(t.events_url(&mailbox))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        t.create(&mailbox, "garbage", &body).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let token = t.token(0).await;
+    t.sim.advance_clock(Duration::from_secs(3600));
+    let expired = t.create(&mailbox, &token, &body).await;
+    assert_eq!(expired.status(), StatusCode::UNAUTHORIZED);
+    assert!(expired.headers().contains_key("www-authenticate"));
+    assert_eq!(error_code(expired).await, "InvalidAuthenticationToken");
+    let expired_delete = t
+        .http
+        .delete(t.event_url(&mailbox, "AAMkADany="))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(expired_delete.status(), StatusCode::UNAUTHORIZED);
+    assert!(t.truth_with_subject(&mailbox, "Unauthorized").is_empty());
+    assert_eq!(write_stats(&t.sim), Default::default());
+
+    // More than 4 writes in flight for one mailbox: 429 MailboxConcurrency, as for reads.
+    let token = t.token(0).await;
+    t.sim.add_fault(
+        FaultRule::new(FaultKind::Latency { ms: 500 })
+            .mailbox(&mailbox)
+            .endpoint(Endpoint::Writes),
+    );
+    let creates = (0..6).map(|i| {
+        let body = new_event(&format!("Parallel {i}"), Some(&format!("tx-{i}")));
+        let (t, mailbox, token) = (&t, &mailbox, &token);
+        async move { t.create(mailbox, token, &body).await.status() }
+    });
+    let statuses = futures_util::future::join_all(creates).await;
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    let throttled = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((created, throttled), (4, 2), "{statuses:?}");
+    let stats = t.sim.stats();
+    assert_eq!(stats.violations.over_concurrency.count, 2);
+    assert_eq!(stats.mailboxes[&mailbox].by_endpoint["create"][&201], 4);
+    assert_eq!(stats.writes.creates, 4);
+}

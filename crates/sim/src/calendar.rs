@@ -49,9 +49,35 @@ pub struct Event {
     pub kind: EventType,
     pub series_master_id: Option<String>,
     pub organizer: (String, String),
-    pub attendees: Vec<(String, String)>,
+    pub attendees: Vec<Attendee>,
     pub location: String,
     pub categories: Vec<String>,
+    /// `None` for generated events, which report a creation three days before their last
+    /// change; written events keep the instant they were created.
+    pub created: Option<DateTime<Utc>>,
+    /// `body.contentType` (`text` or `html`) and `body.content`.
+    pub body: (&'static str, String),
+    /// The mailbox owner organizes it (events a client or the owner created).
+    pub is_organizer: bool,
+    pub transaction_id: Option<String>,
+    /// Subject, start and end as a POST created it, for telling a retry from a duplicate.
+    pub posted: Option<Posted>,
+}
+
+/// An attendee: display name, address and `type` (`required`, `optional`, `resource`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attendee {
+    pub name: String,
+    pub address: String,
+    pub kind: &'static str,
+}
+
+/// What a POST created: two POSTs with equal `Posted` made the same event twice.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Posted {
+    pub subject: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
 }
 
 /// A recurring series' master: what its occurrences show, and when the series began. Graph
@@ -71,7 +97,7 @@ pub struct Master {
     pub show_as: &'static str,
     pub sensitivity: &'static str,
     pub organizer: (String, String),
-    pub attendees: Vec<(String, String)>,
+    pub attendees: Vec<Attendee>,
     pub location: String,
     pub categories: Vec<String>,
 }
@@ -98,6 +124,7 @@ impl Master {
             attendees: self.attendees.clone(),
             location: self.location.clone(),
             categories: self.categories.clone(),
+            ..Event::generated_extras()
         };
         let mut json = first.to_graph_json();
         json["type"] = "seriesMaster".into();
@@ -149,11 +176,11 @@ impl Event {
         let attendees: Vec<Value> = self
             .attendees
             .iter()
-            .map(|(name, address)| {
+            .map(|a| {
                 json!({
-                    "type": "required",
+                    "type": a.kind,
                     "status": {"response": "none", "time": "0001-01-01T00:00:00Z"},
-                    "emailAddress": {"name": name, "address": address}
+                    "emailAddress": {"name": a.name, "address": a.address}
                 })
             })
             .collect();
@@ -161,11 +188,13 @@ impl Event {
             "@odata.type": "#microsoft.graph.event",
             "@odata.etag": format!("W/\"{}\"", self.change_key),
             "id": self.id,
-            "createdDateTime": graph_utc(self.last_modified - Duration::days(3)),
+            "createdDateTime": graph_utc(
+                self.created.unwrap_or(self.last_modified - Duration::days(3))
+            ),
             "lastModifiedDateTime": graph_utc(self.last_modified),
             "changeKey": self.change_key,
             "categories": self.categories,
-            "transactionId": null,
+            "transactionId": self.transaction_id,
             "originalStartTimeZone": "UTC",
             "originalEndTimeZone": "UTC",
             "iCalUId": self.ical_uid,
@@ -173,12 +202,12 @@ impl Event {
             "isReminderOn": !self.is_all_day,
             "hasAttachments": false,
             "subject": self.subject,
-            "bodyPreview": "",
+            "bodyPreview": body_preview(self.body.0, &self.body.1),
             "importance": "normal",
             "sensitivity": self.sensitivity,
             "isAllDay": self.is_all_day,
             "isCancelled": self.is_cancelled,
-            "isOrganizer": false,
+            "isOrganizer": self.is_organizer,
             "responseRequested": true,
             "seriesMasterId": self.series_master_id,
             "showAs": self.show_as,
@@ -191,7 +220,10 @@ impl Event {
             "isOnlineMeeting": false,
             "onlineMeetingProvider": "unknown",
             "allowNewTimeProposals": true,
-            "responseStatus": {"response": "notResponded", "time": "0001-01-01T00:00:00Z"},
+            "responseStatus": {
+                "response": if self.is_organizer { "organizer" } else { "notResponded" },
+                "time": "0001-01-01T00:00:00Z"
+            },
             "start": {"dateTime": graph_local(self.start), "timeZone": "UTC"},
             "end": {"dateTime": graph_local(self.end), "timeZone": "UTC"},
             "location": {
@@ -205,9 +237,62 @@ impl Event {
             "organizer": {"emailAddress": {"name": self.organizer.0, "address": self.organizer.1}},
             "onlineMeeting": null
         });
-        event["body"] = json!({"contentType": "html", "content": ""});
+        event["body"] = json!({"contentType": self.body.0, "content": self.body.1});
         event
     }
+
+    /// The fields generation leaves at their defaults (an event someone else organizes).
+    fn generated_extras() -> Self {
+        Event {
+            id: String::new(),
+            ical_uid: String::new(),
+            change_key: String::new(),
+            last_modified: DateTime::<Utc>::MIN_UTC,
+            subject: String::new(),
+            start: DateTime::<Utc>::MIN_UTC,
+            end: DateTime::<Utc>::MIN_UTC,
+            is_all_day: false,
+            is_cancelled: false,
+            show_as: "busy",
+            sensitivity: "normal",
+            kind: EventType::SingleInstance,
+            series_master_id: None,
+            organizer: (String::new(), String::new()),
+            attendees: Vec::new(),
+            location: String::new(),
+            categories: Vec::new(),
+            created: None,
+            body: ("html", String::new()),
+            is_organizer: false,
+            transaction_id: None,
+            posted: None,
+        }
+    }
+}
+
+/// Graph's `bodyPreview`: the body as text, at most 255 characters.
+fn body_preview(content_type: &str, content: &str) -> String {
+    let text = if content_type == "html" {
+        let mut out = String::new();
+        let mut in_tag = false;
+        for c in content.chars() {
+            match c {
+                '<' => in_tag = true,
+                '>' => in_tag = false,
+                c if !in_tag => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    } else {
+        content.to_string()
+    };
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(255)
+        .collect()
 }
 
 /// `2026-12-09T20:30:00.0000000`: Graph's dateTimeTimeZone format, 7 digits, zone kept apart.
@@ -417,7 +502,7 @@ impl MailboxCalendar {
         }
     }
 
-    fn people(&mut self) -> ((String, String), Vec<(String, String)>) {
+    fn people(&mut self) -> ((String, String), Vec<Attendee>) {
         let domain = self
             .address
             .split_once('@')
@@ -429,7 +514,11 @@ impl MailboxCalendar {
         let attendees = (0..n)
             .map(|_| {
                 let k = self.rng.gen_range(1..50);
-                (format!("Person {k}"), format!("person{k}@{domain}"))
+                Attendee {
+                    name: format!("Person {k}"),
+                    address: format!("person{k}@{domain}"),
+                    kind: "required",
+                }
             })
             .collect();
         (organizer, attendees)
@@ -465,6 +554,7 @@ impl MailboxCalendar {
             attendees,
             location: LOCATIONS[self.rng.gen_range(0..LOCATIONS.len())].to_string(),
             categories: self.random_categories(),
+            ..Event::generated_extras()
         }
     }
 
@@ -568,6 +658,7 @@ impl MailboxCalendar {
             attendees: master.attendees.clone(),
             location: master.location.clone(),
             categories: master.categories.clone(),
+            ..Event::generated_extras()
         }
     }
 
@@ -615,7 +706,16 @@ impl MailboxCalendar {
         }
         master.location = location;
         master.categories = categories;
-        let master = master.clone();
+        self.resend_series(master_id, now);
+        true
+    }
+
+    /// Logs a changed master and copies its fields to every occurrence (exceptions keep their
+    /// own), so the master and the occurrences are re-sent in delta.
+    fn resend_series(&mut self, master_id: &str, now: DateTime<Utc>) {
+        let Some(master) = self.masters.get(master_id).cloned() else {
+            return;
+        };
         let seq = self.next_seq();
         self.log.push((seq, master.id.clone()));
         let ids: Vec<String> = self
@@ -632,13 +732,14 @@ impl MailboxCalendar {
                 ev.last_modified = now;
                 ev.subject = master.subject.clone();
                 ev.show_as = master.show_as;
+                ev.sensitivity = master.sensitivity;
                 ev.location = master.location.clone();
                 ev.categories = master.categories.clone();
+                ev.attendees = master.attendees.clone();
             }
             let seq = self.next_seq();
             self.log.push((seq, id));
         }
-        true
     }
 
     /// Deletes a whole series: the master and every instance, exceptions included.
@@ -841,6 +942,280 @@ impl MailboxCalendar {
         let seq = self.next_seq();
         self.log.push((seq, id.to_string()));
         true
+    }
+
+    /// The mailbox owner as an organizer: the address's local part as display name.
+    fn owner(&self) -> (String, String) {
+        let name = self.address.split('@').next().unwrap_or_default();
+        (name.to_string(), self.address.clone())
+    }
+
+    /// `POST /events`: a new single event organized by the owner, unless `transaction_id`
+    /// names an event this mailbox already has: then that event, when the POST asks for the
+    /// same subject, start and end (a retry), or an `ErrorDuplicateTransactionId` otherwise.
+    pub fn create(
+        &mut self,
+        patch: EventPatch,
+        transaction_id: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Created, Rejected> {
+        let start = patch.start.ok_or_else(|| Rejected::missing("start"))?;
+        let end = patch.end.ok_or_else(|| Rejected::missing("end"))?;
+        let is_all_day = patch.is_all_day.unwrap_or(false);
+        check_times(start, end, is_all_day)?;
+        let subject = patch.subject.unwrap_or_default();
+        let posted = Posted {
+            subject: subject.clone(),
+            start,
+            end,
+        };
+        if let Some(tid) = &transaction_id {
+            if let Some(ev) = self
+                .events
+                .values()
+                .find(|e| e.transaction_id.as_ref() == Some(tid))
+            {
+                return if ev.posted.as_ref() == Some(&posted) {
+                    Ok(Created::Existing(ev.to_graph_json()))
+                } else {
+                    Err(Rejected::new(
+                        400,
+                        "ErrorDuplicateTransactionId",
+                        "Your request can't be completed. The TransactionId specified in the request has already been used to create a different event.",
+                    ))
+                };
+            }
+        }
+        let duplicate = self
+            .events
+            .values()
+            .any(|e| e.posted.as_ref() == Some(&posted));
+        let ev = Event {
+            id: self.new_id(),
+            ical_uid: self.new_uid(),
+            change_key: self.new_change_key(),
+            last_modified: now,
+            subject,
+            start,
+            end,
+            is_all_day,
+            is_cancelled: false,
+            show_as: patch.show_as.unwrap_or("busy"),
+            sensitivity: patch.sensitivity.unwrap_or("normal"),
+            kind: EventType::SingleInstance,
+            series_master_id: None,
+            organizer: self.owner(),
+            attendees: patch.attendees.unwrap_or_default(),
+            location: patch.location.unwrap_or_default(),
+            categories: patch.categories.unwrap_or_default(),
+            created: Some(now),
+            body: patch.body.unwrap_or(("html", String::new())),
+            is_organizer: true,
+            transaction_id,
+            posted: Some(posted),
+        };
+        let json = ev.to_graph_json();
+        self.insert(ev);
+        Ok(Created::New {
+            event: json,
+            duplicate,
+        })
+    }
+
+    /// `PATCH /events/{id}`: sets the given properties, moves the changeKey. With `if_match`
+    /// (an etag or a bare changeKey) the event must still have that changeKey (else 412). A
+    /// series master takes all but its times, and its occurrences follow.
+    pub fn update(
+        &mut self,
+        id: &str,
+        patch: EventPatch,
+        if_match: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Value, Rejected> {
+        let change_key = self.new_change_key();
+        if let Some(master) = self.masters.get_mut(id) {
+            check_if_match(if_match, &master.change_key)?;
+            if patch.start.is_some() || patch.end.is_some() || patch.is_all_day.is_some() {
+                return Err(Rejected::new(
+                    400,
+                    "ErrorInvalidRequest",
+                    "The simulator does not reschedule recurring series: patch start, end and isAllDay of single events only.",
+                ));
+            }
+            master.change_key = change_key;
+            master.last_modified = now;
+            set(&mut master.subject, patch.subject);
+            set(&mut master.show_as, patch.show_as);
+            set(&mut master.sensitivity, patch.sensitivity);
+            set(&mut master.location, patch.location);
+            set(&mut master.attendees, patch.attendees);
+            set(&mut master.categories, patch.categories);
+            let json = master.to_graph_json();
+            self.resend_series(id, now);
+            return Ok(json);
+        }
+        let ev = self.events.get_mut(id).ok_or_else(Rejected::not_found)?;
+        check_if_match(if_match, &ev.change_key)?;
+        let start = patch.start.unwrap_or(ev.start);
+        let end = patch.end.unwrap_or(ev.end);
+        let is_all_day = patch.is_all_day.unwrap_or(ev.is_all_day);
+        check_times(start, end, is_all_day)?;
+        ev.start = start;
+        ev.end = end;
+        ev.is_all_day = is_all_day;
+        set(&mut ev.subject, patch.subject);
+        set(&mut ev.body, patch.body);
+        set(&mut ev.show_as, patch.show_as);
+        set(&mut ev.sensitivity, patch.sensitivity);
+        set(&mut ev.location, patch.location);
+        set(&mut ev.attendees, patch.attendees);
+        set(&mut ev.categories, patch.categories);
+        ev.change_key = change_key;
+        ev.last_modified = now;
+        if ev.kind == EventType::Occurrence {
+            ev.kind = EventType::Exception;
+        }
+        let json = ev.to_graph_json();
+        let seq = self.next_seq();
+        self.log.push((seq, id.to_string()));
+        Ok(json)
+    }
+
+    /// `DELETE /events/{id}`: the event leaves the calendar (a master takes its series along).
+    pub fn delete(&mut self, id: &str) -> bool {
+        if self.masters.contains_key(id) {
+            return self.delete_series(id);
+        }
+        if self.events.remove(id).is_none() {
+            return false;
+        }
+        let seq = self.next_seq();
+        self.log.push((seq, id.to_string()));
+        true
+    }
+
+    /// `POST /events/{id}/cancel`: as a delete, for the organizer only.
+    pub fn cancel(&mut self, id: &str) -> Result<(), Rejected> {
+        let organizer = match (self.events.get(id), self.masters.contains_key(id)) {
+            (Some(ev), _) => ev.is_organizer,
+            // Generated series are organized by someone else.
+            (None, true) => false,
+            (None, false) => return Err(Rejected::not_found()),
+        };
+        if !organizer {
+            return Err(Rejected::new(
+                400,
+                "ErrorAccessDenied",
+                "Your request can't be completed. You need to be an organizer to cancel a meeting.",
+            ));
+        }
+        self.delete(id);
+        Ok(())
+    }
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
+}
+
+/// Properties a write sets; `None` leaves a property as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventPatch {
+    pub subject: Option<String>,
+    /// `contentType` (`text` or `html`) and `content`.
+    pub body: Option<(&'static str, String)>,
+    pub start: Option<DateTime<Utc>>,
+    pub end: Option<DateTime<Utc>>,
+    pub location: Option<String>,
+    pub attendees: Option<Vec<Attendee>>,
+    pub is_all_day: Option<bool>,
+    pub show_as: Option<&'static str>,
+    pub sensitivity: Option<&'static str>,
+    pub categories: Option<Vec<String>>,
+}
+
+/// What a create did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    /// A new event; `duplicate` when another POST already made one with its subject and times.
+    New { event: Value, duplicate: bool },
+    /// The event an earlier POST with the same `transactionId` made; nothing was created.
+    Existing(Value),
+}
+
+/// A write Graph refuses: HTTP status and `error.code`/`error.message`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Rejected {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn not_found() -> Self {
+        Self::new(
+            404,
+            "ErrorItemNotFound",
+            "The specified object was not found in the store.",
+        )
+    }
+
+    fn missing(property: &str) -> Self {
+        Self::new(
+            400,
+            "ErrorInvalidRequest",
+            format!("Your request can't be completed. The property '{property}' is required to create an event."),
+        )
+    }
+
+    pub fn is_precondition_failed(&self) -> bool {
+        self.status == 412
+    }
+}
+
+/// Graph refuses an end before the start, and an all-day event that does not start and end at
+/// midnight (reported as `ErrorPropertyValidationFailure`).
+fn check_times(start: DateTime<Utc>, end: DateTime<Utc>, is_all_day: bool) -> Result<(), Rejected> {
+    let midnight = |t: DateTime<Utc>| t.time() == chrono::NaiveTime::MIN;
+    if end < start || (is_all_day && (!midnight(start) || !midnight(end) || end == start)) {
+        return Err(Rejected::new(
+            400,
+            "ErrorPropertyValidationFailure",
+            "At least one property failed validation.",
+        ));
+    }
+    Ok(())
+}
+
+/// `If-Match` against the current changeKey: `*`, `W/"<changeKey>"`, `"<changeKey>"` or the
+/// bare changeKey, or a comma-separated list of them.
+fn check_if_match(if_match: Option<&str>, change_key: &str) -> Result<(), Rejected> {
+    let Some(header) = if_match else {
+        return Ok(());
+    };
+    let matches = header.split(',').any(|tag| {
+        let tag = tag.trim();
+        let tag = tag.strip_prefix("W/").unwrap_or(tag);
+        tag == "*" || tag.trim_matches('"') == change_key
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(Rejected::new(
+            412,
+            "ErrorIrresolvableConflict",
+            "The send or update operation could not be performed because the change key passed in the request does not match the current change key for the item.",
+        ))
     }
 }
 

@@ -184,3 +184,50 @@ pub async fn tenants(State(sim): State<Arc<Shared>>) -> Response {
         .collect();
     Json(json!({"value": v})).into_response()
 }
+
+fn unknown_mailbox(mailbox: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {"code": "ErrorInvalidUser", "message": format!("unknown mailbox {mailbox}")}})),
+    )
+        .into_response()
+}
+
+/// `POST /_sim/outlook/{mailbox}/events/{id}` with a Graph event body: the owner edits the
+/// event in Outlook (new changeKey, in delta). 200 with the event; errors as Graph's.
+pub async fn outlook_edit(
+    State(sim): State<Arc<Shared>>,
+    Path((mailbox, id)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(entry) = sim.mailbox(&mailbox) else {
+        return unknown_mailbox(&mailbox);
+    };
+    match super::writes::outlook_edit(&sim, entry, &id, &body) {
+        Ok(event) => Json(event).into_response(),
+        Err(e) => (
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+            Json(json!({"error": {"code": e.code, "message": e.message}})),
+        )
+            .into_response(),
+    }
+}
+
+/// `DELETE /_sim/outlook/{mailbox}/events/{id}`: the owner deletes the event in Outlook.
+pub async fn outlook_delete(
+    State(sim): State<Arc<Shared>>,
+    Path((mailbox, id)): Path<(String, String)>,
+) -> Response {
+    let Some(entry) = sim.mailbox(&mailbox) else {
+        return unknown_mailbox(&mailbox);
+    };
+    if super::writes::outlook_delete(&sim, entry, &id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"code": "ErrorItemNotFound", "message": "The specified object was not found in the store."}})),
+        )
+            .into_response()
+    }
+}

@@ -16,12 +16,14 @@ pub type FaultId = u64;
 #[serde(rename_all = "snake_case")]
 pub enum Endpoint {
     Token,
-    /// Every Graph endpoint: calendarView delta and single events.
+    /// Every Graph endpoint: calendarView delta, single events and event writes.
     Graph,
     /// `calendarView/delta` only.
     Delta,
     /// `GET /users/{id}/events/{id}` only (series master fetches).
     Events,
+    /// Event writes only: create, update, delete, cancel.
+    Writes,
     #[default]
     Any,
 }
@@ -31,7 +33,7 @@ impl Endpoint {
     pub fn covers(self, target: Endpoint) -> bool {
         self == Self::Any
             || self == target
-            || (self == Self::Graph && matches!(target, Self::Delta | Self::Events))
+            || (self == Self::Graph && matches!(target, Self::Delta | Self::Events | Self::Writes))
     }
 }
 
@@ -62,6 +64,12 @@ pub enum FaultKind {
     },
     /// Abort the TCP connection with RST.
     Reset,
+    /// Writes: apply the write, then never answer (the socket stays open), as when Graph
+    /// commits and the answer is lost. Elsewhere the same as `Hang`.
+    CommitThenHang,
+    /// Writes: apply the write, then abort the connection with RST. Elsewhere the same as
+    /// `Reset`.
+    CommitThenReset,
     /// An error response. On Graph `graph_code` is `error.code`; on the token endpoint it is the
     /// OAuth `error` and `aadsts` the AADSTS number. Both get sensible defaults per status.
     Status {
@@ -540,6 +548,16 @@ mod tests {
                 ..
             }
         ));
+        let writes = r#"[{"endpoint":"writes","kind":{"type":"commit_then_hang"}},
+                         {"kind":{"type":"commit_then_reset"}}]"#;
+        let rules = parse_scenario(writes, true).expect("write faults");
+        assert_eq!(rules[0].endpoint, Endpoint::Writes);
+        assert_eq!(rules[0].kind, FaultKind::CommitThenHang);
+        assert_eq!(rules[1].kind, FaultKind::CommitThenReset);
+        assert!(Endpoint::Graph.covers(Endpoint::Writes));
+        assert!(Endpoint::Any.covers(Endpoint::Writes));
+        assert!(!Endpoint::Events.covers(Endpoint::Writes));
+        assert!(!Endpoint::Writes.covers(Endpoint::Delta));
         let json = r#"[{"kind":{"type":"latency","ms":5},"probability":2.0}]"#;
         assert!(parse_scenario(json, true).is_err(), "probability checked");
     }

@@ -1,10 +1,11 @@
-//! The Graph side: `calendarView/delta` and `GET /users/{id}/events/{id}`, with Outlook's
-//! per-mailbox limits, bearer checks and the Graph-endpoint faults.
+//! The Graph side: `calendarView/delta`, `GET /users/{id}/events/{id}` and the event writes,
+//! with Outlook's per-mailbox limits, bearer checks and the Graph-endpoint faults.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
@@ -24,6 +25,7 @@ use super::reply::{
 use super::state::{lock, MailboxEntry, Shared};
 use super::stats::ViolationKind;
 use super::tokens::{check_bearer, DeltaPosition, LinkKind, TokenError};
+use super::writes::{self, Write};
 
 /// What the request pipeline decided before the delta logic runs.
 pub enum Outcome {
@@ -81,6 +83,8 @@ enum GraphOp<'a> {
     Delta { func: &'a str },
     /// `events/{id}`, with the query's `$select`.
     Event { id: &'a str },
+    /// `POST events`, `PATCH|DELETE events/{id}`, `POST events/{id}/cancel`.
+    Write(Write<'a>),
 }
 
 impl GraphOp<'_> {
@@ -88,6 +92,7 @@ impl GraphOp<'_> {
         match self {
             Self::Delta { .. } => Endpoint::Delta,
             Self::Event { .. } => Endpoint::Events,
+            Self::Write(_) => Endpoint::Writes,
         }
     }
 
@@ -95,6 +100,7 @@ impl GraphOp<'_> {
         match self {
             Self::Delta { .. } => "delta",
             Self::Event { .. } => "event",
+            Self::Write(w) => w.label(),
         }
     }
 }
@@ -120,6 +126,60 @@ pub async fn event(
 ) -> Response {
     let id = params.get("id").map(String::as_str).unwrap_or_default();
     serve(sim, conn, &params, GraphOp::Event { id }, uri, headers).await
+}
+
+/// `POST /v1.0/users/{id}/events` (also `/calendar/events`, `/calendars/{id}/events`).
+pub async fn create_event(
+    State(sim): State<Arc<Shared>>,
+    Extension(conn): Extension<Arc<ConnCtl>>,
+    Path(params): Path<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let op = GraphOp::Write(Write::Create { body: &body });
+    serve(sim, conn, &params, op, uri, headers).await
+}
+
+/// `PATCH /v1.0/users/{id}/events/{id}`.
+pub async fn update_event(
+    State(sim): State<Arc<Shared>>,
+    Extension(conn): Extension<Arc<ConnCtl>>,
+    Path(params): Path<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let id = params.get("id").map(String::as_str).unwrap_or_default();
+    let op = GraphOp::Write(Write::Update { id, body: &body });
+    serve(sim, conn, &params, op, uri, headers).await
+}
+
+/// `DELETE /v1.0/users/{id}/events/{id}`.
+pub async fn delete_event(
+    State(sim): State<Arc<Shared>>,
+    Extension(conn): Extension<Arc<ConnCtl>>,
+    Path(params): Path<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let id = params.get("id").map(String::as_str).unwrap_or_default();
+    let op = GraphOp::Write(Write::Delete { id });
+    serve(sim, conn, &params, op, uri, headers).await
+}
+
+/// `POST /v1.0/users/{id}/events/{id}/cancel`.
+pub async fn cancel_event(
+    State(sim): State<Arc<Shared>>,
+    Extension(conn): Extension<Arc<ConnCtl>>,
+    Path(params): Path<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let id = params.get("id").map(String::as_str).unwrap_or_default();
+    let op = GraphOp::Write(Write::Cancel { id, body: &body });
+    serve(sim, conn, &params, op, uri, headers).await
 }
 
 async fn serve(
@@ -172,6 +232,7 @@ async fn pipeline(
 ) -> (Outcome, Delivery) {
     let no_delivery = Delivery::default();
     let tenant = entry.map(|e| &sim.tenants[e.tenant]);
+    let is_write = matches!(op, GraphOp::Write(_));
     let mut _slot = None;
     if let Some(entry) = entry {
         // Concurrency first: a request sent alongside the one that got a 429 is over the
@@ -227,6 +288,9 @@ async fn pipeline(
             // A hung or reset request no longer occupies a concurrency slot: the client gave up.
             FaultKind::Hang => return (Outcome::Hang, no_delivery),
             FaultKind::Reset => return (Outcome::Reset, no_delivery),
+            // A write commits first (below); anything else has nothing to commit.
+            FaultKind::CommitThenHang if !is_write => return (Outcome::Hang, no_delivery),
+            FaultKind::CommitThenReset if !is_write => return (Outcome::Reset, no_delivery),
             FaultKind::Status {
                 code,
                 graph_code,
@@ -299,8 +363,16 @@ async fn pipeline(
             }
         }
         GraphOp::Event { id } => event_reply(entry, id, uri, headers, ids),
+        GraphOp::Write(write) => writes::apply(sim, entry, write, headers, ids),
     };
     super::faults::hold(&sim.faults, &kinds).await;
+    for k in &kinds {
+        match k {
+            FaultKind::CommitThenHang => return (Outcome::Hang, no_delivery),
+            FaultKind::CommitThenReset => return (Outcome::Reset, no_delivery),
+            _ => {}
+        }
+    }
     (Outcome::Reply(reply), delivery)
 }
 

@@ -8,7 +8,10 @@
 //! `GET /_sim/tenants`, `POST /_sim/mutations {"per_second"}`, `POST /_sim/mutate/{mailbox}
 //! {"n"}`, `POST /_sim/clock {"advance_ms"}`. Change notifications: `POST|GET /v1.0/subscriptions`,
 //! `GET|PATCH|DELETE /v1.0/subscriptions/{id}`; control `POST /_sim/lifecycle {"mailbox","event"}`,
-//! `GET /_sim/subscriptions`. Every Graph route (`/v1.0/...`) passes the app-wide limit
+//! `GET /_sim/subscriptions`. Event writes: `POST /v1.0/users/{id}/events` (also
+//! `/calendar/events`, `/calendars/{cal}/events`; `transactionId` deduplicates), `PATCH|DELETE
+//! /v1.0/users/{id}/events/{id}` (`If-Match` checked), `POST .../events/{id}/cancel`; the owner
+//! editing in Outlook: `POST|DELETE /_sim/outlook/{mailbox}/events/{id}`. Every Graph route (`/v1.0/...`) passes the app-wide limit
 //! (`app_requests_per_window` per `app_window`, off by default) and is counted per second.
 
 mod app_limit;
@@ -25,6 +28,7 @@ mod stats;
 mod subscriptions;
 mod token;
 mod tokens;
+mod writes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,7 +48,7 @@ pub use config::{CalendarBound, SimConfig, SimTenant};
 pub use faults::{
     load_scenario, parse_scenario, Endpoint, FaultId, FaultKind, FaultRule, RetryAfter,
 };
-pub use stats::{MailboxStats, SimStats, TenantStats, Violation, Violations};
+pub use stats::{MailboxStats, SimStats, TenantStats, Violation, Violations, WriteStats};
 pub use subscriptions::{SentNotification, SimSubscription, MAX_EXPIRATION_MINUTES};
 pub use token::{
     check_assertion, rsa_public_key_from_pem, AssertionClaims, GRAPH_SCOPE, JWT_BEARER,
@@ -77,7 +81,35 @@ fn router(shared: Arc<Shared>) -> Router {
             delta.clone(),
         )
         .route("/v1.0/users/{user}/calendar/calendarView/{func}", delta)
-        .route("/v1.0/users/{user}/events/{id}", get(graph::event))
+        .route(
+            "/v1.0/users/{user}/events/{id}",
+            get(graph::event)
+                .patch(graph::update_event)
+                .delete(graph::delete_event),
+        )
+        .route(
+            "/v1.0/users/{user}/calendar/events/{id}",
+            get(graph::event)
+                .patch(graph::update_event)
+                .delete(graph::delete_event),
+        )
+        .route("/v1.0/users/{user}/events", post(graph::create_event))
+        .route(
+            "/v1.0/users/{user}/calendar/events",
+            post(graph::create_event),
+        )
+        .route(
+            "/v1.0/users/{user}/calendars/{cal}/events",
+            post(graph::create_event),
+        )
+        .route(
+            "/v1.0/users/{user}/events/{id}/cancel",
+            post(graph::cancel_event),
+        )
+        .route(
+            "/_sim/outlook/{mailbox}/events/{id}",
+            post(control::outlook_edit).delete(control::outlook_delete),
+        )
         .route(
             "/_sim/faults",
             get(control::list_faults)
@@ -246,6 +278,23 @@ impl SimHandle {
             subscriptions::notify_changes(&self.shared, entry, &change);
         }
         moved
+    }
+
+    /// Changes an event as its owner would in Outlook: `patch` is a Graph event body with the
+    /// properties to set. The event gets a new changeKey (so a client's `If-Match` goes stale)
+    /// and shows up in delta. Returns the event, or `None` for an unknown mailbox or event or
+    /// a patch Graph would refuse.
+    pub fn outlook_edit(&self, mailbox: &str, event_id: &str, patch: &Value) -> Option<Value> {
+        let entry = self.shared.mailbox(mailbox)?;
+        let body = serde_json::to_vec(patch).ok()?;
+        writes::outlook_edit(&self.shared, entry, event_id, &body).ok()
+    }
+
+    /// Deletes an event as its owner would in Outlook; false if there was none.
+    pub fn outlook_delete(&self, mailbox: &str, event_id: &str) -> bool {
+        self.shared
+            .mailbox(mailbox)
+            .is_some_and(|entry| writes::outlook_delete(&self.shared, entry, event_id))
     }
 
     /// The ids of `mailbox`'s recurring series (their masters), in id order.

@@ -40,6 +40,51 @@ pub enum ViolationKind {
     WrongTenant,
 }
 
+/// Event writes a client made (the owner's Outlook edits are not counted).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct WriteStats {
+    /// POSTs that created an event.
+    pub creates: u64,
+    /// POSTs answered with the event an earlier POST with the same `transactionId` made.
+    pub deduplicated: u64,
+    /// PATCHes applied.
+    pub updates: u64,
+    pub deletes: u64,
+    pub cancels: u64,
+    /// PATCHes refused with 412 because `If-Match` named an old changeKey.
+    pub precondition_failed: u64,
+    /// Events created by a POST with the same subject, start and end as an event another POST
+    /// created in that mailbox: what retrying without a `transactionId` leaves behind.
+    pub duplicates: u64,
+}
+
+/// One write to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteCount {
+    Create { duplicate: bool },
+    Deduplicated,
+    Update,
+    Delete,
+    Cancel,
+    PreconditionFailed,
+}
+
+impl WriteStats {
+    fn add(&mut self, what: WriteCount) {
+        match what {
+            WriteCount::Create { duplicate } => {
+                self.creates += 1;
+                self.duplicates += u64::from(duplicate);
+            }
+            WriteCount::Deduplicated => self.deduplicated += 1,
+            WriteCount::Update => self.updates += 1,
+            WriteCount::Delete => self.deletes += 1,
+            WriteCount::Cancel => self.cancels += 1,
+            WriteCount::PreconditionFailed => self.precondition_failed += 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TenantStats {
     pub tenant_id: String,
@@ -54,7 +99,8 @@ pub struct TenantStats {
 pub struct MailboxStats {
     pub tenant: String,
     pub requests: u64,
-    /// Endpoint (`delta`, `other`) -> HTTP status -> count.
+    /// Endpoint (`delta`, `event`, `create`, `update`, `delete`, `cancel`) -> HTTP status ->
+    /// count.
     pub by_endpoint: BTreeMap<String, BTreeMap<u16, u64>>,
     pub in_flight: usize,
     pub max_in_flight: usize,
@@ -62,6 +108,7 @@ pub struct MailboxStats {
     pub mutations: u64,
     /// Events in the mailbox now (all of its calendar, not one window).
     pub events: usize,
+    pub writes: WriteStats,
     /// When the most recent requests arrived (at most [`ARRIVALS_KEPT`]), for tests that check
     /// the spacing of retries exactly instead of sampling counters.
     #[serde(skip)]
@@ -95,6 +142,8 @@ pub struct SimStats {
     pub violations: Violations,
     /// The app-wide rate: its limit, the most requests seen in one second, the 429s it gave.
     pub app: super::app_limit::AppRequestStats,
+    /// Event writes of every mailbox (each mailbox has its own under `mailboxes`).
+    pub writes: WriteStats,
 }
 
 impl SimStats {
@@ -105,6 +154,13 @@ impl SimStats {
             ViolationKind::WrongTenant => &mut self.violations.wrong_tenant,
         };
         v.record(example);
+    }
+
+    pub fn write(&mut self, mailbox: &str, what: WriteCount) {
+        self.writes.add(what);
+        if let Some(m) = self.mailboxes.get_mut(mailbox) {
+            m.writes.add(what);
+        }
     }
 
     pub fn token_response(&mut self, tenant: Option<&str>, status: u16) {

@@ -115,8 +115,8 @@ async fn pipeline(
     let delivery = Delivery::from_faults(&kinds);
     for k in &kinds {
         match k {
-            FaultKind::Hang => return (Outcome::Hang, none),
-            FaultKind::Reset => return (Outcome::Reset, none),
+            FaultKind::Hang | FaultKind::CommitThenHang => return (Outcome::Hang, none),
+            FaultKind::Reset | FaultKind::CommitThenReset => return (Outcome::Reset, none),
             FaultKind::Status {
                 code,
                 graph_code,

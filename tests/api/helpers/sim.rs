@@ -11,7 +11,7 @@ use calsync::config::Settings;
 use calsync::graph::model::parse_event;
 use calsync::graph::Window;
 use calsync::scheduler::{JobResult, Worker};
-use calsync::sim::{self, SimConfig, SimHandle};
+use calsync::sim::{self, SimConfig, SimHandle, WriteStats};
 use calsync::store::{MailboxRecord, RunOutcome, Store, UserView};
 
 use tempfile::TempDir;
@@ -43,6 +43,22 @@ pub async fn start_sim(config: SimConfig) -> SimHandle {
     sim::start(config, listener)
         .await
         .expect("simulator starts")
+}
+
+/// Event writes the simulator counted over all mailboxes: `creates`, `deduplicated` (POSTs
+/// answered from their `transactionId`), `updates`, `deletes`, `cancels`,
+/// `precondition_failed` (412s) and `duplicates` (events a POST made twice).
+pub fn write_stats(sim: &SimHandle) -> WriteStats {
+    sim.stats().writes
+}
+
+/// The same counts for one mailbox (all zero for an unknown one).
+pub fn mailbox_write_stats(sim: &SimHandle, mailbox: &str) -> WriteStats {
+    sim.stats()
+        .mailboxes
+        .get(mailbox)
+        .map(|m| m.writes)
+        .unwrap_or_default()
 }
 
 /// Settings for the simulator with `tune` applied, and the SQLite file's directory.
