@@ -3,7 +3,6 @@
 //! naming its field or parameter, 404s, and the OpenAPI description against the router.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use calsync::config::Settings;
@@ -14,10 +13,10 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use wiremock::MockServer;
 
+use crate::helpers::api::{Api, TOKEN, WRONG};
 use crate::helpers::sim::{fast, sim_settings, start_sim, world, Dispatcher, Truth};
 use crate::helpers::store::{run_caught, TestSchema};
-use crate::helpers::api::{Api, TOKEN, WRONG};
-use crate::helpers::{base_config, start_app, Jobs, Running, ALICE, TENANT};
+use crate::helpers::{base_config, ALICE, TENANT};
 
 /// The test harness's config (one tenant `contoso` with Alice, Graph on a mock that answers
 /// nothing useful) with the admin API on, and a second tenant without mailboxes.

@@ -26,3 +26,4 @@ mod sync_rounds;
 mod token_codes;
 mod token_errors;
 mod token_refresh;
+mod writes;

@@ -383,7 +383,8 @@ pub fn write_finished(tenant: &str, op: &'static str, state: &'static str) {
 
 /// A write's delivery stopped on a failure that leaves it queued.
 pub fn write_attempt_failed(tenant: &str, reason: &'static str) {
-    counter!(WRITE_ATTEMPTS_FAILED, "tenant" => tenant.to_string(), "reason" => reason).increment(1);
+    counter!(WRITE_ATTEMPTS_FAILED, "tenant" => tenant.to_string(), "reason" => reason)
+        .increment(1);
 }
 
 /// A 401 answered before the token was refreshed and the request sent again.

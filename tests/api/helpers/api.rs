@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use calsync::config::Settings;
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::{start_app, Jobs, Running};
 
@@ -157,4 +157,3 @@ impl Api {
         self.running.stop().await;
     }
 }
-

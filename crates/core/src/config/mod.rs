@@ -4,8 +4,8 @@
 mod duration;
 mod log_level;
 mod notifications;
-mod writes;
 mod server;
+mod writes;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -19,8 +19,8 @@ use url::Url;
 pub use duration::HumanDuration;
 pub use log_level::validate as validate_log_filter;
 pub use notifications::{NotificationSettings, MAX_EVENT_SUBSCRIPTION};
-pub use writes::{ConflictPolicy, WriteSettings};
 pub use server::ServerSettings;
+pub use writes::{ConflictPolicy, WriteSettings};
 
 use crate::credential::ClientCertificate;
 

@@ -17,9 +17,7 @@ use serde_json::{Map, Value};
 
 use super::admin::{mailbox_id, store_call, truncate, ApiError, EventView, PREFIX};
 use super::AppState;
-use crate::store::{
-    EventLink, Enqueued, MailboxId, NewWrite, WriteOp, WriteRecord,
-};
+use crate::store::{Enqueued, EventLink, MailboxId, NewWrite, WriteOp, WriteRecord};
 
 /// Longest `external_id` and `Idempotency-Key`, in characters.
 pub const MAX_KEY_LEN: usize = 255;
@@ -137,7 +135,11 @@ pub(super) async fn read_event(
         }
         _ => None,
     };
-    Ok(Json(AppointmentView::of(link, writes, event.map(EventView::of))))
+    Ok(Json(AppointmentView::of(
+        link,
+        writes,
+        event.map(EventView::of),
+    )))
 }
 
 /// `GET /v1/writes/{id}`.
@@ -236,52 +238,56 @@ async fn enqueue(
         transaction_id: &transaction_id,
         now: Utc::now(),
     };
-    let (status, record, replayed) =
-        match store_call("enqueue_write", state.store.enqueue_write(&write)).await? {
-            Enqueued::New(record) => {
-                tracing::info!(write = %record.id, mailbox, op = op.as_str(), "admin API: write queued");
-                (StatusCode::ACCEPTED, record, false)
-            }
-            Enqueued::Replay(record) => (StatusCode::ACCEPTED, record, true),
-            Enqueued::KeyReused(_) => {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used for a different request on this mailbox; \
+    let (status, record, replayed) = match store_call(
+        "enqueue_write",
+        state.store.enqueue_write(&write),
+    )
+    .await?
+    {
+        Enqueued::New(record) => {
+            tracing::info!(write = %record.id, mailbox, op = op.as_str(), "admin API: write queued");
+            (StatusCode::ACCEPTED, record, false)
+        }
+        Enqueued::Replay(record) => (StatusCode::ACCEPTED, record, true),
+        Enqueued::KeyReused(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request on this mailbox; \
                      use a new key for a new request",
-                ))
-            }
-            Enqueued::NoMailbox => return Err(ApiError::mailbox_not_found(mailbox)),
-            Enqueued::MailboxDisabled => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "mailbox_disabled",
-                    format!("mailbox {mailbox} is disabled (no longer in the configuration)"),
-                ))
-            }
-            Enqueued::EventExists => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "event_exists",
-                    format!(
-                        "an appointment with external_id `{}` was already created in mailbox \
+            ))
+        }
+        Enqueued::NoMailbox => return Err(ApiError::mailbox_not_found(mailbox)),
+        Enqueued::MailboxDisabled => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "mailbox_disabled",
+                format!("mailbox {mailbox} is disabled (no longer in the configuration)"),
+            ))
+        }
+        Enqueued::EventExists => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "event_exists",
+                format!(
+                    "an appointment with external_id `{}` was already created in mailbox \
                          {mailbox}; update it with PATCH",
-                        truncate(external_id, 64)
-                    ),
-                ))
-            }
-            Enqueued::NoSuchEvent => return Err(no_such_appointment(mailbox, external_id)),
-            Enqueued::EventCancelled => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "event_cancelled",
-                    format!(
-                        "the appointment `{}` was cancelled; it cannot be changed any more",
-                        truncate(external_id, 64)
-                    ),
-                ))
-            }
-        };
+                    truncate(external_id, 64)
+                ),
+            ))
+        }
+        Enqueued::NoSuchEvent => return Err(no_such_appointment(mailbox, external_id)),
+        Enqueued::EventCancelled => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "event_cancelled",
+                format!(
+                    "the appointment `{}` was cancelled; it cannot be changed any more",
+                    truncate(external_id, 64)
+                ),
+            ))
+        }
+    };
     let mut response = (status, Json(record.clone())).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("{PREFIX}/writes/{}", record.id)) {
         response.headers_mut().insert(header::LOCATION, location);
@@ -328,8 +334,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
         .to_str()
         .map_err(|_| bad("`Idempotency-Key` must be visible ASCII"))?
         .trim();
-    if text.is_empty() || text.len() > MAX_KEY_LEN || !text.bytes().all(|b| b.is_ascii_graphic())
-    {
+    if text.is_empty() || text.len() > MAX_KEY_LEN || !text.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(bad(&format!(
             "`Idempotency-Key` must be 1 to {MAX_KEY_LEN} visible ASCII characters"
         )));
@@ -363,7 +368,9 @@ fn checked_external_id(
         return Err(error(
             "invalid_field",
             "external_id",
-            format!("`external_id` must be 1 to {MAX_KEY_LEN} characters without control characters"),
+            format!(
+                "`external_id` must be 1 to {MAX_KEY_LEN} characters without control characters"
+            ),
         ));
     }
     Ok(id.to_string())
@@ -502,11 +509,7 @@ impl Appointment {
         }
         if let (Some(start), Some(end)) = (event.get("start"), event.get("end")) {
             if start["timeZone"] == end["timeZone"] {
-                let at = |v: &Value| {
-                    v["dateTime"]
-                        .as_str()
-                        .and_then(|t| parse_local(t).ok())
-                };
+                let at = |v: &Value| v["dateTime"].as_str().and_then(|t| parse_local(t).ok());
                 if let (Some(start), Some(end)) = (at(start), at(end)) {
                     if end <= start {
                         return Err(ApiError::field(
@@ -556,11 +559,7 @@ fn choice(name: &str, value: Value, allowed: &[&str]) -> Result<Value, ApiError>
 }
 
 /// Members of a nested object, each at most once and each one of `allowed`.
-fn object(
-    name: &str,
-    value: Value,
-    allowed: &[&str],
-) -> Result<Map<String, Value>, ApiError> {
+fn object(name: &str, value: Value, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
     let Value::Object(members) = value else {
         return Err(ApiError::field(
             "invalid_field",
@@ -620,9 +619,7 @@ fn date_time(name: &str, value: Value) -> Result<Value, ApiError> {
     let zone = match members.remove("timeZone") {
         None | Some(Value::Null) => "UTC".to_string(),
         Some(Value::String(z))
-            if !z.trim().is_empty()
-                && z.len() <= 100
-                && !z.chars().any(char::is_control) =>
+            if !z.trim().is_empty() && z.len() <= 100 && !z.chars().any(char::is_control) =>
         {
             z
         }
@@ -661,9 +658,10 @@ fn categories(value: Value) -> Result<Value, ApiError> {
         return Err(invalid());
     };
     if items.len() > MAX_CATEGORIES
-        || !items
-            .iter()
-            .all(|c| c.as_str().is_some_and(|s| s.chars().count() <= MAX_TEXT_LEN))
+        || !items.iter().all(|c| {
+            c.as_str()
+                .is_some_and(|s| s.chars().count() <= MAX_TEXT_LEN)
+        })
     {
         return Err(invalid());
     }
@@ -696,7 +694,10 @@ fn attendees(value: Value) -> Result<Value, ApiError> {
         )?;
         let address = match email.remove("address") {
             Some(Value::String(a))
-                if a.len() <= 320 && a.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty()) && !a.chars().any(char::is_whitespace) =>
+                if a.len() <= 320
+                    && a.split_once('@')
+                        .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+                    && !a.chars().any(char::is_whitespace) =>
             {
                 a
             }
@@ -718,7 +719,9 @@ fn attendees(value: Value) -> Result<Value, ApiError> {
         }
         let kind = choice(
             &format!("{at}.type"),
-            members.remove("type").unwrap_or_else(|| Value::from("required")),
+            members
+                .remove("type")
+                .unwrap_or_else(|| Value::from("required")),
             &["required", "optional", "resource"],
         )?;
         checked.push(serde_json::json!({ "emailAddress": out, "type": kind }));
@@ -770,12 +773,18 @@ mod tests {
             (serde_json::json!({"subjet": "typo"}), "subjet"),
             (serde_json::json!({"transactionId": "x"}), "transactionId"),
             (serde_json::json!({"showAs": "away"}), "showAs"),
-            (serde_json::json!({"start": {"dateTime": "tomorrow"}}), "start.dateTime"),
+            (
+                serde_json::json!({"start": {"dateTime": "tomorrow"}}),
+                "start.dateTime",
+            ),
             (
                 serde_json::json!({"attendees": [{"emailAddress": {"address": "nobody"}}]}),
                 "attendees[0].emailAddress.address",
             ),
-            (serde_json::json!({"location": {"room": "2"}}), "location.room"),
+            (
+                serde_json::json!({"location": {"room": "2"}}),
+                "location.room",
+            ),
         ] {
             let error = parse(body.clone(), WriteOp::Update).unwrap_err();
             assert_eq!(error.field_name(), Some(field), "{body}");

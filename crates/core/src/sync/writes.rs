@@ -178,7 +178,9 @@ async fn deliver_one(
         WriteOp::Update => {
             let Some(event_id) = known.graph_event_id.as_deref() else {
                 return Ok(WriteResult::Failed {
-                    reason: "the appointment's create was not delivered, so there is no event to update".into(),
+                    reason:
+                        "the appointment's create was not delivered, so there is no event to update"
+                            .into(),
                 });
             };
             update(ctx, mailbox, conflict, event_id, known, body).await
@@ -210,7 +212,9 @@ async fn create(
     let graph = ctx.graph;
     let url = graph.url(&["users", &mailbox.user_id, "events"]);
     let answer = call_graph(ctx, mailbox.id, |token| {
-        let request = graph.post(url.clone(), &[200, 201]).json(body.clone(), None);
+        let request = graph
+            .post(url.clone(), &[200, 201])
+            .json(body.clone(), None);
         async move {
             let answer = graph.send(request, &token).await?;
             Ok((answer.body, answer.ids))
@@ -307,7 +311,12 @@ async fn cancel(
 ) -> Result<WriteResult, SyncError> {
     let current = match read_event(ctx, mailbox, event_id, "changeKey,attendees").await {
         Ok(Some(current)) => current,
-        Ok(None) => return Ok(delivered_note(None, "the event was already gone from Outlook")),
+        Ok(None) => {
+            return Ok(delivered_note(
+                None,
+                "the event was already gone from Outlook",
+            ))
+        }
         Err(e) => return refused_or_stop(e),
     };
     let graph = ctx.graph;
@@ -322,7 +331,9 @@ async fn cancel(
         let url = graph.url(&["users", &mailbox.user_id, "events", event_id, "cancel"]);
         let payload = serde_json::json!({ "comment": comment });
         call_graph(ctx, mailbox.id, |token| {
-            let request = graph.post(url.clone(), &[200, 202, 204]).json(payload.clone(), None);
+            let request = graph
+                .post(url.clone(), &[200, 202, 204])
+                .json(payload.clone(), None);
             async move {
                 let answer = graph.send(request, &token).await?;
                 Ok(((), answer.ids))
