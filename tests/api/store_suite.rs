@@ -2344,6 +2344,7 @@ fn delivered(id: &str, change_key: &str) -> WriteResult {
         graph_event_id: Some(id.to_string()),
         change_key: Some(change_key.to_string()),
         etag: Some(format!("W/\"{change_key}\"")),
+        fingerprint: None,
         note: None,
     }
 }
@@ -2729,6 +2730,7 @@ async fn delivered_writes_update_the_link_and_end(store: Store) {
                 graph_event_id: None,
                 change_key: Some("ck2".into()),
                 etag: Some("W/\"ck2\"".into()),
+                fingerprint: None,
                 note: Some("attendees unchanged".into()),
             },
             at(6),
@@ -2761,6 +2763,7 @@ async fn delivered_writes_update_the_link_and_end(store: Store) {
                 graph_event_id: Some("g1".into()),
                 change_key: None,
                 etag: None,
+                fingerprint: None,
                 note: None,
             },
             at(8),
@@ -2847,6 +2850,7 @@ async fn a_conflict_keeps_outlooks_version(store: Store) {
                 reason: "changed in Outlook".into(),
                 change_key: Some("ck-outlook".into()),
                 etag: Some("W/\"outlook\"".into()),
+                fingerprint: None,
             },
             at(5),
         )
@@ -3010,6 +3014,7 @@ async fn write_counts_per_tenant(store: Store) {
                 reason: "changed".into(),
                 change_key: None,
                 etag: None,
+                fingerprint: None,
             },
             at(9),
         )
@@ -3109,6 +3114,7 @@ async fn an_ended_write_keeps_no_body(store: Store, url: String) {
             reason: "changed".into(),
             change_key: None,
             etag: None,
+            fingerprint: None,
         },
         WriteResult::Retry {
             reason: "timeout".into(),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use calsync::config::ConflictPolicy;
+use calsync::config::{ConflictPolicy, Settings};
 use calsync::scheduler::JobResult;
 use calsync::sim::{Endpoint, FaultKind, FaultRule, RetryAfter, SimHandle};
 use calsync::store::Store;
@@ -20,7 +20,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::helpers::api::{Api, Reply, TOKEN};
-use crate::helpers::sim::{fast, sim_settings, start_sim, world, Truth};
+use crate::helpers::sim::{fast, sim_settings, start_sim, wait_for, world, Truth};
 use crate::helpers::{start_app, Jobs};
 
 /// A service on a simulator of two tenants with two mailboxes each; `writers` lists the tenants
@@ -33,6 +33,14 @@ struct Writing {
 
 impl Writing {
     async fn start(conflict: ConflictPolicy, writers: &[usize]) -> Self {
+        Self::start_with(conflict, writers, |_| {}).await
+    }
+
+    async fn start_with(
+        conflict: ConflictPolicy,
+        writers: &[usize],
+        tune: impl FnOnce(&mut Settings),
+    ) -> Self {
         let config = world(2, 2, 3);
         let sim = start_sim(config.clone()).await;
         let (settings, dir) = sim_settings(&sim, &config, |s| {
@@ -42,6 +50,7 @@ impl Writing {
                 s.tenants[i].writes = true;
             }
             s.writes.conflict_policy = conflict;
+            tune(s);
         });
         let api = Api::new(start_app(settings, Jobs::ByTest).await);
         Self {
@@ -280,38 +289,58 @@ async fn a_create_whose_answer_is_lost_after_the_commit_is_made_once() {
     }
 }
 
-/// The event was changed in Outlook since calsync wrote it (seen by the read before the PATCH,
-/// or by Graph's 412 on `If-Match`): Outlook's version stays, or the application's is written
-/// over it, as configured, and the write says which.
+/// The event was changed in Outlook since calsync wrote it, seen by the read before the PATCH
+/// or, when the change lands between that read and the PATCH, by Graph's 412 on `If-Match`:
+/// Outlook's version stays, or the application's is written over it, as configured, and the
+/// write says which. A changeKey that moves without any change of content (Exchange does that
+/// by itself) is no conflict.
 #[tokio::test]
 async fn a_conflict_is_recorded_under_each_policy() {
     for policy in [ConflictPolicy::OutlookWins, ConflictPolicy::ApplicationWins] {
-        let w = Writing::start(policy, &[0]).await;
+        // Room for a PATCH held a second by the simulator.
+        let w = Writing::start_with(policy, &[0], |s| {
+            s.graph.request_timeout = Duration::from_secs(5);
+        })
+        .await;
         let alice = w.mailbox(0, 0);
         let id = w.id(&alice).await;
-        w.book(id, "b-1", "Advising", "k-1").await;
-        w.book(id, "b-2", "Review", "k-2").await;
+        for (external_id, subject) in [("b-1", "Advising"), ("b-2", "Review"), ("b-3", "Check-in")]
+        {
+            let booked = w.book(id, external_id, subject, external_id).await;
+            assert_eq!(booked.status, StatusCode::ACCEPTED, "{}", booked.body);
+        }
         w.pass().await;
-        let [advising] = &w.in_outlook(&alice, "Advising")[..] else {
-            panic!("one Advising event")
+        let graph_id = |subject: &str| {
+            let found = w.in_outlook(&alice, subject);
+            assert_eq!(found.len(), 1, "one {subject} event");
+            found[0]["id"].as_str().expect("id").to_string()
         };
-        // The student moves b-1 in Outlook; b-2 changes between calsync's read and its PATCH
-        // (a 412 from If-Match).
+        let (advising, review, check_in) = (
+            graph_id("Advising"),
+            graph_id("Review"),
+            graph_id("Check-in"),
+        );
+
+        // b-1: the student moved it in Outlook before calsync's update.
         let edited = w.sim.outlook_edit(
             &alice,
-            advising["id"].as_str().expect("id"),
+            &advising,
             &json!({"subject": "Advising (moved by the student)"}),
         );
         assert!(edited.is_some(), "the simulator edits as the user");
         let stale = w
-            .change(id, "b-1", json!({"subject": "Advising (app)"}), "k-3")
+            .change(id, "b-1", json!({"subject": "Advising (app)"}), "u-1")
             .await;
         w.pass().await;
+
+        // b-3: only the changeKey moved (before the read, and again between the read and the
+        // PATCH: a 412 without any change of content).
+        assert!(w.sim.outlook_edit(&alice, &check_in, &json!({})).is_some());
         w.sim.add_fault(
             FaultRule::new(FaultKind::Status {
                 code: 412,
                 graph_code: Some("ErrorIrresolvableConflict".into()),
-                message: Some("The send or update operation could not be performed because the change key passed in the request does not match the current change key for the item.".into()),
+                message: None,
                 aadsts: None,
                 retry_after: RetryAfter::None,
             })
@@ -319,36 +348,73 @@ async fn a_conflict_is_recorded_under_each_policy() {
             .mailbox(alice.clone())
             .max_count(1),
         );
-        let raced = w
-            .change(id, "b-2", json!({"subject": "Review (app)"}), "k-4")
+        let bumped = w
+            .change(id, "b-3", json!({"subject": "Check-in (app)"}), "u-3")
             .await;
         w.pass().await;
-        let (stale, raced) = (w.state_of(&stale).await, w.state_of(&raced).await);
+
+        // b-2: the student edits while calsync's PATCH is on its way (held a second by the
+        // simulator): Graph's If-Match check refuses the PATCH with a 412.
+        let held = w.sim.add_fault(
+            FaultRule::new(FaultKind::Latency { ms: 1000 })
+                .endpoint(Endpoint::Writes)
+                .mailbox(alice.clone())
+                .max_count(1),
+        );
+        let raced = w
+            .change(id, "b-2", json!({"subject": "Review (app)"}), "u-2")
+            .await;
+        let student = async {
+            wait_for(
+                "calsync's PATCH reached Graph",
+                Duration::from_secs(20),
+                || w.sim.stats().faults_fired.get(&held) == Some(&1),
+            )
+            .await;
+            w.sim
+                .outlook_edit(&alice, &review, &json!({"subject": "Review (student)"}))
+                .expect("edited");
+        };
+        tokio::join!(w.pass(), student);
+
+        let (stale, bumped, raced) = (
+            w.state_of(&stale).await,
+            w.state_of(&bumped).await,
+            w.state_of(&raced).await,
+        );
+        assert_eq!(bumped["state"], "delivered", "{bumped}");
+        assert!(bumped["note"].is_null(), "no conflict: {bumped}");
+        assert_eq!(w.in_outlook(&alice, "Check-in (app)").len(), 1);
         match policy {
             ConflictPolicy::OutlookWins => {
-                assert_eq!(stale["state"], "conflict", "{stale}");
-                assert!(stale["conflict"]
-                    .as_str()
-                    .is_some_and(|c| c.contains("Outlook")));
+                for write in [&stale, &raced] {
+                    assert_eq!(write["state"], "conflict", "{write}");
+                    assert!(write["conflict"]
+                        .as_str()
+                        .is_some_and(|c| c.contains("Outlook")));
+                }
                 assert_eq!(
                     w.in_outlook(&alice, "Advising (moved by the student)")
                         .len(),
                     1
                 );
-                assert!(w.in_outlook(&alice, "Advising (app)").is_empty());
-                assert_eq!(raced["state"], "conflict", "{raced}");
-                assert_eq!(w.in_outlook(&alice, "Review").len(), 1);
+                assert_eq!(w.in_outlook(&alice, "Review (student)").len(), 1);
             }
             ConflictPolicy::ApplicationWins => {
-                assert_eq!(stale["state"], "delivered", "{stale}");
-                assert!(stale["note"]
-                    .as_str()
-                    .is_some_and(|n| n.contains("Outlook")));
+                for write in [&stale, &raced] {
+                    assert_eq!(write["state"], "delivered", "{write}");
+                    assert!(write["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("Outlook")));
+                }
                 assert_eq!(w.in_outlook(&alice, "Advising (app)").len(), 1);
-                assert_eq!(raced["state"], "delivered", "{raced}");
                 assert_eq!(w.in_outlook(&alice, "Review (app)").len(), 1);
             }
         }
+        assert!(
+            w.writes_stats().precondition_failed >= 1,
+            "the race was refused by If-Match at Graph"
+        );
     }
 }
 

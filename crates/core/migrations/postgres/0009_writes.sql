@@ -11,6 +11,7 @@ CREATE TABLE event_links (
     graph_event_id text,                             -- set when the create is delivered
     change_key     text,
     etag           text,
+    fingerprint    text,                            -- the event's content as calsync last wrote or saw it
     cancelled      boolean     NOT NULL DEFAULT false, -- set when its cancel is queued
     created_at     timestamptz NOT NULL,
     updated_at     timestamptz NOT NULL,

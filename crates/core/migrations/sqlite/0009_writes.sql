@@ -11,6 +11,7 @@ CREATE TABLE event_links (
     graph_event_id TEXT,                            -- set when the create is delivered
     change_key     TEXT,
     etag           TEXT,
+    fingerprint    TEXT,                            -- the event's content as calsync last wrote or saw it
     cancelled      INTEGER NOT NULL DEFAULT 0,      -- set when its cancel is queued
     created_at     TEXT    NOT NULL,
     updated_at     TEXT    NOT NULL,

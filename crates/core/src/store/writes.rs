@@ -154,6 +154,8 @@ pub struct PendingWrite {
     pub graph_event_id: Option<String>,
     pub change_key: Option<String>,
     pub etag: Option<String>,
+    /// The event's content (the properties calsync writes) as calsync last wrote or saw it.
+    pub fingerprint: Option<String>,
 }
 
 /// The result of delivering one write, as [`record_write`](Store::record_write) stores it.
@@ -166,6 +168,8 @@ pub enum WriteResult {
         graph_event_id: Option<String>,
         change_key: Option<String>,
         etag: Option<String>,
+        /// The event's content as Graph answered it (kept on the link).
+        fingerprint: Option<String>,
         note: Option<String>,
     },
     /// The event was changed in Outlook and Outlook wins: state `conflict` with `reason`; the
@@ -175,6 +179,7 @@ pub enum WriteResult {
         reason: String,
         change_key: Option<String>,
         etag: Option<String>,
+        fingerprint: Option<String>,
     },
     /// Given up for good (Graph refused it): state `failed`. A failed cancel leaves the event
     /// standing, so its link is no longer cancelled.
@@ -221,6 +226,7 @@ pub(super) struct Recorded<'a> {
     pub graph_event_id: Option<&'a str>,
     pub change_key: Option<&'a str>,
     pub etag: Option<&'a str>,
+    pub fingerprint: Option<&'a str>,
     pub cancelled: Option<bool>,
 }
 
@@ -235,6 +241,7 @@ impl<'a> Recorded<'a> {
             graph_event_id: None,
             change_key: None,
             etag: None,
+            fingerprint: None,
             cancelled: None,
         };
         // A cancel that did not happen leaves the event in Outlook: the application may write
@@ -245,6 +252,7 @@ impl<'a> Recorded<'a> {
                 graph_event_id,
                 change_key,
                 etag,
+                fingerprint,
                 note,
             } => Self {
                 state: WriteState::Delivered,
@@ -252,6 +260,7 @@ impl<'a> Recorded<'a> {
                 graph_event_id: graph_event_id.as_deref(),
                 change_key: change_key.as_deref(),
                 etag: etag.as_deref(),
+                fingerprint: fingerprint.as_deref(),
                 cancelled: (op == WriteOp::Cancel).then_some(true),
                 ..kept
             },
@@ -259,11 +268,13 @@ impl<'a> Recorded<'a> {
                 reason,
                 change_key,
                 etag,
+                fingerprint,
             } => Self {
                 state: WriteState::Conflict,
                 conflict: Some(reason),
                 change_key: change_key.as_deref(),
                 etag: etag.as_deref(),
+                fingerprint: fingerprint.as_deref(),
                 cancelled: cancel_undone,
                 ..kept
             },
@@ -286,6 +297,7 @@ impl<'a> Recorded<'a> {
         self.graph_event_id.is_some()
             || self.change_key.is_some()
             || self.etag.is_some()
+            || self.fingerprint.is_some()
             || self.cancelled.is_some()
     }
 }

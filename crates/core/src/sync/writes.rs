@@ -5,15 +5,17 @@
 //!
 //! Exactly once: a create carries the `transactionId` chosen when it was queued, so a create
 //! whose answer was lost (timeout, reset, a crash of calsync) is sent again and Graph answers
-//! with the event it already made. An update first reads the event's `changeKey` and compares
-//! it with the one calsync last wrote; the PATCH then carries `If-Match` with the etag just
-//! read. Write bodies hold personal data: nothing here logs them, only ids and states.
+//! with the event it already made. An update first reads the event and compares its content
+//! (the properties calsync writes, as a fingerprint) with what calsync last wrote; the PATCH
+//! then carries `If-Match` with the etag just read. The content, not the `changeKey`, decides
+//! whether someone changed the event: Exchange moves an event's changeKey by itself (shortly
+//! after a create, when an attendee answers), which is no one's edit. Write bodies hold
+//! personal data: nothing here logs them, only ids and states.
 
 use std::collections::HashMap;
 
 use chrono::Utc;
-use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{call_graph, RoundContext, SyncError, SyncReport};
 use crate::config::ConflictPolicy;
@@ -31,16 +33,89 @@ pub struct WritePolicy {
     pub per_job: u32,
 }
 
+/// The properties whose change is someone's edit of the event (read with `$select` before an
+/// update); the changeKey moves with them and also without them.
+const CONTENT_SELECT: &str =
+    "changeKey,subject,body,start,end,isAllDay,location,attendees,showAs,sensitivity,categories,importance";
+const CONTENT: [&str; 11] = [
+    "subject",
+    "body",
+    "start",
+    "end",
+    "isAllDay",
+    "location",
+    "attendees",
+    "showAs",
+    "sensitivity",
+    "categories",
+    "importance",
+];
+
 /// The parts of an event Graph answers that the link keeps.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 struct EventVersion {
     id: String,
-    #[serde(rename = "changeKey")]
     change_key: Option<String>,
-    #[serde(rename = "@odata.etag")]
     etag: Option<String>,
-    #[serde(default)]
-    attendees: Option<Vec<Value>>,
+    has_attendees: bool,
+    fingerprint: String,
+}
+
+impl EventVersion {
+    fn of(event: &Value) -> Option<Self> {
+        let text = |name: &str| event[name].as_str().map(str::to_string);
+        Some(Self {
+            id: text("id")?,
+            change_key: text("changeKey"),
+            etag: text("@odata.etag"),
+            has_attendees: event["attendees"].as_array().is_some_and(|a| !a.is_empty()),
+            fingerprint: fingerprint(event),
+        })
+    }
+}
+
+/// A digest of the event's content as Graph shows it: the same for two answers about an
+/// unchanged event, whatever its changeKey. Attendees count by address and type only (their
+/// responses are not an edit of the event).
+fn fingerprint(event: &Value) -> String {
+    let mut parts = Map::new();
+    for name in CONTENT {
+        let part = match name {
+            "body" => event["body"]["content"].clone(),
+            "location" => event["location"]["displayName"].clone(),
+            "attendees" => {
+                let mut people: Vec<String> = event["attendees"]
+                    .as_array()
+                    .map(|all| {
+                        all.iter()
+                            .map(|a| {
+                                format!(
+                                    "{} {}",
+                                    a["emailAddress"]["address"]
+                                        .as_str()
+                                        .unwrap_or_default()
+                                        .to_ascii_lowercase(),
+                                    a["type"].as_str().unwrap_or_default()
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                people.sort();
+                Value::from(people)
+            }
+            _ => event[name].clone(),
+        };
+        parts.insert(name.to_string(), part);
+    }
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        Value::Object(parts).to_string().as_bytes(),
+    );
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// What the job knows of an appointment's Graph event, updated as its writes are delivered
@@ -50,6 +125,19 @@ struct Known {
     graph_event_id: Option<String>,
     change_key: Option<String>,
     etag: Option<String>,
+    fingerprint: Option<String>,
+}
+
+impl Known {
+    /// The event's content differs from what calsync last wrote or saw (by changeKey where no
+    /// fingerprint was kept).
+    fn changed_in(&self, current: &EventVersion) -> bool {
+        match (&self.fingerprint, &self.change_key) {
+            (Some(fingerprint), _) => *fingerprint != current.fingerprint,
+            (None, Some(change_key)) => current.change_key.as_ref() != Some(change_key),
+            (None, None) => false,
+        }
+    }
 }
 
 /// Delivers the mailbox's queued writes in order. A write Graph refuses for good is recorded
@@ -74,6 +162,7 @@ pub async fn deliver(
                 graph_event_id: write.graph_event_id.clone(),
                 change_key: write.change_key.clone(),
                 etag: write.etag.clone(),
+                fingerprint: write.fingerprint.clone(),
             })
             .clone();
         let outcome = if policy.allowed {
@@ -104,6 +193,7 @@ pub async fn deliver(
                 graph_event_id,
                 change_key,
                 etag,
+                fingerprint,
                 ..
             } => {
                 if write.op == WriteOp::Cancel {
@@ -115,6 +205,7 @@ pub async fn deliver(
                             graph_event_id: graph_event_id.clone(),
                             change_key: change_key.clone(),
                             etag: etag.clone(),
+                            fingerprint: fingerprint.clone(),
                         },
                     );
                 }
@@ -122,11 +213,15 @@ pub async fn deliver(
                 "delivered"
             }
             WriteResult::Conflict {
-                change_key, etag, ..
+                change_key,
+                etag,
+                fingerprint,
+                ..
             } => {
                 if let Some(entry) = known.get_mut(&write.external_id) {
                     entry.change_key.clone_from(change_key);
                     entry.etag.clone_from(etag);
+                    entry.fingerprint.clone_from(fingerprint);
                 }
                 report.writes_conflicted += 1;
                 "conflict"
@@ -236,20 +331,15 @@ async fn update(
     body: Value,
 ) -> Result<WriteResult, SyncError> {
     let mut overwrote = false;
-    // Twice at most: a 412 means the event changed between the read and the PATCH, and the
-    // application's version may be applied over that change once more.
-    for _ in 0..2 {
-        let current = match read_event(ctx, mailbox, event_id, "changeKey").await {
+    // A 412 means the event moved between the read and the PATCH (its content, or only its
+    // changeKey): read it again and decide again, a few times at most.
+    for _ in 0..3 {
+        let current = match read_event(ctx, mailbox, event_id, CONTENT_SELECT).await {
             Ok(Some(current)) => current,
-            Ok(None) => {
-                return Ok(WriteResult::Failed {
-                    reason: "the event no longer exists in Outlook (deleted there)".into(),
-                })
-            }
+            Ok(None) => return Ok(gone_from_outlook()),
             Err(e) => return refused_or_stop(e),
         };
-        let changed = known.change_key.is_some() && current.change_key != known.change_key;
-        if changed || overwrote {
+        if known.changed_in(&current) {
             match conflict {
                 ConflictPolicy::OutlookWins => return Ok(conflict_with(&current)),
                 ConflictPolicy::ApplicationWins => overwrote = true,
@@ -276,31 +366,22 @@ async fn update(
                 );
                 return version_of(&bytes, ids).map(|event| delivered(&event, note));
             }
-            Err(SyncError::Graph(GraphError::Permanent { status: 412, .. })) => {
-                overwrote = true;
-                if conflict == ConflictPolicy::OutlookWins {
-                    let fresh = read_event(ctx, mailbox, event_id, "changeKey").await;
-                    return match fresh {
-                        Ok(Some(current)) => Ok(conflict_with(&current)),
-                        Ok(None) => Ok(WriteResult::Failed {
-                            reason: "the event no longer exists in Outlook (deleted there)".into(),
-                        }),
-                        Err(e) => refused_or_stop(e),
-                    };
-                }
-            }
-            Err(SyncError::Graph(GraphError::NotFound { .. })) => {
-                return Ok(WriteResult::Failed {
-                    reason: "the event no longer exists in Outlook (deleted there)".into(),
-                })
-            }
+            Err(SyncError::Graph(GraphError::Permanent { status: 412, .. })) => continue,
+            Err(SyncError::Graph(GraphError::NotFound { .. })) => return Ok(gone_from_outlook()),
             Err(e) => return refused_or_stop(e),
         }
     }
     Ok(WriteResult::Retry {
-        reason: "the event kept changing in Outlook while it was being updated (HTTP 412 twice)"
-            .into(),
+        reason:
+            "the event kept changing in Outlook while it was being updated (HTTP 412 three times)"
+                .into(),
     })
+}
+
+fn gone_from_outlook() -> WriteResult {
+    WriteResult::Failed {
+        reason: "the event no longer exists in Outlook (deleted there)".into(),
+    }
 }
 
 async fn cancel(
@@ -320,7 +401,7 @@ async fn cancel(
         Err(e) => return refused_or_stop(e),
     };
     let graph = ctx.graph;
-    let is_meeting = current.attendees.as_ref().is_some_and(|a| !a.is_empty());
+    let is_meeting = current.has_attendees;
     let comment = body
         .get("comment")
         .and_then(Value::as_str)
@@ -389,12 +470,16 @@ async fn read_event(
 }
 
 fn version_of(bytes: &[u8], ids: RequestIds) -> Result<EventVersion, SyncError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        SyncError::Graph(GraphError::Malformed {
-            reason: format!("an event answer without a usable `id`/`changeKey`: {e}"),
-            ids,
+    serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .as_ref()
+        .and_then(EventVersion::of)
+        .ok_or_else(|| {
+            SyncError::Graph(GraphError::Malformed {
+                reason: "an event answer that is not a JSON event with an `id`".into(),
+                ids,
+            })
         })
-    })
 }
 
 fn delivered(event: &EventVersion, note: Option<&str>) -> WriteResult {
@@ -402,6 +487,7 @@ fn delivered(event: &EventVersion, note: Option<&str>) -> WriteResult {
         graph_event_id: Some(event.id.clone()),
         change_key: event.change_key.clone(),
         etag: event.etag.clone(),
+        fingerprint: Some(event.fingerprint.clone()),
         note: note.map(str::to_string),
     }
 }
@@ -411,6 +497,7 @@ fn delivered_note(event_id: Option<&str>, note: &str) -> WriteResult {
         graph_event_id: event_id.map(str::to_string),
         change_key: None,
         etag: None,
+        fingerprint: None,
         note: (!note.is_empty()).then(|| note.to_string()),
     }
 }
@@ -420,6 +507,7 @@ fn conflict_with(current: &EventVersion) -> WriteResult {
         reason: "the event was changed in Outlook since calsync last wrote it; Outlook's version was kept (writes.conflict_policy = outlook_wins)".into(),
         change_key: current.change_key.clone(),
         etag: current.etag.clone(),
+        fingerprint: Some(current.fingerprint.clone()),
     }
 }
 

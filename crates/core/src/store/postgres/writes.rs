@@ -129,7 +129,7 @@ impl WriteStore for PgStore {
     ) -> Result<Vec<PendingWrite>, StoreError> {
         let rows = sqlx::query(
             "SELECT w.id, w.seq, w.external_id, w.op, w.body, w.attempts, w.created_at,
-                 l.transaction_id, l.graph_event_id, l.change_key, l.etag
+                 l.transaction_id, l.graph_event_id, l.change_key, l.etag, l.fingerprint
              FROM writes w JOIN event_links l
                  ON l.mailbox_id = w.mailbox_id AND l.external_id = w.external_id
              WHERE w.mailbox_id = $1 AND w.state = 'queued'
@@ -154,6 +154,7 @@ impl WriteStore for PgStore {
                     graph_event_id: row.try_get("graph_event_id")?,
                     change_key: row.try_get("change_key")?,
                     etag: row.try_get("etag")?,
+                    fingerprint: row.try_get("fingerprint")?,
                 })
             })
             .collect()
@@ -197,7 +198,8 @@ impl WriteStore for PgStore {
             sqlx::query(
                 "UPDATE event_links SET graph_event_id = COALESCE($3, graph_event_id),
                      change_key = COALESCE($4, change_key), etag = COALESCE($5, etag),
-                     cancelled = COALESCE($6, cancelled), updated_at = $7
+                     cancelled = COALESCE($6, cancelled), updated_at = $7,
+                     fingerprint = COALESCE($8, fingerprint)
                  WHERE mailbox_id = $1 AND external_id = $2",
             )
             .bind(lease.mailbox)
@@ -207,6 +209,7 @@ impl WriteStore for PgStore {
             .bind(recorded.etag.map(text))
             .bind(recorded.cancelled)
             .bind(now)
+            .bind(recorded.fingerprint.map(text))
             .execute(&mut *tx)
             .await?;
         }
