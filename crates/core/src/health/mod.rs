@@ -18,7 +18,7 @@ use crate::resilience::breaker::BreakerState;
 use crate::resilience::guard::{BreakerSnapshot, Dependency};
 use crate::resilience::limits::ShareStatus;
 use crate::scheduler::{Worker, WorkerStatus};
-use crate::store::{MailboxId, MailboxRecord, Store};
+use crate::store::{MailboxId, MailboxRecord, Store, WriteCounts};
 
 /// A store that does not answer this fast is reported unreachable.
 pub const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -59,6 +59,9 @@ pub struct TenantHealth {
     pub max_lag_seconds: i64,
     /// Items Graph sent that could not be understood, set aside (the rest was applied).
     pub quarantined: u64,
+    /// The application's writes to Outlook not delivered: queued (and since when), failed,
+    /// kept as conflicts.
+    pub writes: WriteCounts,
     pub token: Option<TokenStatus>,
     pub mailbox_detail: Vec<MailboxHealth>,
 }
@@ -134,7 +137,13 @@ pub async fn current(
             Ok(Ok(counts)) => counts,
             _ => HashMap::new(),
         };
-    let health = build(&mailboxes, &quarantined, worker, Utc::now()).await;
+    let mut health = build(&mailboxes, &quarantined, worker, Utc::now()).await;
+    // Detail too: none known when the store is slow to give them.
+    if let Ok(Ok(writes)) = tokio::time::timeout(STORE_CHECK_TIMEOUT, store.write_counts()).await {
+        for tenant in &mut health.tenants {
+            tenant.writes = writes.get(&tenant.name).copied().unwrap_or_default();
+        }
+    }
     Ok((health, mailboxes))
 }
 
@@ -198,6 +207,7 @@ pub async fn build(
             failing,
             max_lag_seconds: detail.iter().map(|m| m.lag_seconds).max().unwrap_or(0),
             quarantined: detail.iter().map(|m| m.quarantined).sum(),
+            writes: WriteCounts::default(),
             token,
             mailbox_detail: detail,
         });

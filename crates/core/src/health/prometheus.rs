@@ -73,7 +73,22 @@ pub fn render(health: &Health, limits: Limits, now: DateTime<Utc>) -> String {
             );
         }
     }
-    let per_tenant: [Family<TenantHealth>; 5] = [
+    let per_tenant: [Family<TenantHealth>; 8] = [
+        (
+            "calsync_writes_queued",
+            "The application's writes to Outlook accepted and not yet delivered.",
+            |t| t.writes.queued as f64,
+        ),
+        (
+            "calsync_writes_failed",
+            "The application's writes Graph refused for good (see GET /v1/writes/{id}).",
+            |t| t.writes.failed as f64,
+        ),
+        (
+            "calsync_writes_conflicted",
+            "The application's updates not written because the event had been changed in Outlook (writes.conflict_policy = outlook_wins).",
+            |t| t.writes.conflict as f64,
+        ),
         ("calsync_mailboxes", "Enabled mailboxes.", |t| {
             t.mailboxes as f64
         }),
@@ -103,6 +118,21 @@ pub fn render(health: &Health, limits: Limits, now: DateTime<Utc>) -> String {
         for t in &health.tenants {
             out.sample(name, &[("tenant", &t.name)], value(t));
         }
+    }
+    out.family(
+        "calsync_writes_oldest_queued_seconds",
+        "gauge",
+        "Age of the oldest write of the tenant still queued (0 when none is).",
+    );
+    for t in &health.tenants {
+        let age = t.writes.oldest_queued_at.map_or(0.0, |at| {
+            (now - at).num_milliseconds().max(0) as f64 / 1000.0
+        });
+        out.sample(
+            "calsync_writes_oldest_queued_seconds",
+            &[("tenant", &t.name)],
+            age,
+        );
     }
     out.family(
         "calsync_last_success_timestamp_seconds",
