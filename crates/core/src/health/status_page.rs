@@ -416,6 +416,7 @@ mod tests {
                 failing: 1,
                 max_lag_seconds: 420,
                 quarantined: 0,
+                writes: Default::default(),
                 token: None,
                 mailbox_detail: vec![MailboxHealth {
                     mailbox: mailbox.into(),
