@@ -459,6 +459,67 @@ fn captured_logs() -> &'static Lines {
     })
 }
 
+/// Write bodies hold personal data: delivering a write logs its id, operation and state, never
+/// what it carries (subject, attendees, body).
+#[tokio::test]
+async fn a_write_is_logged_by_id_and_state_never_by_its_content() {
+    let lines = captured_logs();
+    let config = unique_world();
+    let tenant = config.tenants[0].name.clone();
+    let mailbox = config.tenants[0].mailboxes[0].clone();
+    let app = crate::helpers::sim::sim_app(config, |s| {
+        fast(s);
+        s.tenants[0].writes = true;
+    })
+    .await;
+    let id = app.record(&mailbox).await.id;
+    let body = serde_json::json!({
+        "subject": "Counselling session for Jordan Doe",
+        "body": {"contentType": "text", "content": "Discuss the medical leave"},
+        "start": {"dateTime": "2026-12-03T14:00:00", "timeZone": "UTC"},
+        "end": {"dateTime": "2026-12-03T15:00:00", "timeZone": "UTC"},
+        "attendees": [{"emailAddress": {"address": "jordan.doe@students.example", "name": "Jordan Doe"}}],
+    })
+    .to_string();
+    let write_id = uuid::Uuid::new_v4().to_string();
+    let enqueued = app
+        .store
+        .enqueue_write(&calsync::store::NewWrite {
+            id: &write_id,
+            mailbox: id,
+            external_id: "booking-77",
+            op: calsync::store::WriteOp::Create,
+            idempotency_key: "k-77",
+            request_hash: "h-77",
+            body: &body,
+            transaction_id: "t-77",
+            now: chrono::Utc::now(),
+        })
+        .await
+        .expect("store writes");
+    assert!(matches!(enqueued, calsync::store::Enqueued::New(_)));
+    app.pass_ok().await;
+    let record = app
+        .store
+        .write_by_id(&write_id)
+        .await
+        .expect("reads")
+        .expect("write");
+    assert_eq!(record.state.as_str(), "delivered");
+
+    let logged: Vec<serde_json::Value> = lines
+        .json(&tenant)
+        .into_iter()
+        .filter(|l| l["write"] == write_id.as_str())
+        .collect();
+    assert_eq!(logged.len(), 1, "the delivery is logged once, by write id");
+    assert_eq!(logged[0]["state"], "delivered");
+    let text = lines.text();
+    for private in ["Jordan", "jordan.doe", "Counselling", "medical leave"] {
+        assert!(!text.contains(private), "`{private}` reached the log");
+    }
+}
+
 #[tokio::test]
 async fn json_logs_carry_the_job_span_with_request_ids_and_one_line_per_breaker_transition() {
     let lines = captured_logs();
