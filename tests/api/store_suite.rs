@@ -81,7 +81,7 @@ store_suite!(
     a_conflict_keeps_outlooks_version,
     a_cancel_that_did_not_happen_reopens_its_appointment,
     concurrent_enqueues_of_one_key_store_one_write,
-    write_counts_per_tenant,
+    write_counts_per_tenant_and_ended_writes_pruned,
     removing_a_mailbox_removes_its_writes_and_links,
 );
 
@@ -2966,7 +2966,7 @@ async fn concurrent_enqueues_of_one_key_store_one_write(store: Store) {
     );
 }
 
-async fn write_counts_per_tenant(store: Store) {
+async fn write_counts_per_tenant_and_ended_writes_pruned(store: Store) {
     let ids = register(
         &store,
         &[("a", "ann"), ("a", "bob"), ("b", "cat"), ("c", "dan")],
@@ -3038,6 +3038,34 @@ async fn write_counts_per_tenant(store: Store) {
     );
     assert_eq!(counts.get("b"), None, "all delivered");
     assert_eq!(counts.len(), 1);
+
+    // Ended writes go once they are older than the retention; queued ones and links stay.
+    assert_eq!(
+        store.prune_writes(at(9)).await.expect("prune"),
+        0,
+        "none ended before 9"
+    );
+    assert_eq!(store.prune_writes(at(10)).await.expect("prune"), 4);
+    assert_eq!(
+        store.write_counts().await.expect("counts").get("a"),
+        Some(&WriteCounts {
+            queued: 1,
+            oldest_queued_at: Some(at(5)),
+            failed: 0,
+            conflict: 0
+        })
+    );
+    assert!(store
+        .write_by_id("write-k2")
+        .await
+        .expect("reads")
+        .is_none());
+    assert!(store
+        .write_by_id("write-k1")
+        .await
+        .expect("reads")
+        .is_some());
+    assert!(store.event_link(ann, "e1").await.expect("reads").is_some());
 }
 
 async fn removing_a_mailbox_removes_its_writes_and_links(store: Store) {

@@ -1,9 +1,11 @@
 //! `[writes]`: how appointments the application books are written into Outlook (two-way sync).
 //! Whether a tenant may be written to at all is the tenant's own `writes = true`.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
-use super::{lenient_number, ConfigError};
+use super::{bounded, lenient_number, ConfigError, HumanDuration, DAY};
 
 /// Largest `writes.max_body_bytes` accepted: an appointment is a few kilobytes.
 const MAX_BODY_CAP: u64 = 1024 * 1024;
@@ -36,6 +38,8 @@ pub struct WriteSettings {
     /// Queued writes one sync job delivers before its delta round; the rest wait for the
     /// mailbox's next job, which is due at once.
     pub per_job: u32,
+    /// Ended writes (delivered, failed, conflict) are deleted this long after they ended.
+    pub retention: Duration,
 }
 
 #[derive(Deserialize)]
@@ -46,6 +50,7 @@ pub(super) struct RawWrites {
     max_body_bytes: u64,
     #[serde(deserialize_with = "lenient_number")]
     per_job: u64,
+    retention: HumanDuration,
 }
 
 impl Default for RawWrites {
@@ -54,6 +59,7 @@ impl Default for RawWrites {
             conflict_policy: ConflictPolicy::OutlookWins,
             max_body_bytes: 32 * 1024,
             per_job: 50,
+            retention: HumanDuration(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -79,6 +85,7 @@ impl RawWrites {
             conflict_policy: self.conflict_policy,
             max_body_bytes: self.max_body_bytes as usize,
             per_job: self.per_job as u32,
+            retention: bounded("writes.retention", self.retention, 3650 * DAY)?,
         })
     }
 }

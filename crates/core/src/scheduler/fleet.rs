@@ -212,6 +212,8 @@ pub struct Fleet {
     started_at: DateTime<Utc>,
     heartbeat: Duration,
     lease: Duration,
+    /// Ended writes are pruned this long after they ended (`writes.retention`).
+    write_retention: Duration,
     membership: Mutex<Membership>,
     live: AtomicU32,
 }
@@ -236,6 +238,7 @@ impl Fleet {
             started_at: Utc::now(),
             heartbeat,
             lease,
+            write_retention: settings.writes.retention,
             membership: Mutex::new(membership),
             live: AtomicU32::new(0),
         }
@@ -315,6 +318,7 @@ impl Fleet {
             beats += 1;
             if beats % 100 == 0 {
                 self.forget_dead().await;
+                self.prune_writes().await;
             }
             let now = Instant::now();
             let regular = now + self.heartbeat;
@@ -337,6 +341,21 @@ impl Fleet {
             if n > 0 {
                 tracing::info!(removed = n, "forgot dead replicas");
             }
+        }
+    }
+
+    /// Deletes the application's writes that ended longer than `writes.retention` ago (any
+    /// replica may: the delete is the same from each).
+    async fn prune_writes(&self) {
+        let before = Utc::now()
+            - chrono::Duration::from_std(self.write_retention).unwrap_or(chrono::Duration::MAX);
+        match tokio::time::timeout(self.lease, self.store.prune_writes(before)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned ended writes"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not prune ended writes; will try again")
+            }
+            Err(_) => tracing::warn!("pruning ended writes timed out; will try again"),
         }
     }
 

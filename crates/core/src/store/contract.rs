@@ -376,6 +376,10 @@ pub trait WriteStore {
         external_id: &str,
     ) -> Result<Option<EventLink>, StoreError>;
 
+    /// Deletes the writes that ended (delivered, failed, conflict) before `before`; queued ones
+    /// and the appointments' links stay. How many went.
+    async fn prune_writes(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// Writes not delivered per tenant (tenants with none are absent).
     async fn write_counts(&self) -> Result<HashMap<String, WriteCounts>, StoreError>;
 

@@ -387,6 +387,15 @@ impl Store {
         }
     }
 
+    /// Deletes the writes that ended (delivered, failed, conflict) before `before`; queued ones
+    /// and the appointments' links stay. How many went.
+    pub async fn prune_writes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.prune_writes(before).await,
+            Store::Postgres(s) => s.prune_writes(before).await,
+        }
+    }
+
     /// Writes not delivered per tenant (tenants with none are absent).
     pub async fn write_counts(&self) -> Result<HashMap<String, WriteCounts>, StoreError> {
         match self {

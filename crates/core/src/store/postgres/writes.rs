@@ -280,6 +280,14 @@ impl WriteStore for PgStore {
         .transpose()
     }
 
+    async fn prune_writes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM writes WHERE state <> 'queued' AND updated_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn write_counts(&self) -> Result<HashMap<String, WriteCounts>, StoreError> {
         // `state <> 'delivered'` as the partial index says it, so the index serves the scan.
         let rows = sqlx::query(
