@@ -14,8 +14,11 @@ use crate::helpers::sim::{fast, sim_settings, start_sim, world};
 use crate::helpers::{start_app, Jobs};
 
 /// Label keys a calsync metric may carry (`le` for histogram buckets).
-const ALLOWED_LABELS: [&str; 11] = [
+const ALLOWED_LABELS: [&str; 13] = [
     "tenant",
+    // A write's operation (create, update, cancel) and final state (delivered, failed, conflict).
+    "op",
+    "state",
     "dependency",
     "outcome",
     "reason",
