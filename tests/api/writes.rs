@@ -698,3 +698,51 @@ impl ServeProcess {
         response.json().await.expect("JSON")
     }
 }
+
+/// A job delivers at most `writes.per_job` writes before its delta round; with more queued the
+/// mailbox is due again at once, and the next jobs go on in order.
+#[tokio::test]
+async fn a_backlog_of_writes_is_delivered_a_batch_per_job_in_order() {
+    let w = Writing::start_with(ConflictPolicy::OutlookWins, &[0], |s| {
+        s.writes.per_job = 2;
+    })
+    .await;
+    let alice = w.mailbox(0, 0);
+    let id = w.id(&alice).await;
+    let mut accepted = Vec::new();
+    for n in 0..5 {
+        accepted.push(
+            w.book(
+                id,
+                &format!("b-{n}"),
+                &format!("Slot {n}"),
+                &format!("k-{n}"),
+            )
+            .await,
+        );
+    }
+    let mut delivered_per_job = Vec::new();
+    for _ in 0..3 {
+        let results = w.pass().await;
+        delivered_per_job.push(results[&alice].report.writes_delivered);
+        if delivered_per_job.len() < 3 {
+            assert!(
+                w.check().record(&alice).await.sync_requested_at.is_some(),
+                "more are queued: the mailbox is due again at once"
+            );
+        }
+    }
+    assert_eq!(delivered_per_job, [2, 2, 1]);
+    let mut delivered_at = Vec::new();
+    for reply in &accepted {
+        let state = w.state_of(reply).await;
+        assert_eq!(state["state"], "delivered", "{state}");
+        delivered_at.push(state["delivered_at"].as_str().expect("a time").to_string());
+    }
+    let mut sorted = delivered_at.clone();
+    sorted.sort();
+    assert_eq!(delivered_at, sorted, "delivered in the order accepted");
+    for n in 0..5 {
+        assert_eq!(w.in_outlook(&alice, &format!("Slot {n}")).len(), 1);
+    }
+}
