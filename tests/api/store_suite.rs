@@ -82,6 +82,7 @@ store_suite!(
     a_cancel_that_did_not_happen_reopens_its_appointment,
     concurrent_enqueues_of_one_key_store_one_write,
     write_counts_per_tenant_and_ended_writes_pruned,
+    a_wait_graph_imposed_is_not_cut_short_by_requests_or_writes,
     removing_a_mailbox_removes_its_writes_and_links,
 );
 
@@ -224,6 +225,7 @@ fn job(outcome: RunOutcome, at: DateTime<Utc>, next_run_at: DateTime<Utc>) -> Jo
         error: (outcome != RunOutcome::Ok).then(|| format!("{} here", outcome.as_str())),
         request_id: None,
         next_run_at,
+        hold_until: None,
     }
 }
 
@@ -3172,4 +3174,54 @@ async fn sqlite_an_ended_write_keeps_no_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_ended_write_keeps_no_body() {
     on_postgres_at(an_ended_write_keeps_no_body).await;
+}
+
+/// A job that ended on Graph's Retry-After (or an open breaker) holds the mailbox until then: a
+/// sync request, a change notification's request or an accepted write during or after that
+/// job does not bring the next run forward (an early retry is throttled again, and counted
+/// against the app). Without such a wait they do.
+async fn a_wait_graph_imposed_is_not_cut_short_by_requests_or_writes(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob")]).await;
+    let (ann, bob) = (ids[0], ids[1]);
+    let at = |n| t0() + secs(n);
+    let held = |outcome, started, until| JobRecord {
+        hold_until: Some(until),
+        ..job(outcome, started, until)
+    };
+    // A request while the job runs, then the job ends on a Retry-After of 300 s.
+    let l = lease(&store, ann, "w", at(10)).await;
+    store.request_sync(ann, at(11)).await.expect("request");
+    store
+        .finish_job(&l, &held(RunOutcome::Deferred, at(10), at(312)))
+        .await
+        .expect("finish");
+    assert_eq!(record_of(&store, ann).await.next_run_at, at(312));
+    // Requests and writes after it keep the wait.
+    store.request_sync(ann, at(20)).await.expect("request");
+    store
+        .request_syncs(&[ann], at(21))
+        .await
+        .expect("notification requests");
+    queued(&store, ann, &write("e1", WriteOp::Create, "k1"), at(22)).await;
+    let m = record_of(&store, ann).await;
+    assert_eq!(m.next_run_at, at(312), "held until Graph's time");
+    assert!(m.sync_requested_at.is_some(), "the request waits with it");
+    assert!(store
+        .due_candidates(at(311), 10)
+        .await
+        .expect("due")
+        .iter()
+        .all(|d| d.id != ann));
+    // A job without an imposed wait lifts the hold: a request makes the mailbox due at once.
+    let l = lease(&store, ann, "w", at(320)).await;
+    store
+        .finish_job(&l, &job(RunOutcome::Ok, at(320), at(620)))
+        .await
+        .expect("finish");
+    store.request_sync(ann, at(330)).await.expect("request");
+    assert_eq!(record_of(&store, ann).await.next_run_at, at(330));
+    // A write to a mailbox held by nothing is due at once too.
+    schedule(&store, bob, at(900)).await;
+    queued(&store, bob, &write("e1", WriteOp::Create, "k2"), at(40)).await;
+    assert_eq!(record_of(&store, bob).await.next_run_at, at(40));
 }

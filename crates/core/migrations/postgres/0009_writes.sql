@@ -47,3 +47,8 @@ CREATE INDEX writes_queued ON writes (mailbox_id, seq) WHERE state = 'queued';
 -- The counts for metrics and health skip the delivered writes, the bulk of the table.
 CREATE INDEX writes_not_delivered ON writes (mailbox_id) WHERE state <> 'delivered';
 CREATE INDEX writes_of_event ON writes (mailbox_id, external_id, seq);
+
+-- A wait Graph or the tenant's breaker imposed on the mailbox (Retry-After, an open circuit):
+-- until then no sync request and no write brings its next run forward. Set by the end of each
+-- job (NULL when the job ended without one).
+ALTER TABLE mailboxes ADD COLUMN hold_until timestamptz;

@@ -481,6 +481,9 @@ impl Worker {
             error: error.clone(),
             request_id: report.last_request_id.clone(),
             next_run_at,
+            // Graph's Retry-After or the open breaker's probe time: a sync request or a write
+            // arriving meanwhile must not bring the next run before it.
+            hold_until: wait.map(|_| next_run_at),
         };
         if let Err(e) = self.store.finish_job(&lease, &record).await {
             tracing::error!(error = %e, "could not record the job's end; its lease will run out");

@@ -273,7 +273,8 @@ impl SubscriptionStore for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
         let done = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = MIN(next_run_at, ?2)
+            "UPDATE mailboxes SET sync_requested_at = ?2,
+                 next_run_at = MAX(MIN(next_run_at, ?2), COALESCE(hold_until, ?2))
              WHERE id IN (SELECT value FROM json_each(?1)) AND enabled = 1
                AND sync_requested_at IS NULL",
         )
@@ -461,7 +462,8 @@ impl SubscriptionStore for PgStore {
         now: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
         let done = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = $2, next_run_at = LEAST(next_run_at, $2)
+            "UPDATE mailboxes SET sync_requested_at = $2,
+                 next_run_at = GREATEST(LEAST(next_run_at, $2), COALESCE(hold_until, $2))
              WHERE id = ANY($1) AND enabled AND sync_requested_at IS NULL",
         )
         .bind(mailboxes)

@@ -134,8 +134,9 @@ impl MailboxStore for PgStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
-                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL
+                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL AND $10::timestamptz IS NULL
                      THEN LEAST($1, sync_requested_at) ELSE $1 END,
+                 hold_until = $10,
                  last_attempt_at = $2,
                  last_success_at = CASE WHEN $3 THEN $4 ELSE last_success_at END,
                  last_error = CASE WHEN $3 THEN last_error ELSE $5 END,
@@ -154,6 +155,7 @@ impl MailboxStore for PgStore {
         .bind(lease.mailbox)
         .bind(&lease.owner)
         .bind(failed)
+        .bind(job.hold_until)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -291,7 +293,8 @@ impl MailboxStore for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Option<bool>, StoreError> {
         let queued = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = $2, next_run_at = LEAST(next_run_at, $2)
+            "UPDATE mailboxes SET sync_requested_at = $2,
+                 next_run_at = GREATEST(LEAST(next_run_at, $2), COALESCE(hold_until, $2))
              WHERE id = $1 AND enabled AND sync_requested_at IS NULL",
         )
         .bind(id)

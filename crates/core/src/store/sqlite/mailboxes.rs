@@ -130,8 +130,9 @@ impl MailboxStore for SqliteStore {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
-                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL
+                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL AND ?10 IS NULL
                      THEN MIN(?1, sync_requested_at) ELSE ?1 END,
+                 hold_until = ?10,
                  last_attempt_at = ?2,
                  last_success_at = CASE WHEN ?3 THEN ?4 ELSE last_success_at END,
                  last_error = CASE WHEN ?3 THEN last_error ELSE ?5 END,
@@ -150,6 +151,7 @@ impl MailboxStore for SqliteStore {
         .bind(lease.mailbox)
         .bind(&lease.owner)
         .bind(failed)
+        .bind(job.hold_until.map(ts))
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -283,7 +285,8 @@ impl MailboxStore for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<Option<bool>, StoreError> {
         let queued = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = MIN(next_run_at, ?2)
+            "UPDATE mailboxes SET sync_requested_at = ?2,
+                 next_run_at = MAX(MIN(next_run_at, ?2), COALESCE(hold_until, ?2))
              WHERE id = ?1 AND enabled = 1 AND sync_requested_at IS NULL",
         )
         .bind(id)
