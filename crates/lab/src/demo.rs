@@ -1,23 +1,24 @@
 //! `calsync demo`: the simulator and the service in one process on loopback, several tenants
-//! and mailboxes, live progress, and a closing comparison of the store with the simulator's
-//! ground truth.
+//! and mailboxes, live progress, a few appointments booked through the admin API, and a
+//! closing comparison of the store with the simulator's ground truth.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::bookings::{self, AdminApi, Booking};
 use crate::console::{progress_bar, short_duration, LiveView};
 use calsync_core::app::Application;
 use calsync_core::config::{HumanDuration, Settings};
 use calsync_core::graph::model::parse_event;
-use calsync_core::store::{MailboxRecord, Store, UserView};
+use calsync_core::store::{MailboxId, MailboxRecord, Store, UserView, WriteState};
 use calsync_core::sync::window_at;
 use calsync_sim::{self as sim, SimConfig, SimHandle};
 
@@ -72,9 +73,29 @@ pub struct DemoSummary {
     /// Series renamed and series deleted during the live phase.
     pub series_renamed: usize,
     pub series_deleted: usize,
+    /// The appointments booked through the admin API and where each ended up.
+    pub appointments: AppointmentCheck,
     pub examples: Vec<String>,
     pub per_tenant: Vec<TenantSummary>,
     pub store: String,
+}
+
+/// The appointments the demo books (one in each tenant's first mailbox), checked one by one.
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct AppointmentCheck {
+    pub booked: usize,
+    /// Their writes' state is `delivered`.
+    pub delivered: usize,
+    /// In the simulator's calendar (Outlook).
+    pub in_outlook: usize,
+    /// Stored by calsync: the appointment's link leads to a stored event with its subject.
+    pub stored: usize,
+    /// Not delivered, not in Outlook or not stored.
+    pub missing: usize,
+    /// More than one event with its subject in Outlook or in the store.
+    pub doubled: usize,
+    /// The slowest from acceptance to delivery.
+    pub slowest_delivery_seconds: f64,
 }
 
 #[derive(Debug, Serialize, Clone, Default)]
@@ -119,10 +140,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         args.events
     ));
 
-    let settings = demo_settings(&sim, &sim_config, &store_path)?;
+    let mut settings = demo_settings(&sim, &sim_config, &store_path)?;
+    let token = bookings::enable_writes(&mut settings);
     let (window_past, window_future) = (settings.sync.window_past, settings.sync.window_future);
     let app = Application::build(settings).await?;
     let store = app.store().clone();
+    let api = AdminApi::new(app.port(), token)?;
     view.say(&format!(
         "calsync serving on http://127.0.0.1:{}/healthz, store {}",
         app.port(),
@@ -158,10 +181,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     let lines = live_frame(&store, &sim, "live changes", live_start, args.duration.0).await?;
     view.finish(&lines);
 
-    // Phase 3: changes stop; every mailbox completes a round that started after the last one.
+    // Phase 3: changes stop (so none touches the appointments); the application books one
+    // appointment in each tenant's first mailbox; once they are delivered, every mailbox
+    // completes a round that started after the last change and after its delivery.
     sim.set_mutations(0.0);
-    let stopped_at = Utc::now();
     let converge_start = Instant::now();
+    let booked = book_appointments(&api, &store, &sim).await?;
+    view.say(&format!(
+        "booked {} appointments through the admin API",
+        booked.len()
+    ));
+    let stopped_at = Utc::now();
+    let delivered = wait_for_delivery(&store, &mut view, &booked, converge_start).await?;
     wait_until(
         &store,
         &mut view,
@@ -169,9 +200,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         total,
         converge_start,
         move |m| {
-            m.last_attempt_at.is_some_and(|a| a > stopped_at)
+            let after = delivered
+                .get(&m.id)
+                .map_or(stopped_at, |d| stopped_at.max(*d));
+            m.last_attempt_at.is_some_and(|a| a > after)
                 && m.consecutive_failures == 0
-                && m.last_success_at.is_some_and(|s| s > stopped_at)
+                && m.last_success_at.is_some_and(|s| s > after)
         },
     )
     .await?;
@@ -180,6 +214,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     shutdown.cancel();
     service.await.context("service task failed")??;
     let mut summary = compare(&store, &sim, window_past, window_future).await?;
+    let (appointments, problems) = check_appointments(&store, &sim, &booked).await?;
+    summary.matched &= appointments.missing == 0 && appointments.doubled == 0;
+    summary.appointments = appointments;
+    for problem in problems {
+        push_example(&mut summary.examples, problem);
+    }
     sim.shutdown().await;
     summary.initial_sync_seconds = initial_sync.as_secs_f64();
     summary.live_seconds = args.duration.0.as_secs_f64();
@@ -192,6 +232,128 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         summary.store = "(temporary, removed)".into();
     }
     Ok(summary)
+}
+
+/// Books one appointment in each tenant's first mailbox, through the admin API.
+async fn book_appointments(
+    api: &AdminApi,
+    store: &Store,
+    sim: &SimHandle,
+) -> anyhow::Result<Vec<Booking>> {
+    let mailboxes = store.mailboxes().await?;
+    let tomorrow = Utc::now() + chrono::Duration::days(1);
+    let mut booked = Vec::new();
+    for tenant in sim.tenants() {
+        let Some(first) = tenant.mailboxes.first() else {
+            continue;
+        };
+        let mailbox = mailboxes
+            .iter()
+            .find(|m| &m.user_id == first)
+            .with_context(|| format!("{first} is not in the store"))?;
+        let subject = format!("demo booking {}", tenant.name);
+        let external_id = format!("demo-{}", tenant.name);
+        booked.push(api.book(mailbox, &external_id, &subject, tomorrow).await?);
+    }
+    Ok(booked)
+}
+
+/// Waits until no booking's write is queued any more; returns when each mailbox's was
+/// delivered.
+async fn wait_for_delivery(
+    store: &Store,
+    view: &mut LiveView,
+    booked: &[Booking],
+    started: Instant,
+) -> anyhow::Result<HashMap<MailboxId, DateTime<Utc>>> {
+    loop {
+        let mut delivered = HashMap::new();
+        let mut done = 0;
+        for b in booked {
+            let write = store.write_by_id(&b.write_id).await?;
+            if let Some(w) = write.filter(|w| w.state.is_final()) {
+                done += 1;
+                if let Some(at) = w.delivered_at {
+                    delivered.insert(b.mailbox_id, at);
+                }
+            }
+        }
+        let line = format!(
+            "{}  {}",
+            progress_bar("appointments", done, booked.len(), 30),
+            short_duration(started.elapsed().as_secs_f64())
+        );
+        if done == booked.len() {
+            view.finish(&[line]);
+            return Ok(delivered);
+        }
+        view.draw(&[line]);
+        if started.elapsed() > PHASE_TIMEOUT {
+            anyhow::bail!(
+                "the appointments were not delivered within {}",
+                short_duration(PHASE_TIMEOUT.as_secs_f64())
+            );
+        }
+        tokio::time::sleep(REDRAW / 5).await;
+    }
+}
+
+/// Each booking: delivered, once in the simulator's calendar, and stored by calsync (its link
+/// leads to a stored event with its subject, the only one so named); with what is wrong.
+async fn check_appointments(
+    store: &Store,
+    sim: &SimHandle,
+    booked: &[Booking],
+) -> anyhow::Result<(AppointmentCheck, Vec<String>)> {
+    let mut check = AppointmentCheck {
+        booked: booked.len(),
+        ..AppointmentCheck::default()
+    };
+    let mut problems = Vec::new();
+    for outcome in bookings::outcomes(store, sim, booked).await? {
+        let b = &outcome.booking;
+        let delivered = outcome.state == WriteState::Delivered;
+        let graph_id = store
+            .event_link(b.mailbox_id, &b.external_id)
+            .await?
+            .and_then(|link| link.graph_event_id);
+        let linked = match &graph_id {
+            Some(id) => store.event_by_id(b.mailbox_id, id).await?,
+            None => None,
+        };
+        let stored = linked.is_some_and(|e| e.subject.as_deref() == Some(b.subject.as_str()));
+        let stored_copies = store
+            .events(b.mailbox_id)
+            .await?
+            .iter()
+            .filter(|e| e.subject.as_deref() == Some(b.subject.as_str()))
+            .count();
+        check.delivered += usize::from(delivered);
+        check.in_outlook += usize::from(outcome.in_outlook > 0);
+        check.stored += usize::from(stored);
+        check.slowest_delivery_seconds = check
+            .slowest_delivery_seconds
+            .max(outcome.latency_seconds().unwrap_or(0.0));
+        if !(delivered && outcome.in_outlook > 0 && stored) {
+            check.missing += 1;
+            problems.push(format!(
+                "{}: appointment {} is {}, {} times in Outlook, {}",
+                b.mailbox,
+                b.external_id,
+                outcome.state.as_str(),
+                outcome.in_outlook,
+                if stored { "stored" } else { "not stored" }
+            ));
+        }
+        if outcome.in_outlook > 1 || stored_copies > 1 {
+            check.doubled += 1;
+            problems.push(format!(
+                "{}: appointment {} doubled: {} times in Outlook, {} in the store",
+                b.mailbox, b.external_id, outcome.in_outlook, stored_copies
+            ));
+        }
+    }
+    Ok((check, problems))
 }
 
 /// Renames one series and deletes another in each tenant's first mailbox (series with an
@@ -470,6 +632,7 @@ async fn compare(
         occurrences_in_store: occurrences,
         series_renamed: 0,
         series_deleted: 0,
+        appointments: AppointmentCheck::default(),
         examples,
         per_tenant,
         store: String::new(),
@@ -520,6 +683,20 @@ pub fn render_summary(summary: &DemoSummary) -> String {
     out.push_str(&format!(
         "  recurring: {} occurrences stored complete from their series (Graph sends them as stubs); {} series renamed, {} deleted while live\n",
         summary.occurrences_in_store, summary.series_renamed, summary.series_deleted
+    ));
+    let a = &summary.appointments;
+    out.push_str(&format!(
+        "  appointments: {} booked through the admin API, {} delivered (slowest {:.2}s after acceptance), {} in Outlook (simulator), {} stored by calsync; {}\n",
+        a.booked,
+        a.delivered,
+        a.slowest_delivery_seconds,
+        a.in_outlook,
+        a.stored,
+        if a.missing == 0 && a.doubled == 0 {
+            "none missing or doubled".to_string()
+        } else {
+            format!("{} missing, {} doubled", a.missing, a.doubled)
+        }
     ));
     for example in &summary.examples {
         out.push_str(&format!("  - {example}\n"));

@@ -1,10 +1,12 @@
 //! `calsync drill`: replays the incident on the simulator, compressed in time. Tenant A's
 //! identity platform and Graph degrade for the outage span (latency, resets, requests that
 //! are never answered, token failures), the other tenants stay healthy, one mailbox gets a 429
-//! storm; then everything recovers. The same run without faults is the baseline. The report
-//! says, per tenant and phase, what the outage did, and checks the targets.
+//! storm; then everything recovers. The same run without faults is the baseline. During the
+//! outage span the application books appointments in every tenant through the admin API; the
+//! report says, per tenant and phase, what the outage did to sync and to those writes, and
+//! checks the targets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +18,14 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::bookings::{self, AdminApi, Booking, BookingOutcome};
 use crate::console::{progress_bar, short_duration, LiveView};
 use crate::demo::sim_service_settings;
 use calsync_core::app::Application;
 use calsync_core::config::Settings;
 use calsync_core::resilience::guard::Dependency;
 use calsync_core::scheduler::Worker;
-use calsync_core::store::Store;
+use calsync_core::store::{MailboxRecord, Store, WriteState};
 use calsync_sim::{self as sim, Endpoint, FaultKind, FaultRule, RetryAfter, SimConfig, SimHandle};
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -43,6 +46,10 @@ pub struct DrillArgs {
     /// Generated events per mailbox.
     #[arg(long, default_value_t = 40)]
     pub events: usize,
+    /// Appointments booked per mailbox during the outage span, through the admin API, in every
+    /// tenant at the same pace (0 books none).
+    #[arg(long, default_value_t = 2)]
+    pub writes: usize,
     /// Skip the baseline run without the outage (then the lag comparison is not checked).
     #[arg(long)]
     pub no_baseline: bool,
@@ -89,6 +96,49 @@ pub struct LagStats {
     pub samples: usize,
 }
 
+/// Seconds from a booking's acceptance to its delivery.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DeliveryStats {
+    pub p50_seconds: f64,
+    pub p95_seconds: f64,
+    pub max_seconds: f64,
+    pub samples: usize,
+}
+
+/// What became of the appointments booked in one tenant during the outage span.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WriteReport {
+    /// Accepted by the admin API.
+    pub booked: usize,
+    pub delivered: usize,
+    /// Still queued when the drill ended.
+    pub queued: usize,
+    pub failed: usize,
+    pub conflict: usize,
+    /// Events the simulator's Graph made twice from one create (`writes.duplicates`).
+    pub duplicated_creates: u64,
+    /// Extra events with a booking's subject in the simulator's calendars at the end.
+    pub doubled_in_outlook: usize,
+    /// Bookings never seen in the simulator's calendars.
+    pub never_in_outlook: usize,
+    /// Accepted -> delivered, without the throttled mailbox.
+    pub latency: DeliveryStats,
+    /// The mailbox under the 429 storm (both runs), if it is this tenant's, and the latency
+    /// of its bookings, which wait for the storm to end.
+    pub throttled_mailbox: Option<String>,
+    pub throttled_latency: Option<DeliveryStats>,
+    /// The outage tenant: seconds from recovery until its last booking was delivered (0 when
+    /// all were delivered before), and until the last was seen in the simulator's calendars.
+    pub last_delivered_after_recovery_seconds: Option<f64>,
+    pub last_in_outlook_after_recovery_seconds: Option<f64>,
+}
+
+impl WriteReport {
+    pub fn duplicates(&self) -> u64 {
+        self.duplicated_creates + self.doubled_in_outlook as u64
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct TenantReport {
     pub tenant: String,
@@ -109,6 +159,7 @@ pub struct TenantReport {
     pub poisoned_mailbox: Option<String>,
     /// The tenant's Graph breaker trips over the whole run.
     pub graph_breaker_trips: u64,
+    pub writes: WriteReport,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -228,11 +279,113 @@ fn poisoned_mailbox(config: &SimConfig) -> Option<String> {
     config.tenants.get(2)?.mailboxes.first().cloned()
 }
 
+/// The mailbox Graph throttles (429) over the outage span, in both runs: the second tenant's
+/// first.
+fn storm_mailbox(config: &SimConfig) -> String {
+    config.tenants[1].mailboxes[0].clone()
+}
+
+/// An appointment the drill books: when (from the start of the clock), where, its number in
+/// its tenant.
+#[derive(Clone, Debug, PartialEq)]
+struct PlannedBooking {
+    at: Duration,
+    tenant: String,
+    mailbox: String,
+    n: usize,
+}
+
+impl PlannedBooking {
+    fn subject(&self) -> String {
+        format!("drill booking {}-{}", self.tenant, self.n)
+    }
+
+    fn external_id(&self) -> String {
+        format!("drill-{}-{}", self.tenant, self.n)
+    }
+}
+
+/// `per_mailbox` appointments in every mailbox but `skip`, spread evenly over the outage
+/// span: a tenant's mailboxes one after another, every tenant at the same moments.
+fn booking_plan(
+    config: &SimConfig,
+    t: Timeline,
+    per_mailbox: usize,
+    skip: Option<&str>,
+) -> Vec<PlannedBooking> {
+    let mut plan = Vec::new();
+    for tenant in &config.tenants {
+        let count = tenant.mailboxes.len();
+        for round in 0..per_mailbox {
+            for (j, mailbox) in tenant.mailboxes.iter().enumerate() {
+                if Some(mailbox.as_str()) == skip {
+                    continue;
+                }
+                let share = (round as f64 + (j as f64 + 0.5) / count as f64) / per_mailbox as f64;
+                plan.push(PlannedBooking {
+                    at: t.before + t.outage.mul_f64(share),
+                    tenant: tenant.name.clone(),
+                    mailbox: mailbox.clone(),
+                    n: round * count + j + 1,
+                });
+            }
+        }
+    }
+    plan.sort_by_key(|p| p.at);
+    plan
+}
+
+/// Books the plan through the admin API, each at its time, sending each accepted booking on.
+async fn book_on_schedule(
+    api: AdminApi,
+    plan: Vec<PlannedBooking>,
+    mailboxes: HashMap<String, MailboxRecord>,
+    started: Instant,
+    booked: tokio::sync::mpsc::UnboundedSender<Booking>,
+) -> anyhow::Result<()> {
+    let tomorrow = Utc::now() + chrono::Duration::days(1);
+    for p in plan {
+        tokio::time::sleep_until(started + p.at).await;
+        let mailbox = mailboxes
+            .get(&p.mailbox)
+            .with_context(|| format!("{} is not in the store", p.mailbox))?;
+        let start = tomorrow + chrono::Duration::minutes(30 * p.n as i64);
+        let booking = api
+            .book(mailbox, &p.external_id(), &p.subject(), start)
+            .await?;
+        // The sampling loop is gone only once the run is over.
+        let _ = booked.send(booking);
+    }
+    Ok(())
+}
+
+/// Marks, with the time, each booking whose event has appeared in its mailbox's calendar in
+/// the simulator.
+fn look_in_outlook(
+    sim: &SimHandle,
+    bookings: &[Booking],
+    seen: &mut HashMap<String, DateTime<Utc>>,
+) {
+    let mut waiting: BTreeMap<&str, Vec<&Booking>> = BTreeMap::new();
+    for b in bookings.iter().filter(|b| !seen.contains_key(&b.write_id)) {
+        waiting.entry(b.mailbox.as_str()).or_default().push(b);
+    }
+    for (mailbox, waiting) in waiting {
+        let subjects = bookings::subject_counts(sim, mailbox);
+        let now = Utc::now();
+        for b in waiting {
+            if subjects.contains_key(&b.subject) {
+                seen.insert(b.write_id.clone(), now);
+            }
+        }
+    }
+}
+
 /// The 429 storm (in both runs) and, with `outage`, tenant A's outage, starting `before` from
 /// now, and the poisoned mailbox (504 on every page for the whole run).
 fn incident_faults(config: &SimConfig, t: Timeline, outage: bool) -> Vec<FaultRule> {
     let tenant_a = config.tenants[0].name.clone();
-    let storm_mailbox = config.tenants[1].mailboxes[0].clone();
+    let storm_mailbox = storm_mailbox(config);
     let start = t.before.as_millis() as u64;
     let span = Some(t.outage.as_millis() as u64);
     let on_a = |kind: FaultKind, endpoint: Endpoint, p: f64| {
@@ -315,8 +468,10 @@ async fn run_once(
     let sim = sim::start(config.clone(), listener).await?;
     let dir = std::env::temp_dir().join(format!("calsync-drill-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
-    let settings = drill_settings(&sim, &config, &dir.join("drill.db"), t, args.scale)?;
+    let mut settings = drill_settings(&sim, &config, &dir.join("drill.db"), t, args.scale)?;
+    let token = bookings::enable_writes(&mut settings);
     let app = Application::build(settings).await?;
+    let api = AdminApi::new(app.port(), token)?;
     let store = app.store().clone();
     let worker = app.worker();
     let shutdown = CancellationToken::new();
@@ -334,17 +489,29 @@ async fn run_once(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let poisoned = if faults {
+        poisoned_mailbox(&config)
+    } else {
+        None
+    };
+    // The poisoned mailbox is left out: Graph refuses every call for it, writes included.
+    let plan = booking_plan(&config, t, args.writes, poisoned.as_deref());
+    let records: HashMap<String, MailboxRecord> = store
+        .mailboxes()
+        .await?
+        .into_iter()
+        .map(|m| (m.user_id.clone(), m))
+        .collect();
     sim.add_faults(incident_faults(&config, t, faults));
     let started = Instant::now();
     let start_wall = Utc::now();
     let outage_start = start_wall + chrono::Duration::from_std(t.before)?;
     let outage_end = outage_start + chrono::Duration::from_std(t.outage)?;
     let tenant_names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
-    let poisoned = if faults {
-        poisoned_mailbox(&config)
-    } else {
-        None
-    };
+    let (booked_tx, mut booked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let booker = tokio::spawn(book_on_schedule(api, plan, records, started, booked_tx));
+    let mut bookings: Vec<Booking> = Vec::new();
+    let mut seen: HashMap<String, DateTime<Utc>> = HashMap::new();
     let mut samples: BTreeMap<String, [Vec<f64>; 3]> = tenant_names
         .iter()
         .map(|n| (n.clone(), Default::default()))
@@ -373,6 +540,10 @@ async fn run_once(
                 trips(&worker, &tenant_names),
             ));
         }
+        while let Ok(booking) = booked_rx.try_recv() {
+            bookings.push(booking);
+        }
+        look_in_outlook(&sim, &bookings, &mut seen);
         let mut mailboxes = store.mailboxes().await?;
         mailboxes.retain(|m| Some(&m.user_id) != poisoned.as_ref());
         for m in &mailboxes {
@@ -398,8 +569,15 @@ async fn run_once(
                 }
             }
         }
+        let mut booked: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for b in &bookings {
+            let e = booked.entry(b.tenant.clone()).or_default();
+            e.0 += usize::from(seen.contains_key(&b.write_id));
+            e.1 += 1;
+        }
         view.draw(&frame(
             &mailboxes,
+            &booked,
             started.elapsed(),
             t,
             phase,
@@ -412,10 +590,17 @@ async fn run_once(
         "{} done",
         if faults { "outage run" } else { "baseline run" }
     )]);
-    let stats_end = serde_json::to_value(sim.stats())?;
+    booker.await.context("booking task failed")??;
+    while let Ok(booking) = booked_rx.try_recv() {
+        bookings.push(booking);
+    }
+    look_in_outlook(&sim, &bookings, &mut seen);
+    let sim_stats = sim.stats();
+    let stats_end = serde_json::to_value(&sim_stats)?;
     let trips_end = trips(&worker, &tenant_names);
     shutdown.cancel();
     service.await.context("service task failed")??;
+    let outcomes = bookings::outcomes(&store, &sim, &bookings).await?;
     sim.shutdown().await;
 
     let (stats_a, trips_a) =
@@ -451,6 +636,19 @@ async fn run_once(
                 .clone()
                 .filter(|p| config.tenants[i].mailboxes.contains(p)),
             graph_breaker_trips: trips_end.get(name).map_or(0, |t| t.1),
+            writes: write_report(
+                name,
+                &outcomes,
+                &seen,
+                config.tenants[i]
+                    .mailboxes
+                    .iter()
+                    .filter_map(|m| sim_stats.mailboxes.get(m))
+                    .map(|m| m.writes.duplicates)
+                    .sum(),
+                Some(storm_mailbox(&config)).filter(|m| config.tenants[i].mailboxes.contains(m)),
+                (faults && i == 0).then_some(outage_end),
+            ),
         });
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -505,23 +703,104 @@ async fn slot_holds(
     Ok(out)
 }
 
-fn lag_stats(samples: &[f64]) -> LagStats {
-    if samples.is_empty() {
-        return LagStats::default();
+/// One tenant's bookings: counts, latency, and with `recovery` (the outage tenant) how long
+/// after it the last was delivered and seen in the simulator.
+fn write_report(
+    tenant: &str,
+    outcomes: &[BookingOutcome],
+    seen: &HashMap<String, DateTime<Utc>>,
+    duplicated_creates: u64,
+    throttled: Option<String>,
+    recovery: Option<DateTime<Utc>>,
+) -> WriteReport {
+    let mine: Vec<&BookingOutcome> = outcomes
+        .iter()
+        .filter(|o| o.booking.tenant == tenant)
+        .collect();
+    let count = |state: WriteState| mine.iter().filter(|o| o.state == state).count();
+    let latencies = |throttled_only: bool| -> Vec<f64> {
+        mine.iter()
+            .filter(|o| (Some(&o.booking.mailbox) == throttled.as_ref()) == throttled_only)
+            .filter_map(|o| o.latency_seconds())
+            .collect()
+    };
+    let (latency, throttled_latency) = (delivery_stats(&latencies(false)), latencies(true));
+    let throttled = throttled.filter(|m| mine.iter().any(|o| &o.booking.mailbox == m));
+    let since_recovery = |times: Vec<Option<DateTime<Utc>>>| -> Option<f64> {
+        let recovery = recovery?;
+        let last = times
+            .into_iter()
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()?;
+        Some(((last - recovery).num_milliseconds() as f64 / 1000.0).max(0.0))
+    };
+    WriteReport {
+        booked: mine.len(),
+        delivered: count(WriteState::Delivered),
+        queued: count(WriteState::Queued),
+        failed: count(WriteState::Failed),
+        conflict: count(WriteState::Conflict),
+        duplicated_creates,
+        doubled_in_outlook: mine.iter().map(|o| o.in_outlook.saturating_sub(1)).sum(),
+        never_in_outlook: mine
+            .iter()
+            .filter(|o| !seen.contains_key(&o.booking.write_id))
+            .count(),
+        latency,
+        throttled_latency: throttled
+            .as_ref()
+            .map(|_| delivery_stats(&throttled_latency)),
+        throttled_mailbox: throttled,
+        last_delivered_after_recovery_seconds: since_recovery(
+            mine.iter().map(|o| o.delivered_at).collect(),
+        ),
+        last_in_outlook_after_recovery_seconds: since_recovery(
+            mine.iter()
+                .map(|o| seen.get(&o.booking.write_id).copied())
+                .collect(),
+        ),
     }
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let pick = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
-    LagStats {
-        p50_seconds: pick(0.50),
-        p99_seconds: pick(0.99),
-        max_seconds: sorted[sorted.len() - 1],
+}
+
+fn delivery_stats(samples: &[f64]) -> DeliveryStats {
+    let sorted = sorted(samples);
+    DeliveryStats {
+        p50_seconds: quantile(&sorted, 0.50),
+        p95_seconds: quantile(&sorted, 0.95),
+        max_seconds: quantile(&sorted, 1.0),
         samples: sorted.len(),
     }
 }
 
+fn lag_stats(samples: &[f64]) -> LagStats {
+    let sorted = sorted(samples);
+    LagStats {
+        p50_seconds: quantile(&sorted, 0.50),
+        p99_seconds: quantile(&sorted, 0.99),
+        max_seconds: quantile(&sorted, 1.0),
+        samples: sorted.len(),
+    }
+}
+
+fn sorted(samples: &[f64]) -> Vec<f64> {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+/// The `q` quantile of sorted samples (nearest rank); 0 without samples.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `booked`: per tenant, bookings seen in the simulator's calendars and bookings accepted.
 fn frame(
     mailboxes: &[calsync_core::store::MailboxRecord],
+    booked: &BTreeMap<String, (usize, usize)>,
     elapsed: Duration,
     t: Timeline,
     phase: usize,
@@ -545,8 +824,8 @@ fn frame(
         )
     )];
     lines.push(format!(
-        "  {:<10} {:>9} {:>8} {:>8}  breakers (token / graph)",
-        "tenant", "max lag", "failing", "running"
+        "  {:<10} {:>9} {:>8} {:>8} {:>9}  breakers (token / graph)",
+        "tenant", "max lag", "failing", "running", "bookings"
     ));
     let mut tenants: BTreeMap<&str, (i64, usize)> = BTreeMap::new();
     for m in mailboxes {
@@ -563,12 +842,14 @@ fn frame(
                 .find(|s| s.dependency == d)
                 .map_or("-", |s| s.state.as_str())
         };
+        let (in_outlook, accepted) = booked.get(tenant).copied().unwrap_or_default();
         lines.push(format!(
-            "  {:<10} {:>9} {:>8} {:>8}  {} / {}",
+            "  {:<10} {:>9} {:>8} {:>8} {:>9}  {} / {}",
             tenant,
             short_duration(lag as f64 / 1000.0),
             failing,
             running,
+            format!("{in_outlook}/{accepted}"),
             state(Dependency::Token),
             state(Dependency::Graph)
         ));
@@ -670,10 +951,89 @@ fn evaluate(
             },
         });
     }
+    targets.extend(write_targets(outage, baseline, t));
     targets.push(Target {
         name: "zero rule violations (early retries, concurrency over 4, wrong tenant)".into(),
         met: outage.violation_count == 0,
         detail: format!("{} violations", outage.violation_count),
+    });
+    targets
+}
+
+/// The bookings' targets (none when the drill booked nothing): the outage tenant's are in
+/// Outlook within two sync intervals of recovery, the other tenants' arrive at their normal
+/// latency, and every one is delivered exactly once.
+fn write_targets(
+    outage: &RunObservations,
+    baseline: Option<&RunObservations>,
+    t: Timeline,
+) -> Vec<Target> {
+    let booked: usize = outage.tenants.iter().map(|r| r.writes.booked).sum();
+    if booked == 0 {
+        return Vec::new();
+    }
+    let mut targets = Vec::new();
+    if let Some(a) = outage.tenants.first() {
+        let w = &a.writes;
+        let limit = 2.0 * t.interval.as_secs_f64();
+        let last = w
+            .last_delivered_after_recovery_seconds
+            .zip(w.last_in_outlook_after_recovery_seconds)
+            .map(|(d, o)| d.max(o));
+        targets.push(Target {
+            name: format!(
+                "{}: its bookings in Outlook within two sync intervals of recovery",
+                a.tenant
+            ),
+            met: w.delivered == w.booked
+                && w.never_in_outlook == 0
+                && last.is_some_and(|l| l <= limit),
+            detail: match last {
+                Some(l) => format!(
+                    "{}/{} delivered and in the simulator's calendars, the last {l:.2}s after recovery (limit {limit:.2}s)",
+                    w.delivered, w.booked
+                ),
+                None => format!(
+                    "{}/{} delivered, {} never in the simulator's calendars when the drill ended",
+                    w.delivered, w.booked, w.never_in_outlook
+                ),
+            },
+        });
+    }
+    let limit = t.interval.as_secs_f64();
+    let others = &outage.tenants[1.min(outage.tenants.len())..];
+    let p95 = |rs: &[TenantReport]| -> Vec<String> {
+        rs.iter()
+            .map(|r| format!("{} {:.2}s", r.tenant, r.writes.latency.p95_seconds))
+            .collect()
+    };
+    let base = baseline
+        .map(|b| &b.tenants[1.min(b.tenants.len())..])
+        .filter(|b| b.iter().any(|r| r.writes.booked > 0))
+        .map_or(String::new(), |b| {
+            format!(" (baseline {})", p95(b).join(", "))
+        });
+    targets.push(Target {
+        name: "other tenants: bookings delivered at their normal latency (p95 accepted to delivered within one sync interval)".into(),
+        met: others
+            .iter()
+            .all(|r| r.writes.latency.samples > 0 && r.writes.latency.p95_seconds <= limit),
+        detail: format!("p95 {}; limit {limit:.2}s{base}", p95(others).join(", ")),
+    });
+    let sum = |f: fn(&WriteReport) -> u64| outage.tenants.iter().map(|r| f(&r.writes)).sum::<u64>();
+    let delivered = sum(|w| w.delivered as u64);
+    let made_twice = sum(|w| w.duplicated_creates);
+    let doubled = sum(|w| w.doubled_in_outlook as u64);
+    let never = sum(|w| w.never_in_outlook as u64);
+    targets.push(Target {
+        name: "every booking delivered exactly once, zero duplicates".into(),
+        met: delivered == booked as u64 && made_twice + doubled == 0 && never == 0,
+        detail: format!(
+            "{delivered}/{booked} delivered ({} failed, {} conflict, {} still queued); duplicates: {made_twice} made twice by Graph, {doubled} extra in the calendars",
+            sum(|w| w.failed as u64),
+            sum(|w| w.conflict as u64),
+            sum(|w| w.queued as u64),
+        ),
     });
     targets
 }
@@ -745,6 +1105,7 @@ pub fn render(report: &DrillReport) -> String {
         out.push_str(&parts.join(", "));
         out.push('\n');
     }
+    render_writes(report, &mut out);
     out.push_str("\nTargets:\n");
     for target in &report.targets {
         out.push_str(&format!(
@@ -763,4 +1124,171 @@ pub fn render(report: &DrillReport) -> String {
         }
     ));
     out
+}
+
+/// The bookings table: what became of the appointments booked during the outage span.
+fn render_writes(report: &DrillReport, out: &mut String) {
+    if report.tenants.iter().all(|r| r.writes.booked == 0) {
+        return;
+    }
+    out.push_str(&format!(
+        "\n  {:<9} {:>7} {:>9} {:>7} {:>5} {:>22} {:>15}\n",
+        "bookings",
+        "booked",
+        "delivered",
+        "failed",
+        "dups",
+        "latency p50/p95/max",
+        "after recovery"
+    ));
+    let l = |s: &DeliveryStats| {
+        format!(
+            "{:.1}/{:.1}/{:.1}s",
+            s.p50_seconds, s.p95_seconds, s.max_seconds
+        )
+    };
+    for r in &report.tenants {
+        let w = &r.writes;
+        out.push_str(&format!(
+            "  {:<9} {:>7} {:>9} {:>7} {:>5} {:>22} {:>15}\n",
+            format!("{}{}", r.tenant, if r.faulted { "*" } else { "" }),
+            w.booked,
+            w.delivered,
+            w.failed + w.conflict,
+            w.duplicates(),
+            l(&w.latency),
+            w.last_delivered_after_recovery_seconds
+                .map_or("-".into(), |d| format!("{d:.1}s")),
+        ));
+    }
+    out.push_str("  (booked through the admin API during the outage span; latency = accepted to delivered; after recovery = until the last was delivered)\n");
+    for r in &report.tenants {
+        if let (Some(m), Some(s)) = (&r.writes.throttled_mailbox, &r.writes.throttled_latency) {
+            out.push_str(&format!(
+                "  {}: {m} is throttled (429) over the outage span in both runs; its bookings waited for that, latency {} (not in the column)\n",
+                r.tenant,
+                l(s)
+            ));
+        }
+    }
+    if let Some(base) = report
+        .baseline
+        .as_ref()
+        .filter(|b| b.iter().any(|r| r.writes.booked > 0))
+    {
+        let parts: Vec<String> = base
+            .iter()
+            .map(|b| format!("{} {:.1}s", b.tenant, b.writes.latency.p95_seconds))
+            .collect();
+        out.push_str(&format!(
+            "  baseline p95 booking latency: {}\n",
+            parts.join(", ")
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(name: &str, writes: WriteReport) -> TenantReport {
+        TenantReport {
+            tenant: name.into(),
+            faulted: name == "tenant1",
+            lag_before: LagStats::default(),
+            lag_during: LagStats::default(),
+            lag_after: LagStats::default(),
+            longest_slot_hold_seconds: 0.0,
+            token_requests_during_outage: 0,
+            graph_requests_during_outage: 0,
+            token_breaker_trips_during_outage: 0,
+            graph_breaker_trips_during_outage: 0,
+            drained_after_seconds: Some(0.0),
+            jobs: BTreeMap::new(),
+            poisoned_mailbox: None,
+            graph_breaker_trips: 0,
+            writes,
+        }
+    }
+
+    fn delivered(n: usize, p95: f64, after_recovery: Option<f64>) -> WriteReport {
+        WriteReport {
+            booked: n,
+            delivered: n,
+            latency: DeliveryStats {
+                p50_seconds: p95 / 2.0,
+                p95_seconds: p95,
+                max_seconds: p95,
+                samples: n,
+            },
+            last_delivered_after_recovery_seconds: after_recovery,
+            last_in_outlook_after_recovery_seconds: after_recovery,
+            ..WriteReport::default()
+        }
+    }
+
+    fn met(targets: &[Target]) -> Vec<bool> {
+        targets.iter().map(|t| t.met).collect()
+    }
+
+    #[test]
+    fn bookings_are_spread_over_the_outage_at_the_same_pace_in_every_tenant() {
+        let config = SimConfig::generated(3, 2, 1, 7);
+        let t = Timeline::scaled(60.0).unwrap();
+        let skip = config.tenants[2].mailboxes[0].clone();
+        let plan = booking_plan(&config, t, 2, Some(&skip));
+
+        assert_eq!(plan.len(), 3 * 2 * 2 - 2);
+        assert!(plan
+            .iter()
+            .all(|p| p.at > t.before && p.at < t.before + t.outage && p.mailbox != skip));
+        let mut subjects: Vec<String> = plan.iter().map(PlannedBooking::subject).collect();
+        subjects.sort();
+        subjects.dedup();
+        assert_eq!(
+            subjects.len(),
+            plan.len(),
+            "every booking has its own subject"
+        );
+        let times = |tenant: &str| -> Vec<Duration> {
+            plan.iter()
+                .filter(|p| p.tenant == tenant)
+                .map(|p| p.at)
+                .collect()
+        };
+        assert_eq!(times("tenant1"), times("tenant2"));
+    }
+
+    #[test]
+    fn a_late_slow_or_doubled_booking_misses_its_target() {
+        let t = Timeline::scaled(60.0).unwrap();
+        let limit = t.interval.as_secs_f64();
+        let run = |a: WriteReport, b: WriteReport| RunObservations {
+            tenants: vec![tenant("tenant1", a), tenant("tenant2", b)],
+            violations: serde_json::Value::Null,
+            violation_count: 0,
+        };
+        let good = run(delivered(4, 9.0, Some(1.0)), delivered(4, 0.3, None));
+        assert_eq!(met(&write_targets(&good, None, t)), [true, true, true]);
+
+        let late = run(
+            delivered(4, 9.0, Some(2.0 * limit + 0.5)),
+            delivered(4, 0.3, None),
+        );
+        assert_eq!(met(&write_targets(&late, None, t)), [false, true, true]);
+
+        let slow = run(
+            delivered(4, 9.0, Some(1.0)),
+            delivered(4, limit + 0.5, None),
+        );
+        assert_eq!(met(&write_targets(&slow, None, t)), [true, false, true]);
+
+        let mut twice = delivered(4, 0.3, None);
+        twice.duplicated_creates = 1;
+        let doubled = run(delivered(4, 9.0, Some(1.0)), twice);
+        assert_eq!(met(&write_targets(&doubled, None, t)), [true, true, false]);
+
+        let none = run(WriteReport::default(), WriteReport::default());
+        assert!(write_targets(&none, None, t).is_empty());
+    }
 }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bookings;
 pub mod console;
 pub mod demo;
 pub mod drill;
