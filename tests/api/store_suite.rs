@@ -3176,7 +3176,7 @@ async fn postgres_an_ended_write_keeps_no_body() {
     on_postgres_at(an_ended_write_keeps_no_body).await;
 }
 
-/// A job that ended on Graph's Retry-After (or an open breaker) holds the mailbox until then: a
+/// A job that ended on Graph's Retry-After holds the mailbox until then: a
 /// sync request, a change notification's request or an accepted write during or after that
 /// job does not bring the next run forward (an early retry is throttled again, and counted
 /// against the app). Without such a wait they do.

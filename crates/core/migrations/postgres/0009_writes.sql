@@ -48,7 +48,8 @@ CREATE INDEX writes_queued ON writes (mailbox_id, seq) WHERE state = 'queued';
 CREATE INDEX writes_not_delivered ON writes (mailbox_id) WHERE state <> 'delivered';
 CREATE INDEX writes_of_event ON writes (mailbox_id, external_id, seq);
 
--- A wait Graph or the tenant's breaker imposed on the mailbox (Retry-After, an open circuit):
--- until then no sync request and no write brings its next run forward. Set by the end of each
+-- A wait Graph imposed on the mailbox (Retry-After): until then no sync request, change
+-- notification or write brings its next run forward (calsync's own waits, an open breaker's
+-- probe time or a rate limit, are not held: a job run sooner is simply deferred again). Set by the end of each
 -- job (NULL when the job ended without one).
 ALTER TABLE mailboxes ADD COLUMN hold_until timestamptz;

@@ -370,6 +370,8 @@ impl Worker {
 
     async fn run_job(&self, mailbox: &MailboxRecord, lease: Lease, deadline: Instant) -> JobResult {
         let started_at = Utc::now();
+        // The job ended on a wait the server named (Retry-After): see `JobRecord::hold_until`.
+        let mut graph_wait = false;
         let mut report = SyncReport::default();
         let result: Result<(), (RunOutcome, String, Option<Duration>)> =
             match self.tenants.get(&mailbox.tenant) {
@@ -406,7 +408,12 @@ impl Worker {
                     };
                     match outcome {
                         Some(Ok(Ok(()))) => Ok(()),
-                        Some(Ok(Err(SyncError::Deferred { wait, reason }))) => {
+                        Some(Ok(Err(SyncError::Deferred {
+                            wait,
+                            reason,
+                            by_graph,
+                        }))) => {
+                            graph_wait = by_graph;
                             Err((RunOutcome::Deferred, reason, Some(wait)))
                         }
                         Some(Ok(Err(e))) => {
@@ -414,6 +421,7 @@ impl Worker {
                             if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
                                 report.last_request_id = Some(id);
                             }
+                            graph_wait = e.retry_after().is_some();
                             Err((RunOutcome::Failed, crate::error_chain(&e), e.retry_after()))
                         }
                         Some(Err(_elapsed)) => Err((
@@ -481,9 +489,10 @@ impl Worker {
             error: error.clone(),
             request_id: report.last_request_id.clone(),
             next_run_at,
-            // Graph's Retry-After or the open breaker's probe time: a sync request or a write
-            // arriving meanwhile must not bring the next run before it.
-            hold_until: wait.map(|_| next_run_at),
+            // The server's Retry-After: a sync request, a notification or a write arriving
+            // meanwhile must not bring the next run before it. (calsync's own waits, a breaker's
+            // probe time or a rate limit, may be cut short: the job is simply deferred again.)
+            hold_until: graph_wait.then_some(next_run_at),
         };
         if let Err(e) = self.store.finish_job(&lease, &record).await {
             tracing::error!(error = %e, "could not record the job's end; its lease will run out");

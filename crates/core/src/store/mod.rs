@@ -572,8 +572,8 @@ pub struct JobRecord {
     pub error: Option<String>,
     pub request_id: Option<String>,
     pub next_run_at: DateTime<Utc>,
-    /// Set when Graph or the breaker imposed the wait until `next_run_at` (Retry-After, an
-    /// open circuit): no sync request or write may bring the next run before it.
+    /// Set when Graph imposed the wait until `next_run_at` (Retry-After): no sync request,
+    /// notification or write may bring the next run before it.
     pub hold_until: Option<DateTime<Utc>>,
 }
 

@@ -274,7 +274,8 @@ impl SubscriptionStore for SqliteStore {
     ) -> Result<u64, StoreError> {
         let done = sqlx::query(
             "UPDATE mailboxes SET sync_requested_at = ?2,
-                 next_run_at = MAX(MIN(next_run_at, ?2), COALESCE(hold_until, ?2))
+                 next_run_at = CASE WHEN hold_until IS NULL THEN MIN(next_run_at, ?2)
+                     ELSE MAX(MIN(next_run_at, ?2), hold_until) END
              WHERE id IN (SELECT value FROM json_each(?1)) AND enabled = 1
                AND sync_requested_at IS NULL",
         )
@@ -463,7 +464,8 @@ impl SubscriptionStore for PgStore {
     ) -> Result<u64, StoreError> {
         let done = sqlx::query(
             "UPDATE mailboxes SET sync_requested_at = $2,
-                 next_run_at = GREATEST(LEAST(next_run_at, $2), COALESCE(hold_until, $2))
+                 next_run_at = CASE WHEN hold_until IS NULL THEN LEAST(next_run_at, $2)
+                     ELSE GREATEST(LEAST(next_run_at, $2), hold_until) END
              WHERE id = ANY($1) AND enabled AND sync_requested_at IS NULL",
         )
         .bind(mailboxes)

@@ -47,8 +47,14 @@ pub enum SyncError {
     )]
     PageKeepsFailing { times: u32, error: GraphError },
     /// Not an error of the mailbox: the job stops and the mailbox is rescheduled `wait` later.
+    /// `by_graph`: Graph named the wait (`Retry-After`), so nothing may run the mailbox sooner;
+    /// otherwise it is calsync's own (a breaker, a rate limit).
     #[error("deferred for {}: {reason}", crate::config::HumanDuration(Duration::from_millis(.wait.as_millis() as u64)))]
-    Deferred { wait: Duration, reason: String },
+    Deferred {
+        wait: Duration,
+        reason: String,
+        by_graph: bool,
+    },
 }
 
 impl SyncError {
@@ -402,6 +408,7 @@ where
                 return Err(SyncError::Deferred {
                     wait: wait.ready_in,
                     reason: "request rate limit".into(),
+                    by_graph: false,
                 });
             }
             Err(Refused::Breaker(rejected)) => {
@@ -413,6 +420,7 @@ where
                 return Err(SyncError::Deferred {
                     wait: rejected.until.saturating_duration_since(Instant::now()),
                     reason: "the tenant's Graph circuit is open".into(),
+                    by_graph: false,
                 });
             }
         };
@@ -457,6 +465,7 @@ where
                 return Err(SyncError::Deferred {
                     wait: e.retry_after().unwrap_or_default(),
                     reason: e.to_string(),
+                    by_graph: false,
                 });
             }
             Err(e) => e,
@@ -511,6 +520,7 @@ fn next_attempt(
             Err(Some(SyncError::Deferred {
                 wait,
                 reason: format!("asked to retry after {}s: {error}", wait.as_secs()),
+                by_graph: true,
             }))
         }
     }

@@ -294,7 +294,8 @@ impl MailboxStore for PgStore {
     ) -> Result<Option<bool>, StoreError> {
         let queued = sqlx::query(
             "UPDATE mailboxes SET sync_requested_at = $2,
-                 next_run_at = GREATEST(LEAST(next_run_at, $2), COALESCE(hold_until, $2))
+                 next_run_at = CASE WHEN hold_until IS NULL THEN LEAST(next_run_at, $2)
+                     ELSE GREATEST(LEAST(next_run_at, $2), hold_until) END
              WHERE id = $1 AND enabled AND sync_requested_at IS NULL",
         )
         .bind(id)

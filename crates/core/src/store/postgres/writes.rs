@@ -110,7 +110,8 @@ impl WriteStore for PgStore {
         // before this write, and keeps the mailbox due (see `finish_job`).
         sqlx::query(
             "UPDATE mailboxes SET sync_requested_at = COALESCE(sync_requested_at, $2),
-                 next_run_at = GREATEST(LEAST(next_run_at, $2), COALESCE(hold_until, $2))
+                 next_run_at = CASE WHEN hold_until IS NULL THEN LEAST(next_run_at, $2)
+                     ELSE GREATEST(LEAST(next_run_at, $2), hold_until) END
              WHERE id = $1",
         )
         .bind(write.mailbox)

@@ -286,7 +286,8 @@ impl MailboxStore for SqliteStore {
     ) -> Result<Option<bool>, StoreError> {
         let queued = sqlx::query(
             "UPDATE mailboxes SET sync_requested_at = ?2,
-                 next_run_at = MAX(MIN(next_run_at, ?2), COALESCE(hold_until, ?2))
+                 next_run_at = CASE WHEN hold_until IS NULL THEN MIN(next_run_at, ?2)
+                     ELSE MAX(MIN(next_run_at, ?2), hold_until) END
              WHERE id = ?1 AND enabled = 1 AND sync_requested_at IS NULL",
         )
         .bind(id)
