@@ -12,13 +12,12 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use calsync::sim::{SimConfig, SimHandle};
 use calsync::store::Store;
 use serde_json::Value;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::Instant;
 
 use crate::helpers::sim::start_sim;
@@ -62,7 +61,6 @@ async fn share_the_limit(url: String) {
     let mailboxes = store.mailboxes().await.expect("store reads").len();
 
     let mut fleet = Fleet {
-        exe: PathBuf::from(env!("CARGO_BIN_EXE_calsync")),
         config: config_path,
         dir: dir.path().to_path_buf(),
         replicas: Vec::new(),
@@ -261,7 +259,6 @@ struct Replica {
 }
 
 struct Fleet {
-    exe: PathBuf,
     config: PathBuf,
     dir: PathBuf,
     replicas: Vec<Replica>,
@@ -277,21 +274,7 @@ impl Fleet {
             .port();
         let log = self.dir.join(format!("replica-{n}.log"));
         let stderr = std::fs::File::create(&log).expect("create a replica log");
-        let mut command = Command::new(&self.exe);
-        command
-            .arg("--config")
-            .arg(&self.config)
-            .arg("serve")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CALSYNC_") {
-                command.env_remove(key);
-            }
-        }
+        let mut command = crate::helpers::serve_command(&self.config, Some(stderr));
         command.env("CALSYNC_SERVER__LISTEN", format!("127.0.0.1:{port}"));
         let child = command.spawn().expect("start calsync serve");
         self.replicas.push(Replica {

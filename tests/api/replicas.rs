@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use calsync::store::{MailboxId, MailboxRecord, Store};
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -77,7 +76,6 @@ async fn kill_replicas(url: String) {
     let (snapshots, observer) = observe(store.clone(), stop.clone());
     let runs = tokio::spawn(collect_runs(store.clone(), ids.clone(), stop.clone()));
     let mut cluster = Cluster {
-        exe: PathBuf::from(env!("CARGO_BIN_EXE_calsync")),
         config: config_path,
         dir: dir.path().to_path_buf(),
         snapshots: snapshots.clone(),
@@ -469,7 +467,6 @@ struct Replica {
 /// The `calsync serve` processes. Each is killed when dropped (SIGKILL); a failing test
 /// prints the end of every replica's log.
 struct Cluster {
-    exe: PathBuf,
     config: PathBuf,
     dir: PathBuf,
     snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -486,21 +483,7 @@ impl Cluster {
         let known = self.snapshots.borrow().owners.clone();
         let log = self.dir.join(format!("replica-{}.log", self.started));
         let stderr = std::fs::File::create(&log).expect("create a replica log");
-        let mut command = Command::new(&self.exe);
-        command
-            .arg("--config")
-            .arg(&self.config)
-            .arg("serve")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CALSYNC_") {
-                command.env_remove(key);
-            }
-        }
+        let mut command = crate::helpers::serve_command(&self.config, Some(stderr));
         let mut child = command.spawn().expect("start calsync serve");
         let give_up = Instant::now() + Duration::from_secs(20);
         let name = loop {

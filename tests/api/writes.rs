@@ -5,7 +5,6 @@
 //! queued while another tenant's are delivered.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use calsync::config::{ConflictPolicy, Settings};
@@ -16,7 +15,6 @@ use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use tempfile::TempDir;
-use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::helpers::api::{Api, Reply, TOKEN};
@@ -649,20 +647,7 @@ impl ServeProcess {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_calsync"));
-        command
-            .arg("--config")
-            .arg(config)
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CALSYNC_") {
-                command.env_remove(key);
-            }
-        }
+        let mut command = crate::helpers::serve_command(config, None);
         command.env("CALSYNC_SERVER__LISTEN", format!("127.0.0.1:{port}"));
         let child = command.spawn().expect("start calsync serve");
         let process = Self {

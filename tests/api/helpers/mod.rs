@@ -417,3 +417,28 @@ pub async fn complete_initial_round(app: &TestApp) {
     app.graph.verify().await;
     app.graph.reset().await;
 }
+
+/// `calsync --config CONFIG serve` as a process of its own (killed if dropped), with none of
+/// this test process's `CALSYNC_*` variables, `RUST_LOG=warn` and its stderr in `stderr`
+/// (`None`: discarded). Add variables (e.g. `CALSYNC_SERVER__LISTEN`) before spawning it.
+pub fn serve_command(
+    config: &std::path::Path,
+    stderr: Option<std::fs::File>,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_calsync"));
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr.map_or_else(std::process::Stdio::null, std::process::Stdio::from))
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CALSYNC_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
