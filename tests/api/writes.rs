@@ -731,3 +731,41 @@ async fn a_backlog_of_writes_is_delivered_a_batch_per_job_in_order() {
         assert_eq!(w.in_outlook(&alice, &format!("Slot {n}")).len(), 1);
     }
 }
+
+/// Graph keeps failing one mailbox's writes (5xx) while its reads work: the write waits,
+/// queued, and the job still syncs the mailbox's calendar before it ends failed (the mailbox
+/// backs off), so a write cannot hold back what the application reads.
+#[tokio::test]
+async fn a_write_graph_keeps_failing_does_not_hold_back_the_mailboxs_reads() {
+    let w = Writing::start(ConflictPolicy::OutlookWins, &[0]).await;
+    let alice = w.mailbox(0, 0);
+    let id = w.id(&alice).await;
+    w.pass().await;
+    w.sim.add_fault(
+        FaultRule::new(FaultKind::Status {
+            code: 503,
+            graph_code: Some("ServiceUnavailable".into()),
+            message: None,
+            aadsts: None,
+            retry_after: RetryAfter::None,
+        })
+        .endpoint(Endpoint::Writes)
+        .mailbox(alice.clone()),
+    );
+    let booked = w.book(id, "b-1", "Advising", "k-1").await;
+    w.sim.mutate_now(&alice, 3);
+    let results = w.pass().await;
+    let job = &results[&alice];
+    assert_eq!(job.outcome, calsync::store::RunOutcome::Failed, "{job:?}");
+    assert!(job.report.completed, "the delta round ran: {job:?}");
+    w.check().assert_matches_truth(&alice).await;
+    let state = w.state_of(&booked).await;
+    assert_eq!(state["state"], "queued", "{state}");
+    assert_eq!(state["attempts"], 1, "{state}");
+    assert!(
+        state["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("503")),
+        "{state}"
+    );
+}

@@ -373,78 +373,86 @@ impl Worker {
         // The job ended on a wait the server named (Retry-After): see `JobRecord::hold_until`.
         let mut graph_wait = false;
         let mut report = SyncReport::default();
-        let result: Result<(), (RunOutcome, String, Option<Duration>)> =
-            match self.tenants.get(&mailbox.tenant) {
-                Some(tenant) => {
-                    let ctx = RoundContext {
-                        graph: &self.graph,
-                        store: &self.store,
-                        tokens: &tenant.tokens,
-                        guard: &tenant.guard,
-                        limits: self.tenants.limits(),
-                        lease: &lease,
-                        window_past: self.sync.window_past,
-                        window_future: self.sync.window_future,
-                        max_pages_per_round: self.max_pages_per_round,
-                        page_failure_limit: self.page_failure_limit,
-                        deadline,
-                        retry: self.request_retry,
-                        slow_call: self.resilience.slow_call,
-                    };
-                    let writes = WritePolicy {
-                        allowed: tenant.writes,
-                        conflict: self.writes.conflict_policy,
-                        per_job: self.writes.per_job,
-                    };
-                    let job = tokio::time::timeout_at(deadline, async {
-                        // The application's writes first: the round that follows reads back
-                        // what Outlook made of them.
-                        sync::writes::deliver(&ctx, mailbox, &writes, &mut report).await?;
-                        sync::run_round(&ctx, mailbox, started_at, &mut report).await
-                    });
-                    let outcome = tokio::select! {
-                        outcome = job => Some(outcome),
-                        () = self.heartbeat(&lease) => None,
-                    };
-                    match outcome {
-                        Some(Ok(Ok(()))) => Ok(()),
-                        Some(Ok(Err(SyncError::Deferred {
-                            wait,
-                            reason,
-                            by_graph,
-                        }))) => {
-                            graph_wait = by_graph;
-                            Err((RunOutcome::Deferred, reason, Some(wait)))
-                        }
-                        Some(Ok(Err(e))) => {
-                            crate::metrics::job_failed(&mailbox.tenant, e.reason_label());
-                            if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
-                                report.last_request_id = Some(id);
-                            }
-                            graph_wait = e.retry_after().is_some();
-                            Err((RunOutcome::Failed, crate::error_chain(&e), e.retry_after()))
-                        }
-                        Some(Err(_elapsed)) => Err((
-                            RunOutcome::DeadlineExceeded,
-                            format!(
-                                "job deadline of {} exceeded; the job was cancelled",
-                                HumanDuration(self.sync.job_deadline)
-                            ),
-                            None,
-                        )),
-                        None => Err((
-                            RunOutcome::Failed,
-                            "lost the mailbox's lease; the job was stopped".into(),
-                            None,
-                        )),
+        let result: Result<(), (RunOutcome, String, Option<Duration>)> = match self
+            .tenants
+            .get(&mailbox.tenant)
+        {
+            Some(tenant) => {
+                let ctx = RoundContext {
+                    graph: &self.graph,
+                    store: &self.store,
+                    tokens: &tenant.tokens,
+                    guard: &tenant.guard,
+                    limits: self.tenants.limits(),
+                    lease: &lease,
+                    window_past: self.sync.window_past,
+                    window_future: self.sync.window_future,
+                    max_pages_per_round: self.max_pages_per_round,
+                    page_failure_limit: self.page_failure_limit,
+                    deadline,
+                    retry: self.request_retry,
+                    slow_call: self.resilience.slow_call,
+                };
+                let writes = WritePolicy {
+                    allowed: tenant.writes,
+                    conflict: self.writes.conflict_policy,
+                    per_job: self.writes.per_job,
+                };
+                let job = tokio::time::timeout_at(deadline, async {
+                    // The application's writes first: the round that follows reads back
+                    // what Outlook made of them.
+                    let writes_failed =
+                        match sync::writes::deliver(&ctx, mailbox, &writes, &mut report).await {
+                            Ok(()) => None,
+                            Err(e) if e.stops_the_job() => return Err(e),
+                            Err(e) => Some(e),
+                        };
+                    sync::run_round(&ctx, mailbox, started_at, &mut report).await?;
+                    writes_failed.map_or(Ok(()), Err)
+                });
+                let outcome = tokio::select! {
+                    outcome = job => Some(outcome),
+                    () = self.heartbeat(&lease) => None,
+                };
+                match outcome {
+                    Some(Ok(Ok(()))) => Ok(()),
+                    Some(Ok(Err(SyncError::Deferred {
+                        wait,
+                        reason,
+                        by_graph,
+                    }))) => {
+                        graph_wait = by_graph;
+                        Err((RunOutcome::Deferred, reason, Some(wait)))
                     }
+                    Some(Ok(Err(e))) => {
+                        crate::metrics::job_failed(&mailbox.tenant, e.reason_label());
+                        if let Some(id) = e.request_ids().and_then(|i| i.request_id.clone()) {
+                            report.last_request_id = Some(id);
+                        }
+                        graph_wait = e.retry_after().is_some();
+                        Err((RunOutcome::Failed, crate::error_chain(&e), e.retry_after()))
+                    }
+                    Some(Err(_elapsed)) => Err((
+                        RunOutcome::DeadlineExceeded,
+                        format!(
+                            "job deadline of {} exceeded; the job was cancelled",
+                            HumanDuration(self.sync.job_deadline)
+                        ),
+                        None,
+                    )),
+                    None => Err((
+                        RunOutcome::Failed,
+                        "lost the mailbox's lease; the job was stopped".into(),
+                        None,
+                    )),
                 }
-                None => Err((
-                    RunOutcome::Failed,
-                    format!("tenant `{}` is not configured", mailbox.tenant),
-                    None,
-                )),
-            };
+            }
+            None => Err((
+                RunOutcome::Failed,
+                format!("tenant `{}` is not configured", mailbox.tenant),
+                None,
+            )),
+        };
         let finished_at = Utc::now();
         let (outcome, error, wait) = match result {
             Ok(()) => (RunOutcome::Ok, None, None),

@@ -81,6 +81,23 @@ impl SyncError {
         )
     }
 
+    /// After a write's delivery stopped on this error, whether the whole job stops: Graph
+    /// asked the mailbox to wait (throttling), the tenant cannot call Graph at all (token
+    /// endpoint, breaker), or the job lost its lease or its store. Otherwise (a write timed
+    /// out, Graph answered 5xx) the job still runs its delta round, so a write Graph keeps
+    /// failing does not hold back the mailbox's reads, and then ends failed with the write's
+    /// error (the mailbox backs off; the write waits, queued).
+    pub fn stops_the_job(&self) -> bool {
+        !matches!(
+            self,
+            Self::Graph(
+                GraphError::Transient { .. }
+                    | GraphError::Unreachable { .. }
+                    | GraphError::Malformed { .. }
+            )
+        )
+    }
+
     /// What the Graph call that produced this error says about Graph's health for the tenant.
     fn evidence(&self) -> Evidence {
         match self {

@@ -141,9 +141,9 @@ impl Known {
 }
 
 /// Delivers the mailbox's queued writes in order. A write Graph refuses for good is recorded
-/// as failed and the next one goes on; a failure of Graph or of the tenant (unreachable,
-/// throttled past the deadline, token endpoint down, breaker open) records the attempt and
-/// stops the job with that error, so the writes wait, queued, for the mailbox's next job.
+/// as failed and the next one goes on; a failure of Graph or of the tenant records the attempt
+/// and stops the delivery with that error, so the writes wait, queued, for the mailbox's next
+/// job (see [`SyncError::stops_the_job`] for whether its delta round still runs).
 pub async fn deliver(
     ctx: &RoundContext<'_>,
     mailbox: &MailboxRecord,
