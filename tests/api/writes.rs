@@ -256,11 +256,17 @@ async fn a_booking_is_checked_stored_delivered_once_and_read_back() {
 }
 
 /// Graph commits the create, then its answer never arrives (held, or the connection reset):
-/// the retry carries the same transactionId and Graph answers with the event it made.
+/// the retry carries the same transactionId and Graph answers with the event it made, or
+/// (as clients report it doing too) refuses the transactionId naming that event.
 #[tokio::test]
 async fn a_create_whose_answer_is_lost_after_the_commit_is_made_once() {
-    for kind in [FaultKind::CommitThenHang, FaultKind::CommitThenReset] {
+    for (kind, refused) in [
+        (FaultKind::CommitThenHang, false),
+        (FaultKind::CommitThenReset, false),
+        (FaultKind::CommitThenReset, true),
+    ] {
         let w = Writing::start(ConflictPolicy::OutlookWins, &[0]).await;
+        w.sim.refuse_transaction_retries(refused);
         let alice = w.mailbox(0, 0);
         let id = w.id(&alice).await;
         w.sim.add_fault(
@@ -276,10 +282,20 @@ async fn a_create_whose_answer_is_lost_after_the_commit_is_made_once() {
         assert_eq!(state["state"], "delivered", "{kind:?}: {state}");
         let stats = w.writes_stats();
         assert_eq!(stats.creates, 1, "{kind:?}: one event made");
-        assert_eq!(
-            stats.deduplicated, 1,
-            "{kind:?}: the retry was deduplicated"
-        );
+        if refused {
+            assert_eq!(stats.duplicate_transaction, 1, "the retry was refused");
+            assert!(
+                state["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("transactionId")),
+                "{state}"
+            );
+        } else {
+            assert_eq!(
+                stats.deduplicated, 1,
+                "{kind:?}: the retry was deduplicated"
+            );
+        }
         assert_eq!(stats.duplicates, 0, "{kind:?}");
         let made = w.in_outlook(&alice, "Advising");
         assert_eq!(made.len(), 1, "{kind:?}");

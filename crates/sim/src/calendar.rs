@@ -952,11 +952,14 @@ impl MailboxCalendar {
 
     /// `POST /events`: a new single event organized by the owner, unless `transaction_id`
     /// names an event this mailbox already has: then that event, when the POST asks for the
-    /// same subject, start and end (a retry), or an `ErrorDuplicateTransactionId` otherwise.
+    /// same subject, start and end (a retry) and `refuse_retries` is off, or an
+    /// `ErrorDuplicateTransactionId` naming the event (`@event.existingEventId`) otherwise
+    /// (what clients report Graph answering to retries too).
     pub fn create(
         &mut self,
         patch: EventPatch,
         transaction_id: Option<String>,
+        refuse_retries: bool,
         now: DateTime<Utc>,
     ) -> Result<Created, Rejected> {
         let start = patch.start.ok_or_else(|| Rejected::missing("start"))?;
@@ -975,14 +978,17 @@ impl MailboxCalendar {
                 .values()
                 .find(|e| e.transaction_id.as_ref() == Some(tid))
             {
-                return if ev.posted.as_ref() == Some(&posted) {
+                return if ev.posted.as_ref() == Some(&posted) && !refuse_retries {
                     Ok(Created::Existing(ev.to_graph_json()))
                 } else {
-                    Err(Rejected::new(
-                        400,
-                        "ErrorDuplicateTransactionId",
-                        "Your request can't be completed. The TransactionId specified in the request has already been used to create a different event.",
-                    ))
+                    Err(Rejected {
+                        existing_event_id: Some(ev.id.clone()),
+                        ..Rejected::new(
+                            400,
+                            "ErrorDuplicateTransactionId",
+                            "Your request can't be completed. The TransactionId specified in the request has already been used to create a different event.",
+                        )
+                    })
                 };
             }
         }
@@ -1151,6 +1157,8 @@ pub struct Rejected {
     pub status: u16,
     pub code: &'static str,
     pub message: String,
+    /// `@event.existingEventId` in the error: the event an already used transactionId made.
+    pub existing_event_id: Option<String>,
 }
 
 impl Rejected {
@@ -1159,6 +1167,7 @@ impl Rejected {
             status,
             code,
             message: message.into(),
+            existing_event_id: None,
         }
     }
 

@@ -240,6 +240,14 @@ impl SimHandle {
         lock(&self.shared.faults).remove(id)
     }
 
+    /// Answers creates retried with their transactionId with `ErrorDuplicateTransactionId`
+    /// (naming the event in `@event.existingEventId`) instead of 201 with the event.
+    pub fn refuse_transaction_retries(&self, refuse: bool) {
+        self.shared
+            .refuse_transaction_retries
+            .store(refuse, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
     }

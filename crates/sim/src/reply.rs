@@ -31,6 +31,17 @@ impl Reply {
         }
     }
 
+    /// This error reply with `name: value` added to its `error` object.
+    pub fn with_error_member(mut self, name: &str, value: &str) -> Self {
+        if let Ok(mut body) = serde_json::from_slice::<Value>(&self.body) {
+            if let Some(error) = body.get_mut("error").and_then(Value::as_object_mut) {
+                error.insert(name.to_string(), Value::from(value));
+                self.body = serde_json::to_vec(&body).unwrap_or(self.body);
+            }
+        }
+        self
+    }
+
     /// A response without a body (204, 202).
     pub fn empty(status: u16) -> Self {
         Self {

@@ -55,6 +55,9 @@ pub struct Shared {
     pub mutation_rng: Mutex<StdRng>,
     /// Change-notification subscriptions and what was sent to clients.
     pub subscriptions: Arc<Subscriptions>,
+    /// Answer a create retried with its transactionId by `ErrorDuplicateTransactionId` (naming
+    /// the event) instead of 201 with the event, as some clients report Graph doing.
+    pub refuse_transaction_retries: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -137,6 +140,7 @@ impl Shared {
             mutation_rate,
             mutation_rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0x7a7e)),
             subscriptions: Arc::new(Subscriptions::new()),
+            refuse_transaction_retries: std::sync::atomic::AtomicBool::new(false),
             config,
         }))
     }

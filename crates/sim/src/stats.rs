@@ -53,6 +53,8 @@ pub struct WriteStats {
     pub cancels: u64,
     /// PATCHes refused with 412 because `If-Match` named an old changeKey.
     pub precondition_failed: u64,
+    /// POSTs refused with `ErrorDuplicateTransactionId` (their transactionId had made an event).
+    pub duplicate_transaction: u64,
     /// Events created by a POST with the same subject, start and end as an event another POST
     /// created in that mailbox: what retrying without a `transactionId` leaves behind.
     pub duplicates: u64,
@@ -67,6 +69,7 @@ pub enum WriteCount {
     Delete,
     Cancel,
     PreconditionFailed,
+    DuplicateTransaction,
 }
 
 impl WriteStats {
@@ -81,6 +84,7 @@ impl WriteStats {
             WriteCount::Delete => self.deletes += 1,
             WriteCount::Cancel => self.cancels += 1,
             WriteCount::PreconditionFailed => self.precondition_failed += 1,
+            WriteCount::DuplicateTransaction => self.duplicate_transaction += 1,
         }
     }
 }

@@ -68,7 +68,12 @@ pub fn apply(
     let now = sim.now();
     let result = match write {
         Write::Create { body } => parse_event(body).and_then(|(patch, tid)| {
-            let created = lock(&entry.state).calendar.create(patch, tid, now)?;
+            let refuse = sim
+                .refuse_transaction_retries
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let created = lock(&entry.state)
+                .calendar
+                .create(patch, tid, refuse, now)?;
             Ok(match created {
                 Created::New { event, duplicate } => {
                     count(sim, entry, WriteCount::Create { duplicate });
@@ -118,7 +123,18 @@ pub fn apply(
             Ok(Reply::empty(202))
         }),
     };
-    result.unwrap_or_else(|e| graph_error(e.status, e.code, &e.message, ids))
+    result.unwrap_or_else(|e| {
+        let reply = graph_error(e.status, e.code, &e.message, ids);
+        match &e.existing_event_id {
+            Some(id) => {
+                if e.code == "ErrorDuplicateTransactionId" {
+                    count(sim, entry, WriteCount::DuplicateTransaction);
+                }
+                reply.with_error_member("@event.existingEventId", id)
+            }
+            None => reply,
+        }
+    })
 }
 
 /// The mailbox owner changes an event in Outlook: no token, limits, faults or write counts.

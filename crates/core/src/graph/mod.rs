@@ -125,6 +125,14 @@ pub enum GraphError {
     },
     #[error("Graph sent an unusable response: {reason} [{ids}]")]
     Malformed { reason: String, ids: RequestIds },
+    /// A create whose `transactionId` already made an event (`ErrorDuplicateTransactionId`):
+    /// the event exists, and Graph may name it (`@event.existingEventId`).
+    #[error("Graph already made an event with this transactionId (HTTP {status} ErrorDuplicateTransactionId) [{ids}]")]
+    DuplicateTransaction {
+        status: u16,
+        existing_event_id: Option<String>,
+        ids: RequestIds,
+    },
     #[error("refused to follow a link to `{host}`: the bearer token is only sent to the configured Graph host")]
     ForeignLink { host: String },
     #[error("link `{0}` is not a valid URL")]
@@ -152,6 +160,7 @@ impl GraphError {
             Self::NotFound { .. } => "graph_not_found",
             Self::Permanent { .. } => "graph_permanent",
             Self::Malformed { .. } => "graph_malformed",
+            Self::DuplicateTransaction { .. } => "graph_duplicate_transaction",
             Self::ForeignLink { .. } | Self::BadLink(_) => "graph_bad_link",
         }
     }
@@ -166,7 +175,8 @@ impl GraphError {
             Self::Throttled { status: 429, .. } => "429",
             Self::Throttled { status, .. }
             | Self::ResyncRequired { status, .. }
-            | Self::Permanent { status, .. } => status_class(*status),
+            | Self::Permanent { status, .. }
+            | Self::DuplicateTransaction { status, .. } => status_class(*status),
             // Transient failures with an answer are worded "HTTP {status} {code}" by the
             // classifier.
             Self::Transient { reason, .. } => reason
@@ -188,6 +198,7 @@ impl GraphError {
             | Self::Unreachable { ids, .. }
             | Self::NotFound { ids, .. }
             | Self::Permanent { ids, .. }
+            | Self::DuplicateTransaction { ids, .. }
             | Self::Malformed { ids, .. } => Some(ids),
             Self::ForeignLink { .. } | Self::BadLink(_) => None,
         }
@@ -547,6 +558,17 @@ pub fn classify_failure(
     let code_lower = code.to_ascii_lowercase();
     if status == 410 || RESYNC_CODES.contains(&code_lower.as_str()) {
         return GraphError::ResyncRequired { status, code, ids };
+    }
+    if code_lower == "errorduplicatetransactionid" {
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        return GraphError::DuplicateTransaction {
+            status,
+            existing_event_id: json["error"]["@event.existingEventId"]
+                .as_str()
+                .filter(|id| !id.is_empty() && id.len() <= 512)
+                .map(str::to_string),
+            ids,
+        };
     }
     match status {
         401 => GraphError::Unauthorized { code, ids },

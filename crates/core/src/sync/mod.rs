@@ -109,7 +109,8 @@ impl SyncError {
                 | GraphError::Unauthorized { .. }
                 | GraphError::ResyncRequired { .. }
                 | GraphError::NotFound { .. }
-                | GraphError::Permanent { .. },
+                | GraphError::Permanent { .. }
+                | GraphError::DuplicateTransaction { .. },
             ) => Evidence::Healthy,
             _ => Evidence::Neutral,
         }

@@ -318,6 +318,27 @@ async fn create(
     .await;
     match answer {
         Ok((bytes, ids)) => version_of(&bytes, ids).map(|event| delivered(&event, None)),
+        // An earlier attempt made the event and its answer was lost; Graph refuses the
+        // transactionId now instead of answering with the event (as it may for a retry).
+        Err(SyncError::Graph(GraphError::DuplicateTransaction {
+            existing_event_id: Some(id),
+            ..
+        })) => match read_event(ctx, mailbox, &id, CONTENT_SELECT).await {
+            Ok(Some(event)) => Ok(delivered(
+                &event,
+                Some("Graph had already made this event for the write's transactionId (an earlier attempt's answer was lost)"),
+            )),
+            Ok(None) => Ok(WriteResult::Failed {
+                reason: "Graph had already made this event for the write's transactionId, and it is gone from Outlook now".into(),
+            }),
+            Err(e) => refused_or_stop(e),
+        },
+        Err(SyncError::Graph(GraphError::DuplicateTransaction {
+            existing_event_id: None,
+            ..
+        })) => Ok(WriteResult::Failed {
+            reason: "Graph says the write's transactionId already made an event but does not say which: it is in Outlook and will be synced, but calsync cannot link it to the appointment".into(),
+        }),
         Err(e) => refused_or_stop(e),
     }
 }
