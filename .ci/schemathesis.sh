@@ -55,6 +55,8 @@ tenant_id = "contoso.example"
 client_id = "aaaaaaaa-0000-0000-0000-000000000001"
 client_secret = "sim-contoso~secret-for-the-simulator-only"
 mailboxes = ["alice@contoso.example", "bob@contoso.example", "carol@contoso.example"]
+# Writes on, so the write API's checks are fuzzed (fabrikam's stay off: its answer is the 403).
+writes = true
 
 [[tenants]]
 name = "fabrikam"
