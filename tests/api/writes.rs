@@ -785,3 +785,56 @@ async fn a_write_graph_keeps_failing_does_not_hold_back_the_mailboxs_reads() {
         "{state}"
     );
 }
+
+/// Graph applies an update and its answer is lost: the retry finds the event already holding
+/// the application's version (its If-Match is stale by then, a 412). That is the write's own
+/// success, not someone's change in Outlook: delivered, not a conflict, and applied once.
+#[tokio::test]
+async fn an_update_whose_answer_is_lost_is_delivered_not_a_conflict() {
+    for kind in [FaultKind::CommitThenHang, FaultKind::CommitThenReset] {
+        let w = Writing::start(ConflictPolicy::OutlookWins, &[0]).await;
+        let alice = w.mailbox(0, 0);
+        let id = w.id(&alice).await;
+        w.book(id, "b-1", "Advising", "k-1").await;
+        w.pass().await;
+        w.sim.add_fault(
+            FaultRule::new(kind.clone())
+                .endpoint(Endpoint::Writes)
+                .mailbox(alice.clone())
+                .max_count(1),
+        );
+        let moved = w
+            .change(
+                id,
+                "b-1",
+                json!({
+                    "subject": "Advising (room 2)",
+                    "start": {"dateTime": "2026-12-03T15:00:00", "timeZone": "UTC"},
+                    "end": {"dateTime": "2026-12-03T15:30:00", "timeZone": "UTC"},
+                }),
+                "k-2",
+            )
+            .await;
+        w.pass().await;
+        let state = w.state_of(&moved).await;
+        assert_eq!(state["state"], "delivered", "{kind:?}: {state}");
+        assert!(
+            state["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("already held")),
+            "{kind:?}: {state}"
+        );
+        assert_eq!(
+            w.in_outlook(&alice, "Advising (room 2)").len(),
+            1,
+            "{kind:?}"
+        );
+        assert_eq!(w.writes_stats().updates, 1, "{kind:?}: applied once");
+        // The next update compares with what the lost answer would have said.
+        let again = w
+            .change(id, "b-1", json!({"subject": "Advising (room 3)"}), "k-3")
+            .await;
+        w.pass().await;
+        assert_eq!(w.state_of(&again).await["state"], "delivered", "{kind:?}");
+    }
+}

@@ -36,7 +36,7 @@ pub struct WritePolicy {
 /// The properties whose change is someone's edit of the event (read with `$select` before an
 /// update); the changeKey moves with them and also without them.
 const CONTENT_SELECT: &str =
-    "changeKey,subject,body,start,end,isAllDay,location,attendees,showAs,sensitivity,categories,importance";
+    "changeKey,subject,body,start,end,isAllDay,location,attendees,showAs,sensitivity,categories,importance,isReminderOn,reminderMinutesBeforeStart";
 const CONTENT: [&str; 11] = [
     "subject",
     "body",
@@ -59,6 +59,8 @@ struct EventVersion {
     etag: Option<String>,
     has_attendees: bool,
     fingerprint: String,
+    /// The event as Graph answered it, to see whether it already holds an update.
+    json: Value,
 }
 
 impl EventVersion {
@@ -70,8 +72,65 @@ impl EventVersion {
             etag: text("@odata.etag"),
             has_attendees: event["attendees"].as_array().is_some_and(|a| !a.is_empty()),
             fingerprint: fingerprint(event),
+            json: event.clone(),
         })
     }
+
+    /// The event already holds every property `update` sets: an earlier attempt of this write
+    /// reached Graph and its answer was lost. Conservative: a property whose Graph form cannot
+    /// be compared (a start in another zone than UTC, an HTML body) counts as not held.
+    fn holds(&self, update: &Value) -> bool {
+        let Some(members) = update.as_object() else {
+            return false;
+        };
+        let event = &self.json;
+        members.iter().all(|(name, wanted)| match name.as_str() {
+            "start" | "end" => {
+                wanted["timeZone"] == "UTC"
+                    && event[name]["timeZone"] == "UTC"
+                    && same_instant(&wanted["dateTime"], &event[name]["dateTime"])
+            }
+            "body" => {
+                wanted["contentType"] == event["body"]["contentType"]
+                    && wanted["content"] == event["body"]["content"]
+            }
+            "location" => wanted["displayName"] == event["location"]["displayName"],
+            "attendees" => {
+                let people = |v: &Value| {
+                    let mut all: Vec<String> = v
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|p| {
+                                    format!(
+                                        "{} {}",
+                                        p["emailAddress"]["address"]
+                                            .as_str()
+                                            .unwrap_or_default()
+                                            .to_ascii_lowercase(),
+                                        p["type"].as_str().unwrap_or_default()
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    all.sort();
+                    all
+                };
+                people(wanted) == people(&event["attendees"])
+            }
+            _ => *wanted == event[name.as_str()],
+        })
+    }
+}
+
+/// Two Graph local date-times, e.g. `2026-12-03T15:00:00` and `2026-12-03T15:00:00.0000000`.
+fn same_instant(a: &Value, b: &Value) -> bool {
+    let at = |v: &Value| {
+        v.as_str()
+            .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f").ok())
+    };
+    matches!((at(a), at(b)), (Some(a), Some(b)) if a == b)
 }
 
 /// A digest of the event's content as Graph shows it: the same for two answers about an
@@ -361,6 +420,16 @@ async fn update(
             Err(e) => return refused_or_stop(e),
         };
         if known.changed_in(&current) {
+            if current.holds(&body) {
+                // Our own update, applied by an attempt whose answer was lost (a timeout, a
+                // reset, a job cut off): not someone's change.
+                return Ok(delivered(
+                    &current,
+                    Some(
+                        "the event already held this update (an earlier attempt's answer was lost)",
+                    ),
+                ));
+            }
             match conflict {
                 ConflictPolicy::OutlookWins => return Ok(conflict_with(&current)),
                 ConflictPolicy::ApplicationWins => overwrote = true,
