@@ -145,6 +145,19 @@ impl Writing {
     }
 }
 
+/// Graph answering 503 to every write of `mailbox` (reads work).
+fn writes_unavailable(mailbox: &str) -> FaultRule {
+    FaultRule::new(FaultKind::Status {
+        code: 503,
+        graph_code: Some("ServiceUnavailable".into()),
+        message: None,
+        aadsts: None,
+        retry_after: RetryAfter::None,
+    })
+    .endpoint(Endpoint::Writes)
+    .mailbox(mailbox.to_string())
+}
+
 fn booking(external_id: &str, subject: &str) -> Value {
     json!({
         "external_id": external_id,
@@ -439,18 +452,7 @@ async fn writes_of_one_appointment_are_delivered_in_order_through_retries() {
     let w = Writing::start(ConflictPolicy::OutlookWins, &[0]).await;
     let alice = w.mailbox(0, 0);
     let id = w.id(&alice).await;
-    let unavailable = |count| {
-        FaultRule::new(FaultKind::Status {
-            code: 503,
-            graph_code: Some("ServiceUnavailable".into()),
-            message: None,
-            aadsts: None,
-            retry_after: RetryAfter::None,
-        })
-        .endpoint(Endpoint::Writes)
-        .mailbox(alice.clone())
-        .max_count(count)
-    };
+    let unavailable = |count| writes_unavailable(&alice).max_count(count);
     w.book(id, "a", "A v1", "k-1").await;
     w.change(id, "a", json!({"subject": "A v2"}), "k-2").await;
     w.change(id, "a", json!({"subject": "A v3"}), "k-3").await;
@@ -757,17 +759,7 @@ async fn a_write_graph_keeps_failing_does_not_hold_back_the_mailboxs_reads() {
     let alice = w.mailbox(0, 0);
     let id = w.id(&alice).await;
     w.pass().await;
-    w.sim.add_fault(
-        FaultRule::new(FaultKind::Status {
-            code: 503,
-            graph_code: Some("ServiceUnavailable".into()),
-            message: None,
-            aadsts: None,
-            retry_after: RetryAfter::None,
-        })
-        .endpoint(Endpoint::Writes)
-        .mailbox(alice.clone()),
-    );
+    w.sim.add_fault(writes_unavailable(&alice));
     let booked = w.book(id, "b-1", "Advising", "k-1").await;
     w.sim.mutate_now(&alice, 3);
     let results = w.pass().await;

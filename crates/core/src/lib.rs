@@ -19,6 +19,11 @@ pub mod sync;
 pub mod telemetry;
 pub mod tenants;
 
+/// Lower-case hex of `bytes` (digests shown as text: ids, signatures, keys).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// An error and its causes on one line, `outer: cause: root cause`, for logs and stored errors.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();

@@ -59,18 +59,7 @@ impl Api {
         token: Option<&str>,
         body: Option<Value>,
     ) -> Reply {
-        let mut request = self.http.request(method.clone(), self.url(path));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        self.reply(response).await
+        self.request(method, path, token, &[], body).await
     }
 
     /// Like [`send`](Self::send) with the token, plus `headers`.
@@ -81,10 +70,21 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<Value>,
     ) -> Reply {
-        let mut request = self
-            .http
-            .request(method.clone(), self.url(path))
-            .bearer_auth(TOKEN);
+        self.request(method, path, Some(TOKEN), headers, body).await
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        let mut request = self.http.request(method.clone(), self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
         for (name, value) in headers {
             request = request.header(*name, *value);
         }

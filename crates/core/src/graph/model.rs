@@ -29,11 +29,7 @@ impl RejectedItem {
             Some(id) => id.clone(),
             None => {
                 let digest = ring::digest::digest(&ring::digest::SHA256, self.raw.as_bytes());
-                let hex: String = digest.as_ref()[..16]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                format!("sha256:{hex}")
+                format!("sha256:{}", crate::hex(&digest.as_ref()[..16]))
             }
         }
     }

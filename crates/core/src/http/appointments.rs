@@ -306,12 +306,7 @@ fn request_hash(op: WriteOp, external_id: &str, body: &str) -> String {
         context.update(part.as_bytes());
         context.update(&[0]);
     }
-    context
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(context.finish().as_ref())
 }
 
 fn no_such_appointment(mailbox: MailboxId, external_id: &str) -> ApiError {
@@ -480,11 +475,16 @@ impl Appointment {
             event.insert(name.to_string(), checked);
         }
         if let Some(unknown) = members.keys().next() {
+            let properties = PROPERTIES
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
             let allowed = match op {
-                WriteOp::Create => "`external_id` and the event properties `subject`, `body`, `start`, `end`, `isAllDay`, `location`, `attendees`, `showAs`, `sensitivity`, `categories`, `isReminderOn`, `reminderMinutesBeforeStart`, `importance`",
-                _ => "the event properties `subject`, `body`, `start`, `end`, `isAllDay`, `location`, `attendees`, `showAs`, `sensitivity`, `categories`, `isReminderOn`, `reminderMinutesBeforeStart`, `importance`",
+                WriteOp::Create => format!("`external_id` and the event properties {properties}"),
+                _ => format!("the event properties {properties}"),
             };
-            return Err(unknown_field(unknown, allowed));
+            return Err(unknown_field(unknown, &allowed));
         }
         match op {
             WriteOp::Create => {

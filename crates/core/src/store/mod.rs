@@ -99,6 +99,21 @@ macro_rules! event_columns {
 }
 pub(crate) use event_columns;
 
+/// The `next_run_at` a sync request, a change notification or an accepted write sets, with the
+/// time of the request as parameter 2: now, unless the mailbox is due sooner, and never before
+/// a wait Graph imposed (`hold_until`, which `finish_job` keeps).
+macro_rules! requested_next_run {
+    (sqlite) => {
+        "CASE WHEN hold_until IS NULL THEN MIN(next_run_at, ?2)
+             ELSE MAX(MIN(next_run_at, ?2), hold_until) END"
+    };
+    (postgres) => {
+        "CASE WHEN hold_until IS NULL THEN LEAST(next_run_at, $2)
+             ELSE GREATEST(LEAST(next_run_at, $2), hold_until) END"
+    };
+}
+pub(crate) use requested_next_run;
+
 macro_rules! delegate {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {
@@ -464,11 +479,7 @@ impl Cursor {
         // A stable digest: markers outlive the process (and its Rust version).
         let link = self.delta_link.as_deref().unwrap_or_default();
         let digest = ring::digest::digest(&ring::digest::SHA256, link.as_bytes());
-        let hex: String = digest.as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{}:{hex}", self.round_id)
+        format!("{}:{}", self.round_id, crate::hex(&digest.as_ref()[..8]))
     }
 }
 

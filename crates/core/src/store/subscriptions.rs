@@ -272,13 +272,12 @@ impl SubscriptionStore for SqliteStore {
         mailboxes: &[MailboxId],
         now: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = ?2,
-                 next_run_at = CASE WHEN hold_until IS NULL THEN MIN(next_run_at, ?2)
-                     ELSE MAX(MIN(next_run_at, ?2), hold_until) END
-             WHERE id IN (SELECT value FROM json_each(?1)) AND enabled = 1
-               AND sync_requested_at IS NULL",
-        )
+        let done = sqlx::query(concat!(
+            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = ",
+            crate::store::requested_next_run!(sqlite),
+            " WHERE id IN (SELECT value FROM json_each(?1)) AND enabled = 1
+               AND sync_requested_at IS NULL"
+        ))
         .bind(serde_json::to_string(mailboxes).map_err(|e| StoreError::Corrupt(e.to_string()))?)
         .bind(ts(now))
         .execute(&self.writer)
@@ -462,12 +461,11 @@ impl SubscriptionStore for PgStore {
         mailboxes: &[MailboxId],
         now: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = $2,
-                 next_run_at = CASE WHEN hold_until IS NULL THEN LEAST(next_run_at, $2)
-                     ELSE GREATEST(LEAST(next_run_at, $2), hold_until) END
-             WHERE id = ANY($1) AND enabled AND sync_requested_at IS NULL",
-        )
+        let done = sqlx::query(concat!(
+            "UPDATE mailboxes SET sync_requested_at = $2, next_run_at = ",
+            crate::store::requested_next_run!(postgres),
+            " WHERE id = ANY($1) AND enabled AND sync_requested_at IS NULL"
+        ))
         .bind(mailboxes)
         .bind(now)
         .execute(&self.pool)

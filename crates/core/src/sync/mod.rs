@@ -366,10 +366,7 @@ async fn page_failed(ctx: &RoundContext<'_>, url: &CheckedLink, error: GraphErro
         &ring::digest::SHA256,
         format!("malformed {}", url.as_str()).as_bytes(),
     );
-    let signature: String = digest.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let signature = crate::hex(&digest.as_ref()[..16]);
     match ctx
         .store
         .note_page_failure(ctx.lease, &signature, ctx.page_failure_limit)

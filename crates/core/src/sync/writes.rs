@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 use super::{call_graph, RoundContext, SyncError, SyncReport};
 use crate::config::ConflictPolicy;
-use crate::graph::{GraphError, RequestIds};
+use crate::graph::{GraphClient, GraphError, GraphRequest, RequestIds};
 use crate::store::{MailboxRecord, PendingWrite, WriteOp, WriteResult};
 
 /// What the job needs to know about writing for this mailbox's tenant.
@@ -95,30 +95,7 @@ impl EventVersion {
                     && wanted["content"] == event["body"]["content"]
             }
             "location" => wanted["displayName"] == event["location"]["displayName"],
-            "attendees" => {
-                let people = |v: &Value| {
-                    let mut all: Vec<String> = v
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|p| {
-                                    format!(
-                                        "{} {}",
-                                        p["emailAddress"]["address"]
-                                            .as_str()
-                                            .unwrap_or_default()
-                                            .to_ascii_lowercase(),
-                                        p["type"].as_str().unwrap_or_default()
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    all.sort();
-                    all
-                };
-                people(wanted) == people(&event["attendees"])
-            }
+            "attendees" => attendee_keys(wanted) == attendee_keys(&event["attendees"]),
             _ => *wanted == event[name.as_str()],
         })
     }
@@ -133,6 +110,30 @@ fn same_instant(a: &Value, b: &Value) -> bool {
     matches!((at(a), at(b)), (Some(a), Some(b)) if a == b)
 }
 
+/// Attendees as `address type`, sorted, addresses lower-cased: who is invited and how, not how
+/// they answered (an answer is not an edit of the event).
+fn attendee_keys(attendees: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = attendees
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|a| {
+                    format!(
+                        "{} {}",
+                        a["emailAddress"]["address"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_ascii_lowercase(),
+                        a["type"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
 /// A digest of the event's content as Graph shows it: the same for two answers about an
 /// unchanged event, whatever its changeKey. Attendees count by address and type only (their
 /// responses are not an edit of the event).
@@ -142,27 +143,7 @@ fn fingerprint(event: &Value) -> String {
         let part = match name {
             "body" => event["body"]["content"].clone(),
             "location" => event["location"]["displayName"].clone(),
-            "attendees" => {
-                let mut people: Vec<String> = event["attendees"]
-                    .as_array()
-                    .map(|all| {
-                        all.iter()
-                            .map(|a| {
-                                format!(
-                                    "{} {}",
-                                    a["emailAddress"]["address"]
-                                        .as_str()
-                                        .unwrap_or_default()
-                                        .to_ascii_lowercase(),
-                                    a["type"].as_str().unwrap_or_default()
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                people.sort();
-                Value::from(people)
-            }
+            "attendees" => Value::from(attendee_keys(&event["attendees"])),
             _ => event[name].clone(),
         };
         parts.insert(name.to_string(), part);
@@ -171,10 +152,7 @@ fn fingerprint(event: &Value) -> String {
         &ring::digest::SHA256,
         Value::Object(parts).to_string().as_bytes(),
     );
-    digest.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&digest.as_ref()[..16])
 }
 
 /// What the job knows of an appointment's Graph event, updated as its writes are delivered
@@ -183,7 +161,6 @@ fn fingerprint(event: &Value) -> String {
 struct Known {
     graph_event_id: Option<String>,
     change_key: Option<String>,
-    etag: Option<String>,
     fingerprint: Option<String>,
 }
 
@@ -220,7 +197,6 @@ pub async fn deliver(
             .or_insert_with(|| Known {
                 graph_event_id: write.graph_event_id.clone(),
                 change_key: write.change_key.clone(),
-                etag: write.etag.clone(),
                 fingerprint: write.fingerprint.clone(),
             })
             .clone();
@@ -251,7 +227,6 @@ pub async fn deliver(
             WriteResult::Delivered {
                 graph_event_id,
                 change_key,
-                etag,
                 fingerprint,
                 ..
             } => {
@@ -263,7 +238,6 @@ pub async fn deliver(
                         Known {
                             graph_event_id: graph_event_id.clone(),
                             change_key: change_key.clone(),
-                            etag: etag.clone(),
                             fingerprint: fingerprint.clone(),
                         },
                     );
@@ -273,13 +247,11 @@ pub async fn deliver(
             }
             WriteResult::Conflict {
                 change_key,
-                etag,
                 fingerprint,
                 ..
             } => {
                 if let Some(entry) = known.get_mut(&write.external_id) {
                     entry.change_key.clone_from(change_key);
-                    entry.etag.clone_from(etag);
                     entry.fingerprint.clone_from(fingerprint);
                 }
                 report.writes_conflicted += 1;
@@ -363,16 +335,11 @@ async fn create(
             Value::String(write.transaction_id.clone()),
         );
     }
-    let graph = ctx.graph;
-    let url = graph.url(&["users", &mailbox.user_id, "events"]);
-    let answer = call_graph(ctx, mailbox.id, |token| {
-        let request = graph
+    let url = ctx.graph.url(&["users", &mailbox.user_id, "events"]);
+    let answer = exchange(ctx, mailbox, |graph| {
+        graph
             .post(url.clone(), &[200, 201])
-            .json(body.clone(), None);
-        async move {
-            let answer = graph.send(request, &token).await?;
-            Ok((answer.body, answer.ids))
-        }
+            .json(body.clone(), None)
     })
     .await;
     match answer {
@@ -435,17 +402,14 @@ async fn update(
                 ConflictPolicy::ApplicationWins => overwrote = true,
             }
         }
-        let graph = ctx.graph;
-        let url = graph.url(&["users", &mailbox.user_id, "events", event_id]);
-        let etag = current.etag.clone();
-        let answer = call_graph(ctx, mailbox.id, |token| {
-            let mut request = graph.patch(url.clone(), &[200]).json(body.clone(), None);
-            if let Some(etag) = &etag {
-                request = request.if_match(etag);
-            }
-            async move {
-                let answer = graph.send(request, &token).await?;
-                Ok((answer.body, answer.ids))
+        let url = ctx
+            .graph
+            .url(&["users", &mailbox.user_id, "events", event_id]);
+        let answer = exchange(ctx, mailbox, |graph| {
+            let request = graph.patch(url.clone(), &[200]).json(body.clone(), None);
+            match &current.etag {
+                Some(etag) => request.if_match(etag),
+                None => request,
             }
         })
         .await;
@@ -490,37 +454,28 @@ async fn cancel(
         }
         Err(e) => return refused_or_stop(e),
     };
-    let graph = ctx.graph;
-    let is_meeting = current.has_attendees;
     let comment = body
         .get("comment")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let answer = if is_meeting {
+    let answer = if current.has_attendees {
         // The organizer's cancel tells the attendees, with the comment.
-        let url = graph.url(&["users", &mailbox.user_id, "events", event_id, "cancel"]);
+        let url = ctx
+            .graph
+            .url(&["users", &mailbox.user_id, "events", event_id, "cancel"]);
         let payload = serde_json::json!({ "comment": comment });
-        call_graph(ctx, mailbox.id, |token| {
-            let request = graph
+        exchange(ctx, mailbox, |graph| {
+            graph
                 .post(url.clone(), &[200, 202, 204])
-                .json(payload.clone(), None);
-            async move {
-                let answer = graph.send(request, &token).await?;
-                Ok(((), answer.ids))
-            }
+                .json(payload.clone(), None)
         })
         .await
     } else {
-        let url = graph.url(&["users", &mailbox.user_id, "events", event_id]);
-        call_graph(ctx, mailbox.id, |token| {
-            let request = graph.delete(url.clone(), &[200, 204]);
-            async move {
-                let answer = graph.send(request, &token).await?;
-                Ok(((), answer.ids))
-            }
-        })
-        .await
+        let url = ctx
+            .graph
+            .url(&["users", &mailbox.user_id, "events", event_id]);
+        exchange(ctx, mailbox, |graph| graph.delete(url.clone(), &[200, 204])).await
     };
     match answer {
         Ok(_) => Ok(delivered_note(Some(event_id), "")),
@@ -533,6 +488,25 @@ async fn cancel(
     }
 }
 
+/// One Graph request of a write through [`call_graph`] (rate limits, breaker, a fresh token
+/// after a 401, retries), built afresh by `request` for each attempt: the answer's body and
+/// request ids.
+async fn exchange(
+    ctx: &RoundContext<'_>,
+    mailbox: &MailboxRecord,
+    request: impl Fn(&GraphClient) -> GraphRequest<'static>,
+) -> Result<(Vec<u8>, RequestIds), SyncError> {
+    let graph = ctx.graph;
+    call_graph(ctx, mailbox.id, |token| {
+        let request = request(graph);
+        async move {
+            let answer = graph.send(request, &token).await?;
+            Ok((answer.body, answer.ids))
+        }
+    })
+    .await
+}
+
 /// `GET /users/{id}/events/{id}?$select=...`: `None` when the event is gone.
 async fn read_event(
     ctx: &RoundContext<'_>,
@@ -540,19 +514,11 @@ async fn read_event(
     event_id: &str,
     select: &str,
 ) -> Result<Option<EventVersion>, SyncError> {
-    let graph = ctx.graph;
-    let url = graph
+    let url = ctx
+        .graph
         .url(&["users", &mailbox.user_id, "events", event_id])
         .with_query(&[("$select", select)]);
-    match call_graph(ctx, mailbox.id, |token| {
-        let request = graph.get(url.clone());
-        async move {
-            let answer = graph.send(request, &token).await?;
-            Ok((answer.body, answer.ids))
-        }
-    })
-    .await
-    {
+    match exchange(ctx, mailbox, |graph| graph.get(url.clone())).await {
         Ok((bytes, ids)) => Ok(Some(version_of(&bytes, ids)?)),
         Err(SyncError::Graph(GraphError::NotFound { .. })) => Ok(None),
         Err(e) => Err(e),

@@ -292,12 +292,11 @@ impl MailboxStore for PgStore {
         id: MailboxId,
         now: DateTime<Utc>,
     ) -> Result<Option<bool>, StoreError> {
-        let queued = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = $2,
-                 next_run_at = CASE WHEN hold_until IS NULL THEN LEAST(next_run_at, $2)
-                     ELSE GREATEST(LEAST(next_run_at, $2), hold_until) END
-             WHERE id = $1 AND enabled AND sync_requested_at IS NULL",
-        )
+        let queued = sqlx::query(concat!(
+            "UPDATE mailboxes SET sync_requested_at = $2, next_run_at = ",
+            crate::store::requested_next_run!(postgres),
+            " WHERE id = $1 AND enabled AND sync_requested_at IS NULL"
+        ))
         .bind(id)
         .bind(now)
         .execute(&self.pool)

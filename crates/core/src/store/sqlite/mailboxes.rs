@@ -284,12 +284,11 @@ impl MailboxStore for SqliteStore {
         id: MailboxId,
         now: DateTime<Utc>,
     ) -> Result<Option<bool>, StoreError> {
-        let queued = sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = ?2,
-                 next_run_at = CASE WHEN hold_until IS NULL THEN MIN(next_run_at, ?2)
-                     ELSE MAX(MIN(next_run_at, ?2), hold_until) END
-             WHERE id = ?1 AND enabled = 1 AND sync_requested_at IS NULL",
-        )
+        let queued = sqlx::query(concat!(
+            "UPDATE mailboxes SET sync_requested_at = ?2, next_run_at = ",
+            crate::store::requested_next_run!(sqlite),
+            " WHERE id = ?1 AND enabled = 1 AND sync_requested_at IS NULL"
+        ))
         .bind(id)
         .bind(ts(now))
         .execute(&self.writer)

@@ -108,12 +108,11 @@ impl WriteStore for SqliteStore {
         .await?;
         // A sync request even if one is pending: the job that serves that one may have started
         // before this write, and keeps the mailbox due (see `finish_job`).
-        sqlx::query(
-            "UPDATE mailboxes SET sync_requested_at = COALESCE(sync_requested_at, ?2),
-                 next_run_at = CASE WHEN hold_until IS NULL THEN MIN(next_run_at, ?2)
-                     ELSE MAX(MIN(next_run_at, ?2), hold_until) END
-             WHERE id = ?1",
-        )
+        sqlx::query(concat!(
+            "UPDATE mailboxes SET sync_requested_at = COALESCE(sync_requested_at, ?2), next_run_at = ",
+            crate::store::requested_next_run!(sqlite),
+            " WHERE id = ?1"
+        ))
         .bind(write.mailbox)
         .bind(&now)
         .execute(&mut *tx)
