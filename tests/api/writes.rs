@@ -830,3 +830,64 @@ async fn an_update_whose_answer_is_lost_is_delivered_not_a_conflict() {
         assert_eq!(w.state_of(&again).await["state"], "delivered", "{kind:?}");
     }
 }
+
+/// An update Graph keeps refusing with 412 (the event moved under every attempt) stays queued
+/// for a later job, and the appointment's later writes wait behind it: they are delivered
+/// after it, in order, never before.
+#[tokio::test]
+async fn a_write_left_for_later_holds_back_the_appointments_next_writes() {
+    let w = Writing::start(ConflictPolicy::OutlookWins, &[0]).await;
+    let alice = w.mailbox(0, 0);
+    let id = w.id(&alice).await;
+    w.book(id, "b-1", "Advising", "k-1").await;
+    w.book(id, "b-2", "Review", "k-2").await;
+    w.pass().await;
+    w.sim.add_fault(
+        FaultRule::new(FaultKind::Status {
+            code: 412,
+            graph_code: Some("ErrorIrresolvableConflict".into()),
+            message: None,
+            aadsts: None,
+            retry_after: RetryAfter::None,
+        })
+        .endpoint(Endpoint::Writes)
+        .mailbox(alice.clone())
+        .max_count(3),
+    );
+    let first = w
+        .change(id, "b-1", json!({"subject": "Advising v2"}), "k-3")
+        .await;
+    let second = w
+        .change(id, "b-1", json!({"subject": "Advising v3"}), "k-4")
+        .await;
+    let other = w
+        .change(id, "b-2", json!({"subject": "Review v2"}), "k-5")
+        .await;
+    w.pass().await;
+    let state = w.state_of(&first).await;
+    assert_eq!(state["state"], "queued", "{state}");
+    assert_eq!(state["attempts"], 1, "{state}");
+    assert_eq!(
+        w.state_of(&second).await["state"],
+        "queued",
+        "waits behind the first"
+    );
+    assert_eq!(
+        w.in_outlook(&alice, "Advising").len(),
+        1,
+        "b-1 untouched so far"
+    );
+    assert_eq!(
+        w.state_of(&other).await["state"],
+        "delivered",
+        "other appointments go on"
+    );
+    w.pass().await;
+    assert_eq!(w.state_of(&first).await["state"], "delivered");
+    assert_eq!(w.state_of(&second).await["state"], "delivered");
+    assert_eq!(
+        w.in_outlook(&alice, "Advising v3").len(),
+        1,
+        "the last one wins"
+    );
+}

@@ -12,7 +12,7 @@
 //! after a create, when an attendee answers), which is no one's edit. Write bodies hold
 //! personal data: nothing here logs them, only ids and states.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
 use serde_json::{Map, Value};
@@ -191,7 +191,12 @@ pub async fn deliver(
         return Ok(());
     }
     let mut known: HashMap<String, Known> = HashMap::new();
+    // Appointments whose write is to be tried again: their later writes wait behind it.
+    let mut waiting: HashSet<String> = HashSet::new();
     for write in &pending {
+        if waiting.contains(&write.external_id) {
+            continue;
+        }
         let link = known
             .entry(write.external_id.clone())
             .or_insert_with(|| Known {
@@ -261,7 +266,10 @@ pub async fn deliver(
                 report.writes_failed += 1;
                 "failed"
             }
-            WriteResult::Retry { .. } => "retry",
+            WriteResult::Retry { .. } => {
+                waiting.insert(write.external_id.clone());
+                "retry"
+            }
         };
         tracing::info!(
             write = %write.id,
