@@ -8,14 +8,24 @@
 //! no 1-second window holds more than `limit / replicas` of this replica's requests
 //! ([`quota_for`]). The per-mailbox rate is not shared: a mailbox is synced by the replica
 //! holding its lease.
+//!
+//! The limiters read tokio's clock, once per call for all three (see [`CallClock`]): a clock
+//! read is the dearest step of a permit on some machines, and tokio's clock is the one paused
+//! time drives in tests.
 
+use std::cell::Cell;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::HashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -29,6 +39,80 @@ pub const LIMIT_WINDOW: Duration = Duration::from_secs(1);
 /// When a job stopped for want of a share is due again (for whichever replica has one: this
 /// one takes no jobs until it has a share again).
 const NO_SHARE_RETRY: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// The time of the permits being taken on this thread, while [`at`] runs: the epoch of
+    /// the clocks it is for, and the nanoseconds since.
+    static CALL_NOW: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
+}
+
+fn nanos_since(epoch: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Runs `f` with every [`CallClock`] of `clock`'s epoch on this thread reading `now`: the
+/// three limiters of one call share one clock read. `f` must not await: the time is the
+/// thread's, not the task's.
+fn at<T>(clock: &CallClock, now: Instant, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<(Instant, u64)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CALL_NOW.with(|c| c.set(self.0));
+        }
+    }
+    let nanos = nanos_since(clock.epoch, now);
+    let _restore = Restore(CALL_NOW.with(|c| c.replace(Some((clock.epoch, nanos)))));
+    f()
+}
+
+/// The rate limiters' clock: tokio's, in nanoseconds since the epoch of their [`RateLimits`],
+/// read from [`at`]'s time when one is set (governor reads its clock once per `check`, and a
+/// call checks three limiters).
+#[derive(Clone, Debug)]
+pub struct CallClock {
+    epoch: Instant,
+}
+
+impl Clock for CallClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        Nanos::from(match CALL_NOW.with(Cell::get) {
+            Some((epoch, nanos)) if epoch == self.epoch => nanos,
+            _ => nanos_since(self.epoch, Instant::now()),
+        })
+    }
+}
+
+/// Mailbox ids are the store's own sequence numbers, not outside input: a multiplicative hash
+/// spreads them, at a fraction of SipHash's cost.
+#[derive(Default, Clone, Copy)]
+pub struct MailboxIdHasher(u64);
+
+impl Hasher for MailboxIdHasher {
+    fn finish(&self) -> u64 {
+        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_i64(&mut self, id: i64) {
+        self.0 ^= id as u64;
+    }
+}
+
+type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, CallClock, NoOpMiddleware<Nanos>>;
+type MailboxLimiter = RateLimiter<
+    i64,
+    HashMapStateStore<i64, BuildHasherDefault<MailboxIdHasher>>,
+    CallClock,
+    NoOpMiddleware<Nanos>,
+>;
 
 /// Why there is no permit now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,14 +181,16 @@ pub fn quota_for(per_second: u32, replicas: u32) -> Quota {
 /// its share changes. Taking a permit allocates nothing (a read lock and the limiter's atomic).
 pub struct SharedRate {
     per_second: u32,
-    limiter: RwLock<Option<DefaultDirectRateLimiter>>,
+    clock: CallClock,
+    limiter: RwLock<Option<DirectLimiter>>,
 }
 
 impl SharedRate {
-    pub fn new(per_second: u32, share: Share) -> Self {
+    fn new(per_second: u32, share: Share, clock: CallClock) -> Self {
         Self {
             per_second,
-            limiter: RwLock::new(limiter_for(per_second, share)),
+            limiter: RwLock::new(limiter_for(per_second, share, &clock)),
+            clock,
         }
     }
 
@@ -112,7 +198,7 @@ impl SharedRate {
     /// period from now, so the permits of the old one in the last second and the new one's
     /// never add up to more than the larger of the two shares allows.
     pub fn resize(&self, share: Share) {
-        let limiter = limiter_for(self.per_second, share);
+        let limiter = limiter_for(self.per_second, share, &self.clock);
         if let Some(fresh) = &limiter {
             let _ = fresh.check();
         }
@@ -124,22 +210,30 @@ impl SharedRate {
 
     /// One permit now, or why not.
     pub fn check(&self) -> Result<(), Refused> {
+        at(&self.clock, Instant::now(), || self.check_now())
+    }
+
+    /// One permit at the time [`at`] set for this thread (or the clock's, if none).
+    fn check_now(&self) -> Result<(), Refused> {
         let current = match self.limiter.read() {
             Ok(current) => current,
             Err(poisoned) => poisoned.into_inner(),
         };
         match current.as_ref() {
-            Some(limiter) => limiter.check().map_err(|not_until| {
-                Refused::Wait(not_until.wait_time_from(DefaultClock::default().now()))
-            }),
+            Some(limiter) => limiter
+                .check()
+                .map_err(|not_until| Refused::Wait(not_until.wait_time_from(self.clock.now()))),
             None => Err(Refused::NoShare),
         }
     }
 }
 
-fn limiter_for(per_second: u32, share: Share) -> Option<DefaultDirectRateLimiter> {
+fn limiter_for(per_second: u32, share: Share, clock: &CallClock) -> Option<DirectLimiter> {
     match share {
-        Share::Of(n) => Some(RateLimiter::direct(quota_for(per_second, n.get()))),
+        Share::Of(n) => Some(RateLimiter::direct_with_clock(
+            quota_for(per_second, n.get()),
+            clock.clone(),
+        )),
         Share::Nothing => None,
     }
 }
@@ -161,7 +255,7 @@ pub struct ShareStatus {
 }
 
 pub struct RateLimits {
-    mailbox: DefaultKeyedRateLimiter<i64>,
+    mailbox: MailboxLimiter,
     app: SharedRate,
     tenant_per_second: u32,
     share: Mutex<Share>,
@@ -170,6 +264,7 @@ pub struct RateLimits {
     /// (`u64::MAX`: no fleet, no expiry).
     valid_until_ms: AtomicU64,
     epoch: Instant,
+    clock: CallClock,
 }
 
 /// A permit is not available before the deadline; it will be at `ready_in` from now.
@@ -192,20 +287,32 @@ impl RateLimits {
         let mailbox_quota = Quota::with_period(TEN_MINUTES / half)
             .unwrap_or_else(|| Quota::per_second(nonzero(1)))
             .allow_burst(nonzero(half));
+        let clock = CallClock {
+            epoch: Instant::now(),
+        };
         Self {
-            mailbox: RateLimiter::keyed(mailbox_quota),
-            app: SharedRate::new(settings.app_requests_per_second, Share::WHOLE),
+            mailbox: RateLimiter::hashmap_with_clock_and_hasher(
+                mailbox_quota,
+                clock.clone(),
+                BuildHasherDefault::default(),
+            ),
+            app: SharedRate::new(
+                settings.app_requests_per_second,
+                Share::WHOLE,
+                clock.clone(),
+            ),
             tenant_per_second: settings.tenant_requests_per_second,
             share: Mutex::new(Share::WHOLE),
             live_replicas: AtomicU32::new(1),
             valid_until_ms: AtomicU64::new(u64::MAX),
-            epoch: Instant::now(),
+            epoch: clock.epoch,
+            clock,
         }
     }
 
     /// A tenant's rate, at the current share.
     pub fn tenant_limiter(&self) -> SharedRate {
-        SharedRate::new(self.tenant_per_second, self.share())
+        SharedRate::new(self.tenant_per_second, self.share(), self.clock.clone())
     }
 
     pub fn share(&self) -> Share {
@@ -267,36 +374,65 @@ impl RateLimits {
     }
 
     /// Waits for one permit from each limiter in turn (mailbox, tenant, app), each consumed
-    /// exactly once, unless a wait would end after `deadline`.
+    /// exactly once, unless a wait would end after `deadline`. Without a wait it reads the
+    /// clock once.
     pub async fn acquire(
         &self,
         mailbox: i64,
         tenant: &SharedRate,
         deadline: Instant,
     ) -> Result<(), NotBeforeDeadline> {
-        let waited = wait_for(
-            || {
-                self.mailbox.check_key(&mailbox).map_err(|not_until| {
-                    Refused::Wait(not_until.wait_time_from(DefaultClock::default().now()))
-                })
-            },
-            deadline,
-        )
-        .await?;
-        let waited = wait_for(|| tenant.check(), deadline).await? || waited;
-        // Without a wait so far, one clock read serves the share check.
-        let mut now = (!waited).then(Instant::now);
-        wait_for(
-            || {
-                if self.share_expired(now.take().unwrap_or_else(Instant::now)) {
-                    return Err(Refused::NoShare);
+        let mut from = Stage::Mailbox;
+        loop {
+            let now = Instant::now();
+            match self.permits_from(from, mailbox, tenant, now) {
+                Ok(()) => return Ok(()),
+                Err((_, Refused::NoShare)) => {
+                    // The job stops, its lease is released, and a replica with a share takes
+                    // the mailbox.
+                    return Err(NotBeforeDeadline {
+                        ready_in: NO_SHARE_RETRY,
+                    });
                 }
-                self.app.check()
-            },
-            deadline,
-        )
-        .await?;
-        Ok(())
+                Err((stage, Refused::Wait(wait))) => {
+                    if now + wait > deadline {
+                        return Err(NotBeforeDeadline { ready_in: wait });
+                    }
+                    from = stage;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Takes the permits of `from` and the stages after it, in order, at `now`; the stage that
+    /// refused, and why (the permits before it are taken).
+    fn permits_from(
+        &self,
+        from: Stage,
+        mailbox: i64,
+        tenant: &SharedRate,
+        now: Instant,
+    ) -> Result<(), (Stage, Refused)> {
+        at(&self.clock, now, || {
+            if from == Stage::Mailbox {
+                self.mailbox.check_key(&mailbox).map_err(|not_until| {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    (Stage::Mailbox, Refused::Wait(wait))
+                })?;
+            }
+            if from != Stage::App {
+                tenant
+                    .check_now()
+                    .map_err(|refused| (Stage::Tenant, refused))?;
+            }
+            if self.share_expired(now) {
+                return Err((Stage::App, Refused::NoShare));
+            }
+            self.app
+                .check_now()
+                .map_err(|refused| (Stage::App, refused))
+        })
     }
 
     /// Drops per-mailbox state that has fully replenished (memory stays proportional to the
@@ -307,30 +443,12 @@ impl RateLimits {
     }
 }
 
-/// Whether it had to wait. Without a share it returns at once: the job stops, its lease is
-/// released, and a replica with a share takes the mailbox.
-async fn wait_for(
-    mut check: impl FnMut() -> Result<(), Refused>,
-    deadline: Instant,
-) -> Result<bool, NotBeforeDeadline> {
-    let mut waited = false;
-    loop {
-        match check() {
-            Ok(()) => return Ok(waited),
-            Err(Refused::NoShare) => {
-                return Err(NotBeforeDeadline {
-                    ready_in: NO_SHARE_RETRY,
-                })
-            }
-            Err(Refused::Wait(wait)) => {
-                if Instant::now() + wait > deadline {
-                    return Err(NotBeforeDeadline { ready_in: wait });
-                }
-                tokio::time::sleep(wait).await;
-                waited = true;
-            }
-        }
-    }
+/// Where a call's permits stand: the first limiter whose permit it does not have yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Mailbox,
+    Tenant,
+    App,
 }
 
 #[cfg(test)]
@@ -418,7 +536,10 @@ mod tests {
 
     #[tokio::test]
     async fn no_share_means_no_permit_and_a_resize_starts_empty() {
-        let rate = SharedRate::new(100, Share::Nothing);
+        let clock = CallClock {
+            epoch: Instant::now(),
+        };
+        let rate = SharedRate::new(100, Share::Nothing, clock);
         assert_eq!(rate.check(), Err(Refused::NoShare));
         rate.resize(Share::of(2));
         // 50 per second: one permit per 1/49 s, the first one period after the resize.
@@ -440,10 +561,8 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert!(!limits.has_share());
         assert_eq!(limits.status().replicas, None);
-        // (A fresh tenant rate each time: governor's clock is real, not tokio's paused one.)
         // Without a share the job stops at once, however far its deadline: it must not hold
         // its mailbox's lease while it cannot send.
-        let tenant = limits.tenant_limiter();
         let before = Instant::now();
         let far = before + Duration::from_secs(60);
         assert_eq!(
@@ -454,9 +573,38 @@ mod tests {
         );
         assert_eq!(Instant::now(), before, "no wait");
         limits.hold_share_until(Instant::now() + Duration::from_secs(1));
-        let tenant = limits.tenant_limiter();
         let far = Instant::now() + Duration::from_secs(60);
         assert!(limits.acquire(1, &tenant, far).await.is_ok());
+    }
+
+    /// The limiters keep tokio's time, so paused time paces them exactly: 3 requests a second
+    /// for the tenant is a burst of 1 and one more every 1/2 s (see `quota_for`).
+    #[tokio::test(start_paused = true)]
+    async fn the_limiters_keep_tokios_time() {
+        let settings = crate::config::Settings::from_toml_str("").expect("defaults");
+        let settings = ResilienceSettings {
+            tenant_requests_per_second: 3,
+            ..settings.resilience
+        };
+        let limits = RateLimits::new(&settings);
+        let tenant = limits.tenant_limiter();
+        let start = Instant::now();
+        let far = start + Duration::from_secs(60);
+        for _ in 0..5 {
+            assert!(limits.acquire(1, &tenant, far).await.is_ok());
+        }
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2010),
+            "{elapsed:?}"
+        );
+        // A wait past the deadline is not taken, and says when the permit comes.
+        let near = Instant::now() + Duration::from_millis(100);
+        let Err(NotBeforeDeadline { ready_in }) = limits.acquire(1, &tenant, near).await else {
+            panic!("the next permit is half a second away");
+        };
+        assert!(ready_in > Duration::from_millis(490), "{ready_in:?}");
+        assert_eq!(start.elapsed(), elapsed, "no wait");
     }
 
     #[test]
