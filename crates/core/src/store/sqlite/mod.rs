@@ -74,15 +74,20 @@ impl SqliteStore {
             .page_size(8192)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        // No ping before each use: a connection here is a thread in this process, not a
+        // socket that can go stale, and sqlx already pings it when it comes back to the pool
+        // (dropping one that fails). The ping was a round trip to that thread per statement.
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         // Waiting for the writer is bounded by the job deadline around every job.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(60))
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(Self { pool, writer })
