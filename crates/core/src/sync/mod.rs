@@ -314,7 +314,7 @@ pub async fn run_round(
         // Checked before the page commits: a refused link must not become the stored cursor,
         // where every later job would fail on it.
         match &page.link {
-            PageLink::Next(link) | PageLink::Delta(link) => graph.check_link(link)?,
+            PageLink::Next(link) | PageLink::Delta(link) => graph.accept_link(link)?,
         };
         if let (PageLink::Delta(delta), true, false) = (
             &page.link,
