@@ -24,32 +24,31 @@ pub(in crate::store) use mailboxes::mailbox_from_row;
 /// these per statement); a year outside 0..=9999 or a leap second is left to chrono.
 pub(super) fn ts(t: DateTime<Utc>) -> String {
     use chrono::{Datelike, Timelike};
-    let (year, nanos) = (t.year(), t.nanosecond());
-    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
-        return t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    }
-    let mut text = String::with_capacity(24);
-    push_digits(&mut text, year.unsigned_abs(), 4);
-    for (separator, n, width) in [
-        ('-', t.month(), 2),
-        ('-', t.day(), 2),
-        ('T', t.hour(), 2),
-        (':', t.minute(), 2),
-        (':', t.second(), 2),
-        ('.', nanos / 1_000_000, 3),
+    let chrono_ts = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    // Once: each accessor of a `DateTime` converts it to local time again.
+    let (date, time) = (t.date_naive(), t.time());
+    let (Ok(year @ 0..=9999), nanos @ 0..=999_999_999) =
+        (u32::try_from(date.year()), time.nanosecond())
+    else {
+        return chrono_ts(t);
+    };
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    for (at, n) in [
+        (0..4, year),
+        (5..7, date.month()),
+        (8..10, date.day()),
+        (11..13, time.hour()),
+        (14..16, time.minute()),
+        (17..19, time.second()),
+        (20..23, nanos / 1_000_000),
     ] {
-        text.push(separator);
-        push_digits(&mut text, n, width);
+        let mut n = n;
+        for digit in text[at].iter_mut().rev() {
+            *digit = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
     }
-    text.push('Z');
-    text
-}
-
-/// `n`'s last `width` decimal digits, zero-padded.
-fn push_digits(text: &mut String, n: u32, width: u32) {
-    for place in (0..width).rev() {
-        text.push(char::from(b'0' + (n / 10u32.pow(place) % 10) as u8));
-    }
+    String::from_utf8(text.to_vec()).unwrap_or_else(|_| chrono_ts(t))
 }
 
 /// Reads what [`ts`] writes without chrono's general parser (which handles every RFC 3339
