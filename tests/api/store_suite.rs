@@ -11,8 +11,8 @@ use std::time::Duration;
 use calsync::graph::{Attendees, DeltaItem, Event, PageLink, Window};
 use calsync::store::{
     Backend, Cursor, Enqueued, EventLink, JobRecord, Lease, MailboxId, MailboxRecord, MasterWrite,
-    NewWrite, PageWrite, RunOutcome, Store, StoreError, WriteCounts, WriteOp, WriteRecord,
-    WriteResult, WriteState, RUNS_KEPT_PER_MAILBOX,
+    NewWrite, PageWrite, RoundEnd, RunOutcome, Store, StoreError, WriteCounts, WriteOp,
+    WriteRecord, WriteResult, WriteState, RUNS_KEPT_PER_MAILBOX,
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -53,6 +53,7 @@ store_suite!(
     stale_owners_page_is_refused_and_nothing_written,
     stale_round_is_refused,
     an_empty_page_moves_only_the_cursor_and_is_fenced,
+    an_idle_rounds_cursor_ends_with_its_job_and_is_fenced,
     no_write_of_the_old_owner_lands_after_a_takeover,
     upserts_are_idempotent,
     a_page_applies_its_items_in_order,
@@ -74,6 +75,7 @@ store_suite!(
     replicas_heartbeat_run_out_leave_and_are_forgotten,
     writes_are_enqueued_replayed_and_refused,
     an_enqueued_write_makes_its_mailbox_due_at_once,
+    a_claim_says_whether_writes_are_queued,
     pending_writes_come_in_order_with_their_links,
     record_write_is_fenced_on_the_lease,
     delivered_writes_update_the_link_and_end,
@@ -226,6 +228,7 @@ fn job(outcome: RunOutcome, at: DateTime<Utc>, next_run_at: DateTime<Utc>) -> Jo
         request_id: None,
         next_run_at,
         hold_until: None,
+        round_end: None,
     }
 }
 
@@ -769,6 +772,97 @@ async fn an_empty_page_moves_only_the_cursor_and_is_fenced(store: Store) {
         (None, Some("https://graph.example/delta/d2"))
     );
     assert_eq!(event_ids(&store, id).await, set(&["e1"]));
+}
+
+/// An idle round's cursor is written by `finish_job` with the job's record: the deltaLink, the
+/// nextLink cleared and the failing-page count reset, only while the lease is held and only in
+/// the round it ended.
+async fn an_idle_rounds_cursor_ends_with_its_job_and_is_fenced(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let at = |n| t0() + secs(n);
+    let a = lease(&store, id, "a", at(0)).await;
+    let cursor = full_round(&store, &a).await;
+    store
+        .apply_page(&a, &cursor, &PageWrite::default(), &delta("d1"), at(0))
+        .await
+        .expect("the full round's last page");
+    let idle = |round_id: i64, link: &str, started, next_run_at| JobRecord {
+        round_end: Some(RoundEnd {
+            round_id,
+            delta_link: format!("https://graph.example/delta/{link}"),
+        }),
+        ..job(RunOutcome::Ok, started, next_run_at)
+    };
+    store
+        .finish_job(&a, &idle(cursor.round_id, "d2", at(0), at(300)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, id).await;
+    assert_eq!(
+        (m.cursor.full, m.cursor.next_link, m.cursor.delta_link),
+        (false, None, Some("https://graph.example/delta/d2".into()))
+    );
+    assert_eq!((m.lease_owner, m.next_run_at), (None, at(300)));
+    assert_eq!(m.last_success_at, Some(at(2)));
+
+    // A job that lost its lease to b writes neither the cursor nor the mailbox's record.
+    let stale = lease(&store, id, "stale", at(10)).await;
+    let b = lease(&store, id, "b", at(71)).await;
+    store
+        .finish_job(&stale, &idle(cursor.round_id, "stale", at(10), at(900)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, id).await;
+    assert_eq!(
+        m.cursor.delta_link.as_deref(),
+        Some("https://graph.example/delta/d2"),
+        "cursor unmoved"
+    );
+    assert_eq!(m.lease_owner.as_deref(), Some("b"), "b's lease kept");
+    assert_eq!(
+        (m.next_run_at, m.last_success_at),
+        (at(300), Some(at(2))),
+        "the stale job's record did not land on the mailbox"
+    );
+
+    // The holder's job in another round than the one the cursor is in records its end, but
+    // leaves the cursor (and the failing-page count) as they are.
+    assert_eq!(
+        store.note_page_failure(&b, "sig", 5).await.expect("note"),
+        (1, false)
+    );
+    store
+        .finish_job(&b, &idle(cursor.round_id - 1, "old", at(71), at(400)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, id).await;
+    assert_eq!(
+        m.cursor.delta_link.as_deref(),
+        Some("https://graph.example/delta/d2")
+    );
+    assert_eq!((m.lease_owner, m.next_run_at), (None, at(400)));
+    let c = lease(&store, id, "c", at(80)).await;
+    assert_eq!(
+        store.note_page_failure(&c, "sig", 5).await.expect("note"),
+        (2, false),
+        "count kept"
+    );
+    // Its round's end resets the count with the cursor.
+    store
+        .finish_job(&c, &idle(cursor.round_id, "d3", at(80), at(500)))
+        .await
+        .expect("finish");
+    let m = record_of(&store, id).await;
+    assert_eq!(
+        (m.cursor.next_link, m.cursor.delta_link),
+        (None, Some("https://graph.example/delta/d3".into()))
+    );
+    let d = lease(&store, id, "d", at(90)).await;
+    assert_eq!(
+        store.note_page_failure(&d, "sig", 5).await.expect("note"),
+        (1, false),
+        "count reset"
+    );
 }
 
 /// Replica A writes large pages as fast as it can while replica B takes the mailbox over:
@@ -1880,6 +1974,72 @@ async fn one_round_trip(url: String) {
     store.close().await;
 }
 
+/// An idle job's end (the mailbox's row with the round's deltaLink, the run appended, the
+/// history pruned) is one statement and one round trip, as seen on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_job_end_is_one_round_trip() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let outcome = run_caught(job_end_round_trip(schema.url.clone())).await;
+    schema.drop_after(outcome).await;
+}
+
+async fn job_end_round_trip(url: String) {
+    let (proxy_url, sent) = message_log_proxy(&url).await;
+    let store = Store::connect(&proxy_url, 1).await.expect("store");
+    store.migrate().await.expect("migrations");
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let round = full_round(&store, &a).await;
+    store
+        .apply_page(&a, &round, &PageWrite::default(), &delta("d1"), t0())
+        .await
+        .expect("the full round's last page");
+    // The first job end prepares the statement (a round trip of its own, once per connection).
+    store
+        .finish_job(&a, &job(RunOutcome::Ok, t0(), t0() + secs(60)))
+        .await
+        .expect("finish");
+    for n in 1..=3 {
+        let b = lease(&store, id, "b", t0() + secs(n * 100)).await;
+        let from = returned_to_pool(&sent).await;
+        let end = JobRecord {
+            round_end: Some(RoundEnd {
+                round_id: round.round_id,
+                delta_link: format!("https://graph.example/delta/idle{n}"),
+            }),
+            ..job(
+                RunOutcome::Ok,
+                t0() + secs(n * 100),
+                t0() + secs(n * 100 + 60),
+            )
+        };
+        store.finish_job(&b, &end).await.expect("finish");
+        let to = returned_to_pool(&sent).await;
+        let messages: Vec<u8> = sent.lock().expect("log")[from..to].to_vec();
+        let flights: Vec<&[u8]> = messages
+            .split_inclusive(|&m| m == b'S' || m == b'Q')
+            .collect();
+        let work: Vec<&[u8]> = flights.iter().copied().filter(|f| f != b"S").collect();
+        let shown = String::from_utf8_lossy(&messages);
+        assert_eq!(work.len(), 1, "one round trip: {shown}");
+        assert_eq!(
+            work[0].iter().filter(|&&m| m == b'E').count(),
+            1,
+            "one statement: {shown}"
+        );
+        assert!(!messages.contains(&b'Q'), "no BEGIN or COMMIT: {shown}");
+    }
+    let m = record_of(&store, id).await;
+    assert_eq!(
+        (m.lease_owner, m.cursor.delta_link.as_deref()),
+        (None, Some("https://graph.example/delta/idle3"))
+    );
+    assert_eq!(store.runs(id, 10).await.expect("runs").len(), 4);
+    store.close().await;
+}
+
 /// Waits until the log ends with the ping sqlx sends when a connection comes back to the pool (a
 /// Sync of its own after the Sync or simple Query that ended the last work); returns the log's
 /// length then.
@@ -2557,6 +2717,51 @@ async fn an_enqueued_write_makes_its_mailbox_due_at_once(store: Store) {
             .is_some(),
         "due at once"
     );
+}
+
+/// The claimed record tells the job whether it has writes to deliver (an idle job then does
+/// not look them up): queued writes of this mailbox only, and none once they have ended.
+async fn a_claim_says_whether_writes_are_queued(store: Store) {
+    let ids = register(&store, &[("a", "ann"), ("a", "bob")]).await;
+    let (ann, bob) = (ids[0], ids[1]);
+    let at = |n| t0() + secs(n);
+    let claim = |id: MailboxId, n: i64| {
+        let store = store.clone();
+        async move {
+            let record = store
+                .claim(id, "w", at(n), Duration::from_secs(60), false)
+                .await
+                .expect("claim")
+                .expect("free");
+            let lease = Lease {
+                mailbox: id,
+                owner: "w".into(),
+            };
+            (record.writes_queued, lease)
+        }
+    };
+    let (queued_at_claim, l) = claim(ann, 1).await;
+    assert!(!queued_at_claim, "nothing queued yet");
+    store
+        .finish_job(&l, &job(RunOutcome::Ok, at(1), at(2)))
+        .await
+        .expect("finish");
+
+    queued(&store, ann, &write("e1", WriteOp::Create, "k1"), at(3)).await;
+    assert!(record_of(&store, ann).await.writes_queued);
+    assert!(!record_of(&store, bob).await.writes_queued, "per mailbox");
+    let (queued_at_claim, l) = claim(ann, 4).await;
+    assert!(queued_at_claim);
+    store
+        .record_write(&l, "write-k1", &delivered("g1", "ck1"), at(5))
+        .await
+        .expect("record");
+    store
+        .finish_job(&l, &job(RunOutcome::Ok, at(4), at(6)))
+        .await
+        .expect("finish");
+    let (queued_at_claim, _) = claim(ann, 7).await;
+    assert!(!queued_at_claim, "the delivered write is no longer queued");
 }
 
 async fn pending_writes_come_in_order_with_their_links(store: Store) {

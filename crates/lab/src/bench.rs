@@ -59,14 +59,18 @@ pub struct BenchArgs {
     /// The polling service's sync interval in the latency measurement.
     #[arg(long, default_value = "2s", value_parser = calsync_core::config::HumanDuration::parse)]
     pub latency_poll_interval: calsync_core::config::HumanDuration,
-    /// Only the initial sync and one idle round (no raw ceiling, registered mailboxes, replicas
-    /// or latency): what `--instructions` runs under callgrind.
+    /// Only the initial sync and the idle rounds after it (no raw ceiling, registered
+    /// mailboxes, replicas or latency): what `--instructions` runs under callgrind.
     #[arg(long, conflicts_with_all = ["replicas", "instructions"])]
     pub sync_only: bool,
-    /// Instructions per stored event, counted by valgrind's callgrind (independent of the
-    /// machine's load): two sync-only runs of 20 mailboxes, 100 and 300 events each.
+    /// Instructions per stored event and per idle mailbox round, counted by valgrind's
+    /// callgrind (independent of the machine's load): sync-only runs of 20 mailboxes, with 100
+    /// and 300 events each, and with 1 event each and 1 or more idle rounds.
     #[arg(long, conflicts_with = "replicas")]
     pub instructions: bool,
+    /// Sync-only: idle rounds after the initial sync (their CPU is averaged).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), requires = "sync_only")]
+    pub idle_rounds: u32,
 }
 
 /// `--sync-only`: the initial sync and one idle round.
@@ -78,6 +82,7 @@ pub struct SyncOnlyReport {
     pub initial_seconds: f64,
     pub initial_cpu_seconds: f64,
     pub cpu_us_per_stored_event: f64,
+    pub idle_rounds: u32,
     pub idle_round_cpu_ms_per_mailbox: f64,
     pub failed_jobs: usize,
 }
@@ -368,7 +373,7 @@ async fn measure(
         "initial sync of {mailboxes} mailboxes x {} events...",
         args.events
     ));
-    let sync = initial_and_idle(&worker, addr, sim_stat, &progress).await?;
+    let sync = initial_and_idle(&worker, addr, sim_stat, 1, &progress).await?;
 
     progress("raw ceiling: the same initial rounds by a bare reqwest loop...");
     let cpu_at_start = (cpu_seconds()?, sim_cpu(sim_stat));
@@ -444,11 +449,13 @@ impl SyncFigures {
     }
 }
 
-/// Every mailbox's initial round, then one idle round, each with its time, CPU and requests.
+/// Every mailbox's initial round, then `idle_rounds` idle rounds, with their time, CPU and
+/// requests (the idle figures are per round).
 async fn initial_and_idle(
     worker: &Arc<calsync_core::scheduler::Worker>,
     addr: SocketAddr,
     sim_stat: &Option<String>,
+    idle_rounds: u32,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<SyncFigures> {
     let cpu_at_start = (cpu_seconds()?, sim_cpu(sim_stat));
@@ -464,13 +471,18 @@ async fn initial_and_idle(
     let requests_before = sim_requests(addr).await?;
     let cpu_before = cpu_seconds()?;
     let started = Instant::now();
-    let idle = worker.sync_all_once().await?;
-    let idle_seconds = started.elapsed().as_secs_f64();
-    let idle_cpu_seconds = cpu_seconds()? - cpu_before;
-    let idle_requests = sim_requests(addr).await?.saturating_sub(requests_before);
     let failed = |r: &[calsync_core::scheduler::JobResult]| {
         r.iter().filter(|r| r.outcome != RunOutcome::Ok).count()
     };
+    let mut idle_failed = 0;
+    for _ in 0..idle_rounds {
+        idle_failed += failed(&worker.sync_all_once().await?);
+    }
+    let rounds = f64::from(idle_rounds);
+    let idle_seconds = started.elapsed().as_secs_f64() / rounds;
+    let idle_cpu_seconds = (cpu_seconds()? - cpu_before) / rounds;
+    let idle_requests =
+        sim_requests(addr).await?.saturating_sub(requests_before) / u64::from(idle_rounds);
     Ok(SyncFigures {
         initial_seconds,
         initial_events: results.iter().map(|r| r.report.upserted).sum(),
@@ -482,11 +494,12 @@ async fn initial_and_idle(
         idle_seconds,
         idle_cpu_seconds,
         idle_requests,
-        failed_jobs: failed(&results) + failed(&idle),
+        failed_jobs: failed(&results) + idle_failed,
     })
 }
 
-/// `--sync-only`: the initial sync and one idle round of the simulated world, nothing else.
+/// `--sync-only`: the initial sync and `--idle-rounds` idle rounds of the simulated world,
+/// nothing else.
 pub async fn sync_only(args: &BenchArgs) -> anyhow::Result<SyncOnlyReport> {
     let world = SimWorld::start(args).await?;
     let result = async {
@@ -494,7 +507,14 @@ pub async fn sync_only(args: &BenchArgs) -> anyhow::Result<SyncOnlyReport> {
         let settings = bench_settings(&world.config, world.addr, &store_path, args.workers)?;
         let store = app::open_store(&settings).await?;
         let (worker, _tenants) = app::build_worker(&settings, store.clone())?;
-        let sync = initial_and_idle(&worker, world.addr, &world.sim_stat, &|_| {}).await?;
+        let sync = initial_and_idle(
+            &worker,
+            world.addr,
+            &world.sim_stat,
+            args.idle_rounds,
+            &|_| {},
+        )
+        .await?;
         store.close().await;
         let mailboxes = args.tenants * args.mailboxes;
         Ok(SyncOnlyReport {
@@ -504,6 +524,7 @@ pub async fn sync_only(args: &BenchArgs) -> anyhow::Result<SyncOnlyReport> {
             initial_seconds: sync.initial_seconds,
             initial_cpu_seconds: sync.initial_cpu_seconds,
             cpu_us_per_stored_event: sync.cpu_us_per_stored_event(),
+            idle_rounds: args.idle_rounds,
             idle_round_cpu_ms_per_mailbox: sync.idle_cpu_seconds * 1000.0 / mailboxes as f64,
             failed_jobs: sync.failed_jobs,
         })

@@ -1,13 +1,19 @@
-//! `calsync bench --instructions`: calsync's instructions per stored event, a figure that does
-//! not depend on the machine's load (CI prints it, so a regression shows as a number).
+//! `calsync bench --instructions`: calsync's instructions per stored event and per idle mailbox
+//! round, figures that do not depend on the machine's load (CI prints them, so a regression
+//! shows as a number).
 //!
-//! The command runs the bench's sync-only mode (`--sync-only`: the initial sync and one idle
-//! round against the simulator, nothing else) twice under `valgrind --tool=callgrind`, with the
-//! same mailboxes and two sizes of calendar. The simulator is a child process that valgrind does
-//! not follow, so only calsync's instructions are counted. The difference between the two runs
-//! divided by the difference in stored events is the marginal cost of one stored event (its
-//! share of the page request, parsing, series hydration and the page write); start-up, the
-//! idle round and everything else that does not grow with events cancel out.
+//! The command runs the bench's sync-only mode (`--sync-only`: the initial sync and idle rounds
+//! against the simulator, nothing else) under `valgrind --tool=callgrind`, always with the same
+//! mailboxes. The simulator is a child process that valgrind does not follow, so only calsync's
+//! instructions are counted. Each figure is the difference of two runs that differ in one thing
+//! only, so start-up and everything else they share cancel out:
+//! - per stored event: two sizes of calendar (one idle round each), divided by the difference
+//!   in stored events: a stored event's share of the page request, parsing, series hydration
+//!   and the page write;
+//! - per idle mailbox round: a 1-event calendar with 1 and with `1 + EXTRA_IDLE_ROUNDS` idle
+//!   rounds, divided by the extra mailbox rounds: the claim, the writes outbox look-up, the
+//!   request, the empty page, the cursor and the job's record (and the bench's listing of the
+//!   mailboxes each round, a few hundred instructions per mailbox).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -24,6 +30,12 @@ const MAILBOXES: usize = 10;
 /// Events per mailbox of the small and the large run (one and three pages of 100).
 const SMALL: usize = 100;
 const LARGE: usize = 300;
+/// The idle rounds the second idle run adds to the first one's single round.
+const EXTRA_IDLE_ROUNDS: u32 = 20;
+/// Not counted: quanta (governor's clock) calibrates the TSC against the wall clock at start,
+/// spinning for a time, so its instruction count (3 to 8 million under callgrind) is the one
+/// part of a run that moves with the machine's load.
+const NOT_COUNTED: &str = "<quanta::Clock as core::default::Default>::default";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct InstructionReport {
@@ -35,11 +47,17 @@ pub struct InstructionReport {
     /// The large run's instructions per stored event with start-up and the idle round
     /// included: for scale only.
     pub whole_run_instructions_per_stored_event: f64,
+    /// The 1-event runs with one idle round and with `1 + EXTRA_IDLE_ROUNDS`.
+    pub one_idle_round: Run,
+    pub more_idle_rounds: Run,
+    /// (more − one idle round's instructions) / (extra idle rounds × mailboxes).
+    pub instructions_per_idle_mailbox_round: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Run {
     pub events_per_mailbox: usize,
+    pub idle_rounds: u32,
     pub stored_events: u64,
     pub pages: u64,
     pub instructions: u64,
@@ -59,13 +77,15 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
     let dir = std::env::temp_dir().join(format!("calsync-instr-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
     let result = async {
-        let small = run_under_callgrind(args, SMALL, &dir).await?;
-        let large = run_under_callgrind(args, LARGE, &dir).await?;
-        Ok::<_, anyhow::Error>((small, large))
+        let small = run_under_callgrind(args, SMALL, 1, &dir).await?;
+        let large = run_under_callgrind(args, LARGE, 1, &dir).await?;
+        let one_idle = run_under_callgrind(args, 1, 1, &dir).await?;
+        let more_idle = run_under_callgrind(args, 1, 1 + EXTRA_IDLE_ROUNDS, &dir).await?;
+        Ok::<_, anyhow::Error>((small, large, one_idle, more_idle))
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
-    let (small, large) = result?;
+    let (small, large, one_idle_round, more_idle_rounds) = result?;
     anyhow::ensure!(
         large.stored_events > small.stored_events,
         "the large run stored no more events than the small one ({} vs {})",
@@ -74,6 +94,11 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
     );
     let marginal = large.instructions.saturating_sub(small.instructions) as f64
         / (large.stored_events - small.stored_events) as f64;
+    let mailbox_rounds = f64::from(EXTRA_IDLE_ROUNDS) * (TENANTS * MAILBOXES) as f64;
+    let per_idle_round = more_idle_rounds
+        .instructions
+        .saturating_sub(one_idle_round.instructions) as f64
+        / mailbox_rounds;
     Ok(InstructionReport {
         mailboxes: TENANTS * MAILBOXES,
         whole_run_instructions_per_stored_event: large.instructions as f64
@@ -81,20 +106,31 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
         instructions_per_stored_event: marginal,
         small,
         large,
+        one_idle_round,
+        more_idle_rounds,
+        instructions_per_idle_mailbox_round: per_idle_round,
     })
 }
 
-async fn run_under_callgrind(args: &BenchArgs, events: usize, dir: &Path) -> anyhow::Result<Run> {
+async fn run_under_callgrind(
+    args: &BenchArgs,
+    events: usize,
+    idle_rounds: u32,
+    dir: &Path,
+) -> anyhow::Result<Run> {
     let exe = std::env::current_exe().context("cannot find the calsync executable")?;
-    let out = dir.join(format!("callgrind.{events}.out"));
+    let out = dir.join(format!("callgrind.{events}.{idle_rounds}.out"));
     if !args.json {
         eprintln!(
-            "callgrind: sync-only bench of {} mailboxes x {events} events...",
+            "callgrind: sync-only bench of {} mailboxes x {events} events, {idle_rounds} idle round(s)...",
             TENANTS * MAILBOXES
         );
     }
     let output = Command::new("valgrind")
         .arg("--tool=callgrind")
+        .arg(format!("--toggle-collect={NOT_COUNTED}"))
+        // After `--toggle-collect`, which would otherwise count only inside that function.
+        .arg("--collect-atstart=yes")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(&exe)
         .args(["bench", "--sync-only", "--json", "--workers"])
@@ -102,6 +138,7 @@ async fn run_under_callgrind(args: &BenchArgs, events: usize, dir: &Path) -> any
         .args(["--tenants", &TENANTS.to_string()])
         .args(["--mailboxes", &MAILBOXES.to_string()])
         .args(["--events", &events.to_string()])
+        .args(["--idle-rounds", &idle_rounds.to_string()])
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -130,6 +167,7 @@ async fn run_under_callgrind(args: &BenchArgs, events: usize, dir: &Path) -> any
         .with_context(|| format!("callgrind wrote no profile to {}", out.display()))?;
     Ok(Run {
         events_per_mailbox: events,
+        idle_rounds,
         stored_events: report.initial_events,
         pages: report.initial_pages,
         instructions: totals(&text)
@@ -152,7 +190,10 @@ pub fn render(r: &InstructionReport) -> String {
         "\ncalsync instructions (callgrind), {} mailboxes, sync-only bench\n\
          \x20 {:>6} events/mailbox: {:>7} events stored in {:>3} pages, {:>14} instructions\n\
          \x20 {:>6} events/mailbox: {:>7} events stored in {:>3} pages, {:>14} instructions\n\
-         \x20 instructions per stored event   {:.0} (marginal: the difference of the two runs)\n",
+         \x20 instructions per stored event   {:.0} (marginal: the difference of the two runs)\n\
+         \x20 {:>6} event/mailbox, {:>2} idle round(s): {:>14} instructions\n\
+         \x20 {:>6} event/mailbox, {:>2} idle round(s): {:>14} instructions\n\
+         \x20 instructions per idle mailbox round   {:.0} (the difference per extra mailbox round)\n",
         r.mailboxes,
         r.small.events_per_mailbox,
         r.small.stored_events,
@@ -163,6 +204,13 @@ pub fn render(r: &InstructionReport) -> String {
         r.large.pages,
         r.large.instructions,
         r.instructions_per_stored_event,
+        r.one_idle_round.events_per_mailbox,
+        r.one_idle_round.idle_rounds,
+        r.one_idle_round.instructions,
+        r.more_idle_rounds.events_per_mailbox,
+        r.more_idle_rounds.idle_rounds,
+        r.more_idle_rounds.instructions,
+        r.instructions_per_idle_mailbox_round,
     )
 }
 

@@ -282,6 +282,36 @@ pub struct GraphResponse {
     pub ids: RequestIds,
 }
 
+fn checked_link(base: &Url, link: &str) -> Result<CheckedLink, GraphError> {
+    let url = Url::parse(link).map_err(|_| GraphError::BadLink(truncate(link, 120)))?;
+    let same_origin = url.scheme() == base.scheme()
+        && url.host_str() == base.host_str()
+        && url.port_or_known_default() == base.port_or_known_default();
+    if !same_origin {
+        // With the port: a link to another port of the same host is just as foreign.
+        let host = &url[url::Position::BeforeHost..url::Position::AfterPort];
+        return Err(GraphError::ForeignLink {
+            host: if host.is_empty() { "(none)" } else { host }.to_string(),
+        });
+    }
+    Ok(CheckedLink(url))
+}
+
+/// A link that begins with the base's origin exactly as the URL parser writes it, then `/`,
+/// has that origin: the parser reads the host up to that slash, and nothing after it can fail
+/// to parse. Anything else (another case, a default port spelt out, a foreign host) takes the
+/// full check. Parsing a long deltaLink is most of the check's cost.
+fn accepted_link(base: &Url, link: &str) -> Result<(), GraphError> {
+    let origin = &base[..url::Position::BeforePath];
+    if link
+        .strip_prefix(origin)
+        .is_some_and(|rest| rest.starts_with('/'))
+    {
+        return Ok(());
+    }
+    checked_link(base, link).map(drop)
+}
+
 /// Small answers (an event, a subscription) are read only this far.
 const MAX_ITEM_BODY: usize = 1024 * 1024;
 
@@ -338,18 +368,14 @@ impl GraphClient {
 
     /// A nextLink or deltaLink as Graph gave it, checked to point at the configured Graph origin.
     pub fn check_link(&self, link: &str) -> Result<CheckedLink, GraphError> {
-        let url = Url::parse(link).map_err(|_| GraphError::BadLink(truncate(link, 120)))?;
-        let same_origin = url.scheme() == self.base.scheme()
-            && url.host_str() == self.base.host_str()
-            && url.port_or_known_default() == self.base.port_or_known_default();
-        if !same_origin {
-            // With the port: a link to another port of the same host is just as foreign.
-            let host = &url[url::Position::BeforeHost..url::Position::AfterPort];
-            return Err(GraphError::ForeignLink {
-                host: if host.is_empty() { "(none)" } else { host }.to_string(),
-            });
-        }
-        Ok(CheckedLink(url))
+        checked_link(&self.base, link)
+    }
+
+    /// The same check for a link that is stored now and fetched later (when it is checked
+    /// again, into the URL sent): without building the URL when the link is plainly at the
+    /// configured origin.
+    pub fn accept_link(&self, link: &str) -> Result<(), GraphError> {
+        accepted_link(&self.base, link)
     }
 
     /// Fetches one page. The URL must come from [`initial_link`](Self::initial_link) or
@@ -605,6 +631,42 @@ fn truncate(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_is_accepted_exactly_when_its_check_passes() {
+        for base in [
+            "https://graph.microsoft.com/v1.0",
+            "http://127.0.0.1:8080/v1.0/",
+        ] {
+            let base = Url::parse(base).expect("base");
+            let origin = &base[..url::Position::BeforePath];
+            let links = [
+                format!("{origin}/users/a/calendarView/delta?$deltatoken=abc"),
+                format!("{origin}/"),
+                origin.to_string(),
+                format!("{origin}@evil.example/x"),
+                format!("{origin}.evil.example/x"),
+                format!("{origin}:9999/x"),
+                format!("{origin}\t/x"),
+                format!(" {origin}/x"),
+                origin.to_uppercase() + "/x",
+                "https://graph.microsoft.com:443/v1.0/x".into(),
+                "http://127.0.0.1:8081/x".into(),
+                "https://evil.example/https://graph.microsoft.com/".into(),
+                "not a link".into(),
+                String::new(),
+            ];
+            for link in &links {
+                assert_eq!(
+                    accepted_link(&base, link).is_ok(),
+                    checked_link(&base, link).is_ok(),
+                    "{link} against {base}"
+                );
+            }
+            assert!(accepted_link(&base, &links[0]).is_ok());
+            assert!(accepted_link(&base, &links[3]).is_err(), "{}", links[3]);
+        }
+    }
 
     fn ids() -> RequestIds {
         RequestIds {

@@ -501,6 +501,7 @@ impl Worker {
             // meanwhile must not bring the next run before it. (calsync's own waits, a breaker's
             // probe time or a rate limit, may be cut short: the job is simply deferred again.)
             hold_until: graph_wait.then_some(next_run_at),
+            round_end: report.round_end.take(),
         };
         if let Err(e) = self.store.finish_job(&lease, &record).await {
             tracing::error!(error = %e, "could not record the job's end; its lease will run out");

@@ -77,13 +77,17 @@ impl Backend {
 
 /// The columns a [`MailboxRecord`] is read from. Named, never `*`: a statement prepared
 /// against a table that another connection (or a newer calsync's migration) has since widened
-/// would otherwise return columns the reader does not expect.
+/// would otherwise return columns the reader does not expect. `writes_queued` is one probe of
+/// the partial index of queued writes: a claim tells the job whether it has writes to deliver,
+/// so an idle job does not look them up.
 macro_rules! mailbox_columns {
     () => {
         "id, tenant, user_id, source, enabled, window_start, window_end, delta_link, next_link, \
          round_id, round_full, last_success_at, last_attempt_at, last_error, last_error_at, \
          last_request_id, consecutive_failures, next_run_at, lease_owner, lease_until, \
-         created_at, sync_requested_at, fresh_rounds_forced"
+         created_at, sync_requested_at, fresh_rounds_forced, \
+         EXISTS (SELECT 1 FROM writes w WHERE w.mailbox_id = mailboxes.id \
+             AND w.state = 'queued') AS writes_queued"
     };
 }
 pub(crate) use mailbox_columns;
@@ -283,7 +287,10 @@ impl Store {
     }
 
     /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
-    /// error, and appends to the sync history (keeping [`RUNS_KEPT_PER_MAILBOX`]). A sync
+    /// error, moves the cursor to the deltaLink of a round that ended on an empty page
+    /// ([`JobRecord::round_end`]), and appends to the sync history (keeping
+    /// [`RUNS_KEPT_PER_MAILBOX`]). The mailbox's row, cursor included, is written only while
+    /// `lease` is held (and the cursor only in its round). A sync
     /// request made before the job was claimed was served by it (the claim cleared it); one
     /// made while it ran is still set, and keeps the mailbox due at once: the job may have read
     /// the changed page before the change.
@@ -506,6 +513,10 @@ pub struct MailboxRecord {
     pub sync_requested_at: Option<DateTime<Utc>>,
     /// Fresh rounds started because the same page kept failing the same way.
     pub fresh_rounds_forced: u64,
+    /// The application had writes queued for the mailbox when the record was read. A claimed
+    /// record's is what its job delivers; a write queued after the claim also asks for a sync
+    /// (see [`Store::enqueue_write`]), so the next job delivers it.
+    pub writes_queued: bool,
 }
 
 impl MailboxRecord {
@@ -586,6 +597,17 @@ pub struct JobRecord {
     /// Set when Graph imposed the wait until `next_run_at` (Retry-After): no sync request,
     /// notification or write may bring the next run before it.
     pub hold_until: Option<DateTime<Utc>>,
+    /// The job's round ended on an empty page: its deltaLink is written here, with the record.
+    pub round_end: Option<RoundEnd>,
+}
+
+/// An incremental round that ended on an empty page (an idle round): nothing to write but the
+/// cursor, so [`Store::finish_job`] writes it with the job's record instead of a page write of
+/// its own, fenced like a page: only while the lease is held and the round is `round_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundEnd {
+    pub round_id: i64,
+    pub delta_link: String,
 }
 
 /// The fields of an event a user reads in Outlook, to compare what is stored with what Graph

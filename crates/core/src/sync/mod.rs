@@ -21,7 +21,7 @@ use crate::metrics::DeferReason;
 use crate::resilience::limits::RateLimits;
 use crate::resilience::retry::{Decision, Failure, RetryPolicy};
 use crate::resilience::{Evidence, Refused, TenantGuard};
-use crate::store::{Cursor, Lease, MailboxRecord, PageWrite, Store, StoreError};
+use crate::store::{Cursor, Lease, MailboxRecord, PageWrite, RoundEnd, Store, StoreError};
 use tokio::time::Instant;
 
 /// A page seen this many times in one job means Graph is looping (the known endless-nextLink
@@ -160,6 +160,10 @@ pub struct SyncReport {
     pub writes_delivered: u64,
     pub writes_conflicted: u64,
     pub writes_failed: u64,
+    /// The round ended on an empty page: its deltaLink, for the job's end to write with the
+    /// job's record (see [`RoundEnd`]).
+    #[serde(skip)]
+    pub round_end: Option<RoundEnd>,
 }
 
 /// Everything a round works with besides the mailbox itself.
@@ -310,8 +314,23 @@ pub async fn run_round(
         // Checked before the page commits: a refused link must not become the stored cursor,
         // where every later job would fail on it.
         match &page.link {
-            PageLink::Next(link) | PageLink::Delta(link) => graph.check_link(link)?,
+            PageLink::Next(link) | PageLink::Delta(link) => graph.accept_link(link)?,
         };
+        if let (PageLink::Delta(delta), true, false) = (
+            &page.link,
+            page.items.is_empty() && page.rejected.is_empty(),
+            cursor.full,
+        ) {
+            // An idle round: nothing to write but the cursor, which the job's record carries
+            // (one write per idle job instead of two, under the same fence).
+            report.pages += 1;
+            report.completed = true;
+            report.round_end = Some(RoundEnd {
+                round_id: cursor.round_id,
+                delta_link: delta.clone(),
+            });
+            return Ok(());
+        }
         let resolved = series::resolve_page(
             ctx,
             mailbox,

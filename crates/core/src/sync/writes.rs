@@ -186,6 +186,10 @@ pub async fn deliver(
     policy: &WritePolicy,
     report: &mut SyncReport,
 ) -> Result<(), SyncError> {
+    // The claim said whether any are queued: an idle job does not look them up.
+    if !mailbox.writes_queued {
+        return Ok(());
+    }
     let pending = ctx.store.pending_writes(mailbox.id, policy.per_job).await?;
     if pending.is_empty() {
         return Ok(());

@@ -131,20 +131,39 @@ impl MailboxStore for PgStore {
         );
         let error = opt_text(&job.error);
         let request_id = opt_text(&job.request_id);
-        let mut tx = self.pool.begin().await?;
+        // One statement, so one round trip: the mailbox's row (fenced on the lease), the run
+        // appended to the history, and the history pruned. The parts of one statement share
+        // its snapshot, in which the run it appends is not yet visible: the prune keeps one
+        // fewer of the runs before it.
         sqlx::query(
-            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
-                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL AND $10::timestamptz IS NULL
-                     THEN LEAST($1, sync_requested_at) ELSE $1 END,
-                 hold_until = $10,
-                 last_attempt_at = $2,
-                 last_success_at = CASE WHEN $3 THEN $4 ELSE last_success_at END,
-                 last_error = CASE WHEN $3 THEN last_error ELSE $5 END,
-                 last_error_at = CASE WHEN $3 THEN last_error_at ELSE $4 END,
-                 last_request_id = COALESCE($6, last_request_id),
-                 consecutive_failures = CASE WHEN $3 THEN 0
-                     WHEN $9 THEN consecutive_failures + 1 ELSE consecutive_failures END
-             WHERE id = $7 AND lease_owner = $8",
+            "WITH ended AS (
+                 UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
+                     next_run_at = CASE
+                         WHEN sync_requested_at IS NOT NULL AND $10::timestamptz IS NULL
+                         THEN LEAST($1, sync_requested_at) ELSE $1 END,
+                     hold_until = $10,
+                     last_attempt_at = $2,
+                     last_success_at = CASE WHEN $3 THEN $4 ELSE last_success_at END,
+                     last_error = CASE WHEN $3 THEN last_error ELSE $5 END,
+                     last_error_at = CASE WHEN $3 THEN last_error_at ELSE $4 END,
+                     last_request_id = COALESCE($6, last_request_id),
+                     consecutive_failures = CASE WHEN $3 THEN 0
+                         WHEN $9 THEN consecutive_failures + 1 ELSE consecutive_failures END,
+                     next_link = CASE WHEN round_id = $12 THEN NULL ELSE next_link END,
+                     delta_link = CASE WHEN round_id = $12 THEN $11 ELSE delta_link END,
+                     failing_link = CASE WHEN round_id = $12 THEN NULL ELSE failing_link END,
+                     failing_link_count = CASE WHEN round_id = $12 THEN 0
+                         ELSE failing_link_count END
+                 WHERE id = $7 AND lease_owner = $8
+             ), recorded AS (
+                 INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
+                     pages, upserted, deleted, error, request_id)
+                 SELECT $7, $2, $4, $13, $14, $15, $16, $17, $5, $6
+                 WHERE EXISTS (SELECT 1 FROM mailboxes WHERE id = $7)
+             )
+             DELETE FROM sync_runs WHERE mailbox_id = $7 AND id <= (
+                 SELECT id FROM sync_runs WHERE mailbox_id = $7
+                 ORDER BY id DESC LIMIT 1 OFFSET $18)",
         )
         .bind(job.next_run_at)
         .bind(job.started_at)
@@ -156,35 +175,17 @@ impl MailboxStore for PgStore {
         .bind(&lease.owner)
         .bind(failed)
         .bind(job.hold_until)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
-                 pages, upserted, deleted, error, request_id)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
-             WHERE EXISTS (SELECT 1 FROM mailboxes WHERE id = $1)",
-        )
-        .bind(lease.mailbox)
-        .bind(job.started_at)
-        .bind(job.finished_at)
+        .bind(job.round_end.as_ref().map(|end| text(&end.delta_link)))
+        // No round end: no round id matches, and the cursor stays.
+        .bind(job.round_end.as_ref().map(|end| end.round_id))
         .bind(job.outcome.as_str())
         .bind(job.full_round)
         .bind(i64::try_from(job.pages).unwrap_or(i64::MAX))
         .bind(i64::try_from(job.upserted).unwrap_or(i64::MAX))
         .bind(i64::try_from(job.deleted).unwrap_or(i64::MAX))
-        .bind(&error)
-        .bind(&request_id)
-        .execute(&mut *tx)
+        .bind(RUNS_KEPT_PER_MAILBOX - 1)
+        .execute(&self.pool)
         .await?;
-        sqlx::query(
-            "DELETE FROM sync_runs WHERE mailbox_id = $1 AND id <= (
-                 SELECT id FROM sync_runs WHERE mailbox_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
-        )
-        .bind(lease.mailbox)
-        .bind(RUNS_KEPT_PER_MAILBOX)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -370,5 +371,6 @@ pub(in crate::store) fn mailbox_from_row(row: &PgRow) -> Result<MailboxRecord, S
         created_at: row.try_get("created_at")?,
         sync_requested_at: row.try_get("sync_requested_at")?,
         fresh_rounds_forced: row.try_get::<i64, _>("fresh_rounds_forced")?.max(0) as u64,
+        writes_queued: row.try_get("writes_queued")?,
     })
 }

@@ -139,7 +139,11 @@ impl MailboxStore for SqliteStore {
                  last_error_at = CASE WHEN ?3 THEN last_error_at ELSE ?4 END,
                  last_request_id = COALESCE(?6, last_request_id),
                  consecutive_failures = CASE WHEN ?3 THEN 0
-                     WHEN ?9 THEN consecutive_failures + 1 ELSE consecutive_failures END
+                     WHEN ?9 THEN consecutive_failures + 1 ELSE consecutive_failures END,
+                 next_link = CASE WHEN round_id = ?12 THEN NULL ELSE next_link END,
+                 delta_link = CASE WHEN round_id = ?12 THEN ?11 ELSE delta_link END,
+                 failing_link = CASE WHEN round_id = ?12 THEN NULL ELSE failing_link END,
+                 failing_link_count = CASE WHEN round_id = ?12 THEN 0 ELSE failing_link_count END
              WHERE id = ?7 AND lease_owner = ?8",
         )
         .bind(ts(job.next_run_at))
@@ -152,6 +156,9 @@ impl MailboxStore for SqliteStore {
         .bind(&lease.owner)
         .bind(failed)
         .bind(job.hold_until.map(ts))
+        .bind(job.round_end.as_ref().map(|end| &end.delta_link))
+        // No round end: no round id matches, and the cursor stays.
+        .bind(job.round_end.as_ref().map(|end| end.round_id))
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -369,5 +376,6 @@ pub(in crate::store) fn mailbox_from_row(row: &SqliteRow) -> Result<MailboxRecor
         created_at: parse_ts("created_at", &created_at)?,
         sync_requested_at: parse_opt_ts(row, "sync_requested_at")?,
         fresh_rounds_forced: row.try_get::<i64, _>("fresh_rounds_forced")?.max(0) as u64,
+        writes_queued: row.try_get("writes_queued")?,
     })
 }

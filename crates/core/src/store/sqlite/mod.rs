@@ -19,15 +19,84 @@ mod writes;
 
 pub(in crate::store) use mailboxes::mailbox_from_row;
 
-/// `2026-12-09T20:30:00.000Z`: fixed width, so text order is time order.
+/// `2026-12-09T20:30:00.000Z`: fixed width, so text order is time order. Written digit by
+/// digit (chrono's writer goes through `fmt`, several times the cost, and a job writes a few of
+/// these per statement); a year outside 0..=9999 or a leap second is left to chrono.
 pub(super) fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    use chrono::{Datelike, Timelike};
+    let chrono_ts = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    // Once: each accessor of a `DateTime` converts it to local time again.
+    let (date, time) = (t.date_naive(), t.time());
+    let (Ok(year @ 0..=9999), nanos @ 0..=999_999_999) =
+        (u32::try_from(date.year()), time.nanosecond())
+    else {
+        return chrono_ts(t);
+    };
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    for (at, n) in [
+        (0..4, year),
+        (5..7, date.month()),
+        (8..10, date.day()),
+        (11..13, time.hour()),
+        (14..16, time.minute()),
+        (17..19, time.second()),
+        (20..23, nanos / 1_000_000),
+    ] {
+        let mut n = n;
+        for digit in text[at].iter_mut().rev() {
+            *digit = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    }
+    String::from_utf8(text.to_vec()).unwrap_or_else(|_| chrono_ts(t))
 }
 
+/// Reads what [`ts`] writes without chrono's general parser (which handles every RFC 3339
+/// form, at several times the cost); anything else goes to that parser.
 pub(super) fn parse_ts(column: &str, text: &str) -> Result<DateTime<Utc>, StoreError> {
+    if let Some(t) = fixed_ts(text) {
+        return Ok(t);
+    }
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| StoreError::Corrupt(format!("{column} `{text}`: {e}")))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` exactly, and a valid date and time; else `None`.
+fn fixed_ts(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    if b.len() != 24 || b[23] != b'Z' {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<u32> {
+        b[from..to].iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let separators = [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+    ];
+    if separators.iter().any(|&(at, c)| b[at] != c) {
+        return None;
+    }
+    let date = NaiveDate::from_ymd_opt(
+        i32::try_from(number(0, 4)?).ok()?,
+        number(5, 7)?,
+        number(8, 10)?,
+    )?;
+    let time = chrono::NaiveTime::from_hms_milli_opt(
+        number(11, 13)?,
+        number(14, 16)?,
+        number(17, 19)?,
+        number(20, 23)?,
+    )?;
+    // `:60` (a leap second) is no valid time here: chrono's parser takes it.
+    Some(date.and_time(time).and_utc())
 }
 
 pub(super) fn parse_opt_ts(
@@ -74,15 +143,20 @@ impl SqliteStore {
             .page_size(8192)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        // No ping before each use: a connection here is a thread in this process, not a
+        // socket that can go stale, and sqlx already pings it when it comes back to the pool
+        // (dropping one that fails). The ping was a round trip to that thread per statement.
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         // Waiting for the writer is bounded by the job deadline around every job.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(60))
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(Self { pool, writer })
@@ -122,5 +196,66 @@ impl Lifecycle for SqliteStore {
     async fn close(&self) {
         self.pool.close().await;
         self.writer.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The timestamps written and read by hand are chrono's, for every millisecond of a few
+    /// awkward days and for a spread of instants over the years a store meets.
+    #[test]
+    fn timestamps_are_written_and_read_as_chrono_does() {
+        let chrono_ts = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut instants: Vec<DateTime<Utc>> = Vec::new();
+        for day in [
+            "1970-01-01",
+            "1999-12-31",
+            "2024-02-29",
+            "2026-12-31",
+            "9999-12-31",
+        ] {
+            let start = NaiveDate::parse_from_str(day, "%Y-%m-%d")
+                .expect("date")
+                .and_hms_opt(0, 0, 0)
+                .expect("time")
+                .and_utc();
+            for ms in (0..86_400_000_i64).step_by(997) {
+                instants.push(start + chrono::Duration::milliseconds(ms));
+            }
+            instants.push(start + chrono::Duration::milliseconds(86_399_999));
+        }
+        for secs in (-62_000_000_000_i64..253_000_000_000).step_by(1_234_567_891) {
+            instants.extend(DateTime::from_timestamp(secs, 123_456_789));
+        }
+        for t in instants {
+            let text = ts(t);
+            assert_eq!(text, chrono_ts(t), "{t:?}");
+            assert_eq!(
+                parse_ts("c", &text).expect("reads back"),
+                DateTime::parse_from_rfc3339(&text).expect("chrono reads it"),
+                "{text}"
+            );
+        }
+        // Outside the fixed form: chrono's parser, with its errors.
+        for (text, read) in [
+            (
+                "2026-12-09T21:30:00.000+01:00",
+                Some("2026-12-09T20:30:00.000Z"),
+            ),
+            ("2026-12-09T20:30:00Z", Some("2026-12-09T20:30:00.000Z")),
+            ("2026-12-09T20:30:00.5Z", Some("2026-12-09T20:30:00.500Z")),
+            ("2026-02-30T20:30:00.000Z", None),
+            ("2026-12-09T24:30:00.000Z", None),
+            ("2026-12-09 20:30:00.000Z", Some("2026-12-09T20:30:00.000Z")),
+            ("2026-12-09T20:30:0x.000Z", None),
+            ("+002026-12-09T20:30:00.000Z", None),
+        ] {
+            assert_eq!(parse_ts("c", text).ok().map(ts).as_deref(), read, "{text}");
+        }
+        // Beyond year 9999 and leap seconds, chrono writes.
+        let far = DateTime::from_timestamp(300_000_000_000, 0).expect("year 11476");
+        assert_eq!(ts(far), chrono_ts(far));
     }
 }
