@@ -32,8 +32,8 @@ const SMALL: usize = 100;
 const LARGE: usize = 300;
 /// The idle rounds the second idle run adds to the first one's single round.
 const EXTRA_IDLE_ROUNDS: u32 = 20;
-/// Not counted: quanta (governor's clock) calibrates the TSC against the wall clock at start,
-/// spinning for a time, so its instruction count (3 to 8 million under callgrind) is the one
+/// Not counted: quanta (the metrics exporter's clock) calibrates the TSC against the wall clock
+/// at start, spinning for a time, so its instruction count (3 to 8 million under callgrind) is the one
 /// part of a run that moves with the machine's load.
 const NOT_COUNTED: &str = "<quanta::Clock as core::default::Default>::default";
 
