@@ -1951,27 +1951,33 @@ async fn one_round_trip(url: String) {
             .expect("page");
         let to = returned_to_pool(&sent).await;
         let messages: Vec<u8> = sent.lock().expect("log")[from..to].to_vec();
-        // 'S' Sync ends a flight of messages, after which the client waits for the server:
-        // a round trip; so does 'Q', a simple query (BEGIN, COMMIT). 'E' Execute runs a
-        // statement.
-        let flights: Vec<&[u8]> = messages
-            .split_inclusive(|&m| m == b'S' || m == b'Q')
-            .collect();
-        let work: Vec<&[u8]> = flights.iter().copied().filter(|f| f != b"S").collect();
-        let shown = String::from_utf8_lossy(&messages);
-        assert_eq!(work.len(), 1, "one round trip: {shown}");
-        assert_eq!(
-            work[0].iter().filter(|&&m| m == b'E').count(),
-            1,
-            "one statement: {shown}"
-        );
-        assert!(!messages.contains(&b'Q'), "no BEGIN or COMMIT: {shown}");
+        let flights = assert_one_statement_in_one_round_trip(&messages);
         // Besides it only the ping sqlx makes when the connection is returned to the pool,
         // off the caller's path: none before the statement.
-        assert_eq!(flights.len(), 2, "{shown}");
+        assert_eq!(flights, 2, "{}", String::from_utf8_lossy(&messages));
     }
     assert_eq!(event_ids(&store, id).await.len(), 98);
     store.close().await;
+}
+
+/// Checks that the client's `messages` (one type byte each) hold one statement in one round
+/// trip and no BEGIN or COMMIT; returns how many flights they make. 'S' Sync ends a flight of
+/// messages, after which the client waits for the server: a round trip; so does 'Q', a simple
+/// query (BEGIN, COMMIT). 'E' Execute runs a statement.
+fn assert_one_statement_in_one_round_trip(messages: &[u8]) -> usize {
+    let flights: Vec<&[u8]> = messages
+        .split_inclusive(|&m| m == b'S' || m == b'Q')
+        .collect();
+    let work: Vec<&[u8]> = flights.iter().copied().filter(|f| f != b"S").collect();
+    let shown = String::from_utf8_lossy(messages);
+    assert_eq!(work.len(), 1, "one round trip: {shown}");
+    assert_eq!(
+        work[0].iter().filter(|&&m| m == b'E').count(),
+        1,
+        "one statement: {shown}"
+    );
+    assert!(!messages.contains(&b'Q'), "no BEGIN or COMMIT: {shown}");
+    flights.len()
 }
 
 /// An idle job's end (the mailbox's row with the round's deltaLink, the run appended, the
@@ -2018,18 +2024,7 @@ async fn job_end_round_trip(url: String) {
         store.finish_job(&b, &end).await.expect("finish");
         let to = returned_to_pool(&sent).await;
         let messages: Vec<u8> = sent.lock().expect("log")[from..to].to_vec();
-        let flights: Vec<&[u8]> = messages
-            .split_inclusive(|&m| m == b'S' || m == b'Q')
-            .collect();
-        let work: Vec<&[u8]> = flights.iter().copied().filter(|f| f != b"S").collect();
-        let shown = String::from_utf8_lossy(&messages);
-        assert_eq!(work.len(), 1, "one round trip: {shown}");
-        assert_eq!(
-            work[0].iter().filter(|&&m| m == b'E').count(),
-            1,
-            "one statement: {shown}"
-        );
-        assert!(!messages.contains(&b'Q'), "no BEGIN or COMMIT: {shown}");
+        assert_one_statement_in_one_round_trip(&messages);
     }
     let m = record_of(&store, id).await;
     assert_eq!(
