@@ -147,9 +147,19 @@ impl Writing {
 
 /// Graph answering 503 to every write of `mailbox` (reads work).
 fn writes_unavailable(mailbox: &str) -> FaultRule {
+    writes_answer(mailbox, 503, "ServiceUnavailable")
+}
+
+/// Graph's answer to a stale `If-Match`.
+fn writes_precondition_failed(mailbox: &str) -> FaultRule {
+    writes_answer(mailbox, 412, "ErrorIrresolvableConflict")
+}
+
+/// The mailbox's writes answered with `code` and Graph's error `graph_code`.
+fn writes_answer(mailbox: &str, code: u16, graph_code: &str) -> FaultRule {
     FaultRule::new(FaultKind::Status {
-        code: 503,
-        graph_code: Some("ServiceUnavailable".into()),
+        code,
+        graph_code: Some(graph_code.into()),
         message: None,
         aadsts: None,
         retry_after: RetryAfter::None,
@@ -363,18 +373,8 @@ async fn a_conflict_is_recorded_under_each_policy() {
         // b-3: only the changeKey moved (before the read, and again between the read and the
         // PATCH: a 412 without any change of content).
         assert!(w.sim.outlook_edit(&alice, &check_in, &json!({})).is_some());
-        w.sim.add_fault(
-            FaultRule::new(FaultKind::Status {
-                code: 412,
-                graph_code: Some("ErrorIrresolvableConflict".into()),
-                message: None,
-                aadsts: None,
-                retry_after: RetryAfter::None,
-            })
-            .endpoint(Endpoint::Writes)
-            .mailbox(alice.clone())
-            .max_count(1),
-        );
+        w.sim
+            .add_fault(writes_precondition_failed(&alice).max_count(1));
         let bumped = w
             .change(id, "b-3", json!({"subject": "Check-in (app)"}), "u-3")
             .await;
@@ -842,18 +842,8 @@ async fn a_write_left_for_later_holds_back_the_appointments_next_writes() {
     w.book(id, "b-1", "Advising", "k-1").await;
     w.book(id, "b-2", "Review", "k-2").await;
     w.pass().await;
-    w.sim.add_fault(
-        FaultRule::new(FaultKind::Status {
-            code: 412,
-            graph_code: Some("ErrorIrresolvableConflict".into()),
-            message: None,
-            aadsts: None,
-            retry_after: RetryAfter::None,
-        })
-        .endpoint(Endpoint::Writes)
-        .mailbox(alice.clone())
-        .max_count(3),
-    );
+    w.sim
+        .add_fault(writes_precondition_failed(&alice).max_count(3));
     let first = w
         .change(id, "b-1", json!({"subject": "Advising v2"}), "k-3")
         .await;
