@@ -48,6 +48,9 @@ store_suite!(
     due_candidates_follow_schedule_leases_and_tenant_cap,
     claim_only_if_due,
     racing_claims_have_exactly_one_winner,
+    claim_many_leases_each_free_mailbox_to_its_own_job,
+    racing_batch_claims_share_out_every_mailbox_once,
+    jobs_ending_together_each_land_on_their_own_mailbox,
     lease_expires_and_renewal_extends_it,
     stale_leases_are_released_at_start_only_on_sqlite,
     stale_owners_page_is_refused_and_nothing_written,
@@ -412,6 +415,200 @@ async fn claim_only_if_due(store: Store) {
     // Disabled: never claimed as due.
     register(&store, &[("a", "ann")]).await;
     assert!(claim(ids[1], "w2", true).await.is_none(), "disabled");
+}
+
+/// One statement claims several mailboxes: each one free (and due, when asked) is leased to
+/// its own job, the batch's name followed by its id, with its sync request cleared; the ones
+/// leased, not due or disabled are left.
+async fn claim_many_leases_each_free_mailbox_to_its_own_job(store: Store) {
+    let ids = register(
+        &store,
+        &[
+            ("a", "ann"),
+            ("a", "bob"),
+            ("b", "cat"),
+            ("b", "dan"),
+            ("b", "eve"),
+        ],
+    )
+    .await;
+    let (requested, held, later, disabled) = (ids[0], ids[2], ids[3], ids[4]);
+    store
+        .request_sync(requested, t0())
+        .await
+        .expect("request")
+        .expect("known mailbox");
+    lease(&store, held, "another-job", t0()).await;
+    schedule(&store, later, t0() + secs(60)).await;
+    // eve is no longer configured.
+    register(
+        &store,
+        &[("a", "ann"), ("a", "bob"), ("b", "cat"), ("b", "dan")],
+    )
+    .await;
+    let now = t0() + secs(1);
+    let claim = |owner: &'static str, only_if_due| {
+        let (store, ids) = (store.clone(), ids.clone());
+        async move {
+            let mut claimed = store
+                .claim_many(&ids, owner, now, Duration::from_secs(30), only_if_due)
+                .await
+                .expect("claim_many");
+            claimed.sort_by_key(|m| m.id);
+            claimed
+        }
+    };
+    let claimed = claim("replica/1:", true).await;
+    let got: Vec<(MailboxId, Option<String>, Option<DateTime<Utc>>)> = claimed
+        .iter()
+        .map(|m| (m.id, m.lease_owner.clone(), m.lease_until))
+        .collect();
+    let leased = |id: MailboxId| (id, Some(format!("replica/1:{id}")), Some(now + secs(30)));
+    assert_eq!(got, vec![leased(ids[0]), leased(ids[1])]);
+    assert_eq!(claimed[0].sync_requested_at, None, "the request is served");
+    assert_eq!(
+        record_of(&store, requested).await.lease_owner,
+        Some(format!("replica/1:{requested}"))
+    );
+    assert_eq!(
+        record_of(&store, held).await.lease_owner.as_deref(),
+        Some("another-job"),
+        "a held lease is left"
+    );
+    assert!(
+        claim("replica/2:", true).await.is_empty(),
+        "nothing left due"
+    );
+    // sync-once claims whatever is free, due or not, disabled or not.
+    let forced: Vec<MailboxId> = claim("replica/3:", false)
+        .await
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(forced, vec![later, disabled]);
+    assert!(store
+        .claim_many(&[], "replica/4:", now, Duration::from_secs(30), false)
+        .await
+        .expect("an empty batch")
+        .is_empty());
+}
+
+/// Replicas claiming the same mailboxes in batches at once: each mailbox goes to exactly one
+/// of them, and every mailbox to one.
+async fn racing_batch_claims_share_out_every_mailbox_once(store: Store) {
+    let users: Vec<(String, String)> = (0..24).map(|i| ("a".into(), format!("m{i}"))).collect();
+    let named: Vec<(&str, &str)> = users
+        .iter()
+        .map(|(t, u)| (t.as_str(), u.as_str()))
+        .collect();
+    let ids = register(&store, &named).await;
+    let mut racers = tokio::task::JoinSet::new();
+    for replica in 0..4 {
+        let (store, mut ids) = (store.clone(), ids.clone());
+        // Each replica in its own order, so that their claims cross.
+        ids.rotate_left(replica * 5);
+        racers.spawn(async move {
+            let prefix = format!("replica-{replica}:");
+            let mut won = Vec::new();
+            for batch in ids.chunks(8) {
+                let claimed = store
+                    .claim_many(batch, &prefix, t0(), Duration::from_secs(60), true)
+                    .await
+                    .expect("claim_many");
+                for m in claimed {
+                    assert_eq!(m.lease_owner, Some(format!("{prefix}{}", m.id)));
+                    won.push(m.id);
+                }
+            }
+            won
+        });
+    }
+    let mut winners: HashMap<MailboxId, usize> = HashMap::new();
+    while let Some(done) = racers.join_next().await {
+        for id in done.expect("racer") {
+            *winners.entry(id).or_default() += 1;
+        }
+    }
+    for id in &ids {
+        assert_eq!(winners.get(id), Some(&1), "mailbox {id}: {winners:?}");
+    }
+}
+
+/// Jobs that end at the same time (committed together on SQLite) each land on their own
+/// mailbox, fenced on their own lease, with their own run in the history.
+async fn jobs_ending_together_each_land_on_their_own_mailbox(store: Store) {
+    let users: Vec<(String, String)> = (0..12).map(|i| ("a".into(), format!("m{i}"))).collect();
+    let named: Vec<(&str, &str)> = users
+        .iter()
+        .map(|(t, u)| (t.as_str(), u.as_str()))
+        .collect();
+    let ids = register(&store, &named).await;
+    let mut leases = Vec::new();
+    for &id in &ids {
+        leases.push(lease(&store, id, &format!("job-{id}"), t0()).await);
+    }
+    // The last job lost its lease to another before it ended.
+    let stale = leases.pop().expect("twelve");
+    let taker = Lease {
+        mailbox: stale.mailbox,
+        owner: "taker".into(),
+    };
+    store
+        .claim(
+            taker.mailbox,
+            &taker.owner,
+            t0() + secs(61),
+            Duration::from_secs(60),
+            false,
+        )
+        .await
+        .expect("claim")
+        .expect("the lease ran out");
+    let outcome = |i: usize| {
+        if i % 3 == 0 {
+            RunOutcome::Failed
+        } else {
+            RunOutcome::Ok
+        }
+    };
+    let mut ending = tokio::task::JoinSet::new();
+    for (i, lease) in leases.iter().cloned().chain([stale.clone()]).enumerate() {
+        let store = store.clone();
+        let job = job(
+            outcome(i),
+            t0() + secs(i as i64),
+            t0() + secs(600 + i as i64),
+        );
+        ending.spawn(async move { store.finish_job(&lease, &job).await });
+    }
+    while let Some(done) = ending.join_next().await {
+        done.expect("ends").expect("finish_job");
+    }
+    for (i, lease) in leases.iter().enumerate() {
+        let m = record_of(&store, lease.mailbox).await;
+        assert_eq!(
+            (m.lease_owner, m.next_run_at, m.last_attempt_at),
+            (
+                None,
+                t0() + secs(600 + i as i64),
+                Some(t0() + secs(i as i64))
+            ),
+            "mailbox {i}"
+        );
+        assert_eq!(
+            m.consecutive_failures,
+            u32::from(outcome(i) == RunOutcome::Failed)
+        );
+        let runs = store.runs(lease.mailbox, 10).await.expect("runs");
+        assert_eq!(runs.len(), 1, "mailbox {i}: {runs:?}");
+        assert_eq!(runs[0].started_at, t0() + secs(i as i64));
+    }
+    let m = record_of(&store, stale.mailbox).await;
+    assert_eq!(
+        (m.lease_owner.as_deref(), m.last_attempt_at),
+        (Some("taker"), None),
+        "the stale job's end did not land on the mailbox"
+    );
 }
 
 async fn racing_claims_have_exactly_one_winner(store: Store) {

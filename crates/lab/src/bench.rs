@@ -475,8 +475,19 @@ async fn initial_and_idle(
         r.iter().filter(|r| r.outcome != RunOutcome::Ok).count()
     };
     let mut idle_failed = 0;
-    for _ in 0..idle_rounds {
-        idle_failed += failed(&worker.sync_all_once().await?);
+    for round in 1..=idle_rounds {
+        let jobs = worker.sync_all_once().await?;
+        // A mailbox is skipped while leased: fewer jobs than in the initial round means an
+        // earlier job's end (which releases the lease) was not recorded, and the round's
+        // figures would describe work that was not done.
+        anyhow::ensure!(
+            jobs.len() == results.len(),
+            "idle round {round} ran {} jobs for {} mailboxes: a job's end was not recorded \
+             (see the log)",
+            jobs.len(),
+            results.len()
+        );
+        idle_failed += failed(&jobs);
     }
     let rounds = f64::from(idle_rounds);
     let idle_seconds = started.elapsed().as_secs_f64() / rounds;

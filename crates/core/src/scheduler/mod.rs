@@ -26,7 +26,7 @@ use crate::resilience::backoff::BackoffSchedule;
 use crate::resilience::guard::BreakerSnapshot;
 use crate::resilience::retry::RetryPolicy;
 use crate::resilience::{after_retry_after, RunningJobCount};
-use crate::store::{JobRecord, Lease, MailboxRecord, RunOutcome, Store};
+use crate::store::{JobRecord, Lease, MailboxId, MailboxRecord, RunOutcome, Store};
 use crate::sync::writes::WritePolicy;
 use crate::sync::{self, RoundContext, SyncError, SyncReport};
 use crate::tenants::Tenants;
@@ -150,10 +150,18 @@ impl Worker {
     }
 
     /// Each job leases its mailbox under its own name, so a write from a job that lost its
-    /// lease (stuck, then reclaimed) is refused even within this process.
-    fn job_owner(&self) -> (u64, String) {
+    /// lease (stuck, then reclaimed) is refused even within this process. Mailboxes claimed
+    /// together share a batch name; a job's lease is that name and its mailbox's id (see
+    /// [`Store::claim_many`]).
+    fn batch_owner(&self) -> String {
+        let batch = self.job_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{batch}:", self.owner)
+    }
+
+    /// The job's number in this worker (for the running-job registry) and its lease's name.
+    fn job_owner(&self, batch: &str, mailbox: &MailboxRecord) -> (u64, String) {
         let seq = self.job_seq.fetch_add(1, Ordering::Relaxed);
-        (seq, format!("{}/{seq}", self.owner))
+        (seq, format!("{batch}{}", mailbox.id))
     }
 
     /// How many jobs of `tenant` may start now (see [`Tenant::allowance`]).
@@ -180,22 +188,29 @@ impl Worker {
             .store
             .due_candidates(now, self.sync.max_jobs_per_tenant as u32)
             .await?;
-        let mut started = 0;
+        // A slot for each pick first, so that every mailbox claimed has one to run in.
+        let mut permits = Vec::new();
+        let mut ids = Vec::new();
         for due in fair::pick(candidates, free, |t| self.allowance(t)) {
             let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
                 break;
             };
-            let (seq, owner) = self.job_owner();
-            let Some(mailbox) = self
-                .store
-                .claim(due.id, &owner, now, self.sync.lease_ttl, true)
-                .await?
-            else {
-                continue;
-            };
+            permits.push(permit);
+            ids.push(due.id);
+        }
+        // One statement for all of them: each claim is a write, and on SQLite a write is a
+        // commit and a round trip to the store's one writer.
+        let batch = self.batch_owner();
+        let claimed = self
+            .store
+            .claim_many(&ids, &batch, now, self.sync.lease_ttl, true)
+            .await?;
+        let mut started = 0;
+        for (mailbox, permit) in claimed.into_iter().zip(permits) {
             let Some(tenant) = self.tenants.get(&mailbox.tenant) else {
                 continue;
             };
+            let (seq, owner) = self.job_owner(&batch, &mailbox);
             let slot = JobSlot {
                 _permit: permit,
                 _count: tenant.guard.start_job(),
@@ -239,28 +254,46 @@ impl Worker {
 
     /// One pass over every enabled mailbox, whatever its schedule (`calsync sync-once`).
     pub async fn sync_all_once(self: &Arc<Self>) -> anyhow::Result<Vec<JobResult>> {
-        let mut jobs = JoinSet::new();
+        let mut mailboxes = Vec::new();
         for mailbox in self.store.mailboxes().await? {
-            let Some(tenant) = self.tenants.get(&mailbox.tenant) else {
+            if self.tenants.get(&mailbox.tenant).is_none() {
                 tracing::warn!(tenant = %mailbox.tenant, "skipped: tenant not configured");
                 continue;
-            };
-            let guard = &tenant.guard;
-            let (seq, owner) = self.job_owner();
-            let Some(claimed) = self
+            }
+            mailboxes.push(mailbox);
+        }
+        // Claimed in batches of half the slots, each once its slots are free: few claim
+        // statements, and no lease held by a mailbox still waiting for a slot.
+        let batch_size = (self.sync.workers / 2).max(1);
+        let mut jobs = JoinSet::new();
+        for batch in mailboxes.chunks(batch_size) {
+            let mut permits = Vec::with_capacity(batch.len());
+            for _ in batch {
+                permits.push(Arc::clone(&self.slots).acquire_owned().await?);
+            }
+            let ids: Vec<MailboxId> = batch.iter().map(|m| m.id).collect();
+            let batch_owner = self.batch_owner();
+            let claimed = self
                 .store
-                .claim(mailbox.id, &owner, Utc::now(), self.sync.lease_ttl, false)
-                .await?
-            else {
-                tracing::warn!(mailbox = %mailbox.user_id, "skipped: leased by another worker");
-                continue;
-            };
-            let slot = JobSlot {
-                _permit: Arc::clone(&self.slots).acquire_owned().await?,
-                _count: guard.start_job(),
-            };
-            let worker = Arc::clone(self);
-            jobs.spawn(async move { worker.execute(claimed, seq, owner, slot).await });
+                .claim_many(&ids, &batch_owner, Utc::now(), self.sync.lease_ttl, false)
+                .await?;
+            for mailbox in batch {
+                if !claimed.iter().any(|c| c.id == mailbox.id) {
+                    tracing::warn!(mailbox = %mailbox.user_id, "skipped: leased by another worker");
+                }
+            }
+            for (claimed, permit) in claimed.into_iter().zip(permits) {
+                let Some(tenant) = self.tenants.get(&claimed.tenant) else {
+                    continue;
+                };
+                let (seq, owner) = self.job_owner(&batch_owner, &claimed);
+                let slot = JobSlot {
+                    _permit: permit,
+                    _count: tenant.guard.start_job(),
+                };
+                let worker = Arc::clone(self);
+                jobs.spawn(async move { worker.execute(claimed, seq, owner, slot).await });
+            }
         }
         let mut results = Vec::new();
         while let Some(done) = jobs.join_next().await {
@@ -360,7 +393,7 @@ impl Worker {
             _permit: Arc::clone(&self.slots).try_acquire_owned().ok()?,
             _count: guard.start_job(),
         };
-        let (seq, _) = self.job_owner();
+        let seq = self.job_seq.fetch_add(1, Ordering::Relaxed);
         let slot: SharedSlot = Arc::new(Mutex::new(Some(slot)));
         let (started, deadline) = self.track(seq, tenant, mailbox, &slot);
         let ended = tokio::time::timeout_at(deadline, job).await.is_ok();

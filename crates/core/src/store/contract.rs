@@ -63,6 +63,19 @@ pub trait MailboxStore {
         only_if_due: bool,
     ) -> Result<Option<MailboxRecord>, StoreError>;
 
+    /// [`claim`](Self::claim) for several mailboxes in one statement: each of `ids` that is
+    /// free (and, with `only_if_due`, enabled and due) is leased to its own job, named
+    /// `owner_prefix` followed by the mailbox's id. Returns the mailboxes claimed, in no
+    /// particular order; the others are someone else's.
+    async fn claim_many(
+        &self,
+        ids: &[MailboxId],
+        owner_prefix: &str,
+        now: DateTime<Utc>,
+        lease_for: Duration,
+        only_if_due: bool,
+    ) -> Result<Vec<MailboxRecord>, StoreError>;
+
     /// Extends a lease still held by its owner; `false` when it was lost.
     async fn renew_lease(&self, lease: &Lease, until: DateTime<Utc>) -> Result<bool, StoreError>;
 

@@ -212,6 +212,20 @@ impl Store {
         delegate!(self, s => s.claim(id, owner, now, lease_for, only_if_due).await)
     }
 
+    /// [`claim`](Self::claim) for several mailboxes in one statement: each of `ids` still free
+    /// (and due, with `only_if_due`) is leased to its own job, `owner_prefix` followed by its
+    /// id. Returns the mailboxes claimed.
+    pub async fn claim_many(
+        &self,
+        ids: &[MailboxId],
+        owner_prefix: &str,
+        now: DateTime<Utc>,
+        lease_for: Duration,
+        only_if_due: bool,
+    ) -> Result<Vec<MailboxRecord>, StoreError> {
+        delegate!(self, s => s.claim_many(ids, owner_prefix, now, lease_for, only_if_due).await)
+    }
+
     /// Extends a lease still held by its owner; `false` when it was lost.
     pub async fn renew_lease(
         &self,
@@ -395,6 +409,8 @@ pub enum StoreError {
     LeaseLost(MailboxId),
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+    #[error("the write was not made: {0}")]
+    Interrupted(&'static str),
     #[error("store.url must start with sqlite:, postgres:// or postgresql://")]
     UnsupportedUrl,
 }

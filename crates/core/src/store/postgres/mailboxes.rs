@@ -110,6 +110,40 @@ impl MailboxStore for PgStore {
         row.as_ref().map(mailbox_from_row).transpose()
     }
 
+    async fn claim_many(
+        &self,
+        ids: &[MailboxId],
+        owner_prefix: &str,
+        now: DateTime<Utc>,
+        lease_for: Duration,
+        only_if_due: bool,
+    ) -> Result<Vec<MailboxRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
+        // As `claim`: rows another transaction holds are skipped, not waited for.
+        let rows = sqlx::query(concat!(
+            "UPDATE mailboxes SET lease_owner = $1 || id::text, lease_until = $2,
+                 sync_requested_at = NULL
+             WHERE id IN (
+                 SELECT id FROM mailboxes
+                 WHERE id = ANY($3) AND (lease_until IS NULL OR lease_until < $4)
+                   AND (NOT $5 OR (enabled AND next_run_at <= $4))
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING ",
+            crate::store::mailbox_columns!()
+        ))
+        .bind(owner_prefix)
+        .bind(until)
+        .bind(ids)
+        .bind(now)
+        .bind(only_if_due)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(mailbox_from_row).collect()
+    }
+
     async fn renew_lease(&self, lease: &Lease, until: DateTime<Utc>) -> Result<bool, StoreError> {
         let done =
             sqlx::query("UPDATE mailboxes SET lease_until = $1 WHERE id = $2 AND lease_owner = $3")

@@ -9,8 +9,7 @@ use sqlx::Row;
 use crate::graph::Window;
 use crate::store::contract::*;
 use crate::store::{
-    Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord, RunOutcome, StoreError,
-    SyncRun, RUNS_KEPT_PER_MAILBOX,
+    Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord, StoreError, SyncRun,
 };
 // The backend itself and its helpers (timestamps, text cleaning).
 use super::*;
@@ -106,6 +105,37 @@ impl MailboxStore for SqliteStore {
         row.as_ref().map(mailbox_from_row).transpose()
     }
 
+    async fn claim_many(
+        &self,
+        ids: &[MailboxId],
+        owner_prefix: &str,
+        now: DateTime<Utc>,
+        lease_for: Duration,
+        only_if_due: bool,
+    ) -> Result<Vec<MailboxRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
+        let rows = sqlx::query(concat!(
+            "UPDATE mailboxes SET lease_owner = ?1 || id, lease_until = ?2, sync_requested_at = NULL
+             WHERE id IN (SELECT value FROM json_each(?3))
+               AND (lease_until IS NULL OR lease_until < ?4)
+               AND (?5 = 0 OR (enabled = 1 AND next_run_at <= ?4))
+             RETURNING ",
+            crate::store::mailbox_columns!()
+        ))
+        .bind(owner_prefix)
+        .bind(ts(until))
+        // A list of integers always serializes.
+        .bind(serde_json::to_string(ids).unwrap_or_default())
+        .bind(ts(now))
+        .bind(only_if_due)
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter().map(mailbox_from_row).collect()
+    }
+
     async fn renew_lease(&self, lease: &Lease, until: DateTime<Utc>) -> Result<bool, StoreError> {
         let done =
             sqlx::query("UPDATE mailboxes SET lease_until = ?1 WHERE id = ?2 AND lease_owner = ?3")
@@ -118,77 +148,10 @@ impl MailboxStore for SqliteStore {
     }
 
     /// Ends a job: releases the lease, sets the next run and the mailbox's last success or
-    /// error, and appends to the sync history.
+    /// error, and appends to the sync history; committed with the other jobs ending at the
+    /// same time ([`super::job_ends`]).
     async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
-        let ok = job.outcome == RunOutcome::Ok;
-        // A deferral (open breaker, Retry-After past the deadline) is not a failure of the
-        // mailbox: its failure count stays, but the reason is shown.
-        let failed = matches!(
-            job.outcome,
-            RunOutcome::Failed | RunOutcome::DeadlineExceeded
-        );
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
-                 next_run_at = CASE WHEN sync_requested_at IS NOT NULL AND ?10 IS NULL
-                     THEN MIN(?1, sync_requested_at) ELSE ?1 END,
-                 hold_until = ?10,
-                 last_attempt_at = ?2,
-                 last_success_at = CASE WHEN ?3 THEN ?4 ELSE last_success_at END,
-                 last_error = CASE WHEN ?3 THEN last_error ELSE ?5 END,
-                 last_error_at = CASE WHEN ?3 THEN last_error_at ELSE ?4 END,
-                 last_request_id = COALESCE(?6, last_request_id),
-                 consecutive_failures = CASE WHEN ?3 THEN 0
-                     WHEN ?9 THEN consecutive_failures + 1 ELSE consecutive_failures END,
-                 next_link = CASE WHEN round_id = ?12 THEN NULL ELSE next_link END,
-                 delta_link = CASE WHEN round_id = ?12 THEN ?11 ELSE delta_link END,
-                 failing_link = CASE WHEN round_id = ?12 THEN NULL ELSE failing_link END,
-                 failing_link_count = CASE WHEN round_id = ?12 THEN 0 ELSE failing_link_count END
-             WHERE id = ?7 AND lease_owner = ?8",
-        )
-        .bind(ts(job.next_run_at))
-        .bind(ts(job.started_at))
-        .bind(ok)
-        .bind(ts(job.finished_at))
-        .bind(&job.error)
-        .bind(&job.request_id)
-        .bind(lease.mailbox)
-        .bind(&lease.owner)
-        .bind(failed)
-        .bind(job.hold_until.map(ts))
-        .bind(job.round_end.as_ref().map(|end| &end.delta_link))
-        // No round end: no round id matches, and the cursor stays.
-        .bind(job.round_end.as_ref().map(|end| end.round_id))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO sync_runs (mailbox_id, started_at, finished_at, outcome, full_round,
-                 pages, upserted, deleted, error, request_id)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
-             WHERE EXISTS (SELECT 1 FROM mailboxes WHERE id = ?1)",
-        )
-        .bind(lease.mailbox)
-        .bind(ts(job.started_at))
-        .bind(ts(job.finished_at))
-        .bind(job.outcome.as_str())
-        .bind(job.full_round)
-        .bind(job.pages as i64)
-        .bind(job.upserted as i64)
-        .bind(job.deleted as i64)
-        .bind(&job.error)
-        .bind(&job.request_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM sync_runs WHERE mailbox_id = ?1 AND id <= (
-                 SELECT id FROM sync_runs WHERE mailbox_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-        )
-        .bind(lease.mailbox)
-        .bind(RUNS_KEPT_PER_MAILBOX)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.ends.finish(&self.writer, lease, job).await
     }
 
     async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {

@@ -13,6 +13,7 @@ use sqlx::{Row, SqlitePool};
 use crate::store::contract::*;
 use crate::store::{migrations, StoreError};
 
+mod job_ends;
 mod mailboxes;
 mod rounds;
 mod writes;
@@ -124,6 +125,8 @@ pub struct SqliteStore {
     /// here, in order, beats letting them collide in SQLite, whose busy handler sleeps up to
     /// 100 ms per retry.
     pub(super) writer: SqlitePool,
+    /// Job ends waiting for the writer, committed together.
+    ends: std::sync::Arc<job_ends::JobEnds>,
 }
 
 impl SqliteStore {
@@ -159,7 +162,11 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(Self { pool, writer })
+        Ok(Self {
+            pool,
+            writer,
+            ends: Default::default(),
+        })
     }
 
     /// A SQLite file has one process working on it, so leases left by an earlier process that
