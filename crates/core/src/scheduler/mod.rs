@@ -158,10 +158,28 @@ impl Worker {
         format!("{}/{batch}:", self.owner)
     }
 
-    /// The job's number in this worker (for the running-job registry) and its lease's name.
-    fn job_owner(&self, batch: &str, mailbox: &MailboxRecord) -> (u64, String) {
+    /// Starts the job of `mailbox`, claimed in `batch`, in `permit`'s slot; `false` (its lease
+    /// left to run out) for a tenant no longer configured.
+    fn start_job(
+        self: &Arc<Self>,
+        jobs: &mut JoinSet<JobResult>,
+        batch: &str,
+        mailbox: MailboxRecord,
+        permit: OwnedSemaphorePermit,
+    ) -> bool {
+        let Some(tenant) = self.tenants.get(&mailbox.tenant) else {
+            return false;
+        };
+        // The job's number in this worker (for the running-job registry) and its lease's name.
         let seq = self.job_seq.fetch_add(1, Ordering::Relaxed);
-        (seq, format!("{batch}{}", mailbox.id))
+        let owner = format!("{batch}{}", mailbox.id);
+        let slot = JobSlot {
+            _permit: permit,
+            _count: tenant.guard.start_job(),
+        };
+        let worker = Arc::clone(self);
+        jobs.spawn(async move { worker.execute(mailbox, seq, owner, slot).await });
+        true
     }
 
     /// How many jobs of `tenant` may start now (see [`Tenant::allowance`]).
@@ -207,17 +225,7 @@ impl Worker {
             .await?;
         let mut started = 0;
         for (mailbox, permit) in claimed.into_iter().zip(permits) {
-            let Some(tenant) = self.tenants.get(&mailbox.tenant) else {
-                continue;
-            };
-            let (seq, owner) = self.job_owner(&batch, &mailbox);
-            let slot = JobSlot {
-                _permit: permit,
-                _count: tenant.guard.start_job(),
-            };
-            let worker = Arc::clone(self);
-            jobs.spawn(async move { worker.execute(mailbox, seq, owner, slot).await });
-            started += 1;
+            started += usize::from(self.start_job(jobs, &batch, mailbox, permit));
         }
         Ok(started)
     }
@@ -283,16 +291,7 @@ impl Worker {
                 }
             }
             for (claimed, permit) in claimed.into_iter().zip(permits) {
-                let Some(tenant) = self.tenants.get(&claimed.tenant) else {
-                    continue;
-                };
-                let (seq, owner) = self.job_owner(&batch_owner, &claimed);
-                let slot = JobSlot {
-                    _permit: permit,
-                    _count: tenant.guard.start_job(),
-                };
-                let worker = Arc::clone(self);
-                jobs.spawn(async move { worker.execute(claimed, seq, owner, slot).await });
+                self.start_job(&mut jobs, &batch_owner, claimed, permit);
             }
         }
         let mut results = Vec::new();
