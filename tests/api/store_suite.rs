@@ -191,6 +191,13 @@ async fn record_of(store: &Store, id: MailboxId) -> MailboxRecord {
         .expect("enabled mailbox")
 }
 
+/// `n` mailboxes of tenant `a`, users `m0`, `m1`, ...
+async fn register_numbered(store: &Store, n: usize) -> Vec<MailboxId> {
+    let users: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let named: Vec<(&str, &str)> = users.iter().map(|u| ("a", u.as_str())).collect();
+    register(store, &named).await
+}
+
 /// Claims `id` for `owner` at `now` for a minute, whatever its schedule.
 async fn lease(store: &Store, id: MailboxId, owner: &str, now: DateTime<Utc>) -> Lease {
     store
@@ -496,12 +503,7 @@ async fn claim_many_leases_each_free_mailbox_to_its_own_job(store: Store) {
 /// Replicas claiming the same mailboxes in batches at once: each mailbox goes to exactly one
 /// of them, and every mailbox to one.
 async fn racing_batch_claims_share_out_every_mailbox_once(store: Store) {
-    let users: Vec<(String, String)> = (0..24).map(|i| ("a".into(), format!("m{i}"))).collect();
-    let named: Vec<(&str, &str)> = users
-        .iter()
-        .map(|(t, u)| (t.as_str(), u.as_str()))
-        .collect();
-    let ids = register(&store, &named).await;
+    let ids = register_numbered(&store, 24).await;
     let mut racers = tokio::task::JoinSet::new();
     for replica in 0..4 {
         let (store, mut ids) = (store.clone(), ids.clone());
@@ -537,12 +539,7 @@ async fn racing_batch_claims_share_out_every_mailbox_once(store: Store) {
 /// Jobs that end at the same time (committed together on SQLite) each land on their own
 /// mailbox, fenced on their own lease, with their own run in the history.
 async fn jobs_ending_together_each_land_on_their_own_mailbox(store: Store) {
-    let users: Vec<(String, String)> = (0..12).map(|i| ("a".into(), format!("m{i}"))).collect();
-    let named: Vec<(&str, &str)> = users
-        .iter()
-        .map(|(t, u)| (t.as_str(), u.as_str()))
-        .collect();
-    let ids = register(&store, &named).await;
+    let ids = register_numbered(&store, 12).await;
     let mut leases = Vec::new();
     for &id in &ids {
         leases.push(lease(&store, id, &format!("job-{id}"), t0()).await);

@@ -587,6 +587,13 @@ pub enum RunOutcome {
 }
 
 impl RunOutcome {
+    /// Whether the job adds to its mailbox's consecutive failures. A deferral (open breaker,
+    /// Retry-After past the deadline) is not a failure of the mailbox: its failure count stays,
+    /// but the reason is shown.
+    pub fn counts_as_failure(self) -> bool {
+        matches!(self, Self::Failed | Self::DeadlineExceeded)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",

@@ -157,12 +157,7 @@ impl MailboxStore for PgStore {
 
     async fn finish_job(&self, lease: &Lease, job: &JobRecord) -> Result<(), StoreError> {
         let ok = job.outcome == RunOutcome::Ok;
-        // A deferral (open breaker, Retry-After past the deadline) is not a failure of the
-        // mailbox: its failure count stays, but the reason is shown.
-        let failed = matches!(
-            job.outcome,
-            RunOutcome::Failed | RunOutcome::DeadlineExceeded
-        );
+        let failed = job.outcome.counts_as_failure();
         let error = opt_text(&job.error);
         let request_id = opt_text(&job.request_id);
         // One statement, so one round trip: the mailbox's row (fenced on the lease), the run

@@ -114,12 +114,7 @@ async fn end_one(
     job: &JobRecord,
 ) -> Result<(), StoreError> {
     let ok = job.outcome == RunOutcome::Ok;
-    // A deferral (open breaker, Retry-After past the deadline) is not a failure of the
-    // mailbox: its failure count stays, but the reason is shown.
-    let failed = matches!(
-        job.outcome,
-        RunOutcome::Failed | RunOutcome::DeadlineExceeded
-    );
+    let failed = job.outcome.counts_as_failure();
     sqlx::query(
         "UPDATE mailboxes SET lease_owner = NULL, lease_until = NULL,
              next_run_at = CASE WHEN sync_requested_at IS NOT NULL AND ?16 IS NULL
