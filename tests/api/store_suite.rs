@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use calsync::graph::{Attendees, DeltaItem, Event, PageLink, Window};
 use calsync::store::{
-    Backend, Cursor, Enqueued, EventLink, JobRecord, Lease, MailboxId, MailboxRecord, MasterWrite,
-    NewWrite, PageWrite, RoundEnd, RunOutcome, Store, StoreError, WriteCounts, WriteOp,
-    WriteRecord, WriteResult, WriteState, RUNS_KEPT_PER_MAILBOX,
+    Backend, Cursor, Enqueued, EventLink, JobRecord, Lease, MailboxId, MailboxKey, MailboxRecord,
+    MasterWrite, NewWrite, PageWrite, RoundEnd, RunOutcome, Store, StoreError, WriteCounts,
+    WriteOp, WriteRecord, WriteResult, WriteState, RUNS_KEPT_PER_MAILBOX,
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -301,6 +301,7 @@ async fn config_mailboxes_are_added_disabled_and_reenabled(store: Store) {
         .map(|m| (m.tenant.as_str(), m.user_id.as_str()))
         .collect();
     assert_eq!(names, [("a", "ann"), ("a", "bob"), ("b", "cat")]);
+    keys_list_the_enabled_mailboxes(&store).await;
 
     // bob leaves the config, dan joins; the rest keep their ids.
     let later = register(&store, &[("a", "ann"), ("b", "cat"), ("b", "dan")]).await;
@@ -313,6 +314,7 @@ async fn config_mailboxes_are_added_disabled_and_reenabled(store: Store) {
         .map(|m| m.user_id)
         .collect();
     assert_eq!(enabled, ["ann", "cat", "dan"]);
+    keys_list_the_enabled_mailboxes(&store).await;
     let bob = mailbox(&store, "a", "bob").await;
     assert!(
         !bob.enabled,
@@ -332,6 +334,24 @@ async fn config_mailboxes_are_added_disabled_and_reenabled(store: Store) {
     )
     .await;
     assert_eq!(store.mailboxes().await.expect("mailboxes").len(), 4);
+    keys_list_the_enabled_mailboxes(&store).await;
+}
+
+/// `mailbox_keys` names the mailboxes `mailboxes` lists, in the same order.
+async fn keys_list_the_enabled_mailboxes(store: &Store) {
+    let expected: Vec<MailboxKey> = store
+        .mailboxes()
+        .await
+        .expect("mailboxes")
+        .into_iter()
+        .map(|m| MailboxKey {
+            id: m.id,
+            tenant: m.tenant,
+            user_id: m.user_id,
+        })
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(store.mailbox_keys().await.expect("keys"), expected);
 }
 
 async fn due_candidates_follow_schedule_leases_and_tenant_cap(store: Store) {

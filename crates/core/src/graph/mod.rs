@@ -315,6 +315,15 @@ fn accepted_link(base: &Url, link: &str) -> Result<(), GraphError> {
 /// Small answers (an event, a subscription) are read only this far.
 const MAX_ITEM_BODY: usize = 1024 * 1024;
 
+/// A random (version 4) UUID for `client-request-id`, from the thread's generator (a CSPRNG
+/// seeded from the OS): `Uuid::new_v4` asks the OS for 16 bytes each time, a system call per
+/// Graph request.
+fn new_client_request_id() -> String {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .to_string()
+}
+
 impl GraphClient {
     pub fn new(settings: &GraphSettings, http: reqwest::Client) -> Self {
         Self {
@@ -425,7 +434,7 @@ impl GraphClient {
         request: GraphRequest<'_>,
         token: &AccessToken,
     ) -> Result<GraphResponse, GraphError> {
-        let client_request_id = uuid::Uuid::new_v4().to_string();
+        let client_request_id = new_client_request_id();
         let ids = RequestIds {
             request_id: None,
             client_request_id: client_request_id.clone(),
@@ -631,6 +640,21 @@ fn truncate(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Graph documents `client-request-id` as a GUID: each one a well-formed random UUID,
+    /// hyphenated, and no two alike.
+    #[test]
+    fn client_request_ids_are_distinct_random_uuids() {
+        let ids: std::collections::HashSet<String> =
+            (0..10_000).map(|_| new_client_request_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(100) {
+            let uuid = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(uuid.get_version(), Some(uuid::Version::Random), "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+            assert_eq!(id, &uuid.hyphenated().to_string());
+        }
+    }
 
     #[test]
     fn a_link_is_accepted_exactly_when_its_check_passes() {

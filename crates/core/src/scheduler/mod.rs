@@ -263,7 +263,7 @@ impl Worker {
     /// One pass over every enabled mailbox, whatever its schedule (`calsync sync-once`).
     pub async fn sync_all_once(self: &Arc<Self>) -> anyhow::Result<Vec<JobResult>> {
         let mut mailboxes = Vec::new();
-        for mailbox in self.store.mailboxes().await? {
+        for mailbox in self.store.mailbox_keys().await? {
             if self.tenants.get(&mailbox.tenant).is_none() {
                 tracing::warn!(tenant = %mailbox.tenant, "skipped: tenant not configured");
                 continue;

@@ -11,9 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord, PageApplied, PageWrite,
-    QuarantinedItem, ReplicaRecord, RetiredSubscription, StoreError, StoredMaster, SubscriptionDue,
-    SubscriptionRecord, SubscriptionSaved, SyncRun,
+    Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxKey, MailboxRecord, PageApplied,
+    PageWrite, QuarantinedItem, ReplicaRecord, RetiredSubscription, StoreError, StoredMaster,
+    SubscriptionDue, SubscriptionRecord, SubscriptionSaved, SyncRun,
 };
 use super::{Enqueued, EventLink, NewWrite, PendingWrite, WriteCounts, WriteRecord, WriteResult};
 use crate::graph::{Event, PageLink, Window};
@@ -88,6 +88,11 @@ pub trait MailboxStore {
 
     /// The enabled mailboxes, by tenant and user.
     async fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError>;
+
+    /// The same mailboxes in the same order as [`mailboxes`](Self::mailboxes), only which
+    /// they are: `sync-once` lists every mailbox each pass and claims them, and the claim
+    /// returns the full record.
+    async fn mailbox_keys(&self) -> Result<Vec<MailboxKey>, StoreError>;
 
     async fn mailbox(
         &self,

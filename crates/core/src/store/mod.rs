@@ -317,6 +317,14 @@ impl Store {
         delegate!(self, s => s.mailboxes().await)
     }
 
+    /// The enabled mailboxes' ids, tenants and users, by tenant and user: [`mailboxes`]
+    /// without reading (and copying) each one's cursor and state.
+    ///
+    /// [`mailboxes`]: Self::mailboxes
+    pub async fn mailbox_keys(&self) -> Result<Vec<MailboxKey>, StoreError> {
+        delegate!(self, s => s.mailbox_keys().await)
+    }
+
     pub async fn mailbox(
         &self,
         tenant: &str,
@@ -550,6 +558,15 @@ impl MailboxRecord {
     pub fn is_running(&self, now: DateTime<Utc>) -> bool {
         self.lease_until.is_some_and(|until| until > now)
     }
+}
+
+/// Which mailbox a row is, without its state: what a pass over every mailbox needs to claim
+/// them (the claim returns the full record).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailboxKey {
+    pub id: MailboxId,
+    pub tenant: String,
+    pub user_id: String,
 }
 
 /// A mailbox waiting for a worker.

@@ -9,8 +9,8 @@ use sqlx::Row;
 use crate::graph::Window;
 use crate::store::contract::*;
 use crate::store::{
-    Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxRecord, RunOutcome, StoreError,
-    SyncRun, RUNS_KEPT_PER_MAILBOX,
+    Cursor, DueMailbox, JobRecord, Lease, MailboxId, MailboxKey, MailboxRecord, RunOutcome,
+    StoreError, SyncRun, RUNS_KEPT_PER_MAILBOX,
 };
 // The backend itself and its helpers (timestamps, text cleaning).
 use super::*;
@@ -227,6 +227,23 @@ impl MailboxStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(mailbox_from_row).collect()
+    }
+
+    async fn mailbox_keys(&self) -> Result<Vec<MailboxKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant, user_id FROM mailboxes WHERE enabled ORDER BY tenant, user_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(MailboxKey {
+                    id: row.try_get("id")?,
+                    tenant: row.try_get("tenant")?,
+                    user_id: row.try_get("user_id")?,
+                })
+            })
+            .collect()
     }
 
     async fn mailbox(
