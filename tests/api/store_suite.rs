@@ -46,6 +46,7 @@ store_suite!(
     migrations_run_twice,
     config_mailboxes_are_added_disabled_and_reenabled,
     due_candidates_follow_schedule_leases_and_tenant_cap,
+    due_candidates_take_each_tenants_requests_then_its_oldest,
     claim_only_if_due,
     racing_claims_have_exactly_one_winner,
     claim_many_leases_each_free_mailbox_to_its_own_job,
@@ -413,6 +414,62 @@ async fn due_candidates_follow_schedule_leases_and_tenant_cap(store: Store) {
     )
     .await;
     assert_eq!(ids_at(due(t0() + secs(91), 10).await), [a2, b1, a1]);
+}
+
+/// Every tenant is visited, whatever its name and however many of its mailboxes are due or
+/// disabled, and each gets at most `per_tenant`: its requested mailboxes first (oldest first),
+/// then its other due ones, the two counted together.
+async fn due_candidates_take_each_tenants_requests_then_its_oldest(store: Store) {
+    let mut users = Vec::new();
+    for tenant in ["a", "b", "c", "d"] {
+        for n in 0..4 {
+            users.push((tenant, format!("{tenant}{n}")));
+        }
+    }
+    let pairs: Vec<(&str, &str)> = users.iter().map(|(t, u)| (*t, u.as_str())).collect();
+    let ids = register(&store, &pairs).await;
+    let id = |tenant: usize, n: usize| ids[tenant * 4 + n];
+    let at = |n| t0() + secs(n);
+    // Tenant a: all four disabled. Tenant b: two requests, made after the others fell due.
+    // Tenant c: one request. Tenant d: nothing requested, one not due yet.
+    let enabled: Vec<(&str, &str)> = pairs.iter().copied().filter(|(t, _)| *t != "a").collect();
+    register(&store, &enabled).await;
+    for (tenant, seconds) in [
+        (1, [40, 30, 20, 10]),
+        (2, [10, 20, 30, 40]),
+        (3, [5, 15, 25, 9999]),
+    ] {
+        for (n, s) in seconds.into_iter().enumerate() {
+            schedule(&store, id(tenant, n), at(s)).await;
+        }
+    }
+    for (mailbox, when) in [(id(1, 0), 50), (id(1, 1), 45), (id(2, 3), 50)] {
+        store
+            .request_sync(mailbox, at(when))
+            .await
+            .expect("request")
+            .expect("registered");
+    }
+    let picked: Vec<(MailboxId, bool)> = store
+        .due_candidates(at(100), 2)
+        .await
+        .expect("due")
+        .into_iter()
+        .map(|d| (d.id, d.requested))
+        .collect();
+    assert_eq!(
+        picked,
+        [
+            // Requests first, oldest first, across tenants.
+            (id(1, 1), true),
+            (id(1, 0), true),
+            (id(2, 3), true),
+            // Then the oldest due, one more for c (its request counts), two for d.
+            (id(3, 0), false),
+            (id(2, 0), false),
+            (id(3, 1), false),
+        ]
+    );
 }
 
 async fn claim_only_if_due(store: Store) {

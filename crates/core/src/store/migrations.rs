@@ -71,6 +71,11 @@ pub const SQLITE: Embedded = Embedded(&[
         "writes",
         include_str!("../../migrations/sqlite/0009_writes.sql"),
     ),
+    (
+        10,
+        "due by tenant",
+        include_str!("../../migrations/sqlite/0010_due_by_tenant.sql"),
+    ),
 ]);
 
 pub const POSTGRES: Embedded = Embedded(&[
@@ -113,6 +118,11 @@ pub const POSTGRES: Embedded = Embedded(&[
         9,
         "writes",
         include_str!("../../migrations/postgres/0009_writes.sql"),
+    ),
+    (
+        10,
+        "due by tenant",
+        include_str!("../../migrations/postgres/0010_due_by_tenant.sql"),
     ),
 ]);
 

@@ -50,14 +50,33 @@ impl MailboxStore for PgStore {
         now: DateTime<Utc>,
         per_tenant: u32,
     ) -> Result<Vec<DueMailbox>, StoreError> {
+        // Each tenant's first few due mailboxes with a request and without, each read from
+        // its index in order (the tenants themselves found by skipping through the unique
+        // index), then ranked: the work grows with the tenants and `per_tenant`, not with the
+        // mailboxes due. Ranking every due mailbox instead cost ~0.26 s with 100,000 due.
         let rows = sqlx::query(
-            "SELECT id, tenant, next_run_at, requested FROM (
-                 SELECT id, tenant, next_run_at, sync_requested_at IS NOT NULL AS requested,
-                        ROW_NUMBER() OVER (PARTITION BY tenant
-                            ORDER BY sync_requested_at IS NULL, next_run_at, id) AS rank
-                 FROM mailboxes
-                 WHERE enabled AND next_run_at <= $1
-                   AND (lease_until IS NULL OR lease_until < $1)) AS due
+            "WITH RECURSIVE tenants(tenant) AS (
+                 (SELECT tenant FROM mailboxes WHERE enabled ORDER BY tenant LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT m.tenant FROM mailboxes m
+                         WHERE m.enabled AND m.tenant > t.tenant ORDER BY m.tenant LIMIT 1)
+                 FROM tenants t WHERE t.tenant IS NOT NULL)
+             SELECT id, tenant, next_run_at, requested FROM (
+                 SELECT due.id, due.tenant, due.next_run_at, due.requested,
+                        ROW_NUMBER() OVER (PARTITION BY due.tenant
+                            ORDER BY due.requested DESC, due.next_run_at, due.id) AS rank
+                 FROM tenants t CROSS JOIN LATERAL (
+                     (SELECT id, tenant, next_run_at, true AS requested FROM mailboxes
+                      WHERE tenant = t.tenant AND enabled
+                        AND sync_requested_at IS NOT NULL AND next_run_at <= $1
+                        AND (lease_until IS NULL OR lease_until < $1)
+                      ORDER BY next_run_at, id LIMIT $2)
+                     UNION ALL
+                     (SELECT id, tenant, next_run_at, false AS requested FROM mailboxes
+                      WHERE tenant = t.tenant AND enabled
+                        AND sync_requested_at IS NULL AND next_run_at <= $1
+                        AND (lease_until IS NULL OR lease_until < $1)
+                      ORDER BY next_run_at, id LIMIT $2)) AS due) AS ranked
              WHERE rank <= $2
              ORDER BY requested DESC, next_run_at, id",
         )

@@ -49,14 +49,36 @@ impl MailboxStore for SqliteStore {
         now: DateTime<Utc>,
         per_tenant: u32,
     ) -> Result<Vec<DueMailbox>, StoreError> {
+        // Each tenant's first few due mailboxes with a request and without, each read from
+        // its index in order (the tenants themselves found by skipping through the unique
+        // index), then ranked: the work grows with the tenants and `per_tenant`, not with the
+        // mailboxes due. Ranking every due mailbox instead cost ~0.5 s with 100,000 due.
         let rows = sqlx::query(
-            "SELECT id, tenant, next_run_at, requested FROM (
-                 SELECT id, tenant, next_run_at, sync_requested_at IS NOT NULL AS requested,
+            "WITH RECURSIVE tenants(tenant) AS (
+                 SELECT MIN(tenant) FROM mailboxes WHERE enabled = 1
+                 UNION ALL
+                 SELECT (SELECT MIN(tenant) FROM mailboxes WHERE enabled = 1 AND tenant > t.tenant)
+                 FROM tenants t WHERE t.tenant IS NOT NULL)
+             SELECT id, tenant, next_run_at, requested FROM (
+                 SELECT id, tenant, next_run_at, requested,
                         ROW_NUMBER() OVER (PARTITION BY tenant
-                            ORDER BY sync_requested_at IS NULL, next_run_at, id) AS rank
-                 FROM mailboxes
-                 WHERE enabled = 1 AND next_run_at <= ?1
-                   AND (lease_until IS NULL OR lease_until < ?1))
+                            ORDER BY requested DESC, next_run_at, id) AS rank
+                 FROM (
+                     SELECT m.id, m.tenant, m.next_run_at, 1 AS requested
+                     FROM tenants t JOIN mailboxes m ON m.id IN (
+                         SELECT id FROM mailboxes
+                         WHERE tenant = t.tenant AND enabled = 1
+                           AND sync_requested_at IS NOT NULL AND next_run_at <= ?1
+                           AND (lease_until IS NULL OR lease_until < ?1)
+                         ORDER BY next_run_at, id LIMIT ?2)
+                     UNION ALL
+                     SELECT m.id, m.tenant, m.next_run_at, 0 AS requested
+                     FROM tenants t JOIN mailboxes m ON m.id IN (
+                         SELECT id FROM mailboxes
+                         WHERE tenant = t.tenant AND enabled = 1
+                           AND sync_requested_at IS NULL AND next_run_at <= ?1
+                           AND (lease_until IS NULL OR lease_until < ?1)
+                         ORDER BY next_run_at, id LIMIT ?2)))
              WHERE rank <= ?2
              ORDER BY requested DESC, next_run_at, id",
         )
