@@ -470,6 +470,32 @@ async fn due_candidates_take_each_tenants_requests_then_its_oldest(store: Store)
             (id(3, 1), false),
         ]
     );
+    // Every mailbox of d asked for (d3 due at once): a tenant with requests only.
+    for n in 0..4 {
+        store
+            .request_sync(id(3, n), at(60))
+            .await
+            .expect("request")
+            .expect("registered");
+    }
+    let picked: Vec<(MailboxId, bool)> = store
+        .due_candidates(at(100), 2)
+        .await
+        .expect("due")
+        .into_iter()
+        .map(|d| (d.id, d.requested))
+        .collect();
+    assert_eq!(
+        picked,
+        [
+            (id(3, 0), true),
+            (id(3, 1), true),
+            (id(1, 1), true),
+            (id(1, 0), true),
+            (id(2, 3), true),
+            (id(2, 0), false),
+        ]
+    );
 }
 
 async fn claim_only_if_due(store: Store) {

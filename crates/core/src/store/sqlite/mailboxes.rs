@@ -50,22 +50,34 @@ impl MailboxStore for SqliteStore {
         per_tenant: u32,
     ) -> Result<Vec<DueMailbox>, StoreError> {
         // Each tenant's first few due mailboxes with a request and without, each read from
-        // its index in order (the tenants themselves found by skipping through the unique
-        // index), then ranked: the work grows with the tenants and `per_tenant`, not with the
-        // mailboxes due. Ranking every due mailbox instead cost ~0.5 s with 100,000 due.
+        // its index in order (the tenants themselves found by skipping through the same index,
+        // which holds enabled mailboxes only: a tenant whose mailboxes were all disabled costs
+        // nothing), then ranked: the work grows with the tenants and `per_tenant`, not with
+        // the mailboxes due. Ranking every due mailbox instead cost ~0.5 s with 100,000 due.
         let rows = sqlx::query(
-            "WITH RECURSIVE tenants(tenant) AS (
-                 SELECT MIN(tenant) FROM mailboxes WHERE enabled = 1
+            "WITH RECURSIVE
+             requesting(tenant) AS (
+                 SELECT MIN(tenant) FROM mailboxes
+                 WHERE enabled = 1 AND sync_requested_at IS NOT NULL
                  UNION ALL
-                 SELECT (SELECT MIN(tenant) FROM mailboxes WHERE enabled = 1 AND tenant > t.tenant)
-                 FROM tenants t WHERE t.tenant IS NOT NULL)
+                 SELECT (SELECT MIN(tenant) FROM mailboxes
+                         WHERE enabled = 1 AND sync_requested_at IS NOT NULL
+                           AND tenant > t.tenant)
+                 FROM requesting t WHERE t.tenant IS NOT NULL),
+             waiting(tenant) AS (
+                 SELECT MIN(tenant) FROM mailboxes
+                 WHERE enabled = 1 AND sync_requested_at IS NULL
+                 UNION ALL
+                 SELECT (SELECT MIN(tenant) FROM mailboxes
+                         WHERE enabled = 1 AND sync_requested_at IS NULL AND tenant > t.tenant)
+                 FROM waiting t WHERE t.tenant IS NOT NULL)
              SELECT id, tenant, next_run_at, requested FROM (
                  SELECT id, tenant, next_run_at, requested,
                         ROW_NUMBER() OVER (PARTITION BY tenant
                             ORDER BY requested DESC, next_run_at, id) AS rank
                  FROM (
                      SELECT m.id, m.tenant, m.next_run_at, 1 AS requested
-                     FROM tenants t JOIN mailboxes m ON m.id IN (
+                     FROM requesting t JOIN mailboxes m ON m.id IN (
                          SELECT id FROM mailboxes
                          WHERE tenant = t.tenant AND enabled = 1
                            AND sync_requested_at IS NOT NULL AND next_run_at <= ?1
@@ -73,7 +85,7 @@ impl MailboxStore for SqliteStore {
                          ORDER BY next_run_at, id LIMIT ?2)
                      UNION ALL
                      SELECT m.id, m.tenant, m.next_run_at, 0 AS requested
-                     FROM tenants t JOIN mailboxes m ON m.id IN (
+                     FROM waiting t JOIN mailboxes m ON m.id IN (
                          SELECT id FROM mailboxes
                          WHERE tenant = t.tenant AND enabled = 1
                            AND sync_requested_at IS NULL AND next_run_at <= ?1
