@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use calsync_core::config::Settings;
 use calsync_core::resilience::limits::RateLimits;
-use calsync_core::resilience::{Evidence, ResilienceSettings, TenantGuard};
+use calsync_core::resilience::{Admission, Evidence, ResilienceSettings, TenantGuard};
 use criterion::Criterion;
-use futures_util::FutureExt;
 use recloser::Recloser;
 use tokio::time::Instant;
 
@@ -52,16 +51,25 @@ impl Pipeline {
         }
     }
 
-    /// One call's way through the pipeline, as `sync::call_graph` takes it when Graph answers.
+    /// One call's way through the pipeline, as `sync::call_graph` takes it when Graph answers:
+    /// admitted (one clock read for the permits), answered (the caller's clock read when the
+    /// answer came, which also times the call against `slow_call`).
     fn call(&self) {
-        let reservation = self
-            .guard
-            .admit(&self.limits, black_box(MAILBOX), self.deadline)
-            .now_or_never()
-            .expect("no limiter waits: the limits are far above the bench's rate")
-            .expect("admitted: the breaker is closed");
-        self.guard
-            .answered(reservation, MAILBOX, black_box(Evidence::Healthy));
+        let Admission::Decided(admitted) =
+            self.guard
+                .admit_now(&self.limits, black_box(MAILBOX), self.deadline)
+        else {
+            panic!("no limiter waits: the limits are far above the bench's rate");
+        };
+        let call = admitted.expect("admitted: the breaker is closed");
+        let ended = Instant::now();
+        black_box(ended.saturating_duration_since(call.admitted_at));
+        self.guard.answered(
+            call.reservation,
+            MAILBOX,
+            black_box(Evidence::Healthy),
+            ended,
+        );
     }
 
     /// The breaker alone (reserve, record the success), for a like-for-like look at recloser.

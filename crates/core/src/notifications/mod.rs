@@ -491,7 +491,7 @@ impl UpkeepCall {
             Err(Some(GraphError::Malformed { .. })) => Evidence::Neutral,
             _ => Evidence::Healthy,
         };
-        guard.settle(reservation, mailbox, evidence);
+        guard.settle(reservation, mailbox, evidence, tokio::time::Instant::now());
         Ok(result)
     }
 }

@@ -211,6 +211,23 @@ impl Breaker {
         }
     }
 
+    /// Records `calls` successes that ended in slice `slice` of the window (see
+    /// [`Breaker::window_slicing`]), reported late: while closed, as [`record`](Self::record)
+    /// would have; in any other state, nothing (they are calls let out while it was closed,
+    /// not probes).
+    pub fn record_successes_in_slice(&mut self, slice: u64, calls: u64) {
+        if self.state == BreakerState::Closed && calls > 0 {
+            self.failures_in_a_row = 0;
+            self.outcomes.push_successes(slice, calls);
+        }
+    }
+
+    /// The window's slices: their origin and length in nanoseconds. A time's slice is
+    /// [`slice_of`]; both stay fixed for the breaker's life.
+    pub fn window_slicing(&self) -> (Instant, u64) {
+        (self.outcomes.origin, self.outcomes.slice_nanos)
+    }
+
     /// A reserved call that ended without an outcome for this dependency.
     pub fn release(&mut self) {
         if self.state == BreakerState::HalfOpen {
@@ -246,6 +263,12 @@ impl Breaker {
         self.last_change = now;
         Transition { from, to }
     }
+}
+
+/// The slice of a breaker's window that `now` falls in (see [`Breaker::window_slicing`]).
+pub fn slice_of(origin: Instant, slice_nanos: u64, now: Instant) -> u64 {
+    let elapsed = now.saturating_duration_since(origin).as_nanos();
+    u64::try_from(elapsed).unwrap_or(u64::MAX) / slice_nanos
 }
 
 /// Slices of the sliding window: a call is forgotten at most `window / SLICES` early.
@@ -286,7 +309,7 @@ impl OutcomeWindow {
     }
 
     fn push(&mut self, ok: bool, now: Instant) {
-        self.forget_before(now);
+        self.forget_before(slice_of(self.origin, self.slice_nanos, now));
         let slice = &mut self.slices[(self.newest % SLICES as u64) as usize];
         slice.calls += 1;
         self.calls += 1;
@@ -296,11 +319,15 @@ impl OutcomeWindow {
         }
     }
 
-    /// Drops the slices that left the window by `now`. A call reported with an earlier time
-    /// than one already recorded counts in the newest slice.
-    fn forget_before(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
-        let index = u64::try_from(elapsed).unwrap_or(u64::MAX) / self.slice_nanos;
+    fn push_successes(&mut self, slice: u64, calls: u64) {
+        self.forget_before(slice);
+        self.slices[(self.newest % SLICES as u64) as usize].calls += calls;
+        self.calls += calls;
+    }
+
+    /// Drops the slices that left the window by slice `index`. A call reported with an
+    /// earlier time than one already recorded counts in the newest slice.
+    fn forget_before(&mut self, index: u64) {
         if index <= self.newest {
             return;
         }

@@ -1,12 +1,14 @@
 //! A breaker shared by the calls of one (tenant, dependency), logging every state change.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::breaker::{Breaker, BreakerConfig, BreakerState, CallOutcome, Rejected, Transition};
+use super::breaker::{
+    slice_of, Breaker, BreakerConfig, BreakerState, CallOutcome, Rejected, Transition,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -44,15 +46,70 @@ pub struct GuardedBreaker {
     /// out of a closed breaker (every call, on a good day) takes no lock. A call let out just
     /// as another call's failure trips the breaker is a call that started before the trip.
     closed: AtomicBool,
+    /// Successes of the closed breaker not yet in its window: a success cannot change a closed
+    /// breaker's state, so it is counted here without the lock and moved into the window the
+    /// next time the lock is taken (before any failure is weighed).
+    late: LateSuccesses,
+    /// The window's slicing (see [`Breaker::window_slicing`]): which slice a late success
+    /// belongs to.
+    slicing: (Instant, u64),
+}
+
+/// Bits of [`LateSuccesses`] that count; the rest hold the slice (plus one: zero is empty).
+const COUNT_BITS: u32 = 24;
+const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+
+/// Successes that ended in one slice of a breaker's window, in one atomic word: the slice
+/// number plus one in the high bits, their count in the low [`COUNT_BITS`].
+#[derive(Default)]
+struct LateSuccesses(AtomicU64);
+
+impl LateSuccesses {
+    /// Counts a success of `slice`; false when it must be recorded under the lock instead
+    /// (successes of another slice are waiting, or the count is full).
+    fn add(&self, slice: u64) -> bool {
+        let Some(tag) = slice.checked_add(1).filter(|t| *t < 1 << (64 - COUNT_BITS)) else {
+            return false;
+        };
+        let mut current = self.0.load(Ordering::Relaxed);
+        loop {
+            let next = if current == 0 {
+                tag << COUNT_BITS | 1
+            } else if current >> COUNT_BITS == tag && current & COUNT_MAX < COUNT_MAX {
+                current + 1
+            } else {
+                return false;
+            };
+            match self
+                .0
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// The waiting successes' slice and count, leaving none.
+    fn take(&self) -> Option<(u64, u64)> {
+        if self.0.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let taken = self.0.swap(0, Ordering::AcqRel);
+        (taken != 0).then(|| ((taken >> COUNT_BITS) - 1, taken & COUNT_MAX))
+    }
 }
 
 impl GuardedBreaker {
     pub fn new(tenant: &str, dependency: Dependency, config: BreakerConfig) -> Self {
+        let breaker = Breaker::new(config, Instant::now());
         Self {
             tenant: tenant.to_string(),
             dependency,
-            inner: Mutex::new((Breaker::new(config, Instant::now()), 0)),
+            slicing: breaker.window_slicing(),
+            inner: Mutex::new((breaker, 0)),
             closed: AtomicBool::new(true),
+            late: LateSuccesses::default(),
         }
     }
 
@@ -61,6 +118,9 @@ impl GuardedBreaker {
         // a valid state machine, so keep using it.
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (breaker, trips) = &mut *guard;
+        if let Some((slice, calls)) = self.late.take() {
+            breaker.record_successes_in_slice(slice, calls);
+        }
         let result = f(breaker, trips);
         self.closed
             .store(breaker.state() == BreakerState::Closed, Ordering::Release);
@@ -109,7 +169,17 @@ impl GuardedBreaker {
     }
 
     pub fn record(&self, outcome: CallOutcome) {
-        let now = Instant::now();
+        self.record_at(outcome, Instant::now());
+    }
+
+    /// Records how a call ended, at `now` (the caller's reading of the clock when it ended).
+    pub fn record_at(&self, outcome: CallOutcome, now: Instant) {
+        if outcome == CallOutcome::Success
+            && self.closed.load(Ordering::Acquire)
+            && self.late.add(slice_of(self.slicing.0, self.slicing.1, now))
+        {
+            return;
+        }
         let (transition, until) = self.with(|b, trips| {
             let t = b.record(outcome, now);
             if t.is_some_and(|t| t.to == BreakerState::Open) {
@@ -181,9 +251,14 @@ pub struct Reservation<'a> {
 }
 
 impl Reservation<'_> {
-    pub fn record(mut self, outcome: CallOutcome) {
+    pub fn record(self, outcome: CallOutcome) {
+        self.record_at(outcome, Instant::now());
+    }
+
+    /// Records how the call ended, at `now`.
+    pub fn record_at(mut self, outcome: CallOutcome, now: Instant) {
         self.settled = true;
-        self.breaker.record(outcome);
+        self.breaker.record_at(outcome, now);
     }
 
     /// The call never reached the dependency (e.g. no token): frees a probe.
@@ -205,6 +280,92 @@ impl Drop for Reservation<'_> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn config(min_calls: u32, failure_rate: f64) -> BreakerConfig {
+        BreakerConfig {
+            window: Duration::from_secs(60),
+            min_calls,
+            failure_rate,
+            base_break: Duration::from_secs(1),
+            max_break: Duration::from_secs(1),
+            probes: 1,
+            permanent_break: Duration::from_secs(60),
+        }
+    }
+
+    /// A success recorded without the lock still resets the failures in a row: without it,
+    /// three failures with a success between them would trip a breaker of `min_calls` 3.
+    #[tokio::test(start_paused = true)]
+    async fn a_success_without_the_lock_breaks_a_run_of_failures() {
+        let b = GuardedBreaker::new("t", Dependency::Graph, config(3, 1.0));
+        let now = Instant::now();
+        b.record_at(CallOutcome::Failure, now);
+        b.record_at(CallOutcome::Failure, now);
+        b.record_at(CallOutcome::Success, now);
+        assert_ne!(
+            b.late.0.load(Ordering::Relaxed),
+            0,
+            "the success waits in the atomic"
+        );
+        b.record_at(CallOutcome::Failure, now);
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "3 failures in 4 calls, 1 in a row"
+        );
+        b.record_at(CallOutcome::Failure, now);
+        b.record_at(CallOutcome::Failure, now);
+        assert_eq!(b.state(), BreakerState::Open, "3 in a row");
+    }
+
+    /// Successes waiting in the atomic count in the failure rate, in the slice they ended in:
+    /// within the window they keep a breaker closed, and they leave the window with it.
+    #[tokio::test(start_paused = true)]
+    async fn successes_without_the_lock_count_in_their_slice_of_the_window() {
+        let b = GuardedBreaker::new("t", Dependency::Graph, config(3, 0.6));
+        let t0 = Instant::now();
+        for _ in 0..4 {
+            b.record_at(CallOutcome::Success, t0);
+        }
+        let soon = t0 + Duration::from_secs(30);
+        b.record_at(CallOutcome::Success, soon);
+        b.record_at(CallOutcome::Failure, soon);
+        b.record_at(CallOutcome::Failure, soon);
+        assert_eq!(b.state(), BreakerState::Closed, "2 failures in 7 calls");
+
+        let b = GuardedBreaker::new("t", Dependency::Graph, config(3, 0.6));
+        for _ in 0..4 {
+            b.record_at(CallOutcome::Success, t0);
+        }
+        let later = t0 + Duration::from_secs(61);
+        b.record_at(CallOutcome::Success, later);
+        b.record_at(CallOutcome::Failure, later);
+        b.record_at(CallOutcome::Failure, later);
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "the 4 successes left the window: 2 failures in 3 calls"
+        );
+    }
+
+    /// A success of a call let out while the breaker was closed, counted only after it tripped,
+    /// is neither a probe nor evidence for the new window.
+    #[tokio::test(start_paused = true)]
+    async fn late_successes_of_a_tripped_breaker_change_nothing() {
+        let b = GuardedBreaker::new("t", Dependency::Graph, config(1, 1.0));
+        // A success reaches the atomic just as another call's failure trips the breaker.
+        assert!(b.late.add(0));
+        b.record_at(CallOutcome::Failure, Instant::now());
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let probe = b.reserve().expect("half-open lets one probe out");
+        // Another reaches it while the probe is out: it was let out closed, it is no probe.
+        assert!(b.late.add(0));
+        assert_eq!(b.state(), BreakerState::HalfOpen, "no probe has reported");
+        assert!(b.reserve().is_err(), "the probe's place is still taken");
+        probe.record(CallOutcome::Success);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_dropped_probe_gives_its_place_back() {

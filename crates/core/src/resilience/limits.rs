@@ -381,26 +381,60 @@ impl RateLimits {
         mailbox: i64,
         tenant: &SharedRate,
         deadline: Instant,
-    ) -> Result<(), NotBeforeDeadline> {
-        let mut from = Stage::Mailbox;
+    ) -> Result<Instant, NotBeforeDeadline> {
+        match self.try_acquire(mailbox, tenant, deadline) {
+            Permits::Taken(now) => Ok(now),
+            Permits::NotBeforeDeadline(refused) => Err(refused),
+            Permits::Wait(pending) => self.acquire_after(pending, mailbox, tenant, deadline).await,
+        }
+    }
+
+    /// The permits of a call if they are there now (the usual case, taken without a future:
+    /// see [`TenantGuard::admit_now`](super::TenantGuard::admit_now)), or the wait before the
+    /// next one, for [`acquire_after`](Self::acquire_after).
+    pub fn try_acquire(&self, mailbox: i64, tenant: &SharedRate, deadline: Instant) -> Permits {
+        self.permits_at(Stage::Mailbox, mailbox, tenant, deadline, Instant::now())
+    }
+
+    /// Waits out `pending` and takes the permits it still lacks, as [`acquire`](Self::acquire).
+    pub async fn acquire_after(
+        &self,
+        pending: PendingPermits,
+        mailbox: i64,
+        tenant: &SharedRate,
+        deadline: Instant,
+    ) -> Result<Instant, NotBeforeDeadline> {
+        let mut pending = pending;
         loop {
-            let now = Instant::now();
-            match self.permits_from(from, mailbox, tenant, now) {
-                Ok(()) => return Ok(()),
-                Err((_, Refused::NoShare)) => {
-                    // The job stops, its lease is released, and a replica with a share takes
-                    // the mailbox.
-                    return Err(NotBeforeDeadline {
-                        ready_in: NO_SHARE_RETRY,
-                    });
-                }
-                Err((stage, Refused::Wait(wait))) => {
-                    if now + wait > deadline {
-                        return Err(NotBeforeDeadline { ready_in: wait });
-                    }
-                    from = stage;
-                    tokio::time::sleep(wait).await;
-                }
+            tokio::time::sleep(pending.wait).await;
+            match self.permits_at(pending.from, mailbox, tenant, deadline, Instant::now()) {
+                Permits::Taken(now) => return Ok(now),
+                Permits::NotBeforeDeadline(refused) => return Err(refused),
+                Permits::Wait(next) => pending = next,
+            }
+        }
+    }
+
+    fn permits_at(
+        &self,
+        from: Stage,
+        mailbox: i64,
+        tenant: &SharedRate,
+        deadline: Instant,
+        now: Instant,
+    ) -> Permits {
+        match self.permits_from(from, mailbox, tenant, now) {
+            Ok(()) => Permits::Taken(now),
+            // The job stops, its lease is released, and a replica with a share takes the
+            // mailbox.
+            Err((_, Refused::NoShare)) => Permits::NotBeforeDeadline(NotBeforeDeadline {
+                ready_in: NO_SHARE_RETRY,
+            }),
+            Err((_, Refused::Wait(wait))) if now + wait > deadline => {
+                Permits::NotBeforeDeadline(NotBeforeDeadline { ready_in: wait })
+            }
+            Err((stage, Refused::Wait(wait))) => {
+                Permits::Wait(PendingPermits { from: stage, wait })
             }
         }
     }
@@ -441,6 +475,24 @@ impl RateLimits {
         self.mailbox.retain_recent();
         self.mailbox.shrink_to_fit();
     }
+}
+
+/// A call's permits, tried now.
+#[derive(Debug)]
+pub enum Permits {
+    /// All taken, at this time (the one clock read of the call's admission).
+    Taken(Instant),
+    /// Not before the deadline, or this replica has no share.
+    NotBeforeDeadline(NotBeforeDeadline),
+    /// Some are taken; the rest after a wait.
+    Wait(PendingPermits),
+}
+
+/// The permits a call still lacks, and how long until the next is due.
+#[derive(Debug)]
+pub struct PendingPermits {
+    from: Stage,
+    wait: Duration,
 }
 
 /// Where a call's permits stand: the first limiter whose permit it does not have yet.

@@ -11,7 +11,7 @@ pub mod retry;
 pub mod retry_after;
 pub mod spread;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use breaker::{CallOutcome, Rejected};
 use budget::RetryBudget;
 use guard::{Dependency, GuardedBreaker, Reservation};
-use limits::{NotBeforeDeadline, RateLimits};
+use limits::{NotBeforeDeadline, PendingPermits, Permits, RateLimits};
 
 #[derive(Clone, Debug)]
 pub struct ResilienceSettings {
@@ -48,6 +48,9 @@ pub struct TenantGuard {
     /// This replica's share of the tenant's request rate.
     pub rate: limits::SharedRate,
     budget: Mutex<RetryBudget>,
+    /// The budget was full when last changed (a copy kept under its lock): a deposit into a
+    /// full budget changes nothing, so it takes no lock. Time only fills it further.
+    budget_full: AtomicBool,
     running: AtomicUsize,
     spread: Mutex<spread::FailureSpread>,
 }
@@ -66,6 +69,19 @@ pub enum Evidence {
     GraphFailure,
 }
 
+/// A Graph call's admission, decided now or after a wait for a rate limit.
+pub enum Admission<'a> {
+    Decided(Result<GraphCall<'a>, Refused>),
+    Wait(PendingPermits),
+}
+
+/// A Graph call let out: its place on the breaker, and when its permits were taken (the
+/// clock read of its admission, for the caller's timing of it).
+pub struct GraphCall<'a> {
+    pub reservation: Reservation<'a>,
+    pub admitted_at: Instant,
+}
+
 /// Why a Graph call was not let out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
@@ -77,14 +93,16 @@ pub enum Refused {
 
 impl TenantGuard {
     pub fn new(tenant: &str, settings: &ResilienceSettings, limits: &RateLimits) -> Self {
+        let budget = RetryBudget::new(
+            settings.retry_budget_ratio,
+            settings.retry_budget_min_per_second,
+            Instant::now(),
+        );
         Self {
             graph: GuardedBreaker::new(tenant, Dependency::Graph, settings.breaker.clone()),
             rate: limits.tenant_limiter(),
-            budget: Mutex::new(RetryBudget::new(
-                settings.retry_budget_ratio,
-                settings.retry_budget_min_per_second,
-                Instant::now(),
-            )),
+            budget_full: AtomicBool::new(budget.is_full()),
+            budget: Mutex::new(budget),
             running: AtomicUsize::new(0),
             spread: Mutex::new(spread::FailureSpread::new(
                 settings.breaker.window,
@@ -95,48 +113,97 @@ impl TenantGuard {
 
     /// Lets one Graph call of `mailbox` out: a permit from each rate limit (the mailbox's, the
     /// tenant's, the app's), waited for but never past `deadline`, then a place on the tenant's
-    /// Graph breaker. It allocates nothing once the mailbox has made a call.
+    /// Graph breaker. The reservation carries the time it was admitted. It allocates nothing
+    /// once the mailbox has made a call.
     pub async fn admit(
         &self,
         limits: &RateLimits,
         mailbox: i64,
         deadline: Instant,
-    ) -> Result<Reservation<'_>, Refused> {
-        limits
-            .acquire(mailbox, &self.rate, deadline)
+    ) -> Result<GraphCall<'_>, Refused> {
+        match self.admit_now(limits, mailbox, deadline) {
+            Admission::Decided(decided) => decided,
+            Admission::Wait(pending) => self.admit_after(limits, pending, mailbox, deadline).await,
+        }
+    }
+
+    /// [`admit`](Self::admit) without a future when no limiter makes the call wait (every call,
+    /// below the limits): a caller that awaits [`admit_after`](Self::admit_after) only on
+    /// [`Admission::Wait`] builds and moves no future on the way.
+    pub fn admit_now(&self, limits: &RateLimits, mailbox: i64, deadline: Instant) -> Admission<'_> {
+        match limits.try_acquire(mailbox, &self.rate, deadline) {
+            Permits::Taken(now) => Admission::Decided(self.reserve(now)),
+            Permits::NotBeforeDeadline(refused) => {
+                Admission::Decided(Err(Refused::RateLimit(refused)))
+            }
+            Permits::Wait(pending) => Admission::Wait(pending),
+        }
+    }
+
+    /// The rest of an [`Admission::Wait`]: waits for the permits, then the breaker.
+    pub async fn admit_after(
+        &self,
+        limits: &RateLimits,
+        pending: PendingPermits,
+        mailbox: i64,
+        deadline: Instant,
+    ) -> Result<GraphCall<'_>, Refused> {
+        let now = limits
+            .acquire_after(pending, mailbox, &self.rate, deadline)
             .await
             .map_err(Refused::RateLimit)?;
-        self.graph.reserve().map_err(Refused::Breaker)
+        self.reserve(now)
+    }
+
+    fn reserve(&self, admitted_at: Instant) -> Result<GraphCall<'_>, Refused> {
+        let reservation = self.graph.reserve().map_err(Refused::Breaker)?;
+        Ok(GraphCall {
+            reservation,
+            admitted_at,
+        })
     }
 
     /// Settles a call Graph answered as asked: its evidence on the breaker, and the retries a
     /// success earns in the budget.
-    pub fn answered(&self, reservation: Reservation<'_>, mailbox: i64, evidence: Evidence) {
-        self.settle(reservation, mailbox, evidence);
+    /// `ended_at` is the caller's reading of the clock when the answer came.
+    pub fn answered(
+        &self,
+        reservation: Reservation<'_>,
+        mailbox: i64,
+        evidence: Evidence,
+        ended_at: Instant,
+    ) {
+        self.settle(reservation, mailbox, evidence, ended_at);
         self.deposit();
     }
 
     /// Settles a Graph call of `mailbox` on the tenant's breaker by what it says about Graph:
     /// a mailbox's own failure counts only once failures are spread over enough mailboxes
     /// (then with the window's earlier ones); no evidence releases the reservation.
-    pub fn settle(&self, reservation: Reservation<'_>, mailbox: i64, evidence: Evidence) {
+    pub fn settle(
+        &self,
+        reservation: Reservation<'_>,
+        mailbox: i64,
+        evidence: Evidence,
+        ended_at: Instant,
+    ) {
         match evidence {
-            Evidence::Healthy => reservation.record(CallOutcome::Success),
+            Evidence::Healthy => reservation.record_at(CallOutcome::Success, ended_at),
             Evidence::Neutral => reservation.release(),
-            Evidence::GraphFailure => reservation.record(CallOutcome::Failure),
+            Evidence::GraphFailure => reservation.record_at(CallOutcome::Failure, ended_at),
             Evidence::MailboxFailure => {
                 let counted = self
                     .spread
                     .lock()
-                    .map(|mut s| s.note(mailbox, Instant::now()))
+                    .map(|mut s| s.note(mailbox, ended_at))
                     .unwrap_or(1);
                 if counted == 0 {
                     reservation.release();
                     return;
                 }
-                reservation.record(CallOutcome::Failure);
+                reservation.record_at(CallOutcome::Failure, ended_at);
                 for _ in 1..counted {
-                    self.graph.record(CallOutcome::Failure);
+                    self.graph.record_at(CallOutcome::Failure, ended_at);
                 }
             }
         }
@@ -146,16 +213,22 @@ impl TenantGuard {
     pub fn try_retry(&self) -> bool {
         self.budget
             .lock()
-            .map(|mut b| b.withdraw(Instant::now()))
+            .map(|mut b| {
+                let granted = b.withdraw(Instant::now());
+                self.budget_full.store(b.is_full(), Ordering::Release);
+                granted
+            })
             .unwrap_or(false)
     }
 
     pub fn deposit(&self) {
+        // A full budget (the usual case) earns nothing: no lock, no clock.
+        if self.budget_full.load(Ordering::Acquire) {
+            return;
+        }
         if let Ok(mut b) = self.budget.lock() {
-            // A full budget (the usual case) needs no clock: time refills it no further.
-            if !b.is_full() {
-                b.deposit(Instant::now());
-            }
+            b.deposit(Instant::now());
+            self.budget_full.store(b.is_full(), Ordering::Release);
         }
     }
 
@@ -193,7 +266,6 @@ pub fn after_retry_after(retry_after: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::FutureExt;
 
     /// A Graph call on the success path (admitted, answered) allocates nothing: counted, not
     /// timed, on this thread only, so other tests running at once do not disturb the count.
@@ -213,18 +285,40 @@ mod tests {
         let guard = TenantGuard::new("tenant", &settings, &limits);
         let deadline = Instant::now() + Duration::from_secs(3600);
         let call = || {
-            let reservation = guard
-                .admit(&limits, 7, deadline)
-                .now_or_never()
-                .expect("no wait: the limits are far above 10,000 calls")
-                .expect("admitted");
-            guard.answered(reservation, 7, Evidence::Healthy);
+            let Admission::Decided(admitted) = guard.admit_now(&limits, 7, deadline) else {
+                panic!("no wait: the limits are far above 10,000 calls");
+            };
+            let call = admitted.expect("admitted");
+            guard.answered(call.reservation, 7, Evidence::Healthy, Instant::now());
         };
         // The mailbox's first call creates its rate-limit state.
         call();
         let counted = allocation_counter::measure(|| (0..10_000).for_each(|_| call()));
         assert_eq!(counted.count_total, 0, "{counted:?}");
         assert_eq!(guard.graph.state(), breaker::BreakerState::Closed);
+    }
+
+    /// A deposit into a full budget takes no lock; once a retry is taken, successes earn
+    /// retries back again.
+    #[tokio::test(start_paused = true)]
+    async fn successes_refill_a_budget_that_was_full() {
+        let settings = ResilienceSettings {
+            retry_budget_ratio: 0.5,
+            retry_budget_min_per_second: 0,
+            ..crate::config::Settings::from_toml_str("")
+                .expect("the embedded defaults load")
+                .resilience
+        };
+        let limits = RateLimits::new(&settings);
+        let guard = TenantGuard::new("tenant", &settings, &limits);
+        guard.deposit();
+        let banked = std::iter::from_fn(|| guard.try_retry().then_some(())).count();
+        assert_eq!(banked, 10, "ten retries banked, none earned while full");
+        guard.deposit();
+        assert!(!guard.try_retry(), "half a retry per success");
+        guard.deposit();
+        guard.deposit();
+        assert!(guard.try_retry());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::graph::{
 use crate::metrics::DeferReason;
 use crate::resilience::limits::RateLimits;
 use crate::resilience::retry::{Decision, Failure, RetryPolicy};
-use crate::resilience::{Evidence, Refused, TenantGuard};
+use crate::resilience::{Admission, Evidence, GraphCall, Refused, TenantGuard};
 use crate::store::{Cursor, Lease, MailboxRecord, PageWrite, RoundEnd, Store, StoreError};
 use tokio::time::Instant;
 
@@ -431,8 +431,20 @@ where
 {
     let mut attempt: u32 = 0;
     loop {
-        let reservation = match ctx.guard.admit(ctx.limits, mailbox, ctx.deadline).await {
-            Ok(reservation) => reservation,
+        // Below the limits (nearly every call) the admission is decided without a future.
+        let admitted = match ctx.guard.admit_now(ctx.limits, mailbox, ctx.deadline) {
+            Admission::Decided(decided) => decided,
+            Admission::Wait(pending) => {
+                ctx.guard
+                    .admit_after(ctx.limits, pending, mailbox, ctx.deadline)
+                    .await
+            }
+        };
+        let GraphCall {
+            reservation,
+            admitted_at: started,
+        } = match admitted {
+            Ok(call) => call,
             Err(Refused::RateLimit(wait)) => {
                 crate::metrics::job_deferred(
                     ctx.tokens.tenant(),
@@ -458,8 +470,8 @@ where
                 });
             }
         };
-        let started = Instant::now();
         let result = with_fresh_token(ctx.tokens, &call).await;
+        let ended = Instant::now();
         match &result {
             Ok(_) => crate::metrics::graph_request(ctx.tokens.tenant(), "2xx"),
             // An error without a Graph error (no token, a refused link) sent nothing.
@@ -476,13 +488,15 @@ where
         }
         let evidence = match &result {
             // Slow for one mailbox (a huge calendar) is that mailbox's matter unless others are.
-            Ok(_) if started.elapsed() > ctx.slow_call => Evidence::MailboxFailure,
+            Ok(_) if ended.saturating_duration_since(started) > ctx.slow_call => {
+                Evidence::MailboxFailure
+            }
             Ok(_) => Evidence::Healthy,
             Err(e) => e.evidence(),
         };
         let error = match result {
             Ok(answer) => {
-                ctx.guard.answered(reservation, mailbox, evidence);
+                ctx.guard.answered(reservation, mailbox, evidence, ended);
                 return Ok(answer);
             }
             Err(SyncError::Auth(
@@ -508,7 +522,7 @@ where
         // The attempts of one request are one piece of evidence: only the last one counts.
         match (&retry, evidence) {
             (Ok(_), Evidence::MailboxFailure) => reservation.release(),
-            _ => settle(ctx, mailbox, reservation, evidence),
+            _ => settle(ctx, mailbox, reservation, evidence, ended),
         }
         let (wait, told) = match retry {
             Ok(next) => next,
@@ -527,8 +541,9 @@ fn settle(
     mailbox: i64,
     reservation: crate::resilience::guard::Reservation<'_>,
     evidence: Evidence,
+    ended: Instant,
 ) {
-    ctx.guard.settle(reservation, mailbox, evidence);
+    ctx.guard.settle(reservation, mailbox, evidence, ended);
 }
 
 /// Whether a failed attempt is tried again: `Ok((wait, told))` to retry after `wait` (`told`:
