@@ -247,7 +247,9 @@ impl Worker {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(self.sync.poll_interval) => {}
-                Some(done) = jobs.join_next(), if !jobs.is_empty() => log_join(done),
+                Some(done) = jobs.join_next(), if !jobs.is_empty() => {
+                    reap_ended(&mut jobs, done);
+                }
             }
         }
         tracing::info!(
@@ -711,8 +713,56 @@ impl Worker {
     }
 }
 
-fn log_join(done: Result<JobResult, tokio::task::JoinError>) {
+/// Takes `first` and every other job of `jobs` that has ended by now, without waiting for
+/// one still running; returns how many. Jobs often end together (a backlog draining after an
+/// outage): the dispatcher then selects and claims due mailboxes once for all of their slots,
+/// not once per job.
+fn reap_ended<T: 'static>(
+    jobs: &mut JoinSet<T>,
+    first: Result<T, tokio::task::JoinError>,
+) -> usize {
+    log_join(first);
+    let mut reaped = 1;
+    while let Some(done) = jobs.try_join_next() {
+        log_join(done);
+        reaped += 1;
+    }
+    reaped
+}
+
+fn log_join<T>(done: Result<T, tokio::task::JoinError>) {
     if let Err(e) = done {
         tracing::error!(error = %e, "a sync job panicked; its lease will run out and it will be retried");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the current-thread runtime a job that has sent its message has also ended before
+    /// this task runs again, so the test waits for that condition, not for time.
+    #[tokio::test]
+    async fn ended_jobs_are_reaped_together_and_running_ones_are_not_waited_for() {
+        let mut jobs = JoinSet::new();
+        let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel();
+        for n in 0..3 {
+            let ended = ended.clone();
+            jobs.spawn(async move {
+                let _ = ended.send(n);
+                n
+            });
+        }
+        jobs.spawn(std::future::pending());
+        for _ in 0..3 {
+            endings.recv().await.expect("the job sends before it ends");
+        }
+        let first = jobs.join_next().await.expect("an ended job");
+        assert_eq!(
+            reap_ended(&mut jobs, first),
+            3,
+            "all three ended jobs at once"
+        );
+        assert_eq!(jobs.len(), 1, "the running job is left running");
     }
 }
