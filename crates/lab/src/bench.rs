@@ -122,6 +122,14 @@ pub struct BenchReport {
     pub rss_per_registered_mailbox_bytes: f64,
     pub dispatch_selection_ms: f64,
     pub claims_per_second: f64,
+    /// One health model (`/healthz`, `/metrics` and the status page each build one) with
+    /// every registered mailbox in the store: its time and its JSON's size.
+    pub health_check_ms: f64,
+    pub health_json_bytes: usize,
+    /// Why the health model could not be built (the store did not answer within the check's
+    /// timeout), if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_error: Option<String>,
     pub failed_jobs: usize,
     /// Replica mode, one entry per replica count (empty without `--replicas`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -386,8 +394,7 @@ async fn measure(
         "registering {} mailboxes for the scheduling measurement...",
         args.registered
     ));
-    let (rss_per_mailbox, selection_ms, claims_per_second) =
-        registered_cost(&settings, dir, args.registered).await?;
+    let registered = registered_cost(&settings, dir, args.registered).await?;
 
     let pages_per_second = sync.initial_pages as f64 / sync.initial_seconds;
     let raw_pages_per_second = raw_pages as f64 / raw_seconds;
@@ -418,9 +425,12 @@ async fn measure(
         idle_round_seconds: sync.idle_seconds,
         peak_rss_mib,
         registered_mailboxes: args.registered,
-        rss_per_registered_mailbox_bytes: rss_per_mailbox,
-        dispatch_selection_ms: selection_ms,
-        claims_per_second,
+        rss_per_registered_mailbox_bytes: registered.rss_per_mailbox,
+        dispatch_selection_ms: registered.selection_ms,
+        claims_per_second: registered.claims_per_second,
+        health_check_ms: registered.health_check_ms,
+        health_json_bytes: registered.health_json_bytes,
+        health_error: registered.health_error,
         failed_jobs: sync.failed_jobs,
         replica_runs: Vec::new(),
         change_to_stored: None,
@@ -873,13 +883,23 @@ fn next_link(body: &str) -> Option<String> {
     Some(body[start..end].replace("\\/", "/"))
 }
 
-/// Registers `count` mailboxes in a fresh store and measures the process's RSS growth and the
-/// dispatcher's due-selection query with all of them due.
+/// What many registered mailboxes cost (see [`registered_cost`]).
+struct RegisteredCost {
+    rss_per_mailbox: f64,
+    selection_ms: f64,
+    claims_per_second: f64,
+    health_check_ms: f64,
+    health_json_bytes: usize,
+    health_error: Option<String>,
+}
+
+/// Registers `count` mailboxes in a fresh store and measures the process's RSS growth, the
+/// dispatcher's due-selection query with all of them due, claims, and one health model.
 async fn registered_cost(
     settings: &Settings,
     dir: &Path,
     count: usize,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<RegisteredCost> {
     let mut settings = settings.clone();
     settings.store.url = format!("sqlite://{}", dir.join("registered.db").display());
     let tenants: Vec<String> = settings.tenants.iter().map(|t| t.name.clone()).collect();
@@ -926,7 +946,23 @@ async fn registered_cost(
     let claims_per_second = claims as f64 / started.elapsed().as_secs_f64();
     let rss_after = status_kib("VmRSS:")?;
     let per_mailbox = (rss_after.saturating_sub(rss_before) * 1024) as f64 / count as f64;
-    Ok((per_mailbox, selection_ms, claims_per_second))
+    // After the RSS reading: what `/healthz` builds and sends, once. It gives up when the
+    // store takes longer than the health check allows: that is a finding, not a failed bench.
+    let started = Instant::now();
+    let (health_json_bytes, health_error) =
+        match calsync_core::health::current(&store, &worker).await {
+            Ok((health, _)) => (serde_json::to_vec(&health)?.len(), None),
+            Err(reason) => (0, Some(reason)),
+        };
+    let health_check_ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(RegisteredCost {
+        rss_per_mailbox: per_mailbox,
+        selection_ms,
+        claims_per_second,
+        health_check_ms,
+        health_json_bytes,
+        health_error,
+    })
 }
 
 /// User + system CPU seconds of this process (Linux `/proc`, whose clock ticks are 1/100 s).
@@ -1115,6 +1151,20 @@ pub fn render(r: &BenchReport) -> String {
             format!("{:.1} ms per dispatch cycle", r.dispatch_selection_ms),
         ),
         ("  claims/s", format!("{:.0}", r.claims_per_second)),
+        (
+            "  health model",
+            match &r.health_error {
+                None => format!(
+                    "{:.1} ms, {:.1} MiB of JSON (/healthz)",
+                    r.health_check_ms,
+                    r.health_json_bytes as f64 / 1_048_576.0
+                ),
+                Some(reason) => format!(
+                    "failed after {:.1} ms: {reason} (/healthz would answer 503)",
+                    r.health_check_ms
+                ),
+            },
+        ),
         ("failed jobs", format!("{}", r.failed_jobs)),
     ];
     for (name, value) in rows {
@@ -1263,6 +1313,9 @@ mod tests {
             rss_per_registered_mailbox_bytes: 100.0,
             dispatch_selection_ms: 1.0,
             claims_per_second: 1000.0,
+            health_check_ms: 1.0,
+            health_json_bytes: 1000,
+            health_error: None,
             failed_jobs: 0,
             replica_runs: Vec::new(),
             change_to_stored: None,
