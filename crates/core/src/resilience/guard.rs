@@ -322,27 +322,29 @@ mod tests {
     /// within the window they keep a breaker closed, and they leave the window with it.
     #[tokio::test(start_paused = true)]
     async fn successes_without_the_lock_count_in_their_slice_of_the_window() {
-        let b = GuardedBreaker::new("t", Dependency::Graph, config(3, 0.6));
-        let t0 = Instant::now();
-        for _ in 0..4 {
-            b.record_at(CallOutcome::Success, t0);
-        }
-        let soon = t0 + Duration::from_secs(30);
-        b.record_at(CallOutcome::Success, soon);
-        b.record_at(CallOutcome::Failure, soon);
-        b.record_at(CallOutcome::Failure, soon);
-        assert_eq!(b.state(), BreakerState::Closed, "2 failures in 7 calls");
-
-        let b = GuardedBreaker::new("t", Dependency::Graph, config(3, 0.6));
-        for _ in 0..4 {
-            b.record_at(CallOutcome::Success, t0);
-        }
-        let later = t0 + Duration::from_secs(61);
-        b.record_at(CallOutcome::Success, later);
-        b.record_at(CallOutcome::Failure, later);
-        b.record_at(CallOutcome::Failure, later);
+        // Four successes at the start, then a success and two failures `after` it.
+        let state_after = |after: Duration| {
+            let b = GuardedBreaker::new("t", Dependency::Graph, config(3, 0.6));
+            let t0 = Instant::now();
+            for _ in 0..4 {
+                b.record_at(CallOutcome::Success, t0);
+            }
+            for outcome in [
+                CallOutcome::Success,
+                CallOutcome::Failure,
+                CallOutcome::Failure,
+            ] {
+                b.record_at(outcome, t0 + after);
+            }
+            b.state()
+        };
         assert_eq!(
-            b.state(),
+            state_after(Duration::from_secs(30)),
+            BreakerState::Closed,
+            "2 failures in 7 calls"
+        );
+        assert_eq!(
+            state_after(Duration::from_secs(61)),
             BreakerState::Open,
             "the 4 successes left the window: 2 failures in 3 calls"
         );

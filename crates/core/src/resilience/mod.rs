@@ -267,6 +267,12 @@ pub fn after_retry_after(retry_after: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    fn defaults() -> ResilienceSettings {
+        crate::config::Settings::from_toml_str("")
+            .expect("the embedded defaults load")
+            .resilience
+    }
+
     /// A Graph call on the success path (admitted, answered) allocates nothing: counted, not
     /// timed, on this thread only, so other tests running at once do not disturb the count.
     #[test]
@@ -277,9 +283,7 @@ mod tests {
             mailbox_requests_per_10min: u32::MAX,
             tenant_requests_per_second: 1_000_000_000,
             app_requests_per_second: 1_000_000_000,
-            ..crate::config::Settings::from_toml_str("")
-                .expect("the embedded defaults load")
-                .resilience
+            ..defaults()
         };
         let limits = RateLimits::new(&settings);
         let guard = TenantGuard::new("tenant", &settings, &limits);
@@ -305,9 +309,7 @@ mod tests {
         let settings = ResilienceSettings {
             retry_budget_ratio: 0.5,
             retry_budget_min_per_second: 0,
-            ..crate::config::Settings::from_toml_str("")
-                .expect("the embedded defaults load")
-                .resilience
+            ..defaults()
         };
         let limits = RateLimits::new(&settings);
         let guard = TenantGuard::new("tenant", &settings, &limits);
