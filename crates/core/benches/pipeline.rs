@@ -1,5 +1,5 @@
 //! The resilience pipeline's own cost: one Graph call on the success path through the same
-//! functions `sync` uses ([`TenantGuard::admit`]: the mailbox, tenant and app rate limits and
+//! functions `sync` uses ([`TenantGuard::admit_now`]: the mailbox, tenant and app rate limits and
 //! the tenant's Graph breaker; [`TenantGuard::answered`]: the success recorded on the breaker
 //! and its deposit in the retry budget), beside the `recloser` crate's breaker in the same run.
 //! No HTTP, no token, no metrics: only what the resilience code adds to each call.

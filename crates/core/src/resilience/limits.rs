@@ -399,12 +399,11 @@ impl RateLimits {
     /// Waits out `pending` and takes the permits it still lacks, as [`acquire`](Self::acquire).
     pub async fn acquire_after(
         &self,
-        pending: PendingPermits,
+        mut pending: PendingPermits,
         mailbox: i64,
         tenant: &SharedRate,
         deadline: Instant,
     ) -> Result<Instant, NotBeforeDeadline> {
-        let mut pending = pending;
         loop {
             tokio::time::sleep(pending.wait).await;
             match self.permits_at(pending.from, mailbox, tenant, deadline, Instant::now()) {

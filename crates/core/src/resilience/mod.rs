@@ -112,24 +112,12 @@ impl TenantGuard {
     }
 
     /// Lets one Graph call of `mailbox` out: a permit from each rate limit (the mailbox's, the
-    /// tenant's, the app's), waited for but never past `deadline`, then a place on the tenant's
-    /// Graph breaker. The reservation carries the time it was admitted. It allocates nothing
-    /// once the mailbox has made a call.
-    pub async fn admit(
-        &self,
-        limits: &RateLimits,
-        mailbox: i64,
-        deadline: Instant,
-    ) -> Result<GraphCall<'_>, Refused> {
-        match self.admit_now(limits, mailbox, deadline) {
-            Admission::Decided(decided) => decided,
-            Admission::Wait(pending) => self.admit_after(limits, pending, mailbox, deadline).await,
-        }
-    }
-
-    /// [`admit`](Self::admit) without a future when no limiter makes the call wait (every call,
-    /// below the limits): a caller that awaits [`admit_after`](Self::admit_after) only on
-    /// [`Admission::Wait`] builds and moves no future on the way.
+    /// tenant's, the app's), then a place on the tenant's Graph breaker, decided now when no
+    /// limiter makes the call wait (every call, below the limits). Otherwise
+    /// [`Admission::Wait`], for [`admit_after`](Self::admit_after), which waits but never past
+    /// `deadline`: a caller that awaits only then builds and moves no future on the success
+    /// path. The [`GraphCall`] carries the time it was admitted. It allocates nothing once the
+    /// mailbox has made a call.
     pub fn admit_now(&self, limits: &RateLimits, mailbox: i64, deadline: Instant) -> Admission<'_> {
         match limits.try_acquire(mailbox, &self.rate, deadline) {
             Permits::Taken(now) => Admission::Decided(self.reserve(now)),
