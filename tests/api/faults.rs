@@ -46,9 +46,10 @@ fn running_of(app: &SimApp, tenant: &str) -> usize {
 }
 
 async fn health(app: &SimApp) -> serde_json::Value {
-    let mailboxes = app.store.mailboxes().await.expect("store reads");
-    let health =
-        calsync::health::build(&mailboxes, &Default::default(), &app.worker, Utc::now()).await;
+    let listed = calsync::health::MAILBOX_DETAIL_PER_TENANT;
+    let health = calsync::health::current(&app.store, &app.worker, listed)
+        .await
+        .expect("store reads");
     serde_json::to_value(health).expect("health serializes")
 }
 

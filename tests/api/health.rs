@@ -264,3 +264,115 @@ async fn health_command(base: &str) -> std::process::Output {
         .await
         .expect("calsync health runs")
 }
+
+/// With more mailboxes than it lists, `/healthz` shows each tenant's worst (the failing ones
+/// first, most recent first) and counts the rest; the counts, the metrics and the status page
+/// cover every mailbox, not only the listed ones.
+#[tokio::test]
+async fn healthz_lists_each_tenants_worst_mailboxes_and_counts_them_all() {
+    use calsync::store::{JobRecord, Lease, RunOutcome};
+    let graph = MockServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = start_app(settings(&graph, &dir), Jobs::ByTest).await;
+    let now = chrono::Utc::now();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let (record, _) = app
+            .store
+            .register_mailbox("contoso", &format!("user{i}@contoso.com"), now)
+            .await
+            .expect("registers");
+        ids.push(record.id);
+    }
+    // Two fail, user7 after user3: user7 comes first.
+    for (id, secs) in [(ids[3], 10), (ids[7], 5)] {
+        let owner = format!("test/{id}");
+        let at = now - chrono::Duration::seconds(secs);
+        app.store
+            .claim(id, &owner, at, Duration::from_secs(60), false)
+            .await
+            .expect("claims")
+            .expect("free");
+        let job = JobRecord {
+            started_at: at,
+            finished_at: at,
+            outcome: RunOutcome::Failed,
+            full_round: false,
+            pages: 0,
+            upserted: 0,
+            deleted: 0,
+            error: Some(format!("failure {id}")),
+            request_id: None,
+            next_run_at: now + chrono::Duration::seconds(600),
+            hold_until: None,
+            round_end: None,
+        };
+        let lease = Lease { mailbox: id, owner };
+        app.store.finish_job(&lease, &job).await.expect("job ends");
+    }
+
+    let health: serde_json::Value = app
+        .http
+        .get(format!("{}/healthz", app.internal))
+        .send()
+        .await
+        .expect("healthz answers")
+        .json()
+        .await
+        .expect("JSON");
+    let contoso = health["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .find(|t| t["name"] == "contoso")
+        .expect("contoso");
+    let listed = contoso["mailbox_detail"].as_array().expect("detail");
+    assert_eq!(listed.len(), 20, "{contoso:#}");
+    assert_eq!(contoso["mailboxes"], 31, "the config's mailbox and 30 more");
+    assert_eq!(contoso["mailbox_detail_omitted"], 11);
+    assert_eq!(
+        (&contoso["failing"], &contoso["never_synced"]),
+        (&2.into(), &31.into())
+    );
+    let first: Vec<&str> = listed[..2]
+        .iter()
+        .map(|m| m["mailbox"].as_str().expect("name"))
+        .collect();
+    assert_eq!(first, ["user7@contoso.com", "user3@contoso.com"]);
+    assert_eq!(
+        contoso["due"]["eligible"], 29,
+        "all but the two waiting out their backoff"
+    );
+
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.internal))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("text");
+    for line in [
+        "calsync_mailboxes{tenant=\"contoso\"} 31",
+        "calsync_mailboxes_failing{tenant=\"contoso\"} 2",
+        "calsync_due_jobs{tenant=\"contoso\"} 29",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+    let page = app
+        .http
+        .get(format!("{}/", app.internal))
+        .send()
+        .await
+        .expect("status page answers")
+        .text()
+        .await
+        .expect("html");
+    assert!(page.contains("id=\"omitted\""), "{page}");
+    assert!(
+        page.contains("failure"),
+        "the errors are on the page: {page}"
+    );
+    app.stop().await;
+}

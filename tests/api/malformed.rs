@@ -232,9 +232,9 @@ async fn unusable_items_are_quarantined_and_the_rest_of_their_page_applied() {
     assert!(held.iter().all(|q| q.raw.contains(&q.item_key)));
 
     // Health counts them for the tenant and the mailbox.
-    let counts = app.store.quarantine_counts().await.expect("reads");
-    let mailboxes = app.store.mailboxes().await.expect("reads");
-    let health = calsync::health::build(&mailboxes, &counts, &app.worker, chrono::Utc::now()).await;
+    let health = calsync::health::current(&app.store, &app.worker, 20)
+        .await
+        .expect("reads");
     assert_eq!(health.tenants[0].quarantined, 3);
     assert_eq!(health.tenants[0].mailbox_detail[0].quarantined, 3);
 
@@ -312,14 +312,9 @@ async fn the_same_broken_page_three_times_starts_a_fresh_round() {
     assert_eq!(mailbox.cursor.delta_link, None);
     assert_eq!(mailbox.cursor.next_link, None);
     assert_eq!(mailbox.fresh_rounds_forced, 1);
-    let counts = app.store.quarantine_counts().await.expect("reads");
-    let health = calsync::health::build(
-        &app.store.mailboxes().await.expect("reads"),
-        &counts,
-        &app.worker,
-        chrono::Utc::now(),
-    )
-    .await;
+    let health = calsync::health::current(&app.store, &app.worker, 20)
+        .await
+        .expect("reads");
     assert_eq!(health.tenants[0].mailbox_detail[0].fresh_rounds_forced, 1);
 
     // The next job starts over with the window, not with the broken link.

@@ -90,6 +90,7 @@ store_suite!(
     write_counts_per_tenant_and_ended_writes_pruned,
     a_wait_graph_imposed_is_not_cut_short_by_requests_or_writes,
     removing_a_mailbox_removes_its_writes_and_links,
+    tenant_summaries_count_in_the_store_and_list_the_worst_first,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -3721,4 +3722,127 @@ async fn a_wait_graph_imposed_is_not_cut_short_by_requests_or_writes(store: Stor
     schedule(&store, bob, at(900)).await;
     queued(&store, bob, &write("e1", WriteOp::Create, "k2"), at(40)).await;
     assert_eq!(record_of(&store, bob).await.next_run_at, at(40));
+}
+
+/// Health's numbers come from the store: per tenant the enabled mailboxes counted (never
+/// synced, failing, due and not running, quarantined items), the largest lag and the last
+/// success, and at most `listed` mailboxes: those whose last job failed or was deferred, most
+/// recent first, then the most behind.
+async fn tenant_summaries_count_in_the_store_and_list_the_worst_first(store: Store) {
+    let ids = register(
+        &store,
+        &[
+            ("a", "ok1"),
+            ("a", "ok2"),
+            ("a", "failed"),
+            ("a", "deferred"),
+            ("a", "never"),
+            ("a", "gone"),
+            ("b", "x"),
+        ],
+    )
+    .await;
+    let [ok1, ok2, failed, deferred, never, gone, _] = ids[..] else {
+        panic!("seven mailboxes: {ids:?}")
+    };
+    let now = t0() + secs(100);
+    let end = |id, outcome, at: i64, next: i64| {
+        let store = store.clone();
+        async move {
+            let l = lease(&store, id, "w", t0() + secs(at)).await;
+            let record = job(outcome, t0() + secs(at), t0() + secs(next));
+            store.finish_job(&l, &record).await.expect("job ends");
+        }
+    };
+    end(ok1, RunOutcome::Ok, 8, 1000).await; // success at +10, not due
+    end(ok2, RunOutcome::Ok, 20, 50).await; // success at +22, due since +50
+    end(failed, RunOutcome::Ok, 5, 0).await;
+    end(failed, RunOutcome::Failed, 30, 60).await; // error at +32, due since +60
+    end(deferred, RunOutcome::Ok, 5, 0).await;
+    end(deferred, RunOutcome::Deferred, 40, 2000).await; // error at +42, not a failure
+    lease(&store, never, "w", now - secs(10)).await; // running: due, but not waiting
+    let l = lease(&store, failed, "w", t0() + secs(70)).await;
+    let round = full_round(&store, &l).await;
+    store
+        .apply_page(
+            &l,
+            &round,
+            &PageWrite {
+                quarantined: &[rejected("q1"), rejected("q2")],
+                ..PageWrite::default()
+            },
+            &next("p1"),
+            t0() + secs(70),
+        )
+        .await
+        .expect("page with quarantined items");
+    store
+        .finish_job(
+            &l,
+            &job(RunOutcome::Failed, t0() + secs(30), t0() + secs(60)),
+        )
+        .await
+        .expect("job ends");
+    // Disabled: not counted.
+    let keep: Vec<(String, String)> = ["ok1", "ok2", "failed", "deferred", "never"]
+        .map(|u| ("a".to_string(), u.to_string()))
+        .into_iter()
+        .chain([("b".to_string(), "x".to_string())])
+        .collect();
+    store
+        .sync_config_mailboxes(&keep, t0())
+        .await
+        .expect("config");
+    assert!(!record_of_any(&store, gone).await.enabled);
+
+    let summaries = store.tenant_summaries(now, 3).await.expect("summaries");
+    let tenants: Vec<&str> = summaries.iter().map(|s| s.tenant.as_str()).collect();
+    assert_eq!(tenants, ["a", "b"]);
+    let a = &summaries[0];
+    assert_eq!(
+        (a.mailboxes, a.never_synced, a.failing, a.quarantined),
+        (5, 1, 1, 2)
+    );
+    assert_eq!(
+        a.behind_since,
+        Some(t0()),
+        "`never`, since its registration"
+    );
+    assert_eq!(a.last_success_at, Some(t0() + secs(22)));
+    assert_eq!((a.due, a.oldest_due_at), (2, Some(t0() + secs(50))));
+    let worst: Vec<(MailboxId, u64)> = a
+        .worst
+        .iter()
+        .map(|m| (m.record.id, m.quarantined))
+        .collect();
+    assert_eq!(worst, [(deferred, 0), (failed, 2), (never, 0)]);
+    let b = &summaries[1];
+    assert_eq!(
+        (
+            b.mailboxes,
+            b.never_synced,
+            b.failing,
+            b.due,
+            b.oldest_due_at
+        ),
+        (1, 1, 0, 1, Some(t0()))
+    );
+    assert_eq!(b.worst.len(), 1);
+
+    // All of them, worst first: after the two in error, the most behind.
+    let all = store.tenant_summaries(now, 10).await.expect("summaries");
+    let order: Vec<MailboxId> = all[0].worst.iter().map(|m| m.record.id).collect();
+    assert_eq!(order, [deferred, failed, never, ok1, ok2]);
+    // Counts only.
+    let counts = store.tenant_summaries(now, 0).await.expect("summaries");
+    assert!(counts.iter().all(|s| s.worst.is_empty()));
+    assert_eq!((counts[0].mailboxes, counts[0].due), (5, 2));
+}
+
+async fn record_of_any(store: &Store, id: MailboxId) -> MailboxRecord {
+    store
+        .mailbox_by_id(id)
+        .await
+        .expect("mailbox query")
+        .expect("mailbox exists")
 }

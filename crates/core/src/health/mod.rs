@@ -1,13 +1,14 @@
-//! Health: one model of how calsync is doing (per tenant and mailbox: last success, lag, last
-//! error, breakers, quarantined items; jobs), built in one place and rendered three ways: the
-//! `/healthz` JSON, the status page ([`status_page`]) and the Prometheus gauges
-//! ([`prometheus`]). It holds no secrets: errors are calsync's own messages, tokens are never
-//! shown.
+//! Health: one model of how calsync is doing (per tenant: counts, lag, breakers, quarantined
+//! items and its worst mailboxes with their last success and error; jobs), built in one place
+//! and rendered three ways: the `/healthz` JSON, the status page ([`status_page`]) and the
+//! Prometheus gauges ([`prometheus`]). The store sums the mailboxes up
+//! ([`Store::tenant_summaries`]), so a request costs the same whether it shows ten mailboxes or
+//! 100,000. It holds no secrets: errors are calsync's own messages, tokens are never shown.
 
 pub mod prometheus;
 pub mod status_page;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -18,10 +19,14 @@ use crate::resilience::breaker::BreakerState;
 use crate::resilience::guard::{BreakerSnapshot, Dependency};
 use crate::resilience::limits::ShareStatus;
 use crate::scheduler::{Worker, WorkerStatus};
-use crate::store::{MailboxId, MailboxRecord, Store, WriteCounts};
+use crate::store::{ListedMailbox, Store, TenantSummary, WriteCounts};
 
 /// A store that does not answer this fast is reported unreachable.
 pub const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Mailboxes listed per tenant in `/healthz` and on the status page, worst first. The others
+/// are counted (`mailbox_detail_omitted`); the admin API lists every mailbox a page at a time.
+pub const MAILBOX_DETAIL_PER_TENANT: u32 = 20;
 
 #[derive(Serialize)]
 pub struct Health {
@@ -42,7 +47,7 @@ pub struct JobsHealth {
     /// Age of the oldest job that is due and allowed to run now (breakers closed).
     pub oldest_due_seconds: i64,
     /// Due mailboxes held back because their tenant's breaker is open (not a backlog of ours).
-    pub deferred_by_breaker: usize,
+    pub deferred_by_breaker: u64,
 }
 
 #[derive(Serialize)]
@@ -53,17 +58,25 @@ pub struct TenantHealth {
     /// The token endpoint rejected the app's credentials (wrong or expired secret, app not in
     /// the tenant): an operator must act.
     pub auth_failing_permanently: bool,
-    pub mailboxes: usize,
-    pub never_synced: usize,
-    pub failing: usize,
+    pub mailboxes: u64,
+    pub never_synced: u64,
+    pub failing: u64,
     pub max_lag_seconds: i64,
+    /// The tenant's most recent successful sync.
+    pub last_success_at: Option<DateTime<Utc>>,
     /// Items Graph sent that could not be understood, set aside (the rest was applied).
     pub quarantined: u64,
+    /// Its due mailboxes: runnable now, or held back by its open breaker.
+    pub due: DueJobs,
     /// The application's writes to Outlook not delivered: queued (and since when), failed,
     /// kept as conflicts.
     pub writes: WriteCounts,
     pub token: Option<TokenStatus>,
+    /// At most [`MAILBOX_DETAIL_PER_TENANT`] of its mailboxes, worst first: those whose last
+    /// job failed or was deferred (the most recent first), then the most behind.
     pub mailbox_detail: Vec<MailboxHealth>,
+    /// Its mailboxes not in `mailbox_detail` (the admin API lists every one).
+    pub mailbox_detail_omitted: u64,
 }
 
 #[derive(Serialize)]
@@ -82,115 +95,122 @@ pub struct MailboxHealth {
     pub fresh_rounds_forced: u64,
 }
 
+impl MailboxHealth {
+    fn of(listed: &ListedMailbox, now: DateTime<Utc>) -> Self {
+        let m = &listed.record;
+        Self {
+            mailbox: m.user_id.clone(),
+            last_success_at: m.last_success_at,
+            lag_seconds: m.lag_seconds(now),
+            last_error: m.last_error.clone(),
+            last_error_at: m.last_error_at,
+            last_request_id: m.last_request_id.clone(),
+            consecutive_failures: m.consecutive_failures,
+            next_run_at: m.next_run_at,
+            running: m.is_running(now),
+            quarantined: listed.quarantined,
+            fresh_rounds_forced: m.fresh_rounds_forced,
+        }
+    }
+}
+
 /// Per tenant: the due mailboxes that may run now, their oldest age, and the due ones held back
 /// by an open breaker (those wait for the breaker's probe time, not for a worker: counted apart
 /// so a long outage does not look like a backlog). Mailboxes waiting out a `Retry-After` or a
 /// failure backoff have `next_run_at` in the future and are not due at all.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct DueJobs {
-    pub eligible: usize,
+    pub eligible: u64,
     pub oldest_eligible_seconds: i64,
-    pub deferred_by_breaker: usize,
+    pub deferred_by_breaker: u64,
 }
 
-impl TenantHealth {
-    /// The tenant's due mailboxes, split into those that may run now and those its open
-    /// breaker holds. `/healthz` totals these; the metrics report them per tenant.
-    pub fn due_jobs(&self, now: DateTime<Utc>) -> DueJobs {
-        let blocked = self
-            .breakers
+impl DueJobs {
+    /// A tenant's due mailboxes (`due`, the oldest due since `oldest_due_at`), split by whether
+    /// one of its `breakers` is open and not yet probing.
+    pub fn split(
+        due: u64,
+        oldest_due_at: Option<DateTime<Utc>>,
+        breakers: &[BreakerSnapshot],
+        now: DateTime<Utc>,
+    ) -> Self {
+        let blocked = breakers
             .iter()
             .any(|b| b.state == BreakerState::Open && b.probe_in_seconds.unwrap_or(0) > 0);
-        let mut due = DueJobs::default();
-        for m in self
-            .mailbox_detail
-            .iter()
-            .filter(|m| m.next_run_at <= now && !m.running)
-        {
-            if blocked {
-                due.deferred_by_breaker += 1;
-            } else {
-                due.eligible += 1;
-                due.oldest_eligible_seconds = due
-                    .oldest_eligible_seconds
-                    .max((now - m.next_run_at).num_seconds());
+        if blocked {
+            Self {
+                deferred_by_breaker: due,
+                ..Self::default()
+            }
+        } else {
+            Self {
+                eligible: due,
+                oldest_eligible_seconds: oldest_due_at
+                    .map_or(0, |at| (now - at).num_seconds().max(0)),
+                deferred_by_breaker: 0,
             }
         }
-        due
     }
 }
 
-/// The health of the Application whose store and worker these are, or why the store could not
-/// say.
-pub async fn current(
-    store: &Store,
-    worker: &Worker,
-) -> Result<(Health, Vec<MailboxRecord>), String> {
-    let mailboxes = match tokio::time::timeout(STORE_CHECK_TIMEOUT, store.mailboxes()).await {
-        Ok(Ok(m)) => m,
+/// The health of the Application whose store and worker these are, with at most `listed`
+/// mailboxes of each tenant (0 for none: the metrics need only the counts), or why the store
+/// could not say.
+pub async fn current(store: &Store, worker: &Worker, listed: u32) -> Result<Health, String> {
+    let now = Utc::now();
+    let summaries = match tokio::time::timeout(
+        STORE_CHECK_TIMEOUT,
+        store.tenant_summaries(now, listed),
+    )
+    .await
+    {
+        Ok(Ok(summaries)) => summaries,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("store timed out".into()),
     };
-    // Quarantine counts are detail: none known when the store is slow to give them.
-    let quarantined =
-        match tokio::time::timeout(STORE_CHECK_TIMEOUT, store.quarantine_counts()).await {
-            Ok(Ok(counts)) => counts,
-            _ => HashMap::new(),
-        };
-    let mut health = build(&mailboxes, &quarantined, worker, Utc::now()).await;
-    // Detail too: none known when the store is slow to give them.
+    let mut health = build(summaries, worker, now).await;
+    // Detail: none known when the store is slow to give them.
     if let Ok(Ok(writes)) = tokio::time::timeout(STORE_CHECK_TIMEOUT, store.write_counts()).await {
         for tenant in &mut health.tenants {
             tenant.writes = writes.get(&tenant.name).copied().unwrap_or_default();
         }
     }
-    Ok((health, mailboxes))
+    Ok(health)
 }
 
-/// Per tenant and mailbox: last success, lag, last error; breakers; job ages. `degraded` while
-/// a breaker is not closed, a mailbox's last job failed, or a stuck job has not ended.
-pub async fn build(
-    mailboxes: &[MailboxRecord],
-    quarantined: &HashMap<MailboxId, u64>,
-    worker: &Worker,
-    now: DateTime<Utc>,
-) -> Health {
+/// Per tenant: counts, lag, breakers, token, its worst mailboxes; job ages. `degraded` while a
+/// breaker is not closed, a mailbox's last job failed, or a stuck job has not ended. Every
+/// tenant of the configuration appears, with or without mailboxes.
+pub async fn build(summaries: Vec<TenantSummary>, worker: &Worker, now: DateTime<Utc>) -> Health {
     let registry = worker.tenants();
-    let mut by_tenant: std::collections::BTreeMap<&str, Vec<&MailboxRecord>> = Default::default();
-    for name in registry.names() {
-        by_tenant.entry(name).or_default();
-    }
-    for m in mailboxes {
-        by_tenant.entry(m.tenant.as_str()).or_default().push(m);
+    let mut by_tenant: BTreeMap<String, TenantSummary> = registry
+        .names()
+        .map(|name| {
+            let summary = TenantSummary {
+                tenant: name.to_string(),
+                ..TenantSummary::default()
+            };
+            (name.to_string(), summary)
+        })
+        .collect();
+    for summary in summaries {
+        by_tenant.insert(summary.tenant.clone(), summary);
     }
     let mut tenants = Vec::with_capacity(by_tenant.len());
-    for (name, list) in by_tenant {
-        let breakers = worker.breakers(name);
-        let detail: Vec<MailboxHealth> = list
+    for (name, summary) in by_tenant {
+        let breakers = worker.breakers(&name);
+        let detail: Vec<MailboxHealth> = summary
+            .worst
             .iter()
-            .map(|m| MailboxHealth {
-                mailbox: m.user_id.clone(),
-                last_success_at: m.last_success_at,
-                lag_seconds: m.lag_seconds(now),
-                last_error: m.last_error.clone(),
-                last_error_at: m.last_error_at,
-                last_request_id: m.last_request_id.clone(),
-                consecutive_failures: m.consecutive_failures,
-                next_run_at: m.next_run_at,
-                running: m.is_running(now),
-                quarantined: quarantined.get(&m.id).copied().unwrap_or(0),
-                fresh_rounds_forced: m.fresh_rounds_forced,
-            })
+            .map(|listed| MailboxHealth::of(listed, now))
             .collect();
-        let failing = detail.iter().filter(|m| m.consecutive_failures > 0).count();
-        let token = match registry.get(name) {
+        let token = match registry.get(&name) {
             Some(tenant) => Some(tenant.tokens.status().await),
             None => None,
         };
         let breakers_closed = breakers.iter().all(|b| b.state == BreakerState::Closed);
         tenants.push(TenantHealth {
-            name: name.to_string(),
-            status: if failing == 0 && breakers_closed {
+            status: if summary.failing == 0 && breakers_closed {
                 "ok"
             } else {
                 "degraded"
@@ -198,27 +218,29 @@ pub async fn build(
             auth_failing_permanently: breakers
                 .iter()
                 .any(|b| b.dependency == Dependency::Token && b.permanent),
+            due: DueJobs::split(summary.due, summary.oldest_due_at, &breakers, now),
             breakers,
-            mailboxes: detail.len(),
-            never_synced: detail
-                .iter()
-                .filter(|m| m.last_success_at.is_none())
-                .count(),
-            failing,
-            max_lag_seconds: detail.iter().map(|m| m.lag_seconds).max().unwrap_or(0),
-            quarantined: detail.iter().map(|m| m.quarantined).sum(),
+            mailboxes: summary.mailboxes,
+            never_synced: summary.never_synced,
+            failing: summary.failing,
+            max_lag_seconds: summary
+                .behind_since
+                .map_or(0, |since| (now - since).num_seconds().max(0)),
+            last_success_at: summary.last_success_at,
+            quarantined: summary.quarantined,
             writes: WriteCounts::default(),
             token,
+            mailbox_detail_omitted: summary.mailboxes.saturating_sub(detail.len() as u64),
             mailbox_detail: detail,
+            name,
         });
     }
-    let due: Vec<_> = tenants.iter().map(|t| t.due_jobs(now)).collect();
-    let oldest_due_seconds = due
+    let oldest_due_seconds = tenants
         .iter()
-        .map(|d| d.oldest_eligible_seconds)
+        .map(|t| t.due.oldest_eligible_seconds)
         .max()
         .unwrap_or(0);
-    let deferred_by_breaker = due.iter().map(|d| d.deferred_by_breaker).sum();
+    let deferred_by_breaker = tenants.iter().map(|t| t.due.deferred_by_breaker).sum();
     let worker_status = worker.status();
     let stuck_now = worker_status
         .stuck_recent

@@ -140,12 +140,7 @@ pub fn render(health: &Health, limits: Limits, now: DateTime<Utc>) -> String {
         "Unix time of the tenant's most recent successful sync (absent until one succeeds).",
     );
     for t in &health.tenants {
-        if let Some(last) = t
-            .mailbox_detail
-            .iter()
-            .filter_map(|m| m.last_success_at)
-            .max()
-        {
+        if let Some(last) = t.last_success_at {
             out.sample(
                 "calsync_last_success_timestamp_seconds",
                 &[("tenant", &t.name)],
@@ -156,7 +151,7 @@ pub fn render(health: &Health, limits: Limits, now: DateTime<Utc>) -> String {
     let due: Vec<(&str, DueJobs)> = health
         .tenants
         .iter()
-        .map(|t| (t.name.as_str(), t.due_jobs(now)))
+        .map(|t| (t.name.as_str(), t.due.clone()))
         .collect();
     let due_families: [Family<DueJobs>; 3] = [
         (

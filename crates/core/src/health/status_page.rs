@@ -206,11 +206,7 @@ fn tenants(b: &mut String, tenants: &[TenantHealth], now: DateTime<Utc>) {
     );
     for t in tenants {
         let find = |dep| t.breakers.iter().find(|br| br.dependency == dep);
-        let last_success = t
-            .mailbox_detail
-            .iter()
-            .filter_map(|m| m.last_success_at)
-            .max();
+        let last_success = t.last_success_at;
         let token = match &t.token {
             Some(s) if s.using_extended_lifetime => "cached, past expiry (grace)".to_string(),
             Some(s) if s.cached => format!(
@@ -293,6 +289,15 @@ fn most_behind(b: &mut String, tenants: &[TenantHealth], now: DateTime<Utc>) {
         );
     }
     b.push_str("</tbody></table>");
+    let omitted: u64 = tenants.iter().map(|t| t.mailbox_detail_omitted).sum();
+    if omitted > 0 {
+        let _ = write!(
+            b,
+            "<p class=\"muted\" id=\"omitted\">From each tenant's {} worst mailboxes; {omitted} \
+more are counted above, not listed (all of them: <code>GET /v1/mailboxes</code>).</p>",
+            super::MAILBOX_DETAIL_PER_TENANT,
+        );
+    }
 }
 
 fn recent_errors(b: &mut String, tenants: &[TenantHealth], now: DateTime<Utc>) {
@@ -415,9 +420,12 @@ mod tests {
                 never_synced: 0,
                 failing: 1,
                 max_lag_seconds: 420,
+                last_success_at: Some(now - chrono::Duration::seconds(420)),
                 quarantined: 0,
+                due: Default::default(),
                 writes: Default::default(),
                 token: None,
+                mailbox_detail_omitted: 0,
                 mailbox_detail: vec![MailboxHealth {
                     mailbox: mailbox.into(),
                     last_success_at: Some(now - chrono::Duration::seconds(420)),

@@ -106,18 +106,19 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// The health model as JSON, with the Graph subscriptions when notifications are on.
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    let (health, mailboxes) = match health::current(&state.store, &state.worker).await {
+    let listed = health::MAILBOX_DETAIL_PER_TENANT;
+    let health = match health::current(&state.store, &state.worker, listed).await {
         Ok(current) => current,
         Err(reason) => return unavailable(reason),
     };
+    let enabled: u64 = health.tenants.iter().map(|t| t.mailboxes).sum();
     let mut body = serde_json::to_value(health).unwrap_or_default();
     if state.notifications {
         // Subscriptions are a trigger only (delta stays the source of truth), so their state is
         // shown but does not make calsync degraded.
-        let enabled = mailboxes.iter().filter(|m| m.enabled).count();
         let subscriptions = tokio::time::timeout(
             STORE_CHECK_TIMEOUT,
-            crate::notifications::subscription_health(&state.store, enabled),
+            crate::notifications::subscription_health(&state.store, enabled as usize),
         )
         .await;
         body["notifications"] = match subscriptions {
@@ -133,7 +134,8 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 /// store, only the event counters (the store's trouble shows in `/readyz`).
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = crate::metrics::render_events();
-    if let Ok((health, _)) = health::current(&state.store, &state.worker).await {
+    // Counts only: the gauges name no mailbox.
+    if let Ok(health) = health::current(&state.store, &state.worker, 0).await {
         let sync = state.worker.settings();
         let limits = health::prometheus::Limits {
             job_deadline: sync.job_deadline,
@@ -156,8 +158,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 /// The status page: server-rendered HTML that refreshes itself.
 async fn status(State(state): State<AppState>) -> impl IntoResponse {
-    let (code, html) = match health::current(&state.store, &state.worker).await {
-        Ok((health, _)) => (StatusCode::OK, status_page::render(&health)),
+    let listed = health::MAILBOX_DETAIL_PER_TENANT;
+    let (code, html) = match health::current(&state.store, &state.worker, listed).await {
+        Ok(health) => (StatusCode::OK, status_page::render(&health)),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             status_page::render_unavailable(&reason),

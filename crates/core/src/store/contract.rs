@@ -144,6 +144,18 @@ pub trait MailboxPages {
     ) -> Result<Vec<MailboxRecord>, StoreError>;
 }
 
+/// What health reports about each tenant's mailboxes, computed in the store
+/// ([`super::summaries`]).
+pub trait MailboxSummaries {
+    /// Per tenant with an enabled mailbox, by name: counts and extremes, and at most `listed`
+    /// of its mailboxes, worst first ([`super::summaries::WORST_FIRST`]).
+    async fn tenant_summaries(
+        &self,
+        now: DateTime<Utc>,
+        listed: u32,
+    ) -> Result<Vec<super::TenantSummary>, StoreError>;
+}
+
 /// Delta rounds: a page and its cursor in one transaction, series masters, quarantine, the events a round keeps.
 pub trait RoundStore {
     /// Begins a full round over `window`: the old delta state is dropped and events not seen
@@ -203,9 +215,6 @@ pub trait RoundStore {
 
     /// Events held per mailbox.
     async fn event_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError>;
-
-    /// Items in quarantine per mailbox (mailboxes with none are absent).
-    async fn quarantine_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError>;
 
     /// A mailbox's quarantined items, most recently seen first, at most `limit`.
     async fn quarantined(

@@ -15,6 +15,7 @@ mod replicas;
 mod retired;
 mod sqlite;
 mod subscriptions;
+mod summaries;
 mod writes;
 
 use std::collections::HashMap;
@@ -24,14 +25,15 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
 pub use contract::{
-    Lifecycle, MailboxPages, MailboxStore, ReplicaStore, RetiredStore, RoundStore,
-    SubscriptionStore, WriteStore,
+    Lifecycle, MailboxPages, MailboxStore, MailboxSummaries, ReplicaStore, RetiredStore,
+    RoundStore, SubscriptionStore, WriteStore,
 };
 pub use postgres::PgStore;
 pub use replicas::ReplicaRecord;
 pub use retired::RetiredSubscription;
 pub use sqlite::SqliteStore;
 pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
+pub use summaries::{ListedMailbox, TenantSummary, WORST_FIRST};
 pub use writes::{
     Enqueued, EventLink, NewWrite, PendingWrite, WriteCounts, WriteOp, WriteRecord, WriteResult,
     WriteState,
@@ -272,11 +274,6 @@ impl Store {
         limit: u32,
     ) -> Result<(u32, bool), StoreError> {
         delegate!(self, s => s.note_page_failure(lease, signature, limit).await)
-    }
-
-    /// Items in quarantine per mailbox (mailboxes with none are absent).
-    pub async fn quarantine_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
-        delegate!(self, s => s.quarantine_counts().await)
     }
 
     /// A mailbox's quarantined items, most recently seen first, at most `limit`.

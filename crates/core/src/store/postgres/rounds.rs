@@ -219,14 +219,6 @@ impl RoundStore for PgStore {
         .await
     }
 
-    async fn quarantine_counts(&self) -> Result<HashMap<MailboxId, u64>, StoreError> {
-        rows_per_mailbox(
-            &self.pool,
-            "SELECT mailbox_id, COUNT(*) AS n FROM quarantine GROUP BY mailbox_id",
-        )
-        .await
-    }
-
     async fn quarantined(
         &self,
         mailbox: MailboxId,

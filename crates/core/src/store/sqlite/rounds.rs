@@ -343,16 +343,6 @@ impl RoundStore for SqliteStore {
         .await
     }
 
-    async fn quarantine_counts(
-        &self,
-    ) -> Result<std::collections::HashMap<MailboxId, u64>, StoreError> {
-        rows_per_mailbox(
-            &self.pool,
-            "SELECT mailbox_id, COUNT(*) AS n FROM quarantine GROUP BY mailbox_id",
-        )
-        .await
-    }
-
     async fn quarantined(
         &self,
         mailbox: MailboxId,
