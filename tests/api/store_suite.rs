@@ -91,6 +91,7 @@ store_suite!(
     a_wait_graph_imposed_is_not_cut_short_by_requests_or_writes,
     removing_a_mailbox_removes_its_writes_and_links,
     tenant_summaries_count_in_the_store_and_list_the_worst_first,
+    subscription_counts_cover_enabled_mailboxes_only,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -3845,4 +3846,79 @@ async fn record_of_any(store: &Store, id: MailboxId) -> MailboxRecord {
         .await
         .expect("mailbox query")
         .expect("mailbox exists")
+}
+
+/// The subscriptions health shows, counted in the store: live, expired, not (yet) held,
+/// failing (with at most the number asked for listed), of enabled mailboxes only.
+async fn subscription_counts_cover_enabled_mailboxes_only(store: Store) {
+    use calsync::store::SubscriptionSaved;
+    let ids = register(
+        &store,
+        &[
+            ("a", "live"),
+            ("a", "expired"),
+            ("a", "failing"),
+            ("a", "failing2"),
+            ("a", "off"),
+        ],
+    )
+    .await;
+    let now = t0() + secs(1000);
+    let state = secrecy::SecretString::from("client-state".to_string());
+    for (id, expires) in [
+        (ids[0], now + secs(60)),
+        (ids[1], now - secs(1)),
+        (ids[4], now + secs(60)),
+    ] {
+        assert!(store
+            .claim_subscription(id, t0(), t0() + secs(30))
+            .await
+            .expect("claims"));
+        let saved = SubscriptionSaved {
+            subscription_id: &format!("sub-{id}"),
+            client_state: Some(&state),
+            expires_at: expires,
+            created: true,
+        };
+        store
+            .subscription_saved(id, &saved, t0())
+            .await
+            .expect("saved");
+    }
+    for id in [ids[2], ids[3]] {
+        assert!(store
+            .claim_subscription(id, t0(), t0() + secs(30))
+            .await
+            .expect("claims"));
+        store
+            .subscription_failed(id, "Graph answered 503", t0(), now)
+            .await
+            .expect("failure recorded");
+    }
+    // `off` leaves the config: its live subscription is not counted.
+    let keep: Vec<(String, String)> = ["live", "expired", "failing", "failing2"]
+        .map(|u| ("a".to_string(), u.to_string()))
+        .into();
+    store
+        .sync_config_mailboxes(&keep, t0())
+        .await
+        .expect("config");
+
+    let counts = store.subscription_counts(now, 1).await.expect("counts");
+    assert_eq!(
+        (
+            counts.rows,
+            counts.active,
+            counts.expired,
+            counts.without,
+            counts.failing
+        ),
+        (4, 1, 1, 2, 2)
+    );
+    let listed: Vec<MailboxId> = counts.failures.iter().map(|r| r.mailbox_id).collect();
+    assert_eq!(listed, [ids[2]], "at most one, by mailbox");
+    assert_eq!(
+        counts.failures[0].last_error.as_deref(),
+        Some("Graph answered 503")
+    );
 }

@@ -118,7 +118,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         // shown but does not make calsync degraded.
         let subscriptions = tokio::time::timeout(
             STORE_CHECK_TIMEOUT,
-            crate::notifications::subscription_health(&state.store, enabled as usize),
+            crate::notifications::subscription_health(&state.store, enabled),
         )
         .await;
         body["notifications"] = match subscriptions {

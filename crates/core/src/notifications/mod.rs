@@ -520,41 +520,36 @@ pub struct SubscriptionFailure {
     pub next_attempt_at: chrono::DateTime<Utc>,
 }
 
+/// Failing subscriptions listed in health (the others are counted).
+const FAILURES_LISTED: u32 = 20;
+
 /// Summarises the stored subscriptions of enabled mailboxes (`mailboxes` is how many are
-/// enabled; those without a row count as missing).
+/// enabled; those without a row count as missing), counted by the store.
 pub async fn subscription_health(
     store: &Store,
-    mailboxes: usize,
+    mailboxes: u64,
 ) -> Result<SubscriptionHealth, crate::store::StoreError> {
-    let now = Utc::now();
-    let mut health = SubscriptionHealth::default();
-    let rows: Vec<_> = store
-        .subscriptions()
-        .await?
-        .into_iter()
-        .filter(|r| r.mailbox_enabled)
-        .collect();
-    for r in &rows {
-        match (&r.subscription_id, r.expires_at) {
-            (Some(_), Some(at)) if at > now => health.active += 1,
-            (Some(_), _) => health.expired += 1,
-            (None, _) => health.missing += 1,
-        }
-        if let Some(error) = &r.last_error {
-            health.failing += 1;
-            if health.failures.len() < 20 {
-                health.failures.push(SubscriptionFailure {
-                    tenant: r.tenant.clone(),
-                    mailbox: r.user_id.clone(),
-                    error: error.clone(),
-                    consecutive_failures: r.consecutive_failures,
-                    next_attempt_at: r.next_attempt_at,
-                });
-            }
-        }
-    }
-    health.missing += mailboxes.saturating_sub(rows.len());
-    Ok(health)
+    let counts = store
+        .subscription_counts(Utc::now(), FAILURES_LISTED)
+        .await?;
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    Ok(SubscriptionHealth {
+        active: size(counts.active),
+        failing: size(counts.failing),
+        missing: size(counts.without + mailboxes.saturating_sub(counts.rows)),
+        expired: size(counts.expired),
+        failures: counts
+            .failures
+            .into_iter()
+            .map(|r| SubscriptionFailure {
+                tenant: r.tenant,
+                mailbox: r.user_id,
+                error: r.last_error.unwrap_or_default(),
+                consecutive_failures: r.consecutive_failures,
+                next_attempt_at: r.next_attempt_at,
+            })
+            .collect(),
+    })
 }
 
 fn chrono_duration(d: Duration) -> chrono::Duration {

@@ -278,6 +278,14 @@ pub trait SubscriptionStore {
     /// Every subscription row, by mailbox.
     async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError>;
 
+    /// The subscriptions of enabled mailboxes counted in the store, with at most `failures`
+    /// of those whose last create or renew failed (by mailbox).
+    async fn subscription_counts(
+        &self,
+        now: DateTime<Utc>,
+        failures: u32,
+    ) -> Result<super::SubscriptionCounts, StoreError>;
+
     /// The stored subscriptions among `ids`, in one query (a notification batch costs one
     /// lookup, whatever it carries).
     async fn subscriptions_by_ids(

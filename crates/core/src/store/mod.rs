@@ -32,7 +32,9 @@ pub use postgres::PgStore;
 pub use replicas::ReplicaRecord;
 pub use retired::RetiredSubscription;
 pub use sqlite::SqliteStore;
-pub use subscriptions::{SubscriptionDue, SubscriptionRecord, SubscriptionSaved};
+pub use subscriptions::{
+    SubscriptionCounts, SubscriptionDue, SubscriptionRecord, SubscriptionSaved,
+};
 pub use summaries::{ListedMailbox, TenantSummary, WORST_FIRST};
 pub use writes::{
     Enqueued, EventLink, NewWrite, PendingWrite, WriteCounts, WriteOp, WriteRecord, WriteResult,

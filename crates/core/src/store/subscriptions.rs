@@ -46,6 +46,23 @@ pub struct SubscriptionDue {
     pub consecutive_failures: u32,
 }
 
+/// The subscription rows of enabled mailboxes, counted (health shows these; an enabled mailbox
+/// without a row has no subscription either).
+#[derive(Clone, Debug, Default)]
+pub struct SubscriptionCounts {
+    pub rows: u64,
+    /// With a subscription that has not expired.
+    pub active: u64,
+    /// With a subscription past its expiry (renewal failing or late).
+    pub expired: u64,
+    /// Without a subscription (not created yet, or removed by Graph).
+    pub without: u64,
+    /// Whose last create or renew failed.
+    pub failing: u64,
+    /// Some of the failing ones, by mailbox.
+    pub failures: Vec<SubscriptionRecord>,
+}
+
 /// What a successful create or renew stores.
 pub struct SubscriptionSaved<'a> {
     pub subscription_id: &'a str,
@@ -179,6 +196,20 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.subscriptions().await,
             Store::Postgres(s) => s.subscriptions().await,
+        }
+    }
+
+    /// The subscriptions of enabled mailboxes counted in the store, with at most `failures`
+    /// of those whose last create or renew failed (by mailbox): what health shows, without
+    /// reading every row.
+    pub async fn subscription_counts(
+        &self,
+        now: DateTime<Utc>,
+        failures: u32,
+    ) -> Result<SubscriptionCounts, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.subscription_counts(now, failures).await,
+            Store::Postgres(s) => s.subscription_counts(now, failures).await,
         }
     }
 }
@@ -375,6 +406,49 @@ impl SubscriptionStore for SqliteStore {
         rows.iter().map(sqlite_record).collect()
     }
 
+    async fn subscription_counts(
+        &self,
+        now: DateTime<Utc>,
+        failures: u32,
+    ) -> Result<SubscriptionCounts, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS rows,
+                 COALESCE(SUM(s.subscription_id IS NOT NULL AND s.expires_at > ?1), 0) AS active,
+                 COALESCE(SUM(s.subscription_id IS NOT NULL
+                              AND (s.expires_at IS NULL OR s.expires_at <= ?1)), 0) AS expired,
+                 COALESCE(SUM(s.subscription_id IS NULL), 0) AS without,
+                 COALESCE(SUM(s.last_error IS NOT NULL), 0) AS failing
+             FROM subscriptions s JOIN mailboxes m ON m.id = s.mailbox_id
+             WHERE m.enabled = 1",
+        )
+        .bind(ts(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let failing = sqlx::query(&format!(
+            "{SELECT_RECORD} WHERE m.enabled = 1 AND s.last_error IS NOT NULL
+             ORDER BY s.mailbox_id LIMIT ?1"
+        ))
+        .bind(i64::from(failures))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let count = |column| -> Result<u64, StoreError> {
+            Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
+        };
+        Ok(SubscriptionCounts {
+            rows: count("rows")?,
+            active: count("active")?,
+            expired: count("expired")?,
+            without: count("without")?,
+            failing: count("failing")?,
+            failures: failing
+                .iter()
+                .map(sqlite_record)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     async fn subscriptions_by_ids(
         &self,
         ids: &[&str],
@@ -561,6 +635,51 @@ impl SubscriptionStore for PgStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(pg_record).collect()
+    }
+
+    async fn subscription_counts(
+        &self,
+        now: DateTime<Utc>,
+        failures: u32,
+    ) -> Result<SubscriptionCounts, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS rows,
+                 COUNT(*) FILTER (WHERE s.subscription_id IS NOT NULL AND s.expires_at > $1)
+                     AS active,
+                 COUNT(*) FILTER (WHERE s.subscription_id IS NOT NULL
+                                    AND (s.expires_at IS NULL OR s.expires_at <= $1))
+                     AS expired,
+                 COUNT(*) FILTER (WHERE s.subscription_id IS NULL) AS without,
+                 COUNT(*) FILTER (WHERE s.last_error IS NOT NULL) AS failing
+             FROM subscriptions s JOIN mailboxes m ON m.id = s.mailbox_id
+             WHERE m.enabled",
+        )
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let failing = sqlx::query(&format!(
+            "{SELECT_RECORD} WHERE m.enabled AND s.last_error IS NOT NULL
+             ORDER BY s.mailbox_id LIMIT $1"
+        ))
+        .bind(i64::from(failures))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let count = |column| -> Result<u64, StoreError> {
+            Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
+        };
+        Ok(SubscriptionCounts {
+            rows: count("rows")?,
+            active: count("active")?,
+            expired: count("expired")?,
+            without: count("without")?,
+            failing: count("failing")?,
+            failures: failing.iter().map(pg_record).collect::<Result<_, _>>()?,
+        })
     }
 
     async fn subscriptions_by_ids(
