@@ -8,7 +8,9 @@
 //! not in tenant), for `permanent_break`.
 //! open → half-open when the break time has passed; the break time doubles with each trip in
 //! a row (plus up to 25 % jitter, never less), capped at `max_break`.
-//! half-open → closed after `probes` successful probe calls; → open again on any failure.
+//! half-open → closed after `probes` successful probe calls; → open again on any probe's
+//! failure. The outcome of a call let out before the trip, or of a probe of an earlier
+//! half-open period, arrives too late to say how the dependency is now and is ignored.
 
 use std::time::Duration;
 
@@ -79,6 +81,16 @@ pub enum CallOutcome {
     Permanent,
 }
 
+/// Which call an outcome is of: one let out while the breaker was closed, or a probe of its
+/// `n`th half-open period. Only the probes of the period under way close or reopen it: a call
+/// that started before the trip and ends while half-open, or a probe of an earlier period, says
+/// nothing about the dependency now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    Closed,
+    Probe(u64),
+}
+
 /// A refused call: the breaker is open until `until` (or half-open with all probes out).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rejected {
@@ -100,6 +112,8 @@ pub struct Breaker {
     open_until: Instant,
     probes_in_flight: u32,
     probe_successes: u32,
+    /// Half-open periods so far: the number of the one under way while half-open.
+    half_open_periods: u64,
     /// Trips in a row without a full recovery; grows the break time.
     consecutive_trips: u32,
     permanent: bool,
@@ -117,6 +131,7 @@ impl Breaker {
             open_until: now,
             probes_in_flight: 0,
             probe_successes: 0,
+            half_open_periods: 0,
             consecutive_trips: 0,
             permanent: false,
             failures_in_a_row: 0,
@@ -157,10 +172,12 @@ impl Breaker {
         }
     }
 
-    /// Reserves a call. In half-open only `probes` calls may be out at once.
+    /// Reserves a call. In half-open only `probes` calls may be out at once; which call it is
+    /// is [`call`](Self::call) right after.
     pub fn acquire(&mut self, now: Instant) -> Result<Option<Transition>, Rejected> {
         self.would_allow(now)?;
         let transition = if self.state == BreakerState::Open {
+            self.half_open_periods += 1;
             Some(self.change(BreakerState::HalfOpen, now))
         } else {
             None
@@ -171,10 +188,22 @@ impl Breaker {
         Ok(transition)
     }
 
+    /// What a call reserved now is: a probe of this half-open period, or an ordinary call.
+    pub fn call(&self) -> Call {
+        match self.state {
+            BreakerState::HalfOpen => Call::Probe(self.half_open_periods),
+            _ => Call::Closed,
+        }
+    }
+
     /// Records how a reserved call ended.
-    pub fn record(&mut self, outcome: CallOutcome, now: Instant) -> Option<Transition> {
+    pub fn record(&mut self, outcome: CallOutcome, now: Instant, call: Call) -> Option<Transition> {
         match self.state {
             BreakerState::HalfOpen => {
+                if call != self.call() {
+                    // Not one of this period's probes: its place was never taken.
+                    return None;
+                }
                 self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
                 match outcome {
                     CallOutcome::Success => {
@@ -228,9 +257,10 @@ impl Breaker {
         (self.outcomes.origin, self.outcomes.slice_nanos)
     }
 
-    /// A reserved call that ended without an outcome for this dependency.
-    pub fn release(&mut self) {
-        if self.state == BreakerState::HalfOpen {
+    /// A reserved call that ended without an outcome for this dependency: a probe of this
+    /// period gives its place back.
+    pub fn release(&mut self, call: Call) {
+        if self.state == BreakerState::HalfOpen && call == self.call() {
             self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
         }
     }
@@ -382,10 +412,14 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(config(), t0);
         for _ in 0..3 {
-            assert_eq!(b.record(CallOutcome::Failure, t0), None, "below min_calls");
+            assert_eq!(
+                b.record(CallOutcome::Failure, t0, Call::Closed),
+                None,
+                "below min_calls"
+            );
         }
         let t = b
-            .record(CallOutcome::Failure, t0)
+            .record(CallOutcome::Failure, t0, Call::Closed)
             .expect("trips at the 4th call");
         assert_eq!(
             t,
@@ -401,31 +435,31 @@ mod tests {
     fn successes_keep_it_closed_and_old_failures_expire() {
         let t0 = Instant::now();
         let mut b = Breaker::new(config(), t0);
-        b.record(CallOutcome::Failure, t0);
-        b.record(CallOutcome::Success, t0);
-        b.record(CallOutcome::Success, t0);
+        b.record(CallOutcome::Failure, t0, Call::Closed);
+        b.record(CallOutcome::Success, t0, Call::Closed);
+        b.record(CallOutcome::Success, t0, Call::Closed);
         assert_eq!(
-            b.record(CallOutcome::Success, t0),
+            b.record(CallOutcome::Success, t0, Call::Closed),
             None,
             "1 of 4 failed: below 0.5"
         );
         assert_eq!(
-            b.record(CallOutcome::Failure, t0),
+            b.record(CallOutcome::Failure, t0, Call::Closed),
             None,
             "2 of 5 failed: below 0.5"
         );
         assert!(
-            b.record(CallOutcome::Failure, t0).is_some(),
+            b.record(CallOutcome::Failure, t0, Call::Closed).is_some(),
             "3 of 6 failed: 0.5 trips"
         );
         let mut b = Breaker::new(config(), t0);
-        b.record(CallOutcome::Failure, t0);
-        b.record(CallOutcome::Success, t0);
-        b.record(CallOutcome::Failure, t0);
+        b.record(CallOutcome::Failure, t0, Call::Closed);
+        b.record(CallOutcome::Success, t0, Call::Closed);
+        b.record(CallOutcome::Failure, t0, Call::Closed);
         // 40 s later those calls are outside the 30 s window: 1 of 2 recent calls failed.
         let later = t0 + Duration::from_secs(40);
-        assert_eq!(b.record(CallOutcome::Success, later), None);
-        assert_eq!(b.record(CallOutcome::Failure, later), None);
+        assert_eq!(b.record(CallOutcome::Success, later, Call::Closed), None);
+        assert_eq!(b.record(CallOutcome::Failure, later, Call::Closed), None);
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
@@ -435,21 +469,22 @@ mod tests {
         let window = config().window;
         let slice = window / SLICES as u32;
         let mut b = Breaker::new(config(), t0);
-        b.record(CallOutcome::Failure, t0);
+        b.record(CallOutcome::Failure, t0, Call::Closed);
         let still_in = t0 + window - slice - Duration::from_millis(1);
-        b.record(CallOutcome::Success, still_in);
-        b.record(CallOutcome::Success, still_in);
+        b.record(CallOutcome::Success, still_in, Call::Closed);
+        b.record(CallOutcome::Success, still_in, Call::Closed);
         assert!(
-            b.record(CallOutcome::Failure, still_in).is_some(),
+            b.record(CallOutcome::Failure, still_in, Call::Closed)
+                .is_some(),
             "2 of 4 failed: the first failure still counts"
         );
         let mut b = Breaker::new(config(), t0);
-        b.record(CallOutcome::Failure, t0);
+        b.record(CallOutcome::Failure, t0, Call::Closed);
         let gone = t0 + window + Duration::from_millis(1);
-        b.record(CallOutcome::Success, gone);
-        b.record(CallOutcome::Success, gone);
+        b.record(CallOutcome::Success, gone, Call::Closed);
+        b.record(CallOutcome::Success, gone, Call::Closed);
         assert_eq!(
-            b.record(CallOutcome::Failure, gone),
+            b.record(CallOutcome::Failure, gone, Call::Closed),
             None,
             "1 of 3 failed: the first failure has left the window"
         );
@@ -461,13 +496,21 @@ mod tests {
         let mut b = Breaker::new(config(), t0);
         for minute in 0..3 {
             assert_eq!(
-                b.record(CallOutcome::Failure, t0 + Duration::from_secs(60 * minute)),
+                b.record(
+                    CallOutcome::Failure,
+                    t0 + Duration::from_secs(60 * minute),
+                    Call::Closed
+                ),
                 None
             );
         }
         assert!(
-            b.record(CallOutcome::Failure, t0 + Duration::from_secs(180))
-                .is_some(),
+            b.record(
+                CallOutcome::Failure,
+                t0 + Duration::from_secs(180),
+                Call::Closed
+            )
+            .is_some(),
             "4 in a row"
         );
     }
@@ -477,7 +520,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(config(), t0);
         for _ in 0..4 {
-            b.record(CallOutcome::Failure, t0);
+            b.record(CallOutcome::Failure, t0, Call::Closed);
         }
         let until = b.open_until().expect("open");
         assert!(
@@ -498,9 +541,11 @@ mod tests {
         );
         assert_eq!(b.acquire(t1), Ok(None));
         assert!(b.acquire(t1).is_err(), "only 2 probes at once");
-        assert_eq!(b.record(CallOutcome::Success, t1), None);
+        let probe = b.call();
+        assert_eq!(probe, Call::Probe(1));
+        assert_eq!(b.record(CallOutcome::Success, t1, probe), None);
         assert_eq!(
-            b.record(CallOutcome::Success, t1),
+            b.record(CallOutcome::Success, t1, probe),
             Some(Transition {
                 from: BreakerState::HalfOpen,
                 to: BreakerState::Closed
@@ -513,7 +558,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(config(), t0);
         for _ in 0..4 {
-            b.record(CallOutcome::Failure, t0);
+            b.record(CallOutcome::Failure, t0, Call::Closed);
         }
         let mut now = t0;
         let mut breaks = Vec::new();
@@ -522,7 +567,7 @@ mod tests {
             breaks.push(until - now);
             now = until;
             b.acquire(now).expect("probe allowed");
-            b.record(CallOutcome::Failure, now);
+            b.record(CallOutcome::Failure, now, b.call());
         }
         let secs: Vec<u64> = breaks.iter().map(|d| d.as_secs()).collect();
         for (got, base) in secs.iter().zip([10u64, 20, 40, 60, 60]) {
@@ -534,7 +579,7 @@ mod tests {
     fn permanent_failure_opens_at_once_for_long() {
         let t0 = Instant::now();
         let mut b = Breaker::new(config(), t0);
-        assert!(b.record(CallOutcome::Permanent, t0).is_some());
+        assert!(b.record(CallOutcome::Permanent, t0, Call::Closed).is_some());
         assert!(b.is_permanent());
         assert!(b.open_until().expect("open") >= t0 + Duration::from_secs(1800));
     }

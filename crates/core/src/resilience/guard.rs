@@ -7,7 +7,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::breaker::{
-    slice_of, Breaker, BreakerConfig, BreakerState, CallOutcome, Rejected, Transition,
+    slice_of, Breaker, BreakerConfig, BreakerState, Call, CallOutcome, Rejected, Transition,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -131,49 +131,46 @@ impl GuardedBreaker {
     /// the returned [`Reservation`]; dropped without one (its future was cancelled, e.g. at the
     /// job deadline), it gives its probe back.
     pub fn reserve(&self) -> Result<Reservation<'_>, Rejected> {
-        let probe = self.admit()?;
+        let call = self.admit()?;
         Ok(Reservation {
             breaker: self,
-            probe,
+            call,
             settled: false,
         })
     }
 
-    /// Reserves a call, or says until when the breaker refuses.
-    pub fn acquire(&self) -> Result<(), Rejected> {
-        self.admit().map(|_| ())
-    }
-
-    /// Reserves a call; true when it is a half-open breaker's probe.
-    fn admit(&self) -> Result<bool, Rejected> {
+    /// Reserves a call: an ordinary one, or a half-open breaker's probe.
+    fn admit(&self) -> Result<Call, Rejected> {
         // A closed breaker lets every call out whenever it comes, without the lock or the
         // clock (the dearest step of a call on some machines).
         if self.closed.load(Ordering::Acquire) {
-            return Ok(false);
+            return Ok(Call::Closed);
         }
-        let (transition, probe) = self.with(|b, _| {
+        let (transition, call) = self.with(|b, _| {
             if b.state() == BreakerState::Closed {
-                return Ok((None, false));
+                return Ok((None, Call::Closed));
             }
             let t = b.acquire(Instant::now())?;
-            Ok((t, b.state() == BreakerState::HalfOpen))
+            Ok((t, b.call()))
         })?;
         if let Some(t) = transition {
             self.log(t, None);
         }
-        Ok(probe)
+        Ok(call)
     }
 
     pub fn would_allow(&self) -> Result<(), Rejected> {
         self.with(|b, _| b.would_allow(Instant::now()))
     }
 
-    pub fn record(&self, outcome: CallOutcome) {
-        self.record_at(outcome, Instant::now());
+    /// Records an outcome at `now` that no reservation carries (a failure counted for
+    /// several): evidence while closed, nothing while half-open.
+    pub fn record_at(&self, outcome: CallOutcome, now: Instant) {
+        self.record_call(outcome, now, Call::Closed);
     }
 
-    /// Records how a call ended, at `now` (the caller's reading of the clock when it ended).
-    pub fn record_at(&self, outcome: CallOutcome, now: Instant) {
+    /// Records how `call` ended, at `now` (the caller's reading of the clock when it ended).
+    fn record_call(&self, outcome: CallOutcome, now: Instant, call: Call) {
         if outcome == CallOutcome::Success
             && self.closed.load(Ordering::Acquire)
             && self.late.add(slice_of(self.slicing.0, self.slicing.1, now))
@@ -181,7 +178,7 @@ impl GuardedBreaker {
             return;
         }
         let (transition, until) = self.with(|b, trips| {
-            let t = b.record(outcome, now);
+            let t = b.record(outcome, now, call);
             if t.is_some_and(|t| t.to == BreakerState::Open) {
                 *trips += 1;
             }
@@ -192,9 +189,12 @@ impl GuardedBreaker {
         }
     }
 
-    /// A reserved call that never reached the dependency (e.g. no token): frees a probe.
-    pub fn release(&self) {
-        self.with(|b, _| b.release());
+    /// A reserved call that never reached the dependency (e.g. no token): frees its place if
+    /// it is a probe.
+    fn release(&self, call: Call) {
+        if let Call::Probe(_) = call {
+            self.with(|b, _| b.release(call));
+        }
     }
 
     pub fn state(&self) -> BreakerState {
@@ -246,7 +246,7 @@ impl GuardedBreaker {
 /// later call of the tenant.
 pub struct Reservation<'a> {
     breaker: &'a GuardedBreaker,
-    probe: bool,
+    call: Call,
     settled: bool,
 }
 
@@ -258,20 +258,20 @@ impl Reservation<'_> {
     /// Records how the call ended, at `now`.
     pub fn record_at(mut self, outcome: CallOutcome, now: Instant) {
         self.settled = true;
-        self.breaker.record_at(outcome, now);
+        self.breaker.record_call(outcome, now, self.call);
     }
 
     /// The call never reached the dependency (e.g. no token): frees a probe.
     pub fn release(mut self) {
         self.settled = true;
-        self.breaker.release();
+        self.breaker.release(self.call);
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if !self.settled && self.probe {
-            self.breaker.release();
+        if !self.settled {
+            self.breaker.release(self.call);
         }
     }
 }
@@ -391,6 +391,62 @@ mod tests {
             .reserve()
             .expect("the cancelled probe's place is free again");
         probe.record(CallOutcome::Success);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    /// Calls let out while the breaker was closed that end while it is half-open are not
+    /// probes: their failures neither reopen it nor free the probe's place, and a release of
+    /// one gives back nothing. Only the probe decides.
+    #[tokio::test(start_paused = true)]
+    async fn calls_from_before_the_trip_do_not_decide_a_half_open_breaker() {
+        let b = GuardedBreaker::new("t", Dependency::Graph, config(1, 1.0));
+        let slow = b.reserve().expect("closed");
+        let cancelled = b.reserve().expect("closed");
+        b.reserve().expect("closed").record(CallOutcome::Failure);
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let probe = b.reserve().expect("half-open lets one probe out");
+        slow.record(CallOutcome::Failure);
+        drop(cancelled);
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen,
+            "still waiting for the probe"
+        );
+        assert!(b.reserve().is_err(), "the probe's place is still taken");
+        probe.record(CallOutcome::Success);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.snapshot().trips, 1, "one trip, not two");
+    }
+
+    /// A probe of an earlier half-open period (the breaker reopened and half-opened again
+    /// while it hung) is not a probe of the new one.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_of_an_earlier_period_does_not_decide_the_next() {
+        let config = BreakerConfig {
+            probes: 2,
+            ..config(1, 1.0)
+        };
+        let b = GuardedBreaker::new("t", Dependency::Graph, config);
+        b.reserve().expect("closed").record(CallOutcome::Failure);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let hung = b.reserve().expect("first period's probe");
+        b.reserve()
+            .expect("its second probe")
+            .record(CallOutcome::Failure);
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let first = b.reserve().expect("second period's probe");
+        hung.record(CallOutcome::Success);
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen,
+            "the old probe does not count"
+        );
+        let second = b.reserve().expect("the second place is still free");
+        assert!(b.reserve().is_err(), "two probes out");
+        first.record(CallOutcome::Success);
+        second.record(CallOutcome::Success);
         assert_eq!(b.state(), BreakerState::Closed);
     }
 }
