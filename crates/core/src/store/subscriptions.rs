@@ -217,6 +217,29 @@ impl Store {
 const SELECT_RECORD: &str = "SELECT s.*, m.tenant, m.user_id, m.enabled AS mailbox_enabled
      FROM subscriptions s JOIN mailboxes m ON m.id = s.mailbox_id";
 
+/// The counts' row (`rows`, `active`, `expired`, `without`, `failing`) with the failing
+/// records listed.
+fn counts_of<R>(
+    row: &R,
+    failures: Vec<SubscriptionRecord>,
+) -> Result<SubscriptionCounts, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let count =
+        |column| -> Result<u64, StoreError> { Ok(row.try_get::<i64, _>(column)?.max(0) as u64) };
+    Ok(SubscriptionCounts {
+        rows: count("rows")?,
+        active: count("active")?,
+        expired: count("expired")?,
+        without: count("without")?,
+        failing: count("failing")?,
+        failures,
+    })
+}
+
 fn failures(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
@@ -433,20 +456,13 @@ impl SubscriptionStore for SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let count = |column| -> Result<u64, StoreError> {
-            Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
-        };
-        Ok(SubscriptionCounts {
-            rows: count("rows")?,
-            active: count("active")?,
-            expired: count("expired")?,
-            without: count("without")?,
-            failing: count("failing")?,
-            failures: failing
+        counts_of(
+            &row,
+            failing
                 .iter()
                 .map(sqlite_record)
                 .collect::<Result<_, _>>()?,
-        })
+        )
     }
 
     async fn subscriptions_by_ids(
@@ -669,17 +685,10 @@ impl SubscriptionStore for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let count = |column| -> Result<u64, StoreError> {
-            Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
-        };
-        Ok(SubscriptionCounts {
-            rows: count("rows")?,
-            active: count("active")?,
-            expired: count("expired")?,
-            without: count("without")?,
-            failing: count("failing")?,
-            failures: failing.iter().map(pg_record).collect::<Result<_, _>>()?,
-        })
+        counts_of(
+            &row,
+            failing.iter().map(pg_record).collect::<Result<_, _>>()?,
+        )
     }
 
     async fn subscriptions_by_ids(

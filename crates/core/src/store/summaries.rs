@@ -60,41 +60,106 @@ impl Store {
     }
 }
 
-/// The listed mailboxes joined to their summaries (both come by tenant name).
-fn attach(
-    mut summaries: Vec<TenantSummary>,
-    listed: Vec<(String, ListedMailbox)>,
-) -> Vec<TenantSummary> {
-    for (tenant, mailbox) in listed {
-        if let Some(summary) = summaries.iter_mut().find(|s| s.tenant == tenant) {
-            summary.worst.push(mailbox);
-        }
-    }
-    summaries
+/// Each tenant's worst mailboxes in one statement: all of them ranked in one pass, at most the
+/// bound limit of each (`limit` is its placeholder) with their quarantined items.
+/// `mailboxes` names the table as the backend reads it best; `enabled` is its test.
+fn worst_statement(mailboxes: &str, enabled: &str, limit: &str) -> String {
+    format!(
+        "WITH ranked (mailbox, of_tenant, rank) AS (
+             SELECT id, tenant, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY {WORST_FIRST})
+             FROM (SELECT id, tenant,
+                       COALESCE(last_error IS NOT NULL
+                           AND (last_success_at IS NULL OR last_error_at > last_success_at),
+                           FALSE) AS erring,
+                       last_error_at AS error_at,
+                       COALESCE(last_success_at, created_at) AS behind_since
+                   FROM {mailboxes} WHERE {enabled}) AS candidates)
+         SELECT {columns},
+             (SELECT COUNT(*) FROM quarantine q WHERE q.mailbox_id = mailboxes.id) AS quarantined
+         FROM ranked JOIN mailboxes ON mailboxes.id = ranked.mailbox
+         WHERE ranked.rank <= {limit}
+         ORDER BY ranked.of_tenant, ranked.rank",
+        columns = super::mailbox_columns!(),
+    )
 }
 
-/// Adds the per-tenant quarantine counts (rows of `tenant`, `n`).
-fn with_quarantined<R: Row>(
-    mut summaries: Vec<TenantSummary>,
+/// A row's column as a count; the bounds say the backend decodes it (and text) natively.
+fn count_of<R>(row: &R, column: &str) -> Result<u64, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
+}
+
+/// Reads a row's timestamp column as its backend stores it.
+type ReadTime<R> = fn(&R, &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+/// The counts' rows as summaries, with the quarantine's (`tenant`, `n`) rows added; `time`
+/// reads the backend's timestamps.
+fn summaries_of<R>(
     rows: &[R],
+    quarantined: &[R],
+    time: ReadTime<R>,
 ) -> Result<Vec<TenantSummary>, StoreError>
 where
-    for<'r> &'r str: sqlx::ColumnIndex<R>,
+    R: Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    for row in rows {
+    let mut summaries = rows
+        .iter()
+        .map(|row| {
+            Ok(TenantSummary {
+                tenant: row.try_get("tenant")?,
+                mailboxes: count_of(row, "mailboxes")?,
+                never_synced: count_of(row, "never_synced")?,
+                failing: count_of(row, "failing")?,
+                behind_since: time(row, "behind_since")?,
+                last_success_at: time(row, "last_success_at")?,
+                due: count_of(row, "due")?,
+                oldest_due_at: time(row, "oldest_due_at")?,
+                quarantined: 0,
+                worst: Vec::new(),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    for row in quarantined {
         let tenant: String = row.try_get("tenant")?;
-        let n: i64 = row.try_get("n")?;
         if let Some(summary) = summaries.iter_mut().find(|s| s.tenant == tenant) {
-            summary.quarantined = count(n);
+            summary.quarantined = count_of(row, "n")?;
         }
     }
     Ok(summaries)
 }
 
-fn count(value: i64) -> u64 {
-    value.max(0) as u64
+/// The worst mailboxes' rows ([`worst_statement`]) added to their tenants' summaries;
+/// `record` reads the backend's mailbox row.
+fn with_worst<R>(
+    mut summaries: Vec<TenantSummary>,
+    rows: &[R],
+    record: fn(&R) -> Result<MailboxRecord, StoreError>,
+) -> Result<Vec<TenantSummary>, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    for row in rows {
+        let listed = ListedMailbox {
+            record: record(row)?,
+            quarantined: count_of(row, "quarantined")?,
+        };
+        if let Some(summary) = summaries
+            .iter_mut()
+            .find(|s| s.tenant == listed.record.tenant)
+        {
+            summary.worst.push(listed);
+        }
+    }
+    Ok(summaries)
 }
 
 impl MailboxSummaries for SqliteStore {
@@ -135,65 +200,20 @@ impl MailboxSummaries for SqliteStore {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let summaries = rows
-            .iter()
-            .map(|row| {
-                Ok(TenantSummary {
-                    tenant: row.try_get("tenant")?,
-                    mailboxes: count(row.try_get("mailboxes")?),
-                    never_synced: count(row.try_get("never_synced")?),
-                    failing: count(row.try_get("failing")?),
-                    behind_since: parse_opt_ts(row, "behind_since")?,
-                    last_success_at: parse_opt_ts(row, "last_success_at")?,
-                    due: count(row.try_get("due")?),
-                    oldest_due_at: parse_opt_ts(row, "oldest_due_at")?,
-                    quarantined: 0,
-                    worst: Vec::new(),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let summaries = with_quarantined(summaries, &quarantined)?;
+        let summaries = summaries_of(&rows, &quarantined, parse_opt_ts)?;
         if listed == 0 || summaries.is_empty() {
             return Ok(summaries);
         }
-        let rows = sqlx::query(&format!(
-            "WITH ranked (mailbox, of_tenant, rank) AS (
-                 SELECT id, tenant, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY {WORST_FIRST})
-                     AS rank
-                 FROM (SELECT id, tenant,
-                           COALESCE(last_error IS NOT NULL
-                               AND (last_success_at IS NULL OR last_error_at > last_success_at),
-                               FALSE) AS erring,
-                           last_error_at AS error_at,
-                           COALESCE(last_success_at, created_at) AS behind_since
-                       FROM mailboxes NOT INDEXED WHERE enabled = 1))
-             SELECT {columns},
-                 (SELECT COUNT(*) FROM quarantine q WHERE q.mailbox_id = mailboxes.id)
-                     AS quarantined
-             FROM ranked JOIN mailboxes ON mailboxes.id = ranked.mailbox
-             WHERE ranked.rank <= ?1
-             ORDER BY ranked.of_tenant, ranked.rank",
-            columns = super::mailbox_columns!(),
+        let rows = sqlx::query(&worst_statement(
+            "mailboxes NOT INDEXED",
+            "enabled = 1",
+            "?1",
         ))
         .bind(i64::from(listed))
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let listed = rows
-            .iter()
-            .map(|row| {
-                let record = mailbox_from_row(row)?;
-                let quarantined = count(row.try_get("quarantined")?);
-                Ok((
-                    record.tenant.clone(),
-                    ListedMailbox {
-                        record,
-                        quarantined,
-                    },
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(attach(summaries, listed))
+        with_worst(summaries, &rows, mailbox_from_row)
     }
 }
 
@@ -234,65 +254,17 @@ impl MailboxSummaries for PgStore {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let summaries = rows
-            .iter()
-            .map(|row| {
-                Ok(TenantSummary {
-                    tenant: row.try_get("tenant")?,
-                    mailboxes: count(row.try_get("mailboxes")?),
-                    never_synced: count(row.try_get("never_synced")?),
-                    failing: count(row.try_get("failing")?),
-                    behind_since: row.try_get("behind_since")?,
-                    last_success_at: row.try_get("last_success_at")?,
-                    due: count(row.try_get("due")?),
-                    oldest_due_at: row.try_get("oldest_due_at")?,
-                    quarantined: 0,
-                    worst: Vec::new(),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let summaries = with_quarantined(summaries, &quarantined)?;
+        let time = |row: &sqlx::postgres::PgRow, column: &str| Ok(row.try_get(column)?);
+        let summaries = summaries_of(&rows, &quarantined, time)?;
         if listed == 0 || summaries.is_empty() {
             tx.commit().await?;
             return Ok(summaries);
         }
-        let rows = sqlx::query(&format!(
-            "WITH ranked (mailbox, of_tenant, rank) AS (
-                 SELECT id, tenant, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY {WORST_FIRST})
-                     AS rank
-                 FROM (SELECT id, tenant,
-                           COALESCE(last_error IS NOT NULL
-                               AND (last_success_at IS NULL OR last_error_at > last_success_at),
-                               FALSE) AS erring,
-                           last_error_at AS error_at,
-                           COALESCE(last_success_at, created_at) AS behind_since
-                       FROM mailboxes WHERE enabled) AS candidates)
-             SELECT {columns},
-                 (SELECT COUNT(*) FROM quarantine q WHERE q.mailbox_id = mailboxes.id)
-                     AS quarantined
-             FROM ranked JOIN mailboxes ON mailboxes.id = ranked.mailbox
-             WHERE ranked.rank <= $1
-             ORDER BY ranked.of_tenant, ranked.rank",
-            columns = super::mailbox_columns!(),
-        ))
-        .bind(i64::from(listed))
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(&worst_statement("mailboxes", "enabled", "$1"))
+            .bind(i64::from(listed))
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
-        let listed = rows
-            .iter()
-            .map(|row| {
-                let record = mailbox_from_row(row)?;
-                let quarantined = count(row.try_get("quarantined")?);
-                Ok((
-                    record.tenant.clone(),
-                    ListedMailbox {
-                        record,
-                        quarantined,
-                    },
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(attach(summaries, listed))
+        with_worst(summaries, &rows, mailbox_from_row)
     }
 }
