@@ -6,6 +6,7 @@
 //! 100,000. It holds no secrets: errors are calsync's own messages, tokens are never shown.
 
 pub mod prometheus;
+pub mod shared;
 pub mod status_page;
 
 use std::collections::BTreeMap;

@@ -18,7 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::health::{self, status_page, STORE_CHECK_TIMEOUT};
+use crate::health::shared::SharedBuild;
+use crate::health::{self, status_page, Health, STORE_CHECK_TIMEOUT};
 use crate::scheduler::Worker;
 use crate::store::Store;
 
@@ -36,6 +37,10 @@ pub struct AppState {
     pub notification_store_calls: Arc<std::sync::atomic::AtomicU64>,
     /// The store's pool size, for the descriptor budget of the listeners.
     pub store_connections: u32,
+    /// The health model with each tenant's worst mailboxes (`/healthz`, the status page) and
+    /// with counts only (`/metrics`), each built once for the requests that arrive together.
+    pub health: Arc<SharedBuild<Health>>,
+    pub health_counts: Arc<SharedBuild<Health>>,
 }
 
 impl AppState {
@@ -48,6 +53,8 @@ impl AppState {
             throttle: Arc::default(),
             notification_store_calls: Arc::default(),
             store_connections: settings.store.max_connections,
+            health: Arc::default(),
+            health_counts: Arc::default(),
         }
     }
 }
@@ -104,15 +111,24 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// The health model with each tenant's worst mailboxes, shared by the requests that arrive
+/// while it is built.
+async fn with_mailboxes(state: &AppState) -> Result<Arc<Health>, String> {
+    let listed = health::MAILBOX_DETAIL_PER_TENANT;
+    state
+        .health
+        .get(|| health::current(&state.store, &state.worker, listed))
+        .await
+}
+
 /// The health model as JSON, with the Graph subscriptions when notifications are on.
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    let listed = health::MAILBOX_DETAIL_PER_TENANT;
-    let health = match health::current(&state.store, &state.worker, listed).await {
+    let health = match with_mailboxes(&state).await {
         Ok(current) => current,
         Err(reason) => return unavailable(reason),
     };
     let enabled: u64 = health.tenants.iter().map(|t| t.mailboxes).sum();
-    let mut body = serde_json::to_value(health).unwrap_or_default();
+    let mut body = serde_json::to_value(&*health).unwrap_or_default();
     if state.notifications {
         // Subscriptions are a trigger only (delta stays the source of truth), so their state is
         // shown but does not make calsync degraded.
@@ -135,7 +151,11 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = crate::metrics::render_events();
     // Counts only: the gauges name no mailbox.
-    if let Ok(health) = health::current(&state.store, &state.worker, 0).await {
+    let counts = state
+        .health_counts
+        .get(|| health::current(&state.store, &state.worker, 0))
+        .await;
+    if let Ok(health) = counts {
         let sync = state.worker.settings();
         let limits = health::prometheus::Limits {
             job_deadline: sync.job_deadline,
@@ -158,8 +178,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 /// The status page: server-rendered HTML that refreshes itself.
 async fn status(State(state): State<AppState>) -> impl IntoResponse {
-    let listed = health::MAILBOX_DETAIL_PER_TENANT;
-    let (code, html) = match health::current(&state.store, &state.worker, listed).await {
+    let (code, html) = match with_mailboxes(&state).await {
         Ok(health) => (StatusCode::OK, status_page::render(&health)),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
