@@ -2,8 +2,9 @@
 //! items and its worst mailboxes with their last success and error; jobs), built in one place
 //! and rendered three ways: the `/healthz` JSON, the status page ([`status_page`]) and the
 //! Prometheus gauges ([`prometheus`]). The store sums the mailboxes up
-//! ([`Store::tenant_summaries`]), so a request costs the same whether it shows ten mailboxes or
-//! 100,000. It holds no secrets: errors are calsync's own messages, tokens are never shown.
+//! ([`Store::tenant_summaries`]): a request reads no mailbox record but the few it lists, and
+//! its size grows with the tenants, not the mailboxes. It holds no secrets: errors are
+//! calsync's own messages, tokens are never shown.
 
 pub mod prometheus;
 pub mod shared;
