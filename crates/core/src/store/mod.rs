@@ -44,6 +44,16 @@ pub use writes::{
 use crate::graph::model::RejectedItem;
 use crate::graph::{DeltaItem, Event, PageLink, Window};
 
+/// A row's integer column as a count (never negative), on either backend.
+pub(crate) fn count_of<R>(row: &R, column: &str) -> Result<u64, StoreError>
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
+}
+
 /// The store the service runs on, chosen by the scheme of `store.url`.
 #[derive(Clone, Debug)]
 pub enum Store {

@@ -11,7 +11,7 @@ use sqlx::Row;
 // The contract's traits: a backend implements them, a caller reaches them through `Store`.
 use super::contract::*;
 use super::sqlite::{parse_opt_ts, parse_ts, ts};
-use super::{MailboxId, PgStore, SqliteStore, Store, StoreError};
+use super::{count_of, MailboxId, PgStore, SqliteStore, Store, StoreError};
 
 /// A mailbox's subscription as stored. `client_state` is a secret: compared, never shown.
 #[derive(Clone, Debug)]
@@ -228,8 +228,7 @@ where
     for<'c> &'c str: sqlx::ColumnIndex<R>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let count =
-        |column| -> Result<u64, StoreError> { Ok(row.try_get::<i64, _>(column)?.max(0) as u64) };
+    let count = |column| count_of(row, column);
     Ok(SubscriptionCounts {
         rows: count("rows")?,
         active: count("active")?,

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::contract::*;
-use super::{MailboxRecord, PgStore, SqliteStore, Store, StoreError};
+use super::{count_of, MailboxRecord, PgStore, SqliteStore, Store, StoreError};
 
 /// One tenant's enabled mailboxes, summed up.
 #[derive(Clone, Debug, Default)]
@@ -81,16 +81,6 @@ fn worst_statement(mailboxes: &str, enabled: &str, limit: &str) -> String {
          ORDER BY ranked.of_tenant, ranked.rank",
         columns = super::mailbox_columns!(),
     )
-}
-
-/// A row's column as a count; the bounds say the backend decodes it (and text) natively.
-fn count_of<R>(row: &R, column: &str) -> Result<u64, StoreError>
-where
-    R: Row,
-    for<'c> &'c str: sqlx::ColumnIndex<R>,
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
 }
 
 /// Reads a row's timestamp column as its backend stores it.

@@ -304,9 +304,7 @@ impl WriteStore for PgStore {
         .await?;
         rows.iter()
             .map(|row| {
-                let count = |column| -> Result<u64, StoreError> {
-                    Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
-                };
+                let count = |column| crate::store::count_of(row, column);
                 Ok((
                     row.try_get("tenant")?,
                     WriteCounts {

@@ -306,9 +306,7 @@ impl WriteStore for SqliteStore {
         .await?;
         rows.iter()
             .map(|row| {
-                let count = |column| -> Result<u64, StoreError> {
-                    Ok(row.try_get::<i64, _>(column)?.max(0) as u64)
-                };
+                let count = |column| crate::store::count_of(row, column);
                 Ok((
                     row.try_get("tenant")?,
                     WriteCounts {
