@@ -34,6 +34,10 @@ pub fn http_client(
 
 /// Reads the body chunk by chunk so an oversized or endless body is cut off at `limit` bytes
 /// instead of filling memory.
+///
+/// Each byte is copied once: the chunks are kept as they come and joined into a buffer of the
+/// final size, instead of growing one buffer (whose doublings copy a page of events again and
+/// leave up to half of it unused).
 pub async fn read_body_limited(
     response: &mut reqwest::Response,
     limit: usize,
@@ -44,12 +48,18 @@ pub async fn read_body_limited(
     {
         return Err(BodyError::TooLarge { limit });
     }
-    let mut body = Vec::new();
+    let mut chunks = Vec::new();
+    let mut len = 0usize;
     while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
-        if body.len() + chunk.len() > limit {
+        len += chunk.len();
+        if len > limit {
             return Err(BodyError::TooLarge { limit });
         }
-        body.extend_from_slice(&chunk);
+        chunks.push(chunk);
+    }
+    let mut body = Vec::with_capacity(len);
+    for chunk in &chunks {
+        body.extend_from_slice(chunk);
     }
     Ok(body)
 }
@@ -121,5 +131,77 @@ mod tests {
             "raw [REDACTED] form [REDACTED] json \"[REDACTED]\""
         );
         assert_eq!(redact(b"nothing here", ""), b"nothing here");
+    }
+
+    /// A peer on a real socket that answers one request with `body` in chunked transfer
+    /// encoding (so no Content-Length announces its size), one HTTP chunk per part, each
+    /// part written after the previous one was flushed.
+    async fn chunked_peer(parts: Vec<Vec<u8>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for part in parts {
+                let mut chunk = format!("{:x}\r\n", part.len()).into_bytes();
+                chunk.extend_from_slice(&part);
+                chunk.extend_from_slice(b"\r\n");
+                if socket.write_all(&chunk).await.is_err() || socket.flush().await.is_err() {
+                    return;
+                }
+            }
+            let _ = socket.write_all(b"0\r\n\r\n").await;
+        });
+        format!("http://{addr}/")
+    }
+
+    async fn read_from(parts: Vec<Vec<u8>>, limit: usize) -> Result<Vec<u8>, BodyError> {
+        let url = chunked_peer(parts).await;
+        let client = http_client(Duration::from_secs(5), Duration::from_secs(30)).expect("client");
+        let mut response = client.get(url).send().await.expect("response");
+        assert_eq!(
+            response.content_length(),
+            None,
+            "chunked: no size announced"
+        );
+        read_body_limited(&mut response, limit).await
+    }
+
+    #[tokio::test]
+    async fn a_body_in_many_chunks_is_read_whole_and_in_order() {
+        let parts: Vec<Vec<u8>> = (0..40u8)
+            .map(|i| vec![b'a' + i % 26; 1_000 + usize::from(i) * 37])
+            .collect();
+        let expected = parts.concat();
+        let body = read_from(parts, expected.len())
+            .await
+            .expect("within the limit");
+        assert_eq!(body.len(), expected.len());
+        assert!(body == expected, "the chunks joined in the order sent");
+    }
+
+    #[tokio::test]
+    async fn an_unannounced_body_past_the_limit_is_cut_off() {
+        let parts = vec![vec![b'x'; 6_000], vec![b'y'; 6_000]];
+        match read_from(parts, 10_000).await {
+            Err(BodyError::TooLarge { limit }) => assert_eq!(limit, 10_000),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
     }
 }
