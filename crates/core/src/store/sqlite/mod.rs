@@ -265,4 +265,23 @@ mod tests {
         let far = DateTime::from_timestamp(300_000_000_000, 0).expect("year 11476");
         assert_eq!(ts(far), chrono_ts(far));
     }
+
+    /// `.cargo/config.toml` reaches the bundled SQLite: it is built without memory statistics
+    /// (a global mutex around each of its allocations otherwise). Fails if a build stops
+    /// reading that file (a build context without it, a moved workspace root).
+    #[tokio::test]
+    async fn the_bundled_sqlite_keeps_no_memory_statistics() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let store = SqliteStore::connect(&url, 1).await.expect("store");
+        let options: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
+            .fetch_all(&store.pool)
+            .await
+            .expect("compile options");
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "SQLite built with {options:?}"
+        );
+        store.close().await;
+    }
 }
