@@ -267,10 +267,10 @@ mod tests {
     }
 
     /// `.cargo/config.toml` reaches the bundled SQLite: it is built without memory statistics
-    /// (a global mutex around each of its allocations otherwise). Fails if a build stops
-    /// reading that file (a build context without it, a moved workspace root).
+    /// and without memory management (each a global mutex on a hot path otherwise). Fails if
+    /// a build stops reading that file (a build context without it, a moved workspace root).
     #[tokio::test]
-    async fn the_bundled_sqlite_keeps_no_memory_statistics() {
+    async fn the_bundled_sqlite_takes_no_global_mutex_for_memory() {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("c.db").display());
         let store = SqliteStore::connect(&url, 1).await.expect("store");
@@ -280,6 +280,10 @@ mod tests {
             .expect("compile options");
         assert!(
             options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "SQLite built with {options:?}"
+        );
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
             "SQLite built with {options:?}"
         );
         store.close().await;
