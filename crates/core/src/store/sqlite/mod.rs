@@ -144,6 +144,11 @@ impl SqliteStore {
             // pages split often during a sync; 16 KiB made each idle round's commits write
             // (and checksum) 16 KiB WAL frames. Measured with `calsync bench --instructions`.
             .page_size(8192)
+            // Temporary data in memory: a page's multi-row upsert keeps a statement journal
+            // (to undo half a statement), which past 64 KiB SQLite otherwise spilled to a new
+            // file in the temporary directory, created and deleted again for nearly every page
+            // write, and a write failed where that directory was full or not writable.
+            .pragma("temp_store", "memory")
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         // No ping before each use: a connection here is a thread in this process, not a
@@ -286,6 +291,24 @@ mod tests {
             !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
             "SQLite built with {options:?}"
         );
+        store.close().await;
+    }
+
+    /// Every connection, the writer's and the readers', keeps SQLite's temporary data (a page
+    /// write's statement journal, sorts) in memory (2 is `MEMORY`), so a page write creates no
+    /// temporary file.
+    #[tokio::test]
+    async fn every_connection_keeps_temporary_data_in_memory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url, 2).await.expect("store");
+        for pool in [&store.writer, &store.pool] {
+            let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
+                .fetch_one(pool)
+                .await
+                .expect("temp_store");
+            assert_eq!(temp_store, 2);
+        }
         store.close().await;
     }
 }
