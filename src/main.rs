@@ -15,6 +15,9 @@ use calsync::store::RunOutcome;
 
 /// mimalloc instead of the system allocator: a sync round allocates a few dozen strings per
 /// event, and glibc's malloc and free were a fifth of calsync's instructions (BENCHMARKS.md).
+/// Its `override` feature makes it the C code's `malloc` too (the bundled SQLite's, whose
+/// writer thread otherwise ran glibc's, trimming its arena back to the kernel with `madvise`
+/// and faulting the pages in again page write after page write).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
