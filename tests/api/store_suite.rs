@@ -63,6 +63,7 @@ store_suite!(
     a_page_applies_its_items_in_order,
     repeated_ids_in_a_page_end_as_applied_in_order,
     a_round_ending_page_reconciles_what_it_leaves,
+    an_item_understood_later_in_its_page_leaves_quarantine,
     a_page_of_a_lost_lease_changes_nothing,
     removals_only_delete_inside_the_window,
     full_round_reconciles_at_its_end_only,
@@ -1442,6 +1443,53 @@ async fn master_ids(store: &Store, id: MailboxId, of: &[&str]) -> BTreeSet<Strin
 /// The page that ends a full round, with removals, upserts and a removed master beside the
 /// reconciliation: events, masters and quarantine end as if the items were applied one by one
 /// and the round reconciled after them.
+/// A page that sends an item calsync cannot understand and, later, the same item as an event
+/// it can: the event is stored and the item does not stay in quarantine, also on a mailbox
+/// that had nothing in quarantine before the page. A page that only rejects keeps its item.
+async fn an_item_understood_later_in_its_page_leaves_quarantine(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let round = full_round(&store, &a).await;
+    let marker = round.round_marker();
+    let items = [upsert("q1", "understood now", t0())];
+    store
+        .apply_page(
+            &a,
+            &round,
+            &PageWrite {
+                items: &items,
+                masters: &[],
+                gone_series: &[],
+                round: &marker,
+                quarantined: &[rejected("q1")],
+            },
+            &next("p1"),
+            t0(),
+        )
+        .await
+        .expect("page 1");
+    assert_eq!(event_ids(&store, id).await, set(&["q1"]));
+    assert_eq!(quarantine_keys(&store, id).await, set(&[]));
+
+    store
+        .apply_page(
+            &a,
+            &round,
+            &PageWrite {
+                items: &[],
+                masters: &[],
+                gone_series: &[],
+                round: &marker,
+                quarantined: &[rejected("q2")],
+            },
+            &next("p2"),
+            t0(),
+        )
+        .await
+        .expect("page 2");
+    assert_eq!(quarantine_keys(&store, id).await, set(&["q2"]));
+}
+
 async fn a_round_ending_page_reconciles_what_it_leaves(store: Store) {
     let id = register(&store, &[("a", "ann")]).await[0];
     let a = lease(&store, id, "a", t0()).await;

@@ -69,10 +69,16 @@ impl RoundStore for SqliteStore {
             };
         }
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let fence = sqlx::query("SELECT lease_owner, round_id FROM mailboxes WHERE id = ?1")
-            .bind(lease.mailbox)
-            .fetch_optional(&mut *tx)
-            .await?;
+        // The fence, and whether the mailbox has items in quarantine, in one round trip to
+        // the writer's thread.
+        let fence = sqlx::query(
+            "SELECT lease_owner, round_id,
+                 EXISTS (SELECT 1 FROM quarantine WHERE mailbox_id = ?1) AS quarantined
+             FROM mailboxes WHERE id = ?1",
+        )
+        .bind(lease.mailbox)
+        .fetch_optional(&mut *tx)
+        .await?;
         let held = fence.as_ref().is_some_and(|row| {
             row.try_get::<Option<String>, _>("lease_owner")
                 .ok()
@@ -114,14 +120,14 @@ impl RoundStore for SqliteStore {
             .await?;
         }
         // An item that is understood now leaves quarantine (looked for only when the mailbox
-        // has any: a page is otherwise one statement per run of items, not one per item).
-        let any_quarantined = !page.items.is_empty()
-            && sqlx::query("SELECT 1 FROM quarantine WHERE mailbox_id = ?1 LIMIT 1")
-                .bind(lease.mailbox)
-                .fetch_optional(&mut *tx)
-                .await?
-                .is_some();
-        if any_quarantined {
+        // has any, from before or from this page: a page is otherwise one statement per run
+        // of items, not one per item).
+        let any_quarantined = !page.quarantined.is_empty()
+            || fence.as_ref().is_some_and(|row| {
+                row.try_get::<i64, _>("quarantined")
+                    .map_or(true, |n| n != 0)
+            });
+        if any_quarantined && !page.items.is_empty() {
             let ids: Vec<&str> = page.items.iter().map(DeltaItem::id).collect();
             sqlx::query(
                 "DELETE FROM quarantine WHERE mailbox_id = ?1
