@@ -47,49 +47,51 @@ impl RoundStore for SqliteStore {
             .window
             .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
         let (next_link, delta_link) = link_parts(link);
-        if page.is_empty() && !(delta_link.is_some() && cursor.full) {
-            // Nothing to write but the cursor (an idle round's page): one statement, fenced
-            // by its own WHERE, atomic without a transaction around it.
-            let moved = sqlx::query(
+        // The cursor moves in the same statement that checks the fence: the mailbox's row
+        // changes only while this lease holds it in this round. A page with items moves it
+        // first, in the page's transaction, and learns in the same round trip to the writer's
+        // thread whether the mailbox has items in quarantine; a lost lease rolls it all back.
+        macro_rules! move_cursor {
+            () => {
                 "UPDATE mailboxes SET next_link = ?1, delta_link = COALESCE(?2, delta_link),
                      round_full = CASE WHEN ?2 IS NULL THEN round_full ELSE 0 END,
                      failing_link = NULL, failing_link_count = 0
-                 WHERE id = ?3 AND lease_owner = ?4 AND round_id = ?5",
-            )
-            .bind(next_link)
-            .bind(delta_link)
-            .bind(lease.mailbox)
-            .bind(&lease.owner)
-            .bind(cursor.round_id)
-            .execute(&self.writer)
-            .await?;
+                 WHERE id = ?3 AND lease_owner = ?4 AND round_id = ?5"
+            };
+        }
+        if page.is_empty() && !(delta_link.is_some() && cursor.full) {
+            // Nothing to write but the cursor (an idle round's page): one statement, atomic
+            // without a transaction around it.
+            let moved = sqlx::query(move_cursor!())
+                .bind(next_link)
+                .bind(delta_link)
+                .bind(lease.mailbox)
+                .bind(&lease.owner)
+                .bind(cursor.round_id)
+                .execute(&self.writer)
+                .await?;
             return match moved.rows_affected() {
                 1 => Ok(PageApplied::default()),
                 _ => Err(StoreError::LeaseLost(lease.mailbox)),
             };
         }
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        // The fence, and whether the mailbox has items in quarantine, in one round trip to
-        // the writer's thread.
-        let fence = sqlx::query(
-            "SELECT lease_owner, round_id,
-                 EXISTS (SELECT 1 FROM quarantine WHERE mailbox_id = ?1) AS quarantined
-             FROM mailboxes WHERE id = ?1",
-        )
+        let fenced = sqlx::query(concat!(
+            move_cursor!(),
+            " RETURNING EXISTS (SELECT 1 FROM quarantine WHERE mailbox_id = ?3) AS quarantined"
+        ))
+        .bind(next_link)
+        .bind(delta_link)
         .bind(lease.mailbox)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let held = fence.as_ref().is_some_and(|row| {
-            row.try_get::<Option<String>, _>("lease_owner")
-                .ok()
-                .flatten()
-                .as_deref()
-                == Some(&lease.owner)
-                && row.try_get::<i64, _>("round_id").ok() == Some(cursor.round_id)
-        });
-        if !held {
-            return Err(StoreError::LeaseLost(lease.mailbox));
-        }
+        .bind(&lease.owner)
+        .bind(cursor.round_id)
+        // Stepped to its end (one row or none), so that the update is complete when the
+        // statement is reset, not only begun.
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(StoreError::LeaseLost(lease.mailbox))?;
         let mut applied = PageApplied::default();
         let synced_at = ts(now);
         for write in page.masters {
@@ -123,10 +125,9 @@ impl RoundStore for SqliteStore {
         // has any, from before or from this page: a page is otherwise one statement per run
         // of items, not one per item).
         let any_quarantined = !page.quarantined.is_empty()
-            || fence.as_ref().is_some_and(|row| {
-                row.try_get::<i64, _>("quarantined")
-                    .map_or(true, |n| n != 0)
-            });
+            || fenced
+                .try_get::<i64, _>("quarantined")
+                .map_or(true, |n| n != 0);
         if any_quarantined && !page.items.is_empty() {
             let ids: Vec<&str> = page.items.iter().map(DeltaItem::id).collect();
             sqlx::query(
@@ -197,28 +198,6 @@ impl RoundStore for SqliteStore {
                 .bind(cursor.round_id)
                 .execute(&mut *tx)
                 .await?;
-        }
-        match (next_link, delta_link) {
-            (Some(next), _) => {
-                sqlx::query(
-                    "UPDATE mailboxes SET next_link = ?1, failing_link = NULL,
-                         failing_link_count = 0 WHERE id = ?2",
-                )
-                .bind(next)
-                .bind(lease.mailbox)
-                .execute(&mut *tx)
-                .await?;
-            }
-            (None, delta) => {
-                sqlx::query(
-                    "UPDATE mailboxes SET next_link = NULL, delta_link = ?1, round_full = 0,
-                         failing_link = NULL, failing_link_count = 0 WHERE id = ?2",
-                )
-                .bind(delta)
-                .bind(lease.mailbox)
-                .execute(&mut *tx)
-                .await?;
-            }
         }
         tx.commit().await?;
         Ok(applied)
