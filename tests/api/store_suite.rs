@@ -77,6 +77,7 @@ store_suite!(
     a_request_while_a_requested_job_runs_gets_a_round_after_it,
     events_between_returns_what_overlaps_the_range,
     series_masters_refill_their_occurrences_and_go_with_their_series,
+    changed_masters_of_one_page_each_refill_their_own_series,
     replicas_heartbeat_run_out_leave_and_are_forgotten,
     writes_are_enqueued_replayed_and_refused,
     an_enqueued_write_makes_its_mailbox_due_at_once,
@@ -2587,6 +2588,91 @@ fn occurrence(id: &str, series: &str, of: &Event, start: DateTime<Utc>) -> Delta
     e.end_utc = start + secs(1800);
     e.raw = json!({"id": id, "type": "occurrence", "seriesMasterId": series}).to_string();
     DeltaItem::Upsert(Box::new(e))
+}
+
+/// Several changed masters in one page (and one written twice, the later write winning):
+/// each series' stored occurrences take their own master's fields, no other's.
+async fn changed_masters_of_one_page_each_refill_their_own_series(store: Store) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let round = full_round(&store, &a).await;
+    let names = ["s1", "s2", "s3"];
+    let v1 = names.map(|m| master(m, &format!("{m} v1"), "ck1", false));
+    let items: Vec<DeltaItem> = v1
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            (0..2).map(move |k| {
+                occurrence(
+                    &format!("{}-{k}", m.id),
+                    &m.id,
+                    m,
+                    t0() + secs(3600 * (2 * i + k) as i64),
+                )
+            })
+        })
+        .collect();
+    let marker = round.round_marker();
+    store
+        .apply_page(
+            &a,
+            &round,
+            &PageWrite {
+                items: &items,
+                masters: &masters(&v1.iter().collect::<Vec<_>>()),
+                gone_series: &[],
+                round: &marker,
+                quarantined: &[],
+            },
+            &delta("d1"),
+            t0(),
+        )
+        .await
+        .expect("round 1");
+
+    let cursor = record_of(&store, id).await.cursor;
+    let marker2 = cursor.round_marker();
+    let v2 = names.map(|m| master(m, &format!("{m} v2"), "ck2", m == "s2"));
+    let stale = master("s3", "s3 stale", "ck-stale", false);
+    let write = |m: &Event, refill: bool| MasterWrite {
+        master: m.clone(),
+        refill_occurrences: refill,
+    };
+    store
+        .apply_page(
+            &a,
+            &cursor,
+            &PageWrite {
+                items: &[],
+                masters: &[
+                    write(&v2[0], true),
+                    write(&stale, true),
+                    write(&v2[1], true),
+                    write(&v2[2], true),
+                ],
+                gone_series: &[],
+                round: &marker2,
+                quarantined: &[],
+            },
+            &delta("d2"),
+            t0(),
+        )
+        .await
+        .expect("the changed masters");
+    let events = store.events(id).await.expect("reads");
+    assert_eq!(events.len(), 6);
+    for e in &events {
+        let series = e.series_master_id.as_deref().expect("an occurrence");
+        assert_eq!(e.subject, Some(format!("{series} v2")), "{}", e.id);
+        assert_eq!(e.change_key.as_deref(), Some("ck2"), "{}", e.id);
+        assert_eq!(e.is_all_day, series == "s2", "{}", e.id);
+        assert_eq!(e.start_date.is_some(), series == "s2", "{}", e.id);
+    }
+    let stored = store.series_masters(id, &names).await.expect("reads");
+    for m in names {
+        assert_eq!(stored[m].change_key.as_deref(), Some("ck2"), "{m}");
+        assert_eq!(stored[m].checked_round, marker2);
+    }
 }
 
 async fn series_masters_refill_their_occurrences_and_go_with_their_series(store: Store) {

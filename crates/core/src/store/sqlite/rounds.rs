@@ -94,9 +94,7 @@ impl RoundStore for SqliteStore {
         .ok_or(StoreError::LeaseLost(lease.mailbox))?;
         let mut applied = PageApplied::default();
         let synced_at = ts(now);
-        for write in page.masters {
-            upsert_master(&mut tx, lease.mailbox, write, page.round, &synced_at).await?;
-        }
+        upsert_masters(&mut tx, lease.mailbox, page.masters, page.round, &synced_at).await?;
         for series in page.gone_series {
             let done =
                 sqlx::query("DELETE FROM events WHERE mailbox_id = ?1 AND series_master_id = ?2")
@@ -485,63 +483,103 @@ fn json_list<S: AsRef<str> + serde::Serialize>(ids: &[S]) -> String {
     serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
 }
 
-/// Keeps a series master and, when it changed, gives every stored occurrence of its series the
-/// master's fields again (their own id, times and stub stay).
-async fn upsert_master(
+/// The last write of each master id in `writes`, and of those the last that refills its
+/// occurrences: what applying the writes one by one would leave.
+fn last_master_writes(writes: &[MasterWrite]) -> (Vec<&MasterWrite>, Vec<&MasterWrite>) {
+    let last = |keep: &dyn Fn(&MasterWrite) -> bool| {
+        let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut out: Vec<&MasterWrite> = Vec::new();
+        for write in writes.iter().filter(|w| keep(w)) {
+            match at.get(write.master.id.as_str()) {
+                Some(&i) => out[i] = write,
+                None => {
+                    at.insert(&write.master.id, out.len());
+                    out.push(write);
+                }
+            }
+        }
+        out
+    };
+    (last(&|_| true), last(&|w| w.refill_occurrences))
+}
+
+/// Keeps the page's series masters and, for each that changed, gives every stored occurrence
+/// of its series the master's fields again (their own id, times and stub stay): one
+/// multi-row statement for the masters and one for the occurrences, not two per master.
+async fn upsert_masters(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     mailbox: MailboxId,
-    write: &MasterWrite,
+    writes: &[MasterWrite],
     round: &str,
     synced_at: &str,
 ) -> Result<(), StoreError> {
-    let m = &write.master;
-    sqlx::query(
-        "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (mailbox_id, master_id) DO UPDATE SET change_key = excluded.change_key,
-             raw = excluded.raw, checked_round = excluded.checked_round,
-             synced_at = excluded.synced_at",
-    )
-    .bind(mailbox)
-    .bind(&m.id)
-    .bind(&m.change_key)
-    .bind(&m.raw)
-    .bind(round)
-    .bind(synced_at)
-    .execute(&mut **tx)
-    .await?;
-    if !write.refill_occurrences {
-        return Ok(());
+    let (masters, refills) = last_master_writes(writes);
+    let mut rest = masters.as_slice();
+    for rows in statement_sizes(rest.len()) {
+        let (chunk, after) = rest.split_at(rows);
+        rest = after;
+        let sql = format!(
+            "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
+             VALUES {}
+             ON CONFLICT (mailbox_id, master_id) DO UPDATE SET change_key = excluded.change_key,
+                 raw = excluded.raw, checked_round = excluded.checked_round,
+                 synced_at = excluded.synced_at",
+            vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for write in chunk {
+            let m = &write.master;
+            query = query
+                .bind(mailbox)
+                .bind(&m.id)
+                .bind(&m.change_key)
+                .bind(&m.raw)
+                .bind(round)
+                .bind(synced_at);
+        }
+        query.execute(&mut **tx).await?;
     }
     // The same fields `OccurrenceStub::hydrate` takes from the master; an all-day series keeps
-    // its occurrences' dates (their times are midnights).
-    sqlx::query(
-        "UPDATE events SET change_key = ?3, last_modified = ?4, subject = ?5, is_all_day = ?6,
-             start_date = CASE WHEN ?6 THEN substr(start_utc, 1, 10) END,
-             end_date = CASE WHEN ?6 THEN substr(end_utc, 1, 10) END,
-             is_cancelled = ?7, show_as = ?8, sensitivity = ?9, organizer_name = ?10,
-             organizer_address = ?11, attendees = ?12, location = ?13, categories = ?14,
-             web_link = ?15, synced_at = ?16
-         WHERE mailbox_id = ?1 AND series_master_id = ?2 AND event_type = 'occurrence'",
-    )
-    .bind(mailbox)
-    .bind(&m.id)
-    .bind(&m.change_key)
-    .bind(m.last_modified.map(ts))
-    .bind(&m.subject)
-    .bind(m.is_all_day)
-    .bind(m.is_cancelled)
-    .bind(&m.show_as)
-    .bind(&m.sensitivity)
-    .bind(&m.organizer_name)
-    .bind(&m.organizer_address)
-    .bind(m.attendees.as_json())
-    .bind(&m.location)
-    .bind(categories_json(&m.categories))
-    .bind(&m.web_link)
-    .bind(synced_at)
-    .execute(&mut **tx)
-    .await?;
+    // its occurrences' dates (their times are midnights). `m.columnN` are the VALUES' columns.
+    let mut rest = refills.as_slice();
+    for rows in statement_sizes(rest.len()) {
+        let (chunk, after) = rest.split_at(rows);
+        rest = after;
+        let sql = format!(
+            "UPDATE events SET change_key = m.column2, last_modified = m.column3,
+                 subject = m.column4, is_all_day = m.column5,
+                 start_date = CASE WHEN m.column5 THEN substr(events.start_utc, 1, 10) END,
+                 end_date = CASE WHEN m.column5 THEN substr(events.end_utc, 1, 10) END,
+                 is_cancelled = m.column6, show_as = m.column7, sensitivity = m.column8,
+                 organizer_name = m.column9, organizer_address = m.column10,
+                 attendees = m.column11, location = m.column12, categories = m.column13,
+                 web_link = m.column14, synced_at = ?
+             FROM (VALUES {}) AS m
+             WHERE events.mailbox_id = ? AND events.series_master_id = m.column1
+               AND events.event_type = 'occurrence'",
+            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(synced_at);
+        for write in chunk {
+            let m = &write.master;
+            query = query
+                .bind(&m.id)
+                .bind(&m.change_key)
+                .bind(m.last_modified.map(ts))
+                .bind(&m.subject)
+                .bind(m.is_all_day)
+                .bind(m.is_cancelled)
+                .bind(&m.show_as)
+                .bind(&m.sensitivity)
+                .bind(&m.organizer_name)
+                .bind(&m.organizer_address)
+                .bind(m.attendees.as_json())
+                .bind(&m.location)
+                .bind(categories_json(&m.categories))
+                .bind(&m.web_link);
+        }
+        query.bind(mailbox).execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
@@ -615,5 +653,39 @@ mod tests {
             (1..10).chain((10..=UPSERT_CHUNK).step_by(10)).collect();
         assert_eq!(sizes, expected);
         assert_eq!(statement_sizes(97).collect::<Vec<_>>(), [90, 7]);
+    }
+
+    /// Applied one by one, the writes leave each master as its last write and its occurrences
+    /// as its last write that refills them (a later write that does not refill leaves them).
+    #[test]
+    fn master_writes_keep_the_last_of_each_id_and_its_last_refill() {
+        let write = |id: &str, subject: &str, refill: bool| MasterWrite {
+            master: crate::graph::model::parse_event_text(
+                &serde_json::json!({
+                    "id": id,
+                    "subject": subject,
+                    "type": "seriesMaster",
+                    "start": {"dateTime": "2026-12-01T10:00:00", "timeZone": "UTC"},
+                    "end": {"dateTime": "2026-12-01T11:00:00", "timeZone": "UTC"},
+                })
+                .to_string(),
+            )
+            .expect("an event"),
+            refill_occurrences: refill,
+        };
+        let writes = [
+            write("a", "a1", true),
+            write("b", "b1", false),
+            write("a", "a2", false),
+            write("c", "c1", true),
+            write("b", "b2", true),
+            write("c", "c2", true),
+        ];
+        let (masters, refills) = last_master_writes(&writes);
+        let subjects = |ws: Vec<&MasterWrite>| -> Vec<String> {
+            ws.iter().filter_map(|w| w.master.subject.clone()).collect()
+        };
+        assert_eq!(subjects(masters), ["a2", "b2", "c2"]);
+        assert_eq!(subjects(refills), ["a1", "c2", "b2"]);
     }
 }
