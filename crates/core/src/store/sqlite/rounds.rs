@@ -539,27 +539,12 @@ async fn upsert_masters(
         }
         query.execute(&mut **tx).await?;
     }
-    // The same fields `OccurrenceStub::hydrate` takes from the master; an all-day series keeps
-    // its occurrences' dates (their times are midnights). `m.columnN` are the VALUES' columns.
     let mut rest = refills.as_slice();
     for rows in statement_sizes(rest.len()) {
         let (chunk, after) = rest.split_at(rows);
         rest = after;
-        let sql = format!(
-            "UPDATE events SET change_key = m.column2, last_modified = m.column3,
-                 subject = m.column4, is_all_day = m.column5,
-                 start_date = CASE WHEN m.column5 THEN substr(events.start_utc, 1, 10) END,
-                 end_date = CASE WHEN m.column5 THEN substr(events.end_utc, 1, 10) END,
-                 is_cancelled = m.column6, show_as = m.column7, sensitivity = m.column8,
-                 organizer_name = m.column9, organizer_address = m.column10,
-                 attendees = m.column11, location = m.column12, categories = m.column13,
-                 web_link = m.column14, synced_at = ?
-             FROM (VALUES {}) AS m
-             WHERE events.mailbox_id = ? AND events.series_master_id = m.column1
-               AND events.event_type = 'occurrence'",
-            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
-        );
-        let mut query = sqlx::query(&sql).bind(synced_at);
+        let sql = refill_sql(chunk.len());
+        let mut query = sqlx::query(&sql);
         for write in chunk {
             let m = &write.master;
             query = query
@@ -578,9 +563,39 @@ async fn upsert_masters(
                 .bind(categories_json(&m.categories))
                 .bind(&m.web_link);
         }
-        query.bind(mailbox).execute(&mut **tx).await?;
+        query
+            .bind(mailbox)
+            .bind(synced_at)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
+}
+
+/// The refill of the occurrences of `masters` changed series, one VALUES row of 14 per
+/// master (`column1` its id), then the mailbox and the time. The same fields
+/// `OccurrenceStub::hydrate` takes from the master; an all-day series keeps its occurrences'
+/// dates (their times are midnights). The occurrences are found first, master by master
+/// through `events_by_series` (the CROSS JOIN keeps that order, MATERIALIZED keeps SQLite from
+/// folding it into the update), then updated by rowid: left to itself, SQLite walked all of
+/// the mailbox's events and compared each with every master.
+fn refill_sql(masters: usize) -> String {
+    format!(
+        "WITH x AS MATERIALIZED (
+             SELECT e.rowid AS rid, m.* FROM (VALUES {}) AS m CROSS JOIN events AS e
+             WHERE e.mailbox_id = ? AND e.series_master_id = m.column1
+               AND e.event_type = 'occurrence')
+         UPDATE events SET change_key = x.column2, last_modified = x.column3,
+             subject = x.column4, is_all_day = x.column5,
+             start_date = CASE WHEN x.column5 THEN substr(events.start_utc, 1, 10) END,
+             end_date = CASE WHEN x.column5 THEN substr(events.end_utc, 1, 10) END,
+             is_cancelled = x.column6, show_as = x.column7, sensitivity = x.column8,
+             organizer_name = x.column9, organizer_address = x.column10,
+             attendees = x.column11, location = x.column12, categories = x.column13,
+             web_link = x.column14, synced_at = ?
+         FROM x WHERE events.rowid = x.rid",
+        vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; masters].join(", ")
+    )
 }
 
 fn event_from_row(row: &SqliteRow) -> Result<Event, StoreError> {
@@ -687,5 +702,38 @@ mod tests {
         };
         assert_eq!(subjects(masters), ["a2", "b2", "c2"]);
         assert_eq!(subjects(refills), ["a1", "c2", "b2"]);
+    }
+
+    /// A refill looks up each changed master's occurrences through `events_by_series` and
+    /// touches only those rows: it never walks the mailbox's other events.
+    #[tokio::test]
+    async fn a_refill_finds_occurrences_by_series_not_by_walking_the_mailbox() {
+        use crate::store::contract::Lifecycle;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let store = SqliteStore::connect(&url, 1).await.expect("store");
+        store.migrate().await.expect("migrations");
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", refill_sql(3)))
+                .fetch_all(&store.pool)
+                .await
+                .expect("plan");
+        let steps: Vec<&str> = plan.iter().map(|(_, _, _, step)| step.as_str()).collect();
+        assert!(
+            steps.contains(
+                &"SEARCH e USING INDEX events_by_series (mailbox_id=? AND series_master_id=?)"
+            ),
+            "{steps:?}"
+        );
+        assert!(
+            steps.contains(&"SEARCH events USING INTEGER PRIMARY KEY (rowid=?)"),
+            "{steps:?}"
+        );
+        assert!(!steps.iter().any(|s| s.starts_with("SCAN e")), "{steps:?}");
+        assert!(
+            !steps.iter().any(|s| s.starts_with("SCAN events")),
+            "{steps:?}"
+        );
+        store.close().await;
     }
 }
