@@ -377,6 +377,16 @@ fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
     })
 }
 
+/// `items` in runs of [`statement_sizes`], in order.
+fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    statement_sizes(items.len()).map(move |rows| {
+        let (chunk, after) = rest.split_at(rows);
+        rest = after;
+        chunk
+    })
+}
+
 /// Upserts `events` (in order: a later duplicate wins) in multi-row statements; returns how
 /// many rows were written.
 async fn upsert_events(
@@ -386,10 +396,7 @@ async fn upsert_events(
     round_id: i64,
     synced_at: &str,
 ) -> Result<u64, StoreError> {
-    let mut rest = events;
-    for rows in statement_sizes(events.len()) {
-        let (chunk, after) = rest.split_at(rows);
-        rest = after;
+    for chunk in statement_chunks(events) {
         let row = format!("({})", vec!["?"; EVENT_COLUMNS].join(", "));
         let sql = format!(
             "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
@@ -514,10 +521,7 @@ async fn upsert_masters(
     synced_at: &str,
 ) -> Result<(), StoreError> {
     let (masters, refills) = last_master_writes(writes);
-    let mut rest = masters.as_slice();
-    for rows in statement_sizes(rest.len()) {
-        let (chunk, after) = rest.split_at(rows);
-        rest = after;
+    for chunk in statement_chunks(&masters) {
         let sql = format!(
             "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
              VALUES {}
@@ -539,10 +543,7 @@ async fn upsert_masters(
         }
         query.execute(&mut **tx).await?;
     }
-    let mut rest = refills.as_slice();
-    for rows in statement_sizes(rest.len()) {
-        let (chunk, after) = rest.split_at(rows);
-        rest = after;
+    for chunk in statement_chunks(&refills) {
         let sql = refill_sql(chunk.len());
         let mut query = sqlx::query(&sql);
         for write in chunk {
