@@ -198,9 +198,7 @@ mod tests {
 
     /// A store with `n` mailboxes, each leased to `job-<id>`.
     async fn leased(dir: &tempfile::TempDir, n: usize) -> (SqliteStore, Vec<Lease>) {
-        let url = format!("sqlite://{}", dir.path().join("ends.db").display());
-        let store = SqliteStore::connect(&url, 2).await.expect("opens");
-        store.migrate().await.expect("migrates");
+        let store = super::super::migrated_store(&dir.path().join("ends.db"), 2).await;
         let users: Vec<(String, String)> = (0..n).map(|i| ("t".into(), format!("u{i}"))).collect();
         store
             .sync_config_mailboxes(&users, at(0))

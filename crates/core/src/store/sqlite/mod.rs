@@ -211,6 +211,18 @@ impl Lifecycle for SqliteStore {
     }
 }
 
+/// A store in a new file at `path`, migrated: what a test of this backend starts from.
+#[cfg(test)]
+pub(super) async fn migrated_store(path: &std::path::Path, connections: u32) -> SqliteStore {
+    use crate::store::contract::Lifecycle;
+    let url = format!("sqlite://{}", path.display());
+    let store = SqliteStore::connect(&url, connections)
+        .await
+        .expect("store opens");
+    store.migrate().await.expect("store migrates");
+    store
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,8 +289,7 @@ mod tests {
     #[tokio::test]
     async fn the_bundled_sqlite_takes_no_global_mutex_for_memory() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("c.db").display());
-        let store = SqliteStore::connect(&url, 1).await.expect("store");
+        let store = migrated_store(&dir.path().join("c.db"), 1).await;
         let options: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
             .fetch_all(&store.pool)
             .await
@@ -300,8 +311,7 @@ mod tests {
     #[tokio::test]
     async fn every_connection_keeps_temporary_data_in_memory() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::connect(&url, 2).await.expect("store");
+        let store = migrated_store(&dir.path().join("t.db"), 2).await;
         for pool in [&store.writer, &store.pool] {
             let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
                 .fetch_one(pool)

@@ -709,11 +709,8 @@ mod tests {
     /// touches only those rows: it never walks the mailbox's other events.
     #[tokio::test]
     async fn a_refill_finds_occurrences_by_series_not_by_walking_the_mailbox() {
-        use crate::store::contract::Lifecycle;
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("r.db").display());
-        let store = SqliteStore::connect(&url, 1).await.expect("store");
-        store.migrate().await.expect("migrations");
+        let store = super::super::migrated_store(&dir.path().join("r.db"), 1).await;
         let plan: Vec<(i64, i64, i64, String)> =
             sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", refill_sql(3)))
                 .fetch_all(&store.pool)
