@@ -475,6 +475,35 @@ pub struct MasterWrite {
     pub refill_occurrences: bool,
 }
 
+impl MasterWrite {
+    /// The last write of each master in `writes` (its id as `key` gives it), and of those the
+    /// last that refills its occurrences: what applying the writes one by one would leave, for
+    /// a backend that writes them all in one statement (which may touch a row only once).
+    pub(crate) fn last_of_each<'w, K: Eq + std::hash::Hash>(
+        writes: &'w [MasterWrite],
+        key: impl Fn(&'w MasterWrite) -> K,
+    ) -> (Vec<&'w MasterWrite>, Vec<&'w MasterWrite>) {
+        let last = |refills_only: bool| {
+            let mut at: HashMap<K, usize> = HashMap::new();
+            let mut out: Vec<&MasterWrite> = Vec::new();
+            for write in writes {
+                if refills_only && !write.refill_occurrences {
+                    continue;
+                }
+                match at.entry(key(write)) {
+                    std::collections::hash_map::Entry::Occupied(slot) => out[*slot.get()] = write,
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(out.len());
+                        out.push(write);
+                    }
+                }
+            }
+            out
+        };
+        (last(false), last(true))
+    }
+}
+
 /// An item of a delta page that could not be understood, set aside.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct QuarantinedItem {
@@ -738,3 +767,42 @@ pub async fn migrate(url: &str) -> Result<Backend, StoreError> {
 
 /// How many sync runs are kept per mailbox.
 pub const RUNS_KEPT_PER_MAILBOX: i64 = 50;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Applied one by one, the writes leave each master as its last write and its occurrences
+    /// as its last write that refills them (a later write that does not refill leaves them).
+    #[test]
+    fn master_writes_keep_the_last_of_each_id_and_its_last_refill() {
+        let write = |id: &str, subject: &str, refill: bool| MasterWrite {
+            master: crate::graph::model::parse_event_text(
+                &serde_json::json!({
+                    "id": id,
+                    "subject": subject,
+                    "type": "seriesMaster",
+                    "start": {"dateTime": "2026-12-01T10:00:00", "timeZone": "UTC"},
+                    "end": {"dateTime": "2026-12-01T11:00:00", "timeZone": "UTC"},
+                })
+                .to_string(),
+            )
+            .expect("an event"),
+            refill_occurrences: refill,
+        };
+        let writes = [
+            write("a", "a1", true),
+            write("b", "b1", false),
+            write("a", "a2", false),
+            write("c", "c1", true),
+            write("b", "b2", true),
+            write("c", "c2", true),
+        ];
+        let (masters, refills) = MasterWrite::last_of_each(&writes, |w| w.master.id.as_str());
+        let subjects = |ws: Vec<&MasterWrite>| -> Vec<String> {
+            ws.iter().filter_map(|w| w.master.subject.clone()).collect()
+        };
+        assert_eq!(subjects(masters), ["a2", "b2", "c2"]);
+        assert_eq!(subjects(refills), ["a1", "c2", "b2"]);
+    }
+}

@@ -46,55 +46,7 @@ impl RoundStore for PgStore {
             .window
             .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
         let net = NetPage::of(page.items, &window);
-        if page.masters.is_empty() && page.gone_series.is_empty() && page.quarantined.is_empty() {
-            // The common page: one statement, so one round trip and its own transaction.
-            return write_page(&self.pool, lease, cursor, &net, link, &window, now).await;
-        }
-        // Masters, gone series and quarantine writes come before the items (a page's
-        // occurrence overrides its master's refill, an item of a gone series is kept, an item
-        // understood now leaves quarantine): they go first, in a transaction with the page.
-        let mut tx = self.pool.begin().await?;
-        // The fence: the row lock is held to commit, so a claim by another replica either
-        // committed before (and this page is refused) or waits until this page has committed.
-        let fence = sqlx::query(
-            "SELECT 1 FROM mailboxes WHERE id = $1 AND lease_owner = $2 AND round_id = $3
-             FOR UPDATE",
-        )
-        .bind(lease.mailbox)
-        .bind(&lease.owner)
-        .bind(cursor.round_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if fence.is_none() {
-            return Err(StoreError::LeaseLost(lease.mailbox));
-        }
-        for write in page.masters {
-            upsert_master(&mut tx, lease.mailbox, write, page.round, now).await?;
-        }
-        let mut gone_deleted = 0;
-        if !page.gone_series.is_empty() {
-            let gone: Vec<Cow<'_, str>> = page.gone_series.iter().map(|s| text(s)).collect();
-            let done = sqlx::query(
-                "DELETE FROM events WHERE mailbox_id = $1 AND series_master_id = ANY($2)",
-            )
-            .bind(lease.mailbox)
-            .bind(&gone)
-            .execute(&mut *tx)
-            .await?;
-            gone_deleted = done.rows_affected();
-            sqlx::query("DELETE FROM series_masters WHERE mailbox_id = $1 AND master_id = ANY($2)")
-                .bind(lease.mailbox)
-                .bind(&gone)
-                .execute(&mut *tx)
-                .await?;
-        }
-        for rejected in page.quarantined {
-            quarantine(&mut tx, lease.mailbox, rejected, cursor.round_id, now).await?;
-        }
-        let mut applied = write_page(&mut *tx, lease, cursor, &net, link, &window, now).await?;
-        applied.deleted += gone_deleted;
-        tx.commit().await?;
-        Ok(applied)
+        write_page(&self.pool, lease, cursor, page, &net, link, &window, now).await
     }
 
     async fn note_page_failure(
@@ -344,18 +296,54 @@ impl<'a> NetPage<'a> {
     }
 }
 
-/// Writes a page's items and moves the cursor past it in ONE statement: the cursor update is
-/// the fence (it takes the mailbox row's lock and matches only while `lease` holds the round),
-/// and every other part runs only if it matched, so a page of a lost lease changes nothing.
-/// Data-modifying CTEs share one snapshot and may not touch a row twice, hence [`NetPage`] and
-/// the exclusions between the deletes. Each optional part is gated by a parameter-only
-/// condition, so a plan made for any page skips the parts it does not need. (PostgreSQL still
-/// plans it afresh per page, its custom plans looking cheaper than the generic one: about a
-/// millisecond of its CPU a page, the next thing to save here.)
+/// Whether master `$id` is left without an event when a round-ending page (`$9`) has been
+/// applied: none of the page's upserts is in its series (`$14`) and none of its stored events
+/// that were seen this round survives the page (re-upserted ones are judged by their new
+/// version, in `$14`). Evaluated for stored masters and for the page's own, on one snapshot.
+macro_rules! orphaned {
+    ($id:literal) => {
+        concat!(
+            "($9 AND ",
+            $id,
+            " <> ALL($14) AND NOT EXISTS (SELECT 1 FROM events e
+                 WHERE e.mailbox_id = $1 AND e.series_master_id = ",
+            $id,
+            "
+                 AND e.seen_round = $3 AND e.event_id <> ALL($15) AND e.event_id <> ALL($10)
+                 AND NOT (e.event_id = ANY($11) AND e.start_utc < $8 AND e.end_utc >= $7)))"
+        )
+    };
+}
+
+/// Not in a series the page reports gone (`$56`): those events are deleted first.
+macro_rules! not_gone {
+    () => {
+        "NOT COALESCE(series_master_id = ANY($56), false)"
+    };
+}
+
+/// Writes a whole page and moves the cursor past it in ONE statement, so one round trip and
+/// its own transaction: the cursor update is the fence (it takes the mailbox row's lock and
+/// matches only while `lease` holds the round), and every other part runs only if it matched,
+/// so a page of a lost lease changes nothing.
+///
+/// The page's parts end as applying them one by one would leave them (the order SQLite's
+/// backend runs): the series masters and their occurrences' refill, the gone series, the
+/// quarantine, the items in order, then a round-ending page's reconciliation. Data-modifying
+/// CTEs share one snapshot and may not touch a row twice, so the order is kept by exclusions
+/// instead: a part leaves alone the rows a later part replaces or deletes (an occurrence the
+/// page upserts is not refilled, a master the page removes is not written, an item rejected
+/// and then understood is not quarantined), and the counts are taken on the snapshot. Each
+/// optional part is gated by a parameter-only condition, so a plan made for any page skips
+/// the parts it does not need. (PostgreSQL still plans it afresh per page, its custom plans
+/// looking cheaper than the generic one: about a millisecond of its CPU a page, the next thing
+/// to save here.)
+#[allow(clippy::too_many_arguments)]
 async fn write_page(
     executor: impl sqlx::PgExecutor<'_>,
     lease: &Lease,
     cursor: &Cursor,
+    page: &PageWrite<'_>,
     net: &NetPage<'_>,
     link: &PageLink,
     window: &Window,
@@ -372,13 +360,76 @@ async fn write_page(
         .iter()
         .filter_map(|e| opt_text(&e.series_master_id))
         .collect();
-    let row = sqlx::query(
+    let (masters, refills) = MasterWrite::last_of_each(page.masters, |w| text(&w.master.id));
+    let master_texts = |f: fn(&Event) -> &Option<String>| -> Vec<Option<Cow<'_, str>>> {
+        refills.iter().map(|w| opt_text(f(&w.master))).collect()
+    };
+    let gone: Vec<Cow<'_, str>> = page.gone_series.iter().map(|s| text(s)).collect();
+    let quarantined = Quarantined::of(page.quarantined);
+    let row = sqlx::query(concat!(
         "WITH moved AS (
              UPDATE mailboxes SET next_link = $5, delta_link = COALESCE($6, delta_link),
                  round_full = round_full AND $6 IS NULL, failing_link = NULL,
                  failing_link_count = 0
              WHERE id = $1 AND lease_owner = $2 AND round_id = $3
              RETURNING id
+         ), masters_written AS (
+             INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round,
+                 synced_at)
+             SELECT $1, w.master_id, w.change_key, w.raw, $41, $4
+             FROM UNNEST($38::text[], $39::text[], $40::text[]) AS w(master_id, change_key, raw)
+             WHERE EXISTS (SELECT 1 FROM moved) AND w.master_id <> ALL($12)
+                 AND w.master_id <> ALL($56) AND NOT ",
+        orphaned!("w.master_id"),
+        "
+             ON CONFLICT (mailbox_id, master_id) DO UPDATE SET
+                 change_key = EXCLUDED.change_key, raw = EXCLUDED.raw,
+                 checked_round = EXCLUDED.checked_round, synced_at = EXCLUDED.synced_at
+         ), refilled AS (
+             UPDATE events SET change_key = r.change_key, last_modified = r.last_modified,
+                 subject = r.subject, is_all_day = r.is_all_day,
+                 start_date = CASE WHEN r.is_all_day
+                     THEN (events.start_utc AT TIME ZONE 'UTC')::date END,
+                 end_date = CASE WHEN r.is_all_day
+                     THEN (events.end_utc AT TIME ZONE 'UTC')::date END,
+                 is_cancelled = r.is_cancelled, show_as = r.show_as,
+                 sensitivity = r.sensitivity, organizer_name = r.organizer_name,
+                 organizer_address = r.organizer_address, attendees = r.attendees::jsonb,
+                 location = r.location, categories = r.categories, web_link = r.web_link,
+                 synced_at = $4
+             FROM UNNEST($42::text[], $43::text[], $44::timestamptz[], $45::text[],
+                 $46::boolean[], $47::boolean[], $48::text[], $49::text[], $50::text[],
+                 $51::text[], $52::text[], $53::text[], $54::jsonb[], $55::text[])
+                 AS r(master_id, change_key, last_modified, subject, is_all_day, is_cancelled,
+                     show_as, sensitivity, organizer_name, organizer_address, attendees,
+                     location, categories, web_link)
+             WHERE events.mailbox_id = $1 AND EXISTS (SELECT 1 FROM moved)
+                 AND events.series_master_id = r.master_id AND events.event_type = 'occurrence'
+                 AND r.master_id <> ALL($56)
+                 AND events.event_id <> ALL($15) AND events.event_id <> ALL($10)
+                 AND NOT (events.event_id = ANY($11) AND events.start_utc < $8
+                     AND events.end_utc >= $7)
+                 AND NOT ($9 AND events.seen_round <> $3)
+         ), gone_counted AS (
+             SELECT COUNT(*) AS n FROM events WHERE mailbox_id = $1
+                 AND series_master_id = ANY($56)
+         ), gone_events AS (
+             DELETE FROM events WHERE mailbox_id = $1 AND EXISTS (SELECT 1 FROM moved)
+                 AND series_master_id = ANY($56) AND event_id <> ALL($15)
+         ), gone_masters AS (
+             DELETE FROM series_masters WHERE mailbox_id = $1 AND master_id = ANY($56)
+                 AND EXISTS (SELECT 1 FROM moved)
+         ), quarantined AS (
+             INSERT INTO quarantine (mailbox_id, item_key, item_id, raw, reason, first_seen,
+                 last_seen, times_seen, seen_round)
+             SELECT $1, q.item_key, q.item_id, q.raw, q.reason, $4, $4, q.times_seen, $3
+             FROM UNNEST($57::text[], $58::text[], $59::text[], $60::text[], $61::bigint[])
+                 AS q(item_key, item_id, raw, reason, times_seen)
+             WHERE EXISTS (SELECT 1 FROM moved) AND q.item_key <> ALL($13)
+             ON CONFLICT (mailbox_id, item_key) DO UPDATE SET item_id = EXCLUDED.item_id,
+                 raw = EXCLUDED.raw, reason = EXCLUDED.reason, last_seen = EXCLUDED.last_seen,
+                 times_seen = quarantine.times_seen + EXCLUDED.times_seen,
+                 seen_round = EXCLUDED.seen_round
          ), upserted AS (
              INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified,
                  subject, start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled,
@@ -417,7 +468,9 @@ async fn write_page(
                  synced_at = EXCLUDED.synced_at
          ), stored_removed AS (
              SELECT COUNT(*) AS n FROM events WHERE mailbox_id = $1 AND event_id = ANY($11)
-                 AND start_utc < $8 AND end_utc >= $7
+                 AND start_utc < $8 AND end_utc >= $7 AND ",
+        not_gone!(),
+        "
          ), removed AS (
              DELETE FROM events WHERE mailbox_id = $1 AND EXISTS (SELECT 1 FROM moved)
                  AND (event_id = ANY($10) OR (event_id = ANY($11) AND event_id <> ALL($15)
@@ -425,29 +478,30 @@ async fn write_page(
          ), reconciled AS (
              DELETE FROM events WHERE mailbox_id = $1 AND $9 AND EXISTS (SELECT 1 FROM moved)
                  AND seen_round <> $3 AND event_id <> ALL($15) AND event_id <> ALL($10)
-                 AND NOT (event_id = ANY($11) AND start_utc < $8 AND end_utc >= $7)
+                 AND NOT (event_id = ANY($11) AND start_utc < $8 AND end_utc >= $7) AND ",
+        not_gone!(),
+        "
              RETURNING 1
          ), masters_removed AS (
              DELETE FROM series_masters WHERE mailbox_id = $1 AND master_id = ANY($12)
                  AND EXISTS (SELECT 1 FROM moved)
          ), masters_orphaned AS (
-             DELETE FROM series_masters m WHERE m.mailbox_id = $1 AND $9
-                 AND EXISTS (SELECT 1 FROM moved)
-                 AND m.master_id <> ALL($12) AND m.master_id <> ALL($14)
-                 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.mailbox_id = $1
-                     AND e.series_master_id = m.master_id AND e.seen_round = $3
-                     AND e.event_id <> ALL($15) AND e.event_id <> ALL($10)
-                     AND NOT (e.event_id = ANY($11) AND e.start_utc < $8 AND e.end_utc >= $7))
+             DELETE FROM series_masters m WHERE m.mailbox_id = $1
+                 AND EXISTS (SELECT 1 FROM moved) AND m.master_id <> ALL($12) AND ",
+        orphaned!("m.master_id"),
+        "
          ), unquarantined AS (
              DELETE FROM quarantine WHERE mailbox_id = $1 AND item_key = ANY($13)
                  AND EXISTS (SELECT 1 FROM moved)
          ), quarantine_reconciled AS (
              DELETE FROM quarantine WHERE mailbox_id = $1 AND $9
                  AND EXISTS (SELECT 1 FROM moved) AND seen_round <> $3 AND item_key <> ALL($13)
+                 AND item_key <> ALL($57)
          )
          SELECT EXISTS (SELECT 1 FROM moved) AS held,
-             (SELECT n FROM stored_removed) + (SELECT COUNT(*) FROM reconciled) AS deleted",
-    )
+             (SELECT n FROM gone_counted) + (SELECT n FROM stored_removed)
+                 + (SELECT COUNT(*) FROM reconciled) AS deleted"
+    ))
     .bind(lease.mailbox) // $1
     .bind(&lease.owner)
     .bind(cursor.round_id)
@@ -490,6 +544,75 @@ async fn write_page(
     ) // $35
     .bind(texts(|e| &e.web_link))
     .bind(events.iter().map(|e| text(&e.raw)).collect::<Vec<_>>())
+    .bind(
+        masters
+            .iter()
+            .map(|w| text(&w.master.id))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        masters
+            .iter()
+            .map(|w| opt_text(&w.master.change_key))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        masters
+            .iter()
+            .map(|w| text(&w.master.raw))
+            .collect::<Vec<_>>(),
+    ) // $40
+    .bind(text(page.round))
+    .bind(
+        refills
+            .iter()
+            .map(|w| text(&w.master.id))
+            .collect::<Vec<_>>(),
+    )
+    .bind(master_texts(|m| &m.change_key))
+    .bind(
+        refills
+            .iter()
+            .map(|w| w.master.last_modified)
+            .collect::<Vec<_>>(),
+    )
+    .bind(master_texts(|m| &m.subject)) // $45
+    .bind(
+        refills
+            .iter()
+            .map(|w| w.master.is_all_day)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        refills
+            .iter()
+            .map(|w| w.master.is_cancelled)
+            .collect::<Vec<_>>(),
+    )
+    .bind(master_texts(|m| &m.show_as))
+    .bind(master_texts(|m| &m.sensitivity))
+    .bind(master_texts(|m| &m.organizer_name)) // $50
+    .bind(master_texts(|m| &m.organizer_address))
+    .bind(
+        refills
+            .iter()
+            .map(|w| attendees_json(&w.master))
+            .collect::<Vec<_>>(),
+    )
+    .bind(master_texts(|m| &m.location))
+    .bind(
+        refills
+            .iter()
+            .map(|w| categories_json(&w.master.categories))
+            .collect::<Vec<_>>(),
+    )
+    .bind(master_texts(|m| &m.web_link)) // $55
+    .bind(&gone)
+    .bind(&quarantined.keys)
+    .bind(&quarantined.ids)
+    .bind(&quarantined.raws)
+    .bind(&quarantined.reasons) // $60
+    .bind(&quarantined.times_seen)
     .fetch_one(executor)
     .await?;
     if !row.try_get::<bool, _>("held")? {
@@ -500,6 +623,44 @@ async fn write_page(
         upserted: net.upserted,
         deleted: deleted + net.deleted_in_page,
     })
+}
+
+/// A page's rejected items as bound: one row per key (as stored, NUL replaced) in order of
+/// first appearance, with its last item's id, raw and reason and how many times the page had
+/// it, which is what counting them one by one would leave.
+#[derive(Default)]
+struct Quarantined<'a> {
+    keys: Vec<String>,
+    ids: Vec<Option<Cow<'a, str>>>,
+    raws: Vec<Cow<'a, str>>,
+    reasons: Vec<Cow<'a, str>>,
+    times_seen: Vec<i64>,
+}
+
+impl<'a> Quarantined<'a> {
+    fn of(items: &'a [RejectedItem]) -> Self {
+        let mut out = Self::default();
+        let mut at: HashMap<String, usize> = HashMap::with_capacity(items.len());
+        for item in items {
+            let key = text(&item.key()).into_owned();
+            let (id, raw, reason) = (opt_text(&item.id), text(&item.raw), text(&item.reason));
+            match at.get(&key) {
+                Some(&i) => {
+                    (out.ids[i], out.raws[i], out.reasons[i]) = (id, raw, reason);
+                    out.times_seen[i] += 1;
+                }
+                None => {
+                    at.insert(key.clone(), out.keys.len());
+                    out.keys.push(key);
+                    out.ids.push(id);
+                    out.raws.push(raw);
+                    out.reasons.push(reason);
+                    out.times_seen.push(1);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// An event's (or master's) attendees as bound: JSON text, cast to jsonb by the statement.
@@ -513,34 +674,6 @@ fn attendees_json(event: &Event) -> String {
     }
 }
 
-/// Keeps (or counts again) an item that could not be understood.
-async fn quarantine(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    mailbox: MailboxId,
-    item: &RejectedItem,
-    round_id: i64,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO quarantine (mailbox_id, item_key, item_id, raw, reason, first_seen,
-             last_seen, times_seen, seen_round)
-         VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $7)
-         ON CONFLICT (mailbox_id, item_key) DO UPDATE SET item_id = EXCLUDED.item_id,
-             raw = EXCLUDED.raw, reason = EXCLUDED.reason, last_seen = EXCLUDED.last_seen,
-             times_seen = quarantine.times_seen + 1, seen_round = EXCLUDED.seen_round",
-    )
-    .bind(mailbox)
-    .bind(text(&item.key()).into_owned())
-    .bind(opt_text(&item.id))
-    .bind(text(&item.raw))
-    .bind(text(&item.reason))
-    .bind(now)
-    .bind(round_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 fn categories_json(categories: &[String]) -> serde_json::Value {
     serde_json::Value::Array(
         categories
@@ -548,66 +681,6 @@ fn categories_json(categories: &[String]) -> serde_json::Value {
             .map(|c| serde_json::Value::String(text(c).into_owned()))
             .collect(),
     )
-}
-
-/// Keeps a series master and, when it changed, gives every stored occurrence of its series the
-/// master's fields again (their own id, times and stub stay).
-async fn upsert_master(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    mailbox: MailboxId,
-    write: &MasterWrite,
-    round: &str,
-    synced_at: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let m = &write.master;
-    sqlx::query(
-        "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (mailbox_id, master_id) DO UPDATE SET change_key = EXCLUDED.change_key,
-             raw = EXCLUDED.raw, checked_round = EXCLUDED.checked_round,
-             synced_at = EXCLUDED.synced_at",
-    )
-    .bind(mailbox)
-    .bind(text(&m.id))
-    .bind(opt_text(&m.change_key))
-    .bind(text(&m.raw))
-    .bind(round)
-    .bind(synced_at)
-    .execute(&mut **tx)
-    .await?;
-    if !write.refill_occurrences {
-        return Ok(());
-    }
-    // The same fields `OccurrenceStub::hydrate` takes from the master; an all-day series keeps
-    // its occurrences' dates (their times are midnights).
-    sqlx::query(
-        "UPDATE events SET change_key = $3, last_modified = $4, subject = $5, is_all_day = $6,
-             start_date = CASE WHEN $6 THEN (start_utc AT TIME ZONE 'UTC')::date END,
-             end_date = CASE WHEN $6 THEN (end_utc AT TIME ZONE 'UTC')::date END,
-             is_cancelled = $7, show_as = $8, sensitivity = $9, organizer_name = $10,
-             organizer_address = $11, attendees = $12::jsonb, location = $13, categories = $14,
-             web_link = $15, synced_at = $16
-         WHERE mailbox_id = $1 AND series_master_id = $2 AND event_type = 'occurrence'",
-    )
-    .bind(mailbox)
-    .bind(text(&m.id))
-    .bind(opt_text(&m.change_key))
-    .bind(m.last_modified)
-    .bind(opt_text(&m.subject))
-    .bind(m.is_all_day)
-    .bind(m.is_cancelled)
-    .bind(opt_text(&m.show_as))
-    .bind(opt_text(&m.sensitivity))
-    .bind(opt_text(&m.organizer_name))
-    .bind(opt_text(&m.organizer_address))
-    .bind(attendees_json(m))
-    .bind(opt_text(&m.location))
-    .bind(categories_json(&m.categories))
-    .bind(opt_text(&m.web_link))
-    .bind(synced_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 fn event_from_row(row: &PgRow) -> Result<Event, StoreError> {

@@ -490,26 +490,6 @@ fn json_list<S: AsRef<str> + serde::Serialize>(ids: &[S]) -> String {
     serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
 }
 
-/// The last write of each master id in `writes`, and of those the last that refills its
-/// occurrences: what applying the writes one by one would leave.
-fn last_master_writes(writes: &[MasterWrite]) -> (Vec<&MasterWrite>, Vec<&MasterWrite>) {
-    let last = |keep: &dyn Fn(&MasterWrite) -> bool| {
-        let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        let mut out: Vec<&MasterWrite> = Vec::new();
-        for write in writes.iter().filter(|w| keep(w)) {
-            match at.get(write.master.id.as_str()) {
-                Some(&i) => out[i] = write,
-                None => {
-                    at.insert(&write.master.id, out.len());
-                    out.push(write);
-                }
-            }
-        }
-        out
-    };
-    (last(&|_| true), last(&|w| w.refill_occurrences))
-}
-
 /// Keeps the page's series masters and, for each that changed, gives every stored occurrence
 /// of its series the master's fields again (their own id, times and stub stay): one
 /// multi-row statement for the masters and one for the occurrences, not two per master.
@@ -520,7 +500,7 @@ async fn upsert_masters(
     round: &str,
     synced_at: &str,
 ) -> Result<(), StoreError> {
-    let (masters, refills) = last_master_writes(writes);
+    let (masters, refills) = MasterWrite::last_of_each(writes, |w| w.master.id.as_str());
     for chunk in statement_chunks(&masters) {
         let sql = format!(
             "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
@@ -669,40 +649,6 @@ mod tests {
             (1..10).chain((10..=UPSERT_CHUNK).step_by(10)).collect();
         assert_eq!(sizes, expected);
         assert_eq!(statement_sizes(97).collect::<Vec<_>>(), [90, 7]);
-    }
-
-    /// Applied one by one, the writes leave each master as its last write and its occurrences
-    /// as its last write that refills them (a later write that does not refill leaves them).
-    #[test]
-    fn master_writes_keep_the_last_of_each_id_and_its_last_refill() {
-        let write = |id: &str, subject: &str, refill: bool| MasterWrite {
-            master: crate::graph::model::parse_event_text(
-                &serde_json::json!({
-                    "id": id,
-                    "subject": subject,
-                    "type": "seriesMaster",
-                    "start": {"dateTime": "2026-12-01T10:00:00", "timeZone": "UTC"},
-                    "end": {"dateTime": "2026-12-01T11:00:00", "timeZone": "UTC"},
-                })
-                .to_string(),
-            )
-            .expect("an event"),
-            refill_occurrences: refill,
-        };
-        let writes = [
-            write("a", "a1", true),
-            write("b", "b1", false),
-            write("a", "a2", false),
-            write("c", "c1", true),
-            write("b", "b2", true),
-            write("c", "c2", true),
-        ];
-        let (masters, refills) = last_master_writes(&writes);
-        let subjects = |ws: Vec<&MasterWrite>| -> Vec<String> {
-            ws.iter().filter_map(|w| w.master.subject.clone()).collect()
-        };
-        assert_eq!(subjects(masters), ["a2", "b2", "c2"]);
-        assert_eq!(subjects(refills), ["a1", "c2", "b2"]);
     }
 
     /// A refill looks up each changed master's occurrences through `events_by_series` and
