@@ -2526,7 +2526,7 @@ async fn random_pages_on_both(url: String) {
             }
         }
     }
-    assert!(pages >= 180, "{pages} pages");
+    assert!(pages >= 300, "{pages} pages");
     for store in &stores {
         store.close().await;
     }
