@@ -353,17 +353,14 @@ async fn write_page(
     // A deltaLink that ends a full round: what the round did not return goes.
     let reconcile = delta_link.is_some() && cursor.full;
     let events = &net.upserts;
-    let texts = |f: fn(&Event) -> &Option<String>| -> Vec<Option<Cow<'_, str>>> {
-        events.iter().map(|e| opt_text(f(e))).collect()
-    };
+    let texts = |f: fn(&Event) -> &Option<String>| each(events, |e| opt_text(f(e)));
     let series: Vec<Cow<'_, str>> = events
         .iter()
         .filter_map(|e| opt_text(&e.series_master_id))
         .collect();
     let (masters, refills) = MasterWrite::last_of_each(page.masters, |w| text(&w.master.id));
-    let master_texts = |f: fn(&Event) -> &Option<String>| -> Vec<Option<Cow<'_, str>>> {
-        refills.iter().map(|w| opt_text(f(&w.master))).collect()
-    };
+    let master_texts =
+        |f: fn(&Event) -> &Option<String>| each(&refills, |w| opt_text(f(&w.master)));
     let gone: Vec<Cow<'_, str>> = page.gone_series.iter().map(|s| text(s)).collect();
     let quarantined = Quarantined::of(page.quarantined);
     let row = sqlx::query(concat!(
@@ -516,96 +513,46 @@ async fn write_page(
     .bind(&net.removed)
     .bind(&net.ids)
     .bind(&series)
-    .bind(events.iter().map(|e| text(&e.id)).collect::<Vec<_>>()) // $15
+    .bind(each(events, |e| text(&e.id))) // $15
     .bind(texts(|e| &e.ical_uid))
     .bind(texts(|e| &e.change_key))
     .bind(texts(|e| &e.etag))
-    .bind(events.iter().map(|e| e.last_modified).collect::<Vec<_>>())
+    .bind(each(events, |e| e.last_modified))
     .bind(texts(|e| &e.subject)) // $20
-    .bind(events.iter().map(|e| e.start_utc).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.end_utc).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.start_date).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.end_date).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.is_all_day).collect::<Vec<_>>()) // $25
-    .bind(events.iter().map(|e| e.is_cancelled).collect::<Vec<_>>())
+    .bind(each(events, |e| e.start_utc))
+    .bind(each(events, |e| e.end_utc))
+    .bind(each(events, |e| e.start_date))
+    .bind(each(events, |e| e.end_date))
+    .bind(each(events, |e| e.is_all_day)) // $25
+    .bind(each(events, |e| e.is_cancelled))
     .bind(texts(|e| &e.show_as))
     .bind(texts(|e| &e.sensitivity))
     .bind(texts(|e| &e.event_type))
     .bind(texts(|e| &e.series_master_id)) // $30
     .bind(texts(|e| &e.organizer_name))
     .bind(texts(|e| &e.organizer_address))
-    .bind(events.iter().map(|e| attendees_json(e)).collect::<Vec<_>>())
+    .bind(each(events, attendees_json))
     .bind(texts(|e| &e.location))
-    .bind(
-        events
-            .iter()
-            .map(|e| categories_json(&e.categories))
-            .collect::<Vec<_>>(),
-    ) // $35
+    .bind(each(events, |e| categories_json(&e.categories))) // $35
     .bind(texts(|e| &e.web_link))
-    .bind(events.iter().map(|e| text(&e.raw)).collect::<Vec<_>>())
-    .bind(
-        masters
-            .iter()
-            .map(|w| text(&w.master.id))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        masters
-            .iter()
-            .map(|w| opt_text(&w.master.change_key))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        masters
-            .iter()
-            .map(|w| text(&w.master.raw))
-            .collect::<Vec<_>>(),
-    ) // $40
+    .bind(each(events, |e| text(&e.raw)))
+    .bind(each(&masters, |w| text(&w.master.id)))
+    .bind(each(&masters, |w| opt_text(&w.master.change_key)))
+    .bind(each(&masters, |w| text(&w.master.raw))) // $40
     .bind(text(page.round))
-    .bind(
-        refills
-            .iter()
-            .map(|w| text(&w.master.id))
-            .collect::<Vec<_>>(),
-    )
+    .bind(each(&refills, |w| text(&w.master.id)))
     .bind(master_texts(|m| &m.change_key))
-    .bind(
-        refills
-            .iter()
-            .map(|w| w.master.last_modified)
-            .collect::<Vec<_>>(),
-    )
+    .bind(each(&refills, |w| w.master.last_modified))
     .bind(master_texts(|m| &m.subject)) // $45
-    .bind(
-        refills
-            .iter()
-            .map(|w| w.master.is_all_day)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        refills
-            .iter()
-            .map(|w| w.master.is_cancelled)
-            .collect::<Vec<_>>(),
-    )
+    .bind(each(&refills, |w| w.master.is_all_day))
+    .bind(each(&refills, |w| w.master.is_cancelled))
     .bind(master_texts(|m| &m.show_as))
     .bind(master_texts(|m| &m.sensitivity))
     .bind(master_texts(|m| &m.organizer_name)) // $50
     .bind(master_texts(|m| &m.organizer_address))
-    .bind(
-        refills
-            .iter()
-            .map(|w| attendees_json(&w.master))
-            .collect::<Vec<_>>(),
-    )
+    .bind(each(&refills, |w| attendees_json(&w.master)))
     .bind(master_texts(|m| &m.location))
-    .bind(
-        refills
-            .iter()
-            .map(|w| categories_json(&w.master.categories))
-            .collect::<Vec<_>>(),
-    )
+    .bind(each(&refills, |w| categories_json(&w.master.categories)))
     .bind(master_texts(|m| &m.web_link)) // $55
     .bind(&gone)
     .bind(&quarantined.keys)
@@ -623,6 +570,11 @@ async fn write_page(
         upserted: net.upserted,
         deleted: deleted + net.deleted_in_page,
     })
+}
+
+/// One column of a multi-row statement: `f` of each row, in order.
+fn each<'a, T: ?Sized, U>(rows: &[&'a T], f: impl Fn(&'a T) -> U) -> Vec<U> {
+    rows.iter().map(|row| f(row)).collect()
 }
 
 /// A page's rejected items as bound: one row per key (as stored, NUL replaced) in order of
