@@ -1441,9 +1441,6 @@ async fn master_ids(store: &Store, id: MailboxId, of: &[&str]) -> BTreeSet<Strin
         .collect()
 }
 
-/// The page that ends a full round, with removals, upserts and a removed master beside the
-/// reconciliation: events, masters and quarantine end as if the items were applied one by one
-/// and the round reconciled after them.
 /// A page that sends an item calsync cannot understand and, later, the same item as an event
 /// it can: the event is stored and the item does not stay in quarantine, also on a mailbox
 /// that had nothing in quarantine before the page. A page that only rejects keeps its item.
@@ -1491,6 +1488,9 @@ async fn an_item_understood_later_in_its_page_leaves_quarantine(store: Store) {
     assert_eq!(quarantine_keys(&store, id).await, set(&["q2"]));
 }
 
+/// The page that ends a full round, with removals, upserts and a removed master beside the
+/// reconciliation: events, masters and quarantine end as if the items were applied one by one
+/// and the round reconciled after them.
 async fn a_round_ending_page_reconciles_what_it_leaves(store: Store) {
     let id = register(&store, &[("a", "ann")]).await[0];
     let a = lease(&store, id, "a", t0()).await;
