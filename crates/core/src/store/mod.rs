@@ -477,31 +477,47 @@ pub struct MasterWrite {
 
 impl MasterWrite {
     /// The last write of each master in `writes` (its id as `key` gives it), and of those the
-    /// last that refills its occurrences: what applying the writes one by one would leave, for
-    /// a backend that writes them all in one statement (which may touch a row only once).
-    pub(crate) fn last_of_each<'w, K: Eq + std::hash::Hash>(
+    /// last that refills its occurrences: what applying the writes one by one would leave.
+    pub(crate) fn last_of_each<'w, K: Eq + std::hash::Hash + Clone>(
         writes: &'w [MasterWrite],
         key: impl Fn(&'w MasterWrite) -> K,
     ) -> (Vec<&'w MasterWrite>, Vec<&'w MasterWrite>) {
-        let last = |refills_only: bool| {
-            let mut at: HashMap<K, usize> = HashMap::new();
-            let mut out: Vec<&MasterWrite> = Vec::new();
-            for write in writes {
-                if refills_only && !write.refill_occurrences {
-                    continue;
-                }
-                match at.entry(key(write)) {
-                    std::collections::hash_map::Entry::Occupied(slot) => out[*slot.get()] = write,
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        slot.insert(out.len());
-                        out.push(write);
-                    }
-                }
-            }
-            out
+        let last = |refills_only: bool| -> Vec<&'w MasterWrite> {
+            let kept = writes
+                .iter()
+                .filter(|w| !refills_only || w.refill_occurrences);
+            last_of_each_key(kept, &key)
+                .into_iter()
+                .map(|(_, write, _)| write)
+                .collect()
         };
         (last(false), last(true))
     }
+}
+
+/// The last of `items` for each key, in order of the key's first appearance, with the key and
+/// how many items had it: what applying the items one by one would leave, for a backend that
+/// writes them all in one statement (which may touch a row only once).
+pub(crate) fn last_of_each_key<'a, T, K: Eq + std::hash::Hash + Clone>(
+    items: impl IntoIterator<Item = &'a T>,
+    key: impl Fn(&'a T) -> K,
+) -> Vec<(K, &'a T, usize)> {
+    let mut at: HashMap<K, usize> = HashMap::new();
+    let mut out: Vec<(K, &'a T, usize)> = Vec::new();
+    for item in items {
+        let k = key(item);
+        match at.get(&k) {
+            Some(&i) => {
+                out[i].1 = item;
+                out[i].2 += 1;
+            }
+            None => {
+                at.insert(k.clone(), out.len());
+                out.push((k, item, 1));
+            }
+        }
+    }
+    out
 }
 
 /// An item of a delta page that could not be understood, set aside.

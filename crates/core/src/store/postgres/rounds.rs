@@ -11,8 +11,8 @@ use crate::graph::model::RejectedItem;
 use crate::graph::{Attendees, DeltaItem, Event, PageLink, Window};
 use crate::store::contract::*;
 use crate::store::{
-    link_parts, Cursor, Lease, MailboxId, MasterWrite, PageApplied, PageWrite, QuarantinedItem,
-    StoreError, StoredMaster,
+    last_of_each_key, link_parts, Cursor, Lease, MailboxId, MasterWrite, PageApplied, PageWrite,
+    QuarantinedItem, StoreError, StoredMaster,
 };
 // The backend itself and its helpers (timestamps, text cleaning).
 use super::*;
@@ -42,11 +42,7 @@ impl RoundStore for PgStore {
         link: &PageLink,
         now: DateTime<Utc>,
     ) -> Result<PageApplied, StoreError> {
-        let window = cursor
-            .window
-            .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
-        let net = NetPage::of(page.items, &window);
-        write_page(&self.pool, lease, cursor, page, &net, link, &window, now).await
+        write_page(&self.pool, lease, cursor, page, link, now).await
     }
 
     async fn note_page_failure(
@@ -296,6 +292,26 @@ impl<'a> NetPage<'a> {
     }
 }
 
+/// Whether a stored event (its columns prefixed by `$prefix`) is left alone by the page's
+/// items: not upserted again (`$15`), not upserted and then removed (`$10`), not removed inside
+/// the window (`$11`).
+macro_rules! untouched_by_items {
+    ($prefix:literal) => {
+        concat!(
+            $prefix,
+            "event_id <> ALL($15) AND ",
+            $prefix,
+            "event_id <> ALL($10) AND NOT (",
+            $prefix,
+            "event_id = ANY($11) AND ",
+            $prefix,
+            "start_utc < $8 AND ",
+            $prefix,
+            "end_utc >= $7)"
+        )
+    };
+}
+
 /// Whether master `$id` is left without an event when a round-ending page (`$9`) has been
 /// applied: none of the page's upserts is in its series (`$14`) and none of its stored events
 /// that were seen this round survives the page (re-upserted ones are judged by their new
@@ -308,9 +324,9 @@ macro_rules! orphaned {
             " <> ALL($14) AND NOT EXISTS (SELECT 1 FROM events e
                  WHERE e.mailbox_id = $1 AND e.series_master_id = ",
             $id,
-            "
-                 AND e.seen_round = $3 AND e.event_id <> ALL($15) AND e.event_id <> ALL($10)
-                 AND NOT (e.event_id = ANY($11) AND e.start_utc < $8 AND e.end_utc >= $7)))"
+            " AND e.seen_round = $3 AND ",
+            untouched_by_items!("e."),
+            "))"
         )
     };
 }
@@ -338,17 +354,18 @@ macro_rules! not_gone {
 /// the parts it does not need. (PostgreSQL still plans it afresh per page, its custom plans
 /// looking cheaper than the generic one: about a millisecond of its CPU a page, the next thing
 /// to save here.)
-#[allow(clippy::too_many_arguments)]
 async fn write_page(
-    executor: impl sqlx::PgExecutor<'_>,
+    pool: &sqlx::PgPool,
     lease: &Lease,
     cursor: &Cursor,
     page: &PageWrite<'_>,
-    net: &NetPage<'_>,
     link: &PageLink,
-    window: &Window,
     now: DateTime<Utc>,
 ) -> Result<PageApplied, StoreError> {
+    let window = cursor
+        .window
+        .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
+    let net = NetPage::of(page.items, &window);
     let (next_link, delta_link) = link_parts(link);
     // A deltaLink that ends a full round: what the round did not return goes.
     let reconcile = delta_link.is_some() && cursor.full;
@@ -402,11 +419,9 @@ async fn write_page(
                      location, categories, web_link)
              WHERE events.mailbox_id = $1 AND EXISTS (SELECT 1 FROM moved)
                  AND events.series_master_id = r.master_id AND events.event_type = 'occurrence'
-                 AND r.master_id <> ALL($56)
-                 AND events.event_id <> ALL($15) AND events.event_id <> ALL($10)
-                 AND NOT (events.event_id = ANY($11) AND events.start_utc < $8
-                     AND events.end_utc >= $7)
-                 AND NOT ($9 AND events.seen_round <> $3)
+                 AND r.master_id <> ALL($56) AND NOT ($9 AND events.seen_round <> $3) AND ",
+        untouched_by_items!("events."),
+        "
          ), gone_counted AS (
              SELECT COUNT(*) AS n FROM events WHERE mailbox_id = $1
                  AND series_master_id = ANY($56)
@@ -474,8 +489,9 @@ async fn write_page(
                      AND start_utc < $8 AND end_utc >= $7))
          ), reconciled AS (
              DELETE FROM events WHERE mailbox_id = $1 AND $9 AND EXISTS (SELECT 1 FROM moved)
-                 AND seen_round <> $3 AND event_id <> ALL($15) AND event_id <> ALL($10)
-                 AND NOT (event_id = ANY($11) AND start_utc < $8 AND end_utc >= $7) AND ",
+                 AND seen_round <> $3 AND ",
+        untouched_by_items!(""),
+        " AND ",
         not_gone!(),
         "
              RETURNING 1
@@ -560,7 +576,7 @@ async fn write_page(
     .bind(&quarantined.raws)
     .bind(&quarantined.reasons) // $60
     .bind(&quarantined.times_seen)
-    .fetch_one(executor)
+    .fetch_one(pool)
     .await?;
     if !row.try_get::<bool, _>("held")? {
         return Err(StoreError::LeaseLost(lease.mailbox));
@@ -580,7 +596,6 @@ fn each<'a, T: ?Sized, U>(rows: &[&'a T], f: impl Fn(&'a T) -> U) -> Vec<U> {
 /// A page's rejected items as bound: one row per key (as stored, NUL replaced) in order of
 /// first appearance, with its last item's id, raw and reason and how many times the page had
 /// it, which is what counting them one by one would leave.
-#[derive(Default)]
 struct Quarantined<'a> {
     keys: Vec<String>,
     ids: Vec<Option<Cow<'a, str>>>,
@@ -591,27 +606,17 @@ struct Quarantined<'a> {
 
 impl<'a> Quarantined<'a> {
     fn of(items: &'a [RejectedItem]) -> Self {
-        let mut out = Self::default();
-        let mut at: HashMap<String, usize> = HashMap::with_capacity(items.len());
-        for item in items {
-            let key = text(&item.key()).into_owned();
-            let (id, raw, reason) = (opt_text(&item.id), text(&item.raw), text(&item.reason));
-            match at.get(&key) {
-                Some(&i) => {
-                    (out.ids[i], out.raws[i], out.reasons[i]) = (id, raw, reason);
-                    out.times_seen[i] += 1;
-                }
-                None => {
-                    at.insert(key.clone(), out.keys.len());
-                    out.keys.push(key);
-                    out.ids.push(id);
-                    out.raws.push(raw);
-                    out.reasons.push(reason);
-                    out.times_seen.push(1);
-                }
-            }
+        let rows = last_of_each_key(items, |item| text(&item.key()).into_owned());
+        Self {
+            ids: rows.iter().map(|(_, item, _)| opt_text(&item.id)).collect(),
+            raws: rows.iter().map(|(_, item, _)| text(&item.raw)).collect(),
+            reasons: rows.iter().map(|(_, item, _)| text(&item.reason)).collect(),
+            times_seen: rows
+                .iter()
+                .map(|(_, _, n)| i64::try_from(*n).unwrap_or(i64::MAX))
+                .collect(),
+            keys: rows.into_iter().map(|(key, _, _)| key).collect(),
         }
-        out
     }
 }
 
