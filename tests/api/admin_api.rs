@@ -15,7 +15,7 @@ use wiremock::MockServer;
 
 use crate::helpers::api::{Api, TOKEN, WRONG};
 use crate::helpers::sim::{fast, sim_settings, start_sim, world, Dispatcher, Truth};
-use crate::helpers::store::{run_caught, TestSchema};
+use crate::helpers::store::in_postgres_schema;
 use crate::helpers::{base_config, ALICE, TENANT};
 
 /// The test harness's config (one tenant `contoso` with Alice, Graph on a mock that answers
@@ -243,14 +243,7 @@ async fn sqlite_register_sync_read_events_and_remove() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_register_sync_read_events_and_remove() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = run_caught(register_sync_read_events_and_remove(Some(
-        schema.url.clone(),
-    )))
-    .await;
-    schema.drop_after(outcome).await;
+    in_postgres_schema(|url| register_sync_read_events_and_remove(Some(url))).await;
 }
 
 /// The config names the simulator's tenants but no mailboxes: the API registers one, it syncs

@@ -21,7 +21,7 @@ use tokio::process::Child;
 use tokio::time::Instant;
 
 use crate::helpers::sim::start_sim;
-use crate::helpers::store::{run_caught, TestSchema};
+use crate::helpers::store::in_postgres_schema;
 
 const REPLICAS: usize = 3;
 /// The simulator's app-wide limit: requests per second.
@@ -36,11 +36,7 @@ const PATIENCE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_share_the_app_limit_through_a_kill() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = run_caught(share_the_limit(schema.url.clone())).await;
-    schema.drop_after(outcome).await;
+    in_postgres_schema(share_the_limit).await;
 }
 
 async fn share_the_limit(url: String) {

@@ -16,7 +16,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 use crate::helpers::sim::*;
-use crate::helpers::store::{run_caught, TestSchema};
+use crate::helpers::store::on_postgres;
 
 struct Service {
     sim: SimHandle,
@@ -820,18 +820,7 @@ async fn subscription_rows_on_sqlite() {
 
 #[tokio::test]
 async fn subscription_rows_on_postgres() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let url = schema.url.clone();
-    let outcome = run_caught(async move {
-        let store = Store::connect(&url, 4).await.expect("store opens");
-        store.migrate().await.expect("migrations run");
-        subscription_rows(store.clone()).await;
-        store.close().await;
-    })
-    .await;
-    schema.drop_after(outcome).await;
+    on_postgres(subscription_rows).await;
 }
 
 #[tokio::test]

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::sim::{start_sim, Truth};
-use crate::helpers::store::{run_caught, TestSchema};
+use crate::helpers::store::in_postgres_schema;
 
 const REPLICAS: usize = 3;
 const KILLS: usize = 15;
@@ -37,11 +37,7 @@ const GRAPH_LATENCY_MS: u64 = 40;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_killed_at_random_lose_nothing_and_hand_over_within_a_lease() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = run_caught(kill_replicas(schema.url.clone())).await;
-    schema.drop_after(outcome).await;
+    in_postgres_schema(kill_replicas).await;
 }
 
 async fn kill_replicas(url: String) {

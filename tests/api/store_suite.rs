@@ -17,8 +17,8 @@ use calsync::store::{
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
+use crate::helpers::store::in_postgres_schema;
 use crate::helpers::store::{on_postgres, on_postgres_at, on_sqlite, on_sqlite_at};
-pub use crate::helpers::store::{run_caught, TestSchema};
 use sqlx::Connection;
 
 macro_rules! store_suite {
@@ -2206,11 +2206,7 @@ async fn events_between_returns_what_overlaps_the_range(store: Store) {
 /// `idle_in_transaction_session_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_claim_does_not_wait_for_a_frozen_replica() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = run_caught(frozen_replica(schema.url.clone())).await;
-    schema.drop_after(outcome).await;
+    in_postgres_schema(frozen_replica).await;
 }
 
 async fn frozen_replica(url: String) {
@@ -2262,11 +2258,7 @@ async fn frozen_replica(url: String) {
 /// store talks to the server through a proxy that notes the type of every message it sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_page_is_one_round_trip() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = run_caught(one_round_trip(schema.url.clone())).await;
-    schema.drop_after(outcome).await;
+    in_postgres_schema(one_round_trip).await;
 }
 
 async fn one_round_trip(url: String) {
@@ -2344,11 +2336,7 @@ async fn one_round_trip(url: String) {
 /// masters and quarantine, and report the same counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_random_pages_end_as_on_sqlite() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = run_caught(random_pages_on_both(schema.url.clone())).await;
-    schema.drop_after(outcome).await;
+    in_postgres_schema(random_pages_on_both).await;
 }
 
 /// splitmix64: a fixed sequence per seed, so a failure names the seed that reproduces it.
@@ -2556,11 +2544,7 @@ fn assert_one_statement_in_one_round_trip(messages: &[u8]) -> usize {
 /// history pruned) is one statement and one round trip, as seen on the wire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_job_end_is_one_round_trip() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = run_caught(job_end_round_trip(schema.url.clone())).await;
-    schema.drop_after(outcome).await;
+    in_postgres_schema(job_end_round_trip).await;
 }
 
 async fn job_end_round_trip(url: String) {
@@ -2703,11 +2687,7 @@ async fn message_log_proxy(url: &str) -> (String, std::sync::Arc<std::sync::Mute
 /// equals ground truth (nothing lost, nothing doubled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_two_replicas_share_the_mailboxes_and_end_equal_to_ground_truth() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
-    let outcome = run_caught(two_replicas(schema.url.clone())).await;
-    schema.drop_after(outcome).await;
+    in_postgres_schema(two_replicas).await;
 }
 
 async fn two_replicas(url: String) {

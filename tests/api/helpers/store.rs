@@ -64,11 +64,25 @@ where
     schema.drop_after(outcome).await;
 }
 
+/// Runs `test` against a schema of its own in the test database (`test` is given its URL), and
+/// drops the schema afterwards, even when the test fails: for a PostgreSQL test that does not
+/// start from a migrated [`Store`] as [`on_postgres`] gives. Without PostgreSQL it does what
+/// [`TestSchema::create`] says.
+pub async fn in_postgres_schema<F, Fut>(test: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let outcome = run_caught(test(schema.url.clone())).await;
+    schema.drop_after(outcome).await;
+}
+
 pub type Panic = Box<dyn std::any::Any + Send>;
 
-/// Runs `test` as a task, so that its panic is caught and the schema still dropped. For any
-/// test on PostgreSQL: `let Some(schema) = TestSchema::create().await else { return };`, run
-/// the body with `run_caught` against `schema.url`, then `schema.drop_after(outcome)`.
+/// Runs `test` as a task, so that its panic is caught and the schema still dropped.
 pub async fn run_caught(test: impl Future<Output = ()> + Send + 'static) -> Result<(), Panic> {
     tokio::spawn(test).await.map_err(|e| {
         e.try_into_panic()
