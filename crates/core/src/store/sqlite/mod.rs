@@ -13,6 +13,7 @@ use sqlx::{Row, SqlitePool};
 use crate::store::contract::*;
 use crate::store::{migrations, StoreError};
 
+mod checkpoints;
 mod job_ends;
 mod mailboxes;
 mod rounds;
@@ -127,6 +128,8 @@ pub struct SqliteStore {
     pub(super) writer: SqlitePool,
     /// Job ends waiting for the writer, committed together.
     ends: std::sync::Arc<job_ends::JobEnds>,
+    /// Checkpoints the WAL beside the writer, so that the writer does not wait for the disk.
+    checkpointer: Option<std::sync::Arc<checkpoints::Checkpointer>>,
 }
 
 impl SqliteStore {
@@ -136,6 +139,14 @@ impl SqliteStore {
 
     /// Opens (creating if missing) the database at `url` (`sqlite://PATH`).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::open(url, max_connections, checkpoints::Checkpoints::default()).await
+    }
+
+    async fn open(
+        url: &str,
+        max_connections: u32,
+        checkpoints: checkpoints::Checkpoints,
+    ) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -149,6 +160,7 @@ impl SqliteStore {
             // file in the temporary directory, created and deleted again for nearly every page
             // write, and a write failed where that directory was full or not writable.
             .pragma("temp_store", "memory")
+            .pragma("wal_autocheckpoint", checkpoints.writer_frames.to_string())
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         // No ping before each use: a connection here is a thread in this process, not a
@@ -160,17 +172,30 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
+        let checkpointer = match checkpoints.background {
+            true => Some(std::sync::Arc::new(
+                checkpoints::Checkpointer::start(&options).await?,
+            )),
+            false => None,
+        };
         // Waiting for the writer is bounded by the job deadline around every job.
-        let writer = SqlitePoolOptions::new()
+        let mut writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(60))
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await?;
+            .test_before_acquire(false);
+        if let Some(checkpointer) = &checkpointer {
+            let wrote = checkpointer.wrote();
+            writer = writer.after_release(move |_, _| {
+                wrote.notify_one();
+                Box::pin(std::future::ready(Ok(true)))
+            });
+        }
+        let writer = writer.connect_with(options).await?;
         Ok(Self {
             pool,
             writer,
             ends: Default::default(),
+            checkpointer,
         })
     }
 
@@ -208,6 +233,9 @@ impl Lifecycle for SqliteStore {
     async fn close(&self) {
         self.pool.close().await;
         self.writer.close().await;
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.stop().await;
+        }
     }
 }
 
