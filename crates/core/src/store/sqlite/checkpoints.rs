@@ -5,7 +5,7 @@
 //! commit took the WAL past `wal_autocheckpoint` frames: with the default of 1,000, the one
 //! writer that every page write waits for stopped for the disk every 8 MiB written (a quarter
 //! of its time in `calsync bench`, blocked in `fsync`). Here a connection of its own
-//! checkpoints shortly after the writer has been used, beside the writer's next commits.
+//! checkpoints after every few uses of the writer, beside the writer's next commits.
 //!
 //! What it cannot do while the writer keeps committing: a checkpoint that has not reached the
 //! WAL's last frame (the writer appended more meanwhile) does not sync the database file, and
@@ -13,8 +13,8 @@
 //! load the writer still checkpoints itself at [`Checkpoints::writer_frames`], copying only
 //! what came since the last background checkpoint, and syncing; under any lighter load the
 //! background checkpoints reach the end and the writer never does.
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::Connection;
@@ -25,8 +25,12 @@ use tokio_util::sync::CancellationToken;
 /// Who checkpoints a store's WAL.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Checkpoints {
-    /// A connection of the store's own checkpoints after writes (off only in tests).
-    pub background: bool,
+    /// A connection of the store's own checkpoints after this many uses of the writer (`None`
+    /// only in tests). Counted in uses, not in time, so that what a write costs does not
+    /// depend on the machine's speed (`calsync bench --instructions` counts it). 128 against
+    /// 32: the same initial sync, and idle rounds that copy their few hot pages less often
+    /// (349,496 instructions per idle mailbox round against 354,901; 345,609 before).
+    pub background_every: Option<u32>,
     /// WAL frames past which a commit checkpoints in the committing connection itself
     /// (`wal_autocheckpoint`), and so the WAL's size: 16,000 frames of an 8 KiB page are
     /// 125 MiB. Measured with `calsync bench --sync-only`: 4,000 gave back half of what the
@@ -37,22 +41,38 @@ pub(super) struct Checkpoints {
 impl Default for Checkpoints {
     fn default() -> Self {
         Self {
-            background: true,
+            background_every: Some(128),
             writer_frames: 16_000,
         }
     }
 }
 
-/// Writes that come within this time of the first one share its checkpoint, which syncs the
-/// WAL however little it copies. 500 ms made the initial sync slower than 100 ms did
-/// (`calsync bench --sync-only`, 10.3 s against 9.4 s).
-const GATHER: Duration = Duration::from_millis(100);
+/// Uses of the writer since the last checkpoint was asked for.
+#[derive(Debug)]
+struct Uses {
+    every: u32,
+    since: AtomicU32,
+    due: Notify,
+}
+
+impl Uses {
+    /// Counts one use; asks for a checkpoint at every `every`th.
+    fn count(&self) -> bool {
+        let n = self.since.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < self.every {
+            return false;
+        }
+        self.since.store(0, Ordering::Relaxed);
+        self.due.notify_one();
+        true
+    }
+}
 
 /// The background checkpoints of one store: told of each use of the writer, stopped when the
 /// store is closed or its last clone dropped.
 #[derive(Debug)]
 pub(super) struct Checkpointer {
-    wrote: Arc<Notify>,
+    uses: Arc<Uses>,
     stop: CancellationToken,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -64,22 +84,33 @@ impl Drop for Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts checkpointing the database of `options` on a connection of its own.
-    pub(super) async fn start(options: &SqliteConnectOptions) -> Result<Self, sqlx::Error> {
+    /// Starts checkpointing the database of `options` on a connection of its own, after every
+    /// `every` uses of the writer.
+    pub(super) async fn start(
+        options: &SqliteConnectOptions,
+        every: u32,
+    ) -> Result<Self, sqlx::Error> {
         let connection = SqliteConnection::connect_with(options).await?;
-        let wrote = Arc::new(Notify::new());
+        let uses = Arc::new(Uses {
+            every: every.max(1),
+            since: AtomicU32::new(0),
+            due: Notify::new(),
+        });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(connection, Arc::clone(&wrote), stop.clone()));
+        let task = tokio::spawn(run(connection, Arc::clone(&uses), stop.clone()));
         Ok(Self {
-            wrote,
+            uses,
             stop,
             task: std::sync::Mutex::new(Some(task)),
         })
     }
 
     /// What the writer's pool calls each time the writer is released.
-    pub(super) fn wrote(&self) -> Arc<Notify> {
-        Arc::clone(&self.wrote)
+    pub(super) fn on_release(&self) -> impl Fn() + Send + Sync + 'static {
+        let uses = Arc::clone(&self.uses);
+        move || {
+            uses.count();
+        }
     }
 
     /// Stops checkpointing and closes the connection (SQLite's last connection to close
@@ -93,16 +124,12 @@ impl Checkpointer {
     }
 }
 
-async fn run(mut connection: SqliteConnection, wrote: Arc<Notify>, stop: CancellationToken) {
+async fn run(mut connection: SqliteConnection, uses: Arc<Uses>, stop: CancellationToken) {
     let mut failing = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
-            () = wrote.notified() => {}
-        }
-        tokio::select! {
-            () = stop.cancelled() => break,
-            () = tokio::time::sleep(GATHER) => {}
+            () = uses.due.notified() => {}
         }
         // PASSIVE: copies what no reader still needs, waits for no one, and leaves the writer
         // free to commit meanwhile.
@@ -131,6 +158,7 @@ async fn run(mut connection: SqliteConnection, wrote: Arc<Notify>, stop: Cancell
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
+    use std::time::Duration;
 
     use super::*;
     use crate::store::contract::Lifecycle;
@@ -185,7 +213,7 @@ mod tests {
         let store = store(
             &path,
             Checkpoints {
-                background: false,
+                background_every: None,
                 ..Checkpoints::default()
             },
         )
@@ -206,7 +234,7 @@ mod tests {
         let store = store(
             &path,
             Checkpoints {
-                background: false,
+                background_every: None,
                 writer_frames: 500,
             },
         )
@@ -220,15 +248,38 @@ mod tests {
         store.close().await;
     }
 
-    /// With nothing but the writer's commit, the rows reach the database file: the background
+    /// The writer asks for a checkpoint at every `every`th use, not before.
+    #[test]
+    fn a_checkpoint_is_asked_for_every_so_many_uses() {
+        let uses = Uses {
+            every: 3,
+            since: AtomicU32::new(0),
+            due: Notify::new(),
+        };
+        let asked: Vec<bool> = (0..7).map(|_| uses.count()).collect();
+        assert_eq!(asked, [false, false, true, false, false, true, false]);
+    }
+
+    /// With nothing but the writer's uses, the rows reach the database file: the background
     /// connection checkpointed them.
     #[tokio::test]
     async fn the_background_connection_copies_the_wal_into_the_database() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("b.db");
-        let store = store(&path, Checkpoints::default()).await;
+        let checkpoints = Checkpoints::default();
+        let store = store(&path, checkpoints).await;
         let before = len(&path);
         write_rows(&store).await;
+        // Uses enough for a checkpoint, whatever the migration and the rows took.
+        for _ in 0..checkpoints
+            .background_every
+            .expect("background checkpoints")
+        {
+            sqlx::query("SELECT 1")
+                .execute(&store.writer)
+                .await
+                .expect("writer used");
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while len(&path) < before + WRITTEN {
             assert!(
@@ -255,7 +306,7 @@ mod tests {
                 .checkpointer
                 .as_ref()
                 .expect("background checkpoints")
-                .wrote,
+                .uses,
         );
         drop(store);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);

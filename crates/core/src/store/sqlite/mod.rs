@@ -172,11 +172,11 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
-        let checkpointer = match checkpoints.background {
-            true => Some(std::sync::Arc::new(
-                checkpoints::Checkpointer::start(&options).await?,
+        let checkpointer = match checkpoints.background_every {
+            Some(every) => Some(std::sync::Arc::new(
+                checkpoints::Checkpointer::start(&options, every).await?,
             )),
-            false => None,
+            None => None,
         };
         // Waiting for the writer is bounded by the job deadline around every job.
         let mut writer = SqlitePoolOptions::new()
@@ -184,9 +184,9 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(60))
             .test_before_acquire(false);
         if let Some(checkpointer) = &checkpointer {
-            let wrote = checkpointer.wrote();
+            let released = checkpointer.on_release();
             writer = writer.after_release(move |_, _| {
-                wrote.notify_one();
+                released();
                 Box::pin(std::future::ready(Ok(true)))
             });
         }
