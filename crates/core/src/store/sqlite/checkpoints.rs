@@ -13,6 +13,7 @@
 //! load the writer still checkpoints itself at [`Checkpoints::writer_frames`], copying only
 //! what came since the last background checkpoint, and syncing; under any lighter load the
 //! background checkpoints reach the end and the writer never does.
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -33,8 +34,8 @@ pub(super) struct Checkpoints {
     pub background_every: Option<u32>,
     /// WAL frames past which a commit checkpoints in the committing connection itself
     /// (`wal_autocheckpoint`), and so the WAL's size: 16,000 frames of an 8 KiB page are
-    /// 125 MiB. Measured with `calsync bench --sync-only`: 4,000 gave back half of what the
-    /// background checkpoints save the initial sync (BENCHMARKS.md).
+    /// 125 MiB. Measured with `calsync bench --sync-only`: with 4,000, the background
+    /// checkpoints saved the initial sync a third less time (BENCHMARKS.md).
     pub writer_frames: u32,
 }
 
@@ -113,8 +114,7 @@ impl Checkpointer {
         }
     }
 
-    /// Stops checkpointing and closes the connection (SQLite's last connection to close
-    /// checkpoints what is left and removes the WAL).
+    /// Stops checkpointing (a checkpoint under way is finished) and closes the connection.
     pub(super) async fn stop(&self) {
         self.stop.cancel();
         let task = self.task.lock().ok().and_then(|mut task| task.take());
