@@ -1212,6 +1212,15 @@ async fn the_running_service_frees_a_stuck_jobs_slot_and_reports_it_on_healthz()
     let started = Instant::now();
     // Blocks until the checks below, which wait for conditions while it blocks, are done.
     let (job, release) = spawn_blocking_job(&worker, "tenant1", &mailbox, Duration::from_secs(60));
+    // The service starts only once the job holds the only slot: started together, the
+    // service's own job for the mailbox could take it first (seen on CI's loaded machine).
+    wait_for(
+        "the blocking job holds the only slot",
+        Duration::from_secs(30),
+        || worker.status().busy_slots == 1,
+    )
+    .await;
+    assert!(!job.is_finished(), "the blocking job got the slot");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let client = reqwest::Client::new();
