@@ -204,20 +204,30 @@ mod tests {
 
     const WRITTEN: u64 = (ROWS * ROW_BYTES) as u64;
 
+    /// The writer alone checkpoints, past `writer_frames`.
+    fn writer_only(writer_frames: u32) -> Checkpoints {
+        Checkpoints {
+            background_every: None,
+            writer_frames,
+        }
+    }
+
+    /// Waits until `done`, for at most 60 s; `what` says what was awaited and what was seen.
+    async fn wait_until(mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{} in 60 s", what());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// SQLite's default would have checkpointed in the writer's commit after 1,000 frames; the
     /// writer now leaves them in the WAL (for the background checkpoints, off here).
     #[tokio::test]
     async fn the_writer_does_not_checkpoint_below_its_limit() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("w.db");
-        let store = store(
-            &path,
-            Checkpoints {
-                background_every: None,
-                ..Checkpoints::default()
-            },
-        )
-        .await;
+        let store = store(&path, writer_only(Checkpoints::default().writer_frames)).await;
         let before = len(&path);
         write_rows(&store).await;
         assert!(len(&wal(&path)) > WRITTEN, "the rows are in the WAL");
@@ -231,14 +241,7 @@ mod tests {
     async fn past_its_limit_the_writer_checkpoints_itself() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("l.db");
-        let store = store(
-            &path,
-            Checkpoints {
-                background_every: None,
-                writer_frames: 500,
-            },
-        )
-        .await;
+        let store = store(&path, writer_only(500)).await;
         let before = len(&path);
         write_rows(&store).await;
         assert!(
@@ -280,16 +283,17 @@ mod tests {
                 .await
                 .expect("writer used");
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while len(&path) < before + WRITTEN {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no checkpoint in 60 s: the database file has {} bytes, the WAL {}",
-                len(&path),
-                len(&wal(&path))
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(
+            || len(&path) >= before + WRITTEN,
+            || {
+                format!(
+                    "no checkpoint (the database file has {} bytes, the WAL {})",
+                    len(&path),
+                    len(&wal(&path))
+                )
+            },
+        )
+        .await;
         store.close().await;
     }
 
@@ -309,13 +313,10 @@ mod tests {
                 .uses,
         );
         drop(store);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while task_alive.upgrade().is_some() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the checkpoints task still runs 60 s after the store was dropped"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(
+            || task_alive.upgrade().is_none(),
+            || "the checkpoints task still runs after the store was dropped".into(),
+        )
+        .await;
     }
 }
