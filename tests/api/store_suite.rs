@@ -2328,6 +2328,95 @@ async fn one_round_trip(url: String) {
     store.close().await;
 }
 
+/// The JSON PostgreSQL keeps (an event's raw item and attendees, a series master's and a
+/// rejected item's raw) is compressed with lz4 where the server has it (migration 0011), not
+/// with the server's default, and reads back unchanged. The store's sessions ask for pglz by
+/// default here, so only the columns' own setting can make a value lz4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stored_json_is_compressed_with_lz4() {
+    in_postgres_schema(stored_json_compression).await;
+}
+
+async fn stored_json_compression(url: String) {
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let has_lz4: bool = sqlx::query_scalar(
+        "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+    )
+    .fetch_optional(&mut db)
+    .await
+    .expect("server settings")
+    .unwrap_or(false);
+    let mut pglz_by_default = url::Url::parse(&url).expect("a URL");
+    if has_lz4 {
+        pglz_by_default
+            .query_pairs_mut()
+            .append_pair("options[default_toast_compression]", "pglz");
+    }
+    let store = Store::connect(pglz_by_default.as_str(), 2)
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrations");
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let a = lease(&store, id, "a", t0()).await;
+    let round = full_round(&store, &a).await;
+    // Each value ~6 KB or more: past the ~2 KB row size at which PostgreSQL compresses.
+    let filler = "a long description of the meeting, ".repeat(200);
+    let mut big = event("e1", "v1", t0());
+    big.raw = json!({"id": "e1", "body": {"content": filler}}).to_string();
+    let many: Vec<serde_json::Value> = (0..80)
+        .map(|n| json!({"name": format!("Attendee {n}"), "address": format!("a{n}@contoso.com")}))
+        .collect();
+    big.attendees = Attendees::from_value(&json!(many));
+    let mut m1 = master("M1", "weekly", "ck1", false);
+    m1.raw = json!({"id": "M1", "type": "seriesMaster", "body": {"content": filler}}).to_string();
+    let mut bad = rejected("q1");
+    bad.raw = json!({"id": "q1", "start": "not a time", "body": {"content": filler}}).to_string();
+    let page = PageWrite {
+        items: &[DeltaItem::Upsert(Box::new(big.clone()))],
+        masters: &masters(&[&m1]),
+        gone_series: &[],
+        round: "r1",
+        quarantined: std::slice::from_ref(&bad),
+    };
+    store
+        .apply_page(&a, &round, &page, &next("p1"), t0())
+        .await
+        .expect("page");
+
+    let stored = store.events(id).await.expect("events");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].raw, big.raw,
+        "the event's raw JSON reads back unchanged"
+    );
+    assert_eq!(stored[0].attendees, big.attendees);
+    for (table, expected) in [("series_masters", &m1.raw), ("quarantine", &bad.raw)] {
+        let raw: String = sqlx::query_scalar(&format!("SELECT raw FROM {table}"))
+            .fetch_one(&mut db)
+            .await
+            .expect("the stored raw JSON");
+        assert_eq!(&raw, expected, "{table}'s raw JSON reads back unchanged");
+    }
+    if has_lz4 {
+        let methods: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT 'events.raw', pg_column_compression(raw) FROM events
+             UNION ALL SELECT 'events.attendees', pg_column_compression(attendees) FROM events
+             UNION ALL SELECT 'series_masters.raw', pg_column_compression(raw) FROM series_masters
+             UNION ALL SELECT 'quarantine.raw', pg_column_compression(raw) FROM quarantine",
+        )
+        .fetch_all(&mut db)
+        .await
+        .expect("compression methods");
+        for (column, method) in methods {
+            assert_eq!(method.as_deref(), Some("lz4"), "{column}");
+        }
+    } else {
+        eprintln!("this PostgreSQL has no lz4: the stored JSON keeps its default compression");
+    }
+    let _ = db.close().await;
+    store.close().await;
+}
+
 /// PostgreSQL writes a page in one statement whose parts all see the rows as they were before
 /// it; SQLite applies the same page part after part. Random pages (upserts and removals of
 /// single events and occurrences, inside and outside the window, repeated ids, series masters

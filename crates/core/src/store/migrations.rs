@@ -124,6 +124,11 @@ pub const POSTGRES: Embedded = Embedded(&[
         "due by tenant",
         include_str!("../../migrations/postgres/0010_due_by_tenant.sql"),
     ),
+    (
+        11,
+        "lz4 for the stored json",
+        include_str!("../../migrations/postgres/0011_lz4_raw.sql"),
+    ),
 ]);
 
 pub async fn migrator(source: Embedded) -> Result<Migrator, sqlx::migrate::MigrateError> {
