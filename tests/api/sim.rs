@@ -642,7 +642,8 @@ async fn fault_probability_and_time_span() {
     assert_eq!(t.sim.stats().faults_fired[&id], failures);
     t.sim.clear_faults();
 
-    // Active from 300 ms after it was added, for 300 ms.
+    // Active from 2 s after it was added, for 2 s: each request below has about 2 s to land in
+    // its phase, so a loaded machine does not move it into the next one.
     t.sim.add_fault(
         FaultRule::new(FaultKind::Status {
             code: 502,
@@ -651,17 +652,20 @@ async fn fault_probability_and_time_span() {
             aadsts: None,
             retry_after: RetryAfter::None,
         })
-        .window_ms(300, Some(300)),
+        .window_ms(2_000, Some(2_000)),
     );
     let added = Instant::now();
     assert_eq!(t.get(&url, &token, 1).await.status(), StatusCode::OK);
-    assert!(added.elapsed() < Duration::from_millis(300));
-    tokio::time::sleep_until((added + Duration::from_millis(350)).into()).await;
+    assert!(
+        added.elapsed() < Duration::from_secs(2),
+        "the first request was before the window"
+    );
+    tokio::time::sleep_until((added + Duration::from_millis(2_050)).into()).await;
     assert_eq!(
         t.get(&url, &token, 1).await.status(),
         StatusCode::BAD_GATEWAY
     );
-    tokio::time::sleep_until((added + Duration::from_millis(650)).into()).await;
+    tokio::time::sleep_until((added + Duration::from_millis(4_050)).into()).await;
     assert_eq!(t.get(&url, &token, 1).await.status(), StatusCode::OK);
 }
 
@@ -1052,7 +1056,7 @@ async fn scenario_file_is_a_timeline() {
 [[faults]]
 tenant = "tenant1"
 endpoint = "token"
-after_ms = 200
+after_ms = 2000
 for_ms = 10000
 kind = { type = "status", code = 503 }
 "#,
@@ -1063,8 +1067,12 @@ kind = { type = "status", code = 503 }
     let started = Instant::now();
     t.sim.add_faults(rules);
     t.token(0).await;
-    assert!(started.elapsed() < Duration::from_millis(200));
-    tokio::time::sleep_until((started + Duration::from_millis(250)).into()).await;
+    // 2 s before the outage: room for a loaded machine, not a race.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the first token was before the outage"
+    );
+    tokio::time::sleep_until((started + Duration::from_millis(2_050)).into()).await;
     let tenant = t.sim.tenants()[0].clone();
     let r = t
         .token_request(
