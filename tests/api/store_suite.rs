@@ -4053,6 +4053,117 @@ async fn stored_body(store: &Store, url: &str, id: &str) -> String {
     }
 }
 
+/// Runs one statement on the store's database, as an operator or another release would.
+async fn execute_on(store: &Store, url: &str, sqlite: &str, postgres: &str, version: i64) {
+    match store.backend() {
+        Backend::Sqlite => {
+            let mut db = sqlx::SqliteConnection::connect(url).await.expect("connect");
+            sqlx::query(sqlite)
+                .bind(version)
+                .execute(&mut db)
+                .await
+                .expect("statement");
+        }
+        Backend::Postgres => {
+            let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+            sqlx::query(postgres)
+                .bind(version)
+                .execute(&mut db)
+                .await
+                .expect("statement");
+        }
+    }
+}
+
+/// After a rollback, a store that a newer calsync migrated is refused at start, in words that
+/// name the migration and where the way back is written down; the store is left as it was and
+/// takes this release again once that migration's record is gone (README, "Rolling back a
+/// release"). The same for a store whose applied migration has other text than this binary's.
+async fn a_store_migrated_by_a_newer_calsync_is_refused_by_name(store: Store, url: String) {
+    let id = register(&store, &[("a", "ann")]).await[0];
+    let newer = 1_000_i64;
+    execute_on(
+        &store,
+        &url,
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (?1, 'from a newer calsync', TRUE, X'00', 0)",
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, 'from a newer calsync', TRUE, '\\x00', 0)",
+        newer,
+    )
+    .await;
+    let refused = store.migrate().await.expect_err("a newer store is refused");
+    let StoreError::NewerStore { version, latest } = refused else {
+        panic!("not NewerStore: {refused:?}");
+    };
+    assert_eq!(version, newer);
+    assert!((10..newer).contains(&latest), "{latest}");
+    let said = refused.to_string();
+    for words in [
+        "migration 1000",
+        "a newer calsync has migrated it",
+        "\"Rolling back a release\"",
+    ] {
+        assert!(said.contains(words), "{said:?} does not say {words:?}");
+    }
+    assert_eq!(
+        store.mailboxes().await.expect("reads")[0].id,
+        id,
+        "nothing lost"
+    );
+    // The process stops there (and sqlx's migrator keeps its lock on the connection it ran on
+    // until that closes): the next attempt is a new process.
+    let backend = store.backend();
+    store.close().await;
+
+    // The way back: the newer migration's record deleted.
+    let store = Store::connect(&url, 2).await.expect("opens");
+    assert_eq!(store.backend(), backend);
+    execute_on(
+        &store,
+        &url,
+        "DELETE FROM _sqlx_migrations WHERE version = ?1",
+        "DELETE FROM _sqlx_migrations WHERE version = $1",
+        newer,
+    )
+    .await;
+    store
+        .migrate()
+        .await
+        .expect("this release runs on it again");
+
+    execute_on(
+        &store,
+        &url,
+        "UPDATE _sqlx_migrations SET checksum = X'00' WHERE version = ?1",
+        "UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = $1",
+        1,
+    )
+    .await;
+    let refused = store
+        .migrate()
+        .await
+        .expect_err("a changed migration is refused");
+    assert!(
+        matches!(refused, StoreError::ChangedMigration { version: 1 }),
+        "{refused:?}"
+    );
+    assert!(refused
+        .to_string()
+        .contains("migration 1 is not this calsync's migration 1"));
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_store_migrated_by_a_newer_calsync_is_refused_by_name() {
+    on_sqlite_at(a_store_migrated_by_a_newer_calsync_is_refused_by_name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_store_migrated_by_a_newer_calsync_is_refused_by_name() {
+    on_postgres_at(a_store_migrated_by_a_newer_calsync_is_refused_by_name).await;
+}
+
 /// Bodies hold personal data: kept while a write may still be sent, dropped when it ends.
 async fn an_ended_write_keeps_no_body(store: Store, url: String) {
     let id = register(&store, &[("a", "ann")]).await[0];

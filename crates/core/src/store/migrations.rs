@@ -5,7 +5,9 @@ use std::borrow::Cow;
 
 use futures_util::future::BoxFuture;
 use sqlx::error::BoxDynError;
-use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
+
+use super::StoreError;
 
 #[derive(Debug)]
 pub struct Embedded(pub &'static [(i64, &'static str, &'static str)]);
@@ -135,6 +137,31 @@ pub async fn migrator(source: Embedded) -> Result<Migrator, sqlx::migrate::Migra
     Migrator::new(source).await
 }
 
+impl Embedded {
+    /// The newest migration this binary carries.
+    pub fn latest(&self) -> i64 {
+        self.0
+            .iter()
+            .map(|(version, ..)| *version)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A failed run of the migrator, in words an operator can act on where the store is one this
+/// binary cannot run on: one that a newer calsync migrated, or one whose applied migration
+/// differs from this binary's. `latest` is this binary's newest migration.
+///
+/// The process stops on it: sqlx's migrator keeps its lock when it fails (on PostgreSQL, the
+/// advisory lock of the pool connection it ran on), so the same pool must not migrate again.
+pub fn refused(e: MigrateError, latest: i64) -> StoreError {
+    match e {
+        MigrateError::VersionMissing(version) => StoreError::NewerStore { version, latest },
+        MigrateError::VersionMismatch(version) => StoreError::ChangedMigration { version },
+        other => StoreError::Migrate(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +224,61 @@ mod tests {
             Vec::<String>::new()
         );
         store.close().await;
+    }
+
+    /// Each released migration's checksum (the first 8 bytes of sqlx's SHA-384 of its text),
+    /// as every store migrated by a release holds it in `_sqlx_migrations`.
+    const RELEASED_SQLITE: &[(i64, &str)] = &[
+        (1, "e256486321ab9049"),
+        (2, "6b5969d3a3c7d3b3"),
+        (3, "a7ac479c449bf375"),
+        (4, "aa41c9423a86e921"),
+        (6, "eb1f14f7e7205e55"),
+        (7, "0b393607d0d34654"),
+        (8, "aed9f1968b97cafa"),
+        (9, "1d1951560cd680e9"),
+        (10, "8770900f17ec910a"),
+    ];
+    const RELEASED_POSTGRES: &[(i64, &str)] = &[
+        (1, "ca1480c6377c46c5"),
+        (2, "f4b01469862bbfa0"),
+        (3, "d1e25be35e48d24d"),
+        (4, "7c879c89d054b483"),
+        (6, "051a623da06bfc78"),
+        (7, "87846eb93ff607a8"),
+        (8, "b6139d6c3ba8601f"),
+        (9, "d070e156dd913fdd"),
+        (10, "8ec3dfa4b0faded5"),
+        (11, "e1893d81a8874b2d"),
+    ];
+
+    /// A migration never changes once released, not even a comment: sqlx compares the text of
+    /// every applied migration with the binary's at start, so an edited one stops every store
+    /// an earlier release migrated ([`StoreError::ChangedMigration`]). A change to the schema
+    /// is a new migration; a new migration's checksum is added here when it is written.
+    #[tokio::test]
+    async fn released_migrations_never_change() {
+        for (backend, source, released) in [
+            ("SQLite", SQLITE, RELEASED_SQLITE),
+            ("PostgreSQL", POSTGRES, RELEASED_POSTGRES),
+        ] {
+            let embedded: Vec<(i64, String)> = source
+                .resolve()
+                .await
+                .expect("resolves")
+                .iter()
+                .map(|m| {
+                    let prefix: String =
+                        m.checksum[..8].iter().map(|b| format!("{b:02x}")).collect();
+                    (m.version, prefix)
+                })
+                .collect();
+            let released: Vec<(i64, String)> =
+                released.iter().map(|(v, c)| (*v, c.to_string())).collect();
+            assert_eq!(
+                embedded, released,
+                "{backend}: a released migration changed, or a new one has no checksum here yet"
+            );
+        }
     }
 }

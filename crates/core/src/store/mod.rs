@@ -422,6 +422,18 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "the store holds migration {version}, which this calsync does not have (its newest is \
+         {latest}): a newer calsync has migrated it. Run that release or a later one; to run \
+         this one, see README.md, \"Rolling back a release\""
+    )]
+    NewerStore { version: i64, latest: i64 },
+    #[error(
+        "the store's migration {version} is not this calsync's migration {version}: a build with \
+         other text for it has migrated the store. Run that build; see README.md, \"Rolling back \
+         a release\""
+    )]
+    ChangedMigration { version: i64 },
     #[error("mailbox {0} is no longer leased by this worker; its write was refused")]
     LeaseLost(MailboxId),
     #[error("stored value is corrupt: {0}")]

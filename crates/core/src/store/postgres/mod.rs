@@ -105,11 +105,12 @@ impl PgStore {
 
 impl Lifecycle for PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
+        let latest = migrations::POSTGRES.latest();
         migrations::migrator(migrations::POSTGRES)
             .await?
             .run(&self.pool)
-            .await?;
-        Ok(())
+            .await
+            .map_err(|e| migrations::refused(e, latest))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

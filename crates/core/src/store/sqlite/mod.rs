@@ -218,11 +218,12 @@ impl SqliteStore {
 
 impl Lifecycle for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
+        let latest = migrations::SQLITE.latest();
         migrations::migrator(migrations::SQLITE)
             .await?
             .run(&self.pool)
-            .await?;
-        Ok(())
+            .await
+            .map_err(|e| migrations::refused(e, latest))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
