@@ -1358,3 +1358,36 @@ async fn a_graph_probe_cut_off_by_the_deadline_does_not_wedge_the_breaker() {
 async fn a_token_probe_cut_off_by_the_deadline_does_not_wedge_the_breaker() {
     a_probe_cut_off_by_the_deadline_does_not_wedge_the_breaker(Endpoint::Token).await;
 }
+
+/// Graph's 429 for too many requests in flight on one mailbox comes without `innerError`
+/// (magodo/terraform-provider-outlook#21): calsync still sees throttling with its wait, and
+/// takes the request id from the header.
+#[test]
+fn a_mailbox_concurrency_429_without_inner_error_is_throttling() {
+    use calsync::graph::{classify_failure, GraphError, RequestIds};
+    let body = br#"{"error":{"code":"ApplicationThrottled","message":"Application is over its MailboxConcurrency limit."}}"#;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("retry-after", http::HeaderValue::from_static("7"));
+    let ids = RequestIds {
+        request_id: Some("rid-1".into()),
+        client_request_id: "crid-1".into(),
+    };
+    let e = classify_failure(429, &headers, body, ids, std::time::SystemTime::now());
+    assert!(
+        matches!(&e, GraphError::Throttled { status: 429, code, retry_after: Some(wait), ids }
+            if code == "ApplicationThrottled" && *wait == Duration::from_secs(7)
+                && ids.request_id.as_deref() == Some("rid-1")),
+        "{e:?}"
+    );
+    // No request-id header either: nothing to find in the body, and no failure over it.
+    let ids = RequestIds {
+        request_id: None,
+        client_request_id: "crid-2".into(),
+    };
+    let e = classify_failure(429, &headers, body, ids, std::time::SystemTime::now());
+    assert!(
+        matches!(&e, GraphError::Throttled { code, ids, .. }
+            if code == "ApplicationThrottled" && ids.request_id.is_none()),
+        "{e:?}"
+    );
+}

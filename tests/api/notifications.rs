@@ -3,8 +3,12 @@
 //! validating that URL, and POSTs notifications and lifecycle events to it. The periodic
 //! interval is an hour, so any round after the first was triggered by a notification.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
 use calsync::config::Settings;
 use calsync::sim::{Endpoint, FaultKind, FaultRule};
 use calsync::sim::{SimConfig, SimHandle};
@@ -17,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::helpers::sim::*;
 use crate::helpers::store::on_postgres;
+use crate::helpers::try_start_app;
 
 struct Service {
     sim: SimHandle,
@@ -42,20 +47,38 @@ fn free_port() -> u16 {
 /// Periodic rounds an hour apart, subscriptions checked every 50 ms, `tune` on top.
 async fn service(config: SimConfig, tune: impl FnOnce(&mut Settings)) -> Service {
     let sim = start_sim(config.clone()).await;
-    let port = free_port();
     let (settings, dir) = sim_settings(&sim, &config, |s| {
         fast(s);
         s.sync.interval = Duration::from_secs(3600);
-        s.server.public_listen = ([127, 0, 0, 1], port).into();
         let n = &mut s.notifications;
-        n.public_url = Some(format!("http://127.0.0.1:{port}").parse().expect("a URL"));
         n.check_interval = Duration::from_millis(50);
         n.retry_initial = Duration::from_millis(100);
         n.retry_max = Duration::from_millis(400);
         tune(s);
     });
-    let running = start_app(settings, Jobs::Loop).await;
-    Service { sim, running, dir }
+    // The public URL names the port before the service binds it, and between the two another
+    // test's connection may take that port (CI saw it): then the service is built on another.
+    for attempt in 1.. {
+        let port = free_port();
+        let mut settings = settings.clone();
+        settings.server.public_listen = ([127, 0, 0, 1], port).into();
+        settings.notifications.public_url =
+            Some(format!("http://127.0.0.1:{port}").parse().expect("a URL"));
+        match try_start_app(settings, Jobs::Loop).await {
+            Ok(running) => return Service { sim, running, dir },
+            Err(e) if attempt < 10 && port_taken(&e) => continue,
+            Err(e) => panic!("app builds: {e:?}"),
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
+fn port_taken(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+    })
 }
 
 impl Service {
@@ -304,9 +327,11 @@ async fn the_endpoints_answer_the_handshake_and_ignore_a_wrong_client_state() {
 
 #[tokio::test]
 async fn subscriptions_are_renewed_before_they_expire() {
+    // Graph lifts an expiry under 45 minutes to 45 minutes, so a short lifetime cannot make
+    // renewals come quickly: a renewal margin a second short of the lifetime does.
     let svc = service(world(1, 2, 10), |s| {
-        s.notifications.expiration = Duration::from_secs(3);
-        s.notifications.renew_before = Duration::from_millis(2200);
+        s.notifications.expiration = Duration::from_secs(46 * 60);
+        s.notifications.renew_before = Duration::from_secs(46 * 60 - 1);
     })
     .await;
     svc.wait_until_subscribed().await;
@@ -316,32 +341,53 @@ async fn subscriptions_are_renewed_before_they_expire() {
         .iter()
         .map(|s| s.id.clone())
         .collect();
-    let until = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < until {
-        let now = Utc::now();
-        for s in svc.sim.subscriptions() {
-            assert!(s.expires_at > now, "{} expired before it was renewed", s.id);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_async("three renewals each", Duration::from_secs(30), || async {
+        svc.sim.subscriptions().iter().all(|s| s.renewals >= 3)
+    })
+    .await;
     let subs = svc.sim.subscriptions();
     assert_eq!(
         subs.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
         ids,
         "same subscriptions, not new ones"
     );
+    // Each renewal asked for the configured lifetime again, from then.
+    let now = Utc::now();
     for s in &subs {
         assert!(
-            s.renewals >= 3,
-            "{} renewed {} times in 4s",
+            s.expires_at > now + chrono::Duration::minutes(45),
+            "{} expires at {}",
             s.id,
-            s.renewals
+            s.expires_at
         );
     }
     for s in svc.store.subscriptions().await.expect("store reads") {
         assert!(s.renewed_at.is_some());
         assert!(s.last_error.is_none());
     }
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_lifetime_under_45_minutes_is_stored_as_graph_granted_it() {
+    // calsync's config allows it; Graph answers with 45 minutes, and that answer is what counts.
+    let svc = service(world(1, 1, 5), |s| {
+        s.notifications.expiration = Duration::from_secs(10 * 60);
+        s.notifications.renew_before = Duration::from_secs(5 * 60);
+    })
+    .await;
+    let asked_by = Utc::now() + chrono::Duration::minutes(10);
+    svc.wait_until_subscribed().await;
+    let granted = svc.sim.subscriptions()[0].expires_at;
+    assert!(
+        granted > asked_by + chrono::Duration::minutes(30),
+        "{granted}"
+    );
+    let stored = svc.store.subscriptions().await.expect("store reads")[0].expires_at;
+    assert_eq!(
+        stored.map(|t| t.timestamp_millis()),
+        Some(granted.timestamp_millis())
+    );
     svc.stop().await;
 }
 
@@ -524,10 +570,8 @@ async fn failed_subscription_requests_back_off_show_their_error_and_recover() {
     svc.stop().await;
 }
 
-#[tokio::test]
-async fn the_simulator_refuses_bad_subscriptions() {
-    let config = world(1, 1, 5);
-    let sim = start_sim(config.clone()).await;
+/// `Bearer ...` for the simulator's first tenant.
+async fn sim_bearer(sim: &SimHandle) -> String {
     let tenant = &sim.tenants()[0];
     let token: serde_json::Value = reqwest::Client::new()
         .post(sim.token_url(&tenant.tenant_id))
@@ -543,10 +587,223 @@ async fn the_simulator_refuses_bad_subscriptions() {
         .json()
         .await
         .expect("token JSON");
-    let bearer = format!(
+    format!(
         "Bearer {}",
         token["access_token"].as_str().expect("a token")
+    )
+}
+
+type Received = Arc<Mutex<Vec<serde_json::Value>>>;
+
+/// A notification endpoint on loopback: answers Graph's validation request and keeps every
+/// notification body it is sent.
+async fn notification_endpoint() -> (String, Received) {
+    async fn receive(
+        State(got): State<Received>,
+        Query(query): Query<HashMap<String, String>>,
+        body: axum::body::Bytes,
+    ) -> Response {
+        if let Some(token) = query.get("validationToken") {
+            return ([("content-type", "text/plain")], token.clone()).into_response();
+        }
+        if let Ok(value) = serde_json::from_slice(&body) {
+            got.lock().expect("not poisoned").push(value);
+        }
+        axum::http::StatusCode::ACCEPTED.into_response()
+    }
+    let got = Received::default();
+    let app = axum::Router::new()
+        .route("/n", axum::routing::post(receive))
+        .with_state(Arc::clone(&got));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the endpoint");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/n"), got)
+}
+
+/// Status, `request-id` and `client-request-id` headers, and JSON body (`Null` when empty).
+async fn answer(
+    request: reqwest::RequestBuilder,
+) -> (u16, Option<String>, Option<String>, serde_json::Value) {
+    let r = request
+        .header("client-request-id", "crid-1")
+        .send()
+        .await
+        .expect("simulator answers");
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (request_id, client_request_id) = (header("request-id"), header("client-request-id"));
+    let status = r.status().as_u16();
+    let body = r.bytes().await.expect("body");
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, request_id, client_request_id, json)
+}
+
+fn expiry(body: &serde_json::Value) -> DateTime<Utc> {
+    body["expirationDateTime"]
+        .as_str()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .expect("expirationDateTime")
+        .with_timezone(&Utc)
+}
+
+#[tokio::test]
+async fn the_simulator_keeps_graphs_subscription_rules() {
+    let sim = start_sim(world(1, 1, 5)).await;
+    let tenant = sim.tenants()[0].clone();
+    let mailbox = tenant.mailboxes[0].clone();
+    let bearer = sim_bearer(&sim).await;
+    let (url, received) = notification_endpoint().await;
+    let http = reqwest::Client::new();
+    let base = sim.graph_base_url();
+    let at = |minutes: i64| (Utc::now() + chrono::Duration::minutes(minutes)).to_rfc3339();
+    let min45 = chrono::Duration::minutes(45);
+    let slack = chrono::Duration::seconds(1);
+    let patch = |id: &str, expiration: String| {
+        http.patch(format!("{base}/subscriptions/{id}"))
+            .header("authorization", &bearer)
+            .json(&json!({ "expirationDateTime": expiration }))
+    };
+
+    // Under 45 minutes from the request: 45 minutes (subscription resource doc).
+    let before = Utc::now();
+    let (status, _, _, created) = answer(
+        http.post(format!("{base}/subscriptions"))
+            .header("authorization", &bearer)
+            .json(&json!({
+                "changeType": "created,updated,deleted",
+                "notificationUrl": url,
+                "resource": format!("/users/{mailbox}/events"),
+                "expirationDateTime": at(10),
+                "clientState": "s".repeat(40),
+            })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let granted = expiry(&created);
+    assert!(
+        granted >= before + min45 - slack && granted <= Utc::now() + min45 + slack,
+        "{granted}"
     );
+    assert!(
+        (sim.subscriptions()[0].expires_at - granted)
+            .num_milliseconds()
+            .abs()
+            < 1
+    );
+
+    // The same on renewal; a longer time within the limit is kept as sent.
+    let before = Utc::now();
+    let (status, _, _, renewed) = answer(patch(&id, at(5))).await;
+    assert_eq!(status, 200, "{renewed}");
+    let granted = expiry(&renewed);
+    assert!(
+        granted >= before + min45 - slack && granted <= Utc::now() + min45 + slack,
+        "{granted}"
+    );
+    let asked = Utc::now() + chrono::Duration::minutes(10_079);
+    let (status, _, _, renewed) = answer(patch(&id, asked.to_rfc3339())).await;
+    assert_eq!(status, 200, "{renewed}");
+    assert!(
+        (expiry(&renewed) - asked).num_milliseconds().abs() < 1,
+        "{renewed}"
+    );
+
+    // Over 10,080 minutes: the code and message users report.
+    for (status, _, _, body) in [
+        answer(patch(&id, at(10_081))).await,
+        answer(
+            http.post(format!("{base}/subscriptions"))
+                .header("authorization", &bearer)
+                .json(&json!({
+                    "changeType": "created",
+                    "notificationUrl": url,
+                    "resource": format!("/users/{mailbox}/events"),
+                    "expirationDateTime": at(10_081),
+                })),
+        )
+        .await,
+    ] {
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "ExtensionError", "{body}");
+        assert_eq!(
+            body["error"]["message"],
+            "Subscription expiration can only be 10080 minutes in the future.",
+            "{body}"
+        );
+    }
+    // A time already past is still refused.
+    assert_eq!(answer(patch(&id, at(-1))).await.0, 400);
+
+    // reauthorize: 204 with Graph's request ids, the expiry unchanged; 404 for an unknown id.
+    let expires = sim.subscriptions()[0].expires_at;
+    let reauthorize = |id: &str| {
+        http.post(format!("{base}/subscriptions/{id}/reauthorize"))
+            .header("authorization", &bearer)
+    };
+    let (status, request_id, client_request_id, _) = answer(reauthorize(&id)).await;
+    assert_eq!(status, 204);
+    assert!(request_id.is_some());
+    assert_eq!(client_request_id.as_deref(), Some("crid-1"));
+    let held = &sim.subscriptions()[0];
+    assert_eq!((held.reauthorizations, held.expires_at), (1, expires));
+    let (status, _, _, body) = answer(reauthorize("00000000-0000-0000-0000-000000000000")).await;
+    assert_eq!(status, 404, "{body}");
+
+    // Notifications name the user by object id and tenant id, not by the address subscribed to.
+    let object_id = sim
+        .user_object_id(&mailbox)
+        .expect("the mailbox's object id");
+    assert!(uuid::Uuid::parse_str(&object_id).is_ok(), "{object_id}");
+    sim.mutate_now(&mailbox, 3);
+    wait_async("notified", Duration::from_secs(10), || async {
+        !received.lock().expect("not poisoned").is_empty()
+    })
+    .await;
+    let bodies = received.lock().expect("not poisoned").clone();
+    for item in bodies
+        .iter()
+        .flat_map(|b| b["value"].as_array().cloned().unwrap_or_default())
+    {
+        let event = item["resourceData"]["id"]
+            .as_str()
+            .expect("resourceData.id");
+        let user = format!("{object_id}@{}", tenant.tenant_id);
+        assert_eq!(item["subscriptionId"], id.as_str());
+        assert_eq!(item["resource"], format!("users/{user}/events/{event}"));
+        assert_eq!(
+            item["resourceData"]["@odata.id"],
+            format!("Users/{user}/Events/{event}")
+        );
+        assert!(!item.to_string().contains(&mailbox), "{item}");
+    }
+
+    // DELETE: 204 with Graph's request ids; then gone.
+    let delete = || {
+        http.delete(format!("{base}/subscriptions/{id}"))
+            .header("authorization", &bearer)
+    };
+    let (status, request_id, client_request_id, _) = answer(delete()).await;
+    assert_eq!(status, 204);
+    assert!(request_id.is_some());
+    assert_eq!(client_request_id.as_deref(), Some("crid-1"));
+    assert_eq!(answer(delete()).await.0, 404);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_simulator_refuses_bad_subscriptions() {
+    let config = world(1, 1, 5);
+    let sim = start_sim(config.clone()).await;
+    let tenant = &sim.tenants()[0];
+    let bearer = sim_bearer(&sim).await;
     let mailbox = tenant.mailboxes[0].clone();
     let create = |body: serde_json::Value| {
         let bearer = bearer.clone();

@@ -246,6 +246,18 @@ async fn token_errors_use_identity_platform_shape() {
             "invalid_scope",
             70011,
         ),
+        (
+            // Neither a secret nor an assertion.
+            a.tenant_id.clone(),
+            vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", &a.client_id),
+                ("scope", GRAPH_SCOPE),
+            ],
+            401,
+            "invalid_client",
+            7000216,
+        ),
     ];
     for (tenant, form, status, error, code) in cases {
         let resp = t
@@ -316,7 +328,7 @@ async fn initial_round_pages_through_the_window_and_matches_truth() {
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(
         first.headers()["preference-applied"],
-        "odata.maxpagesize=10"
+        "odata.track-changes, odata.maxpagesize=10"
     );
     assert_eq!(first.headers()["client-request-id"], "abc-123");
     assert!(first.headers().contains_key("request-id"));
@@ -780,13 +792,22 @@ async fn concurrency_limit_and_early_retry_are_enforced_and_counted() {
         let url = url.clone();
         let token = token.clone();
         async move {
-            let r = http.get(url).bearer_auth(token).send().await.expect("send");
-            let ra = r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            (r.status(), ra, r.text().await.expect("body"))
+            let r = http
+                .get(url)
+                .bearer_auth(token)
+                .header("client-request-id", "crid-7")
+                .send()
+                .await
+                .expect("send");
+            let header = |name: &str| {
+                r.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let ids = (header("request-id"), header("client-request-id"));
+            let ra = header("retry-after");
+            (r.status(), ra, r.text().await.expect("body"), ids)
         }
     });
     let results = futures_util::future::join_all(reqs).await;
@@ -796,14 +817,17 @@ async fn concurrency_limit_and_early_retry_are_enforced_and_counted() {
         .filter(|r| r.0 == StatusCode::TOO_MANY_REQUESTS)
         .collect();
     assert_eq!((ok, throttled.len()), (4, 2), "{results:?}");
-    for (_, ra, body) in &throttled {
+    for (_, ra, body, (request_id, client_request_id)) in &throttled {
         assert_eq!(ra.as_deref(), Some("1"));
+        // The body users report (magodo/terraform-provider-outlook#21): no innerError.
         let v: Value = serde_json::from_str(body).expect("json");
-        assert_eq!(v["error"]["code"], "ApplicationThrottled");
         assert_eq!(
-            v["error"]["message"],
-            "Application is over its MailboxConcurrency limit."
+            v,
+            json!({"error": {"code": "ApplicationThrottled",
+                             "message": "Application is over its MailboxConcurrency limit."}})
         );
+        assert!(request_id.is_some(), "request-id header");
+        assert_eq!(client_request_id.as_deref(), Some("crid-7"));
     }
     let stats = t.sim.stats();
     assert_eq!(stats.violations.over_concurrency.count, 2);
@@ -1172,7 +1196,7 @@ async fn certificate_assertions_are_verified() {
     let mut raw = URL_SAFE_NO_PAD.decode(sig).expect("sig");
     raw[10] ^= 1;
     let r = post(format!("{head}.{}", URL_SAFE_NO_PAD.encode(raw))).await;
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"], "invalid_client");
     assert_eq!(body["error_codes"], json!([700027]));
@@ -1183,7 +1207,114 @@ async fn certificate_assertions_are_verified() {
         "https://example.com/token",
     ))
     .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"], "invalid_client");
+    assert_eq!(body["error_codes"], json!([700212]));
+
+    // A malformed assertion is a request error, not a client-authentication one: still 400.
+    let r = post("not.a-jwt".into()).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"], "invalid_request");
+}
+
+/// The PEM block `label` of `pem` as DER (a file may hold a key and a certificate).
+fn pem_block(pem: &str, label: &str) -> Vec<u8> {
+    let begin = format!("-----BEGIN {label}-----");
+    let start = pem.find(&begin).expect("BEGIN") + begin.len();
+    let stop = pem[start..].find("-----END").expect("END") + start;
+    let b64: String = pem[start..stop]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    STANDARD.decode(b64).expect("pem base64")
+}
+
+/// An assertion as the certificate-credentials doc describes it (PS256, `x5t#S256`), or the
+/// older RS256 + `x5t` form, signed by the PKCS#8 key in `key_pem`.
+fn assertion_signed(ps256: bool, client_id: &str, aud: &str, key_pem: &str) -> String {
+    let cert = pem_block(TEST_CERT, "CERTIFICATE");
+    let header = if ps256 {
+        let s256 = ring::digest::digest(&ring::digest::SHA256, &cert);
+        json!({"alg": "PS256", "typ": "JWT", "x5t#S256": URL_SAFE_NO_PAD.encode(s256)})
+    } else {
+        let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &cert);
+        json!({"alg": "RS256", "typ": "JWT", "x5t": URL_SAFE_NO_PAD.encode(sha1)})
+    };
+    let now = Utc::now().timestamp();
+    let claims = json!({"iss": client_id, "sub": client_id, "aud": aud,
+                        "exp": now + 600, "nbf": now, "jti": "x"});
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let padding: &'static dyn ring::signature::RsaEncoding = if ps256 {
+        &ring::signature::RSA_PSS_SHA256
+    } else {
+        &ring::signature::RSA_PKCS1_SHA256
+    };
+    let key =
+        ring::signature::RsaKeyPair::from_pkcs8(&pem_block(key_pem, "PRIVATE KEY")).expect("key");
+    let mut sig = vec![0u8; key.public().modulus_len()];
+    key.sign(
+        padding,
+        &ring::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut sig,
+    )
+    .expect("sign");
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig))
+}
+
+#[tokio::test]
+async fn ps256_assertions_get_a_token_and_another_key_is_refused_like_rs256() {
+    // Another app's key: the signature cannot verify with the tenant's certificate.
+    const OTHER_KEY: &str = include_str!("../../fixtures/certs/test-app.pem");
+    let mut config = SimConfig::generated(1, 1, 3, 5);
+    config.tenants[0].certificate_pem = Some(TEST_CERT.to_string());
+    let t = spawn_with(config).await;
+    let tenant = t.sim.tenants()[0].clone();
+    let url = t.sim.token_url(&tenant.tenant_id);
+    let post = |assertion: String| {
+        let http = t.http.clone();
+        let url = url.clone();
+        let client_id = tenant.client_id.clone();
+        async move {
+            let r = http
+                .post(url)
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", client_id.as_str()),
+                    ("client_assertion_type", JWT_BEARER),
+                    ("client_assertion", assertion.as_str()),
+                    ("scope", GRAPH_SCOPE),
+                ])
+                .send()
+                .await
+                .expect("send");
+            let status = r.status();
+            (status, r.json::<Value>().await.expect("json"))
+        }
+    };
+
+    let (status, body) = post(assertion_signed(true, &tenant.client_id, &url, TEST_KEY)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["access_token"].as_str().is_some_and(|a| !a.is_empty()));
+    let (status, body) = post(assertion_signed(false, &tenant.client_id, &url, TEST_KEY)).await;
+    assert_eq!(status, StatusCode::OK, "RS256 is still accepted: {body}");
+
+    let (ps_status, ps) = post(assertion_signed(true, &tenant.client_id, &url, OTHER_KEY)).await;
+    let (rs_status, rs) = post(assertion_signed(false, &tenant.client_id, &url, OTHER_KEY)).await;
+    assert_eq!(ps_status, StatusCode::UNAUTHORIZED);
+    assert_eq!(ps["error"], "invalid_client");
+    assert_eq!(ps["error_codes"], json!([700027]));
+    assert_eq!(
+        (ps_status, &ps["error"], &ps["error_codes"]),
+        (rs_status, &rs["error"], &rs["error_codes"]),
+        "a bad PS256 signature fails as a bad RS256 one does"
+    );
 }
 
 // Event writes: create, update, delete, cancel, and what a lost answer leaves behind.
@@ -1802,4 +1933,45 @@ async fn writes_need_a_valid_token_and_share_the_mailbox_limits() {
     assert_eq!(stats.violations.over_concurrency.count, 2);
     assert_eq!(stats.mailboxes[&mailbox].by_endpoint["create"][&201], 4);
     assert_eq!(stats.writes.creates, 4);
+}
+
+#[tokio::test]
+async fn delta_refuses_top_and_the_other_query_options_with_graphs_messages() {
+    let t = spawn().await;
+    let mailbox = t.mailbox(0, 0);
+    let token = t.token(0).await;
+    let top = "The '$top' parameter is not supported with change tracking over the 'CalendarView' resource as page size cannot be guaranteed. Express page size preferences using the Prefer: odata.maxpagesize= header instead.";
+    let others = "The following parameters are not supported with change tracking over the 'CalendarView' resource: '$orderby, $filter, $select, $expand, $search'.";
+    for (query, message) in [
+        ("$top=10", top),
+        ("%24top=10", top),
+        // Reported: a request with both gets the `$top` message.
+        ("$select=subject&$top=10", top),
+        ("$select=subject", others),
+        ("$filter=isAllDay%20eq%20true", others),
+        ("$orderby=start", others),
+    ] {
+        let resp = t
+            .get(&format!("{}&{query}", t.delta_url(&mailbox)), &token, 10)
+            .await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{query}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "ErrorInvalidUrlQuery", "{query}");
+        assert_eq!(body["error"]["message"], message, "{query}");
+    }
+    // Without them the same request is served, and says change tracking was applied.
+    let ok = t.get(&t.delta_url(&mailbox), &token, 10).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let ok = t
+        .http
+        .get(t.delta_url(&mailbox))
+        .bearer_auth(&token)
+        .header("Prefer", "outlook.timezone=\"UTC\"")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        ok.headers()["preference-applied"],
+        "odata.track-changes, outlook.timezone=\"UTC\""
+    );
 }

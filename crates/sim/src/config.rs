@@ -16,7 +16,8 @@ pub struct SimTenant {
     pub client_secret: String,
     pub mailboxes: Vec<String>,
     /// PEM certificate (or `PUBLIC KEY` / `RSA PUBLIC KEY`) of the app; when set, client
-    /// assertions must carry a valid RS256 signature made with the matching key.
+    /// assertions must carry a valid PS256 or RS256 signature made with the matching key, and a
+    /// certificate's `x5t#S256` / `x5t` thumbprints, when sent, must name it.
     pub certificate_pem: Option<String>,
 }
 

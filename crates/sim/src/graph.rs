@@ -21,6 +21,7 @@ use super::conn::ConnCtl;
 use super::faults::{Endpoint, FaultKind, RetryAfter, Target};
 use super::reply::{
     default_graph_code, finish, graph_error, Delivery, Reply, RequestIds, GRAPH_JSON,
+    MAILBOX_CONCURRENCY,
 };
 use super::state::{lock, MailboxEntry, Shared};
 use super::stats::ViolationKind;
@@ -247,13 +248,8 @@ async fn pipeline(
                        "at": Utc::now().to_rfc3339(), "client-request-id": ids.client_request_id}),
             );
             set_not_before(entry, Duration::from_secs(wait));
-            let reply = graph_error(
-                429,
-                "ApplicationThrottled",
-                "Application is over its MailboxConcurrency limit.",
-                ids,
-            )
-            .retry_after(RetryAfter::Seconds(wait));
+            let reply = graph_error(429, "ApplicationThrottled", MAILBOX_CONCURRENCY, ids)
+                .retry_after(RetryAfter::Seconds(wait));
             return (Outcome::Reply(reply), no_delivery);
         }
         if let Some(reply) = early_retry_check(sim, entry, ids) {
@@ -552,9 +548,8 @@ fn requested_page_size(headers: &HeaderMap) -> (Option<usize>, bool) {
     (size, utc)
 }
 
-const UNSUPPORTED: &[&str] = &[
-    "$select", "$filter", "$orderby", "$expand", "$search", "$top",
-];
+/// Query options Graph refuses on calendarView delta (`$top` has a message of its own).
+const UNSUPPORTED: &[&str] = &["$select", "$filter", "$orderby", "$expand", "$search"];
 
 fn delta_page(
     sim: &Shared,
@@ -578,11 +573,20 @@ fn delta_page(
             .find(|(qk, _)| qk == k || qk.strip_prefix('$') == Some(k))
             .map(|(_, v)| v.as_str())
     };
+    // `$top` is checked first: a request with `$select` and `$top` is reported to get this one.
+    if query.iter().any(|(k, _)| k == "$top") {
+        return Err(graph_error(
+            400,
+            "ErrorInvalidUrlQuery",
+            "The '$top' parameter is not supported with change tracking over the 'CalendarView' resource as page size cannot be guaranteed. Express page size preferences using the Prefer: odata.maxpagesize= header instead.",
+            ids,
+        ));
+    }
     if query.iter().any(|(k, _)| UNSUPPORTED.contains(&k.as_str())) {
         return Err(graph_error(
             400,
             "ErrorInvalidUrlQuery",
-            "The following parameters are not supported with change tracking over the 'CalendarView' resource: '$orderby, $filter, $select, $expand, $search, $top'.",
+            "The following parameters are not supported with change tracking over the 'CalendarView' resource: '$orderby, $filter, $select, $expand, $search'.",
             ids,
         ));
     }
@@ -782,18 +786,15 @@ fn delta_page(
                 format!("{base}?$deltatoken={}", sim.signer.seal_position(&d)).into();
         }
     }
-    let mut reply = Reply::json(200, GRAPH_JSON, &body);
-    let mut applied_prefs = Vec::new();
+    // Every delta page says change tracking was applied, whether or not it was asked for.
+    let mut applied_prefs = vec!["odata.track-changes".to_string()];
     if requested.is_some() {
         applied_prefs.push(format!("odata.maxpagesize={applied}"));
     }
     if utc {
         applied_prefs.push("outlook.timezone=\"UTC\"".to_string());
     }
-    if !applied_prefs.is_empty() {
-        reply = reply.header("preference-applied", applied_prefs.join(", "));
-    }
-    Ok(reply)
+    Ok(Reply::json(200, GRAPH_JSON, &body).header("preference-applied", applied_prefs.join(", ")))
 }
 
 /// Any other Graph path: the error Graph gives for an unknown segment.

@@ -7,12 +7,13 @@
 //! /_sim/faults/{id}`, `GET /_sim/truth/{mailbox}?startDateTime=&endDateTime=`, `GET /_sim/stats`,
 //! `GET /_sim/tenants`, `POST /_sim/mutations {"per_second"}`, `POST /_sim/mutate/{mailbox}
 //! {"n"}`, `POST /_sim/clock {"advance_ms"}`. Change notifications: `POST|GET /v1.0/subscriptions`,
-//! `GET|PATCH|DELETE /v1.0/subscriptions/{id}`; control `POST /_sim/lifecycle {"mailbox","event"}`,
-//! `GET /_sim/subscriptions`. Event writes: `POST /v1.0/users/{id}/events` (also
-//! `/calendar/events`, `/calendars/{cal}/events`; `transactionId` deduplicates), `PATCH|DELETE
-//! /v1.0/users/{id}/events/{id}` (`If-Match` checked), `POST .../events/{id}/cancel`; the owner
-//! editing in Outlook: `POST|DELETE /_sim/outlook/{mailbox}/events/{id}`. Every Graph route (`/v1.0/...`) passes the app-wide limit
-//! (`app_requests_per_window` per `app_window`, off by default) and is counted per second.
+//! `GET|PATCH|DELETE /v1.0/subscriptions/{id}`, `POST /v1.0/subscriptions/{id}/reauthorize`;
+//! control `POST /_sim/lifecycle {"mailbox","event"}`, `GET /_sim/subscriptions`. Event writes:
+//! `POST /v1.0/users/{id}/events` (also `/calendar/events`, `/calendars/{cal}/events`;
+//! `transactionId` deduplicates), `PATCH|DELETE /v1.0/users/{id}/events/{id}` (`If-Match`
+//! checked), `POST .../events/{id}/cancel`; the owner editing in Outlook: `POST|DELETE
+//! /_sim/outlook/{mailbox}/events/{id}`. Every Graph route (`/v1.0/...`) passes the app-wide
+//! limit (`app_requests_per_window` per `app_window`, off by default) and is counted per second.
 
 mod app_limit;
 mod calendar;
@@ -133,6 +134,10 @@ fn router(shared: Arc<Shared>) -> Router {
             get(subscriptions::get_one)
                 .patch(subscriptions::renew)
                 .delete(subscriptions::delete),
+        )
+        .route(
+            "/v1.0/subscriptions/{id}/reauthorize",
+            post(subscriptions::reauthorize),
         )
         .route("/_sim/lifecycle", post(subscriptions::control_lifecycle))
         .route("/_sim/subscriptions", get(subscriptions::control_list))
@@ -357,6 +362,11 @@ impl SimHandle {
     /// how many were delivered.
     pub async fn lifecycle(&self, mailbox: &str, event: &str) -> usize {
         subscriptions::send_lifecycle(&self.shared, mailbox, event).await
+    }
+
+    /// The Entra object id Graph's change notifications name `mailbox`'s user by.
+    pub fn user_object_id(&self, mailbox: &str) -> Option<String> {
+        self.shared.mailbox(mailbox).map(|e| e.object_id.clone())
     }
 
     /// The next `n` requests to `/subscriptions` fail with HTTP `status`.

@@ -99,7 +99,16 @@ impl RequestIds {
     }
 }
 
+/// The message of Outlook's 429 for too many requests in flight on one mailbox.
+pub const MAILBOX_CONCURRENCY: &str = "Application is over its MailboxConcurrency limit.";
+
 pub fn graph_error(status: u16, code: &str, message: &str, ids: &RequestIds) -> Reply {
+    // Users report this one throttling answer without `innerError`
+    // (magodo/terraform-provider-outlook#21); the ids stay in the headers.
+    if status == 429 && code == "ApplicationThrottled" && message == MAILBOX_CONCURRENCY {
+        let body = json!({ "error": { "code": code, "message": message } });
+        return Reply::json(status, "application/json", &body);
+    }
     let body = json!({
         "error": {
             "code": code,
@@ -133,10 +142,7 @@ pub fn default_graph_code(status: u16) -> (&'static str, &'static str) {
             "SyncStateNotFound",
             "The sync state generation is not found; generation=0.",
         ),
-        429 => (
-            "ApplicationThrottled",
-            "Application is over its MailboxConcurrency limit.",
-        ),
+        429 => ("ApplicationThrottled", MAILBOX_CONCURRENCY),
         500 => ("InternalServerError", "An internal server error occurred."),
         502 => ("BadGateway", "The gateway received an invalid response."),
         503 => (
@@ -185,7 +191,7 @@ pub fn aad_defaults(
     });
     let err = error.map(str::to_string).unwrap_or_else(|| {
         match code {
-            7000215 | 7000222 | 700027 | 7000218 => "invalid_client",
+            7000215 | 7000222 | 700027 | 7000216 | 7000218 => "invalid_client",
             700016 => "unauthorized_client",
             70011 => "invalid_scope",
             90002 | 90014 => "invalid_request",

@@ -31,6 +31,8 @@ pub struct MailboxState {
 
 pub struct MailboxEntry {
     pub address: String,
+    /// The user's Entra object id, stable for a seed: Graph's notifications name the user by it.
+    pub object_id: String,
     pub tenant: usize,
     pub state: Mutex<MailboxState>,
 }
@@ -105,6 +107,10 @@ impl Shared {
                     m.to_ascii_lowercase(),
                     MailboxEntry {
                         address: m.clone(),
+                        object_id: super::config::derived_guid(
+                            config.seed,
+                            &format!("user-object-id-{}", m.to_ascii_lowercase()),
+                        ),
                         tenant: ti,
                         state: Mutex::new(MailboxState {
                             calendar,

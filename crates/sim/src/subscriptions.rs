@@ -1,5 +1,6 @@
 //! Graph change notifications, as Graph does them: `POST/GET/PATCH/DELETE
-//! /v1.0/subscriptions[/{id}]` for `/users/{id}/events` (at most 10,080 minutes; the
+//! /v1.0/subscriptions[/{id}]` and `POST /v1.0/subscriptions/{id}/reauthorize` for
+//! `/users/{id}/events` (45 to 10,080 minutes, a shorter expiry lifted to 45; the
 //! notification URL is validated with a `validationToken` request before the 201), change
 //! notifications POSTed to `notificationUrl` with the subscription's clientState whenever a
 //! mailbox's events change, and lifecycle events (`reauthorizationRequired`,
@@ -27,6 +28,8 @@ use super::state::{lock, MailboxEntry, Shared};
 
 /// Graph's limit for Outlook event subscriptions.
 pub const MAX_EXPIRATION_MINUTES: i64 = 10_080;
+/// Graph sets an expiry under this many minutes from the request to exactly this many.
+pub const MIN_EXPIRATION_MINUTES: i64 = 45;
 /// Graph's limit on clientState.
 const MAX_CLIENT_STATE: usize = 128;
 /// Graph gives the validation request 10 s.
@@ -52,6 +55,8 @@ pub struct SimSubscription {
     pub created_at: DateTime<Utc>,
     /// PATCHes that extended it.
     pub renewals: u32,
+    /// `POST /subscriptions/{id}/reauthorize` calls.
+    pub reauthorizations: u32,
 }
 
 /// One POST the simulator made to a client.
@@ -161,6 +166,9 @@ pub fn notify_changes(sim: &Shared, entry: &MailboxEntry, changes: &[(MutationKi
         return;
     };
     let tenant_id = sim.tenants[entry.tenant].tenant_id.clone();
+    // Graph names the user by object id and tenant id, never by the address subscribed to
+    // (change-notifications-delivery-webhooks doc): a client must map by subscriptionId.
+    let user = format!("{}@{tenant_id}", entry.object_id);
     for sub in sim.subscriptions.live_for(&entry.address, sim.now()) {
         let items: Vec<Value> = changes
             .iter()
@@ -170,10 +178,10 @@ pub fn notify_changes(sim: &Shared, entry: &MailboxEntry, changes: &[(MutationKi
                     "subscriptionId": sub.id,
                     "subscriptionExpirationDateTime": graph_time(sub.expires_at),
                     "changeType": change_type(*kind),
-                    "resource": format!("Users/{}/Events/{id}", sub.mailbox),
+                    "resource": format!("users/{user}/events/{id}"),
                     "resourceData": {
                         "@odata.type": "#Microsoft.Graph.Event",
-                        "@odata.id": format!("Users/{}/Events/{id}", sub.mailbox),
+                        "@odata.id": format!("Users/{user}/Events/{id}"),
                         "@odata.etag": format!("W/\"{}\"", uuid::Uuid::new_v4().simple()),
                         "id": id,
                     },
@@ -295,6 +303,14 @@ fn reply(status: u16, body: &Value, ids: &RequestIds) -> Response {
     finish(r, &Delivery::default())
 }
 
+fn no_content(ids: &RequestIds) -> Response {
+    send(
+        Reply::empty(204)
+            .header("request-id", ids.request_id.clone())
+            .header("client-request-id", ids.client_request_id.clone()),
+    )
+}
+
 fn error(status: u16, code: &str, message: &str, ids: &RequestIds) -> Response {
     send(error_reply(status, code, message, ids))
 }
@@ -355,6 +371,7 @@ fn check_expiration(
         ));
     };
     let now = sim.now();
+    // What Graph answers for a past time is not documented or reported: refused here.
     if at <= now {
         return Err(error_reply(
             400,
@@ -363,15 +380,18 @@ fn check_expiration(
             ids,
         ));
     }
+    // The code and message users report (microsoft-graph-docs#2988), with the event limit.
     if at > now + chrono::Duration::minutes(MAX_EXPIRATION_MINUTES) {
         return Err(error_reply(
             400,
-            "InvalidRequest",
+            "ExtensionError",
             &format!("Subscription expiration can only be {MAX_EXPIRATION_MINUTES} minutes in the future."),
             ids,
         ));
     }
-    Ok(at)
+    // The subscription resource doc: "any request with expirationDateTime set to under 45
+    // minutes after the time of the request is automatically set to 45 minutes after".
+    Ok(at.max(now + chrono::Duration::minutes(MIN_EXPIRATION_MINUTES)))
 }
 
 /// The mailbox of `/users/{id}/events` (also `users/{id}/events`, `/users/{id}/calendar/events`).
@@ -509,6 +529,7 @@ pub async fn create(State(sim): State<Arc<Shared>>, headers: HeaderMap, body: By
         expires_at,
         created_at: sim.now(),
         renewals: 0,
+        reauthorizations: 0,
     };
     // Graph validates each URL before it answers.
     let mut urls = vec![sub.notification_url.clone()];
@@ -677,7 +698,36 @@ pub async fn delete(
         return send(r);
     }
     if lock(&sim.subscriptions.by_id).remove(&id).is_some() {
-        StatusCode::NO_CONTENT.into_response()
+        no_content(&ids)
+    } else {
+        not_found(&ids)
+    }
+}
+
+/// `POST /subscriptions/{id}/reauthorize`: 204, the expiry unchanged
+/// (change-notifications-lifecycle-events doc, subscription-reauthorize API).
+pub async fn reauthorize(
+    State(sim): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let ids = RequestIds::from_headers(&headers);
+    if let Err(r) = authorize(&sim, &headers, &ids) {
+        return send(r);
+    }
+    let now = sim.now();
+    let found = match lock(&sim.subscriptions.by_id)
+        .get_mut(&id)
+        .filter(|s| s.expires_at > now)
+    {
+        Some(sub) => {
+            sub.reauthorizations += 1;
+            true
+        }
+        None => false,
+    };
+    if found {
+        no_content(&ids)
     } else {
         not_found(&ids)
     }

@@ -151,6 +151,16 @@ fn form_get<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
+/// Entra answers `invalid_client` (client authentication failed) with 401 and the other
+/// request errors with 400, as public reports of the token endpoint show.
+fn status_for(error: &str) -> u16 {
+    if error == "invalid_client" {
+        401
+    } else {
+        400
+    }
+}
+
 fn issue(
     sim: &Shared,
     tenant: Option<&SimTenant>,
@@ -159,15 +169,14 @@ fn issue(
     body: &[u8],
     correlation: &str,
 ) -> Result<Reply, Reply> {
-    let err = |status: u16, error: &str, code: u32, text: &str| {
-        aad_error(status, error, code, text, correlation)
+    let err = |error: &str, code: u32, text: &str| {
+        aad_error(status_for(error), error, code, text, correlation)
     };
     let form: Vec<(String, String)> = url::form_urlencoded::parse(body)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     let Some(tenant) = tenant else {
         return Err(err(
-            400,
             "invalid_request",
             90002,
             &format!("Tenant '{tenant_key}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud. Check with your subscription administrator, this may happen if there are no active subscriptions for the tenant."),
@@ -177,7 +186,6 @@ fn issue(
         Some("client_credentials") => {}
         Some(other) => {
             return Err(err(
-                400,
                 "unsupported_grant_type",
                 70003,
                 &format!("The app requested an unsupported grant type '{other}'."),
@@ -185,7 +193,6 @@ fn issue(
         }
         None => {
             return Err(err(
-                400,
                 "invalid_request",
                 900144,
                 "The request body must contain the following parameter: 'grant_type'.",
@@ -197,7 +204,6 @@ fn issue(
         Some(a) => {
             if form_get(&form, "client_assertion_type") != Some(JWT_BEARER) {
                 return Err(err(
-                    400,
                     "invalid_request",
                     700023,
                     "Client assertion type is invalid; expected 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer'.",
@@ -210,7 +216,7 @@ fn issue(
             let token_url = format!("http://{host}/{tenant_key}/oauth2/v2.0/token");
             Some(
                 check_assertion(a, tenant, &token_url, sim.now().timestamp())
-                    .map_err(|(error, code, text)| err(400, error, code, &text))?,
+                    .map_err(|(error, code, text)| err(error, code, &text))?,
             )
         }
         None => None,
@@ -220,7 +226,6 @@ fn issue(
         .or_else(|| assertion_claims.as_ref().map(|c| c.sub.clone()));
     let Some(client_id) = client_id else {
         return Err(err(
-            400,
             "invalid_request",
             900144,
             "The request body must contain the following parameter: 'client_id'.",
@@ -229,7 +234,6 @@ fn issue(
     if let Some(c) = &assertion_claims {
         if c.sub != client_id {
             return Err(err(
-                400,
                 "invalid_client",
                 700021,
                 "Client assertion application identifier doesn't match 'client_id' parameter.",
@@ -238,7 +242,6 @@ fn issue(
     }
     if !client_id.eq_ignore_ascii_case(&tenant.client_id) {
         return Err(err(
-            400,
             "unauthorized_client",
             700016,
             &format!("Application with identifier '{client_id}' was not found in the directory '{}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant.", tenant.name),
@@ -248,15 +251,13 @@ fn issue(
         match form_get(&form, "client_secret") {
             None => {
                 return Err(err(
-                    401,
                     "invalid_client",
-                    7000218,
-                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                    7000216,
+                    "'client_assertion', 'client_secret' or 'request' is required for the 'client_credentials' grant type.",
                 ))
             }
             Some(s) if s != tenant.client_secret => {
                 return Err(err(
-                    401,
                     "invalid_client",
                     7000215,
                     &format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."),
@@ -269,7 +270,6 @@ fn issue(
         Some(GRAPH_SCOPE) | Some(GRAPH_APP_SCOPE) => {}
         Some(other) => {
             return Err(err(
-                400,
                 "invalid_scope",
                 70011,
                 &format!("The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {other} is not valid."),
@@ -277,7 +277,6 @@ fn issue(
         }
         None => {
             return Err(err(
-                400,
                 "invalid_request",
                 90014,
                 "The required field 'scope' is missing from the credential. Ensure that you have all the necessary parameters for the login request.",
@@ -318,12 +317,17 @@ pub struct AssertionClaims {
 #[derive(Deserialize)]
 struct JwtHeader {
     alg: String,
+    #[serde(default)]
+    x5t: Option<String>,
+    #[serde(default, rename = "x5t#S256")]
+    x5t_s256: Option<String>,
 }
 
 type AssertionError = (&'static str, u32, String);
 
-/// Checks a client assertion: RS256, `iss` = `sub` = the app, `aud` = this token URL, within its
-/// time range, and signed by the tenant's certificate when one is configured.
+/// Checks a client assertion: PS256 (what the certificate-credentials doc asks for) or RS256
+/// (still accepted), `iss` = `sub` = the app, `aud` = this token URL, within its time range, and,
+/// when the tenant has a certificate, naming it by `x5t#S256` or `x5t` and signed by its key.
 pub fn check_assertion(
     jwt: &str,
     tenant: &SimTenant,
@@ -354,13 +358,18 @@ pub fn check_assertion(
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(malformed)?;
     let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| malformed())?;
-    if header.alg != "RS256" || sig.is_empty() {
-        return Err((
-            "invalid_client",
-            5002738,
-            "The client assertion must be signed with RS256.".into(),
-        ));
-    }
+    let algorithm: &'static dyn ring::signature::VerificationAlgorithm =
+        match (header.alg.as_str(), sig.is_empty()) {
+            ("PS256", false) => &ring::signature::RSA_PSS_2048_8192_SHA256,
+            ("RS256", false) => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            _ => {
+                return Err((
+                    "invalid_client",
+                    5002738,
+                    "The client assertion must be signed with PS256 or RS256.".into(),
+                ))
+            }
+        };
     if claims.iss != claims.sub {
         return Err((
             "invalid_client",
@@ -387,13 +396,16 @@ pub fn check_assertion(
         ));
     }
     if let Some(pem) = &tenant.certificate_pem {
-        let key = rsa_public_key_from_pem(pem).ok_or((
+        let key = registered_key_from_pem(pem).ok_or((
             "invalid_client",
             700027,
             "The certificate configured for the app could not be read.".to_string(),
         ))?;
+        if let Some(cert) = &key.certificate {
+            check_thumbprints(&header, cert)?;
+        }
         let signed = &jwt[..h.len() + 1 + p.len()];
-        ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &key)
+        ring::signature::UnparsedPublicKey::new(algorithm, &key.rsa)
             .verify(signed.as_bytes(), &sig)
             .map_err(|_| {
                 (
@@ -404,6 +416,37 @@ pub fn check_assertion(
             })?;
     }
     Ok(claims)
+}
+
+/// Entra finds the key by the thumbprint in the header, so one that names another certificate
+/// is refused even before the signature is checked. Base64url, with or without padding.
+fn check_thumbprints(header: &JwtHeader, cert: &[u8]) -> Result<(), AssertionError> {
+    use ring::digest::{digest, SHA1_FOR_LEGACY_USE_ONLY, SHA256};
+    let given = [
+        (header.x5t_s256.as_deref(), digest(&SHA256, cert)),
+        (
+            header.x5t.as_deref(),
+            digest(&SHA1_FOR_LEGACY_USE_ONLY, cert),
+        ),
+    ];
+    for (thumbprint, expected) in given {
+        if let Some(t) = thumbprint {
+            if t.trim_end_matches('=') != URL_SAFE_NO_PAD.encode(expected.as_ref()) {
+                return Err((
+                    "invalid_client",
+                    700027,
+                    format!("The certificate with identifier used to sign the client assertion is not registered on application. [Reason - The key was not found., Thumbprint of key used by client: '{t}']"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The app's registered key: the RSA public key, and the certificate (DER) when the PEM is one.
+struct RegisteredKey {
+    rsa: Vec<u8>,
+    certificate: Option<Vec<u8>>,
 }
 
 /// One DER element: (tag, contents, rest).
@@ -448,6 +491,10 @@ fn cert_to_rsa(cert: &[u8]) -> Option<Vec<u8>> {
 }
 
 pub fn rsa_public_key_from_pem(pem: &str) -> Option<Vec<u8>> {
+    registered_key_from_pem(pem).map(|k| k.rsa)
+}
+
+fn registered_key_from_pem(pem: &str) -> Option<RegisteredKey> {
     let begin = pem.find("-----BEGIN ")?;
     let label_end = pem[begin + 11..].find("-----")? + begin + 11;
     let label = &pem[begin + 11..label_end];
@@ -458,13 +505,183 @@ pub fn rsa_public_key_from_pem(pem: &str) -> Option<Vec<u8>> {
         .filter(|c| !c.is_whitespace())
         .collect();
     let der_bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-    match label {
-        "CERTIFICATE" => cert_to_rsa(&der_bytes),
+    let (rsa, certificate) = match label {
+        "CERTIFICATE" => (cert_to_rsa(&der_bytes)?, Some(der_bytes)),
         "PUBLIC KEY" => {
             let (_, spki, _) = der(&der_bytes)?;
-            spki_to_rsa(spki)
+            (spki_to_rsa(spki)?, None)
         }
-        "RSA PUBLIC KEY" => Some(der_bytes),
-        _ => None,
+        "RSA PUBLIC KEY" => (der_bytes, None),
+        _ => return None,
+    };
+    Some(RegisteredKey { rsa, certificate })
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::engine::general_purpose::STANDARD;
+    use ring::signature::{RsaEncoding, RsaKeyPair, RSA_PKCS1_SHA256, RSA_PSS_SHA256};
+    use serde_json::Value;
+
+    use super::*;
+
+    const KEY: &str = include_str!("../../../fixtures/sim/sim_test_key.pem");
+    const CERT: &str = include_str!("../../../fixtures/sim/sim_test_cert.pem");
+    // Another app's key and certificate.
+    const OTHER: &str = include_str!("../../../fixtures/certs/test-app.pem");
+    const APP: &str = "11111111-2222-3333-4444-555555555555";
+    const URL: &str = "http://sim.test/t1/oauth2/v2.0/token";
+    const NOW: i64 = 1_900_000_000;
+
+    fn pem_block(pem: &str, label: &str) -> Vec<u8> {
+        let begin = format!("-----BEGIN {label}-----");
+        let start = pem.find(&begin).expect("BEGIN") + begin.len();
+        let stop = pem[start..].find("-----END").expect("END") + start;
+        let b64: String = pem[start..stop]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        STANDARD.decode(b64).expect("base64")
+    }
+
+    fn thumbprints(cert_pem: &str) -> (String, String) {
+        use ring::digest::{digest, SHA1_FOR_LEGACY_USE_ONLY, SHA256};
+        let der = pem_block(cert_pem, "CERTIFICATE");
+        (
+            URL_SAFE_NO_PAD.encode(digest(&SHA1_FOR_LEGACY_USE_ONLY, &der)),
+            URL_SAFE_NO_PAD.encode(digest(&SHA256, &der)),
+        )
+    }
+
+    /// A client assertion with `header`, signed with `padding` by the key in `key_pem`.
+    fn assertion(header: Value, padding: &'static dyn RsaEncoding, key_pem: &str) -> String {
+        let claims = json!({"aud": URL, "iss": APP, "sub": APP, "jti": "j",
+                            "nbf": NOW, "iat": NOW, "exp": NOW + 600});
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let key = RsaKeyPair::from_pkcs8(&pem_block(key_pem, "PRIVATE KEY")).expect("key");
+        let mut sig = vec![0; key.public().modulus_len()];
+        key.sign(
+            padding,
+            &ring::rand::SystemRandom::new(),
+            input.as_bytes(),
+            &mut sig,
+        )
+        .expect("sign");
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    fn tenant() -> SimTenant {
+        SimTenant {
+            client_id: APP.into(),
+            certificate_pem: Some(CERT.into()),
+            ..SimTenant::default()
+        }
+    }
+
+    fn check(jwt: &str) -> Result<AssertionClaims, AssertionError> {
+        check_assertion(jwt, &tenant(), URL, NOW)
+    }
+
+    fn code(result: Result<AssertionClaims, AssertionError>) -> (&'static str, u32) {
+        let (error, code, _) = result.expect_err("refused");
+        (error, code)
+    }
+
+    #[test]
+    fn ps256_naming_the_certificate_by_x5t_s256_is_accepted() {
+        let (_, s256) = thumbprints(CERT);
+        let jwt = assertion(
+            json!({"alg": "PS256", "typ": "JWT", "x5t#S256": s256}),
+            &RSA_PSS_SHA256,
+            KEY,
+        );
+        let claims = check(&jwt).expect("accepted");
+        assert_eq!(claims.sub, APP);
+    }
+
+    #[test]
+    fn rs256_with_x5t_is_still_accepted_alone_or_with_x5t_s256() {
+        let (sha1, s256) = thumbprints(CERT);
+        for header in [
+            json!({"alg": "RS256", "typ": "JWT", "x5t": sha1}),
+            json!({"alg": "RS256", "typ": "JWT", "x5t": sha1, "x5t#S256": s256}),
+        ] {
+            check(&assertion(header.clone(), &RSA_PKCS1_SHA256, KEY))
+                .unwrap_or_else(|e| panic!("{header} refused: {e:?}"));
+        }
+    }
+
+    #[test]
+    fn ps256_signed_with_another_key_is_refused_like_a_bad_rs256_signature() {
+        let (sha1, s256) = thumbprints(CERT);
+        let ps = assertion(
+            json!({"alg": "PS256", "x5t#S256": s256}),
+            &RSA_PSS_SHA256,
+            OTHER,
+        );
+        let rs = assertion(
+            json!({"alg": "RS256", "x5t": sha1}),
+            &RSA_PKCS1_SHA256,
+            OTHER,
+        );
+        assert_eq!(code(check(&ps)), ("invalid_client", 700027));
+        assert_eq!(code(check(&ps)), code(check(&rs)));
+    }
+
+    #[test]
+    fn the_padding_must_be_the_one_alg_names() {
+        // A PKCS#1 v1.5 signature under "PS256" and a PSS one under "RS256": both refused.
+        let pkcs1_as_ps = assertion(json!({"alg": "PS256"}), &RSA_PKCS1_SHA256, KEY);
+        let pss_as_rs = assertion(json!({"alg": "RS256"}), &RSA_PSS_SHA256, KEY);
+        assert_eq!(code(check(&pkcs1_as_ps)), ("invalid_client", 700027));
+        assert_eq!(code(check(&pss_as_rs)), ("invalid_client", 700027));
+    }
+
+    #[test]
+    fn a_thumbprint_of_another_certificate_is_refused() {
+        let (other_sha1, other_s256) = thumbprints(OTHER);
+        let (sha1, s256) = thumbprints(CERT);
+        for header in [
+            json!({"alg": "PS256", "x5t#S256": other_s256}),
+            json!({"alg": "RS256", "x5t": other_sha1}),
+            // Both sent, one of them wrong.
+            json!({"alg": "RS256", "x5t": sha1, "x5t#S256": other_s256}),
+            json!({"alg": "PS256", "x5t": other_sha1, "x5t#S256": s256}),
+        ] {
+            let padding: &'static dyn RsaEncoding = if header["alg"] == "PS256" {
+                &RSA_PSS_SHA256
+            } else {
+                &RSA_PKCS1_SHA256
+            };
+            let (error, code, text) = check(&assertion(header.clone(), padding, KEY))
+                .expect_err("a thumbprint of another certificate");
+            assert_eq!((error, code), ("invalid_client", 700027), "{header}");
+            assert!(text.contains("The key was not found"), "{text}");
+        }
+    }
+
+    #[test]
+    fn other_algorithms_are_refused() {
+        for alg in ["HS256", "ES256", "PS384", "none"] {
+            let jwt = assertion(json!({"alg": alg}), &RSA_PSS_SHA256, KEY);
+            assert_eq!(code(check(&jwt)), ("invalid_client", 5002738), "{alg}");
+        }
+    }
+
+    #[test]
+    fn invalid_client_is_401_and_other_errors_400() {
+        assert_eq!(status_for("invalid_client"), 401);
+        for error in [
+            "invalid_request",
+            "unauthorized_client",
+            "invalid_scope",
+            "unsupported_grant_type",
+        ] {
+            assert_eq!(status_for(error), 400, "{error}");
+        }
     }
 }

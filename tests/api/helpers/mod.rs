@@ -63,7 +63,12 @@ pub struct Running {
 
 /// Builds the service from `settings` with the real wiring and serves its HTTP.
 pub async fn start_app(settings: Settings, jobs: Jobs) -> Running {
-    let app = Application::build(settings).await.expect("app builds");
+    try_start_app(settings, jobs).await.expect("app builds")
+}
+
+/// [`start_app`], for a test that handles the service failing to build (a port taken).
+pub async fn try_start_app(settings: Settings, jobs: Jobs) -> anyhow::Result<Running> {
+    let app = Application::build(settings).await?;
     let internal_port = app.port();
     let public_port = app.public_port();
     let store = app.store().clone();
@@ -76,7 +81,7 @@ pub async fn start_app(settings: Settings, jobs: Jobs) -> Running {
         Jobs::ByTest => Box::pin(app.serve_until_stopped(shutdown.clone())),
     };
     let task = tokio::spawn(run);
-    Running {
+    Ok(Running {
         internal: format!("http://127.0.0.1:{internal_port}"),
         internal_port,
         public: public_port.map(|p| format!("http://127.0.0.1:{p}")),
@@ -88,7 +93,7 @@ pub async fn start_app(settings: Settings, jobs: Jobs) -> Running {
         http: reqwest::Client::new(),
         shutdown,
         task: Some(task),
-    }
+    })
 }
 
 type Run = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
