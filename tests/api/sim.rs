@@ -1138,28 +1138,14 @@ async fn background_mutations_follow_the_rate() {
 const TEST_KEY: &str = include_str!("../../fixtures/sim/sim_test_key.pem");
 const TEST_CERT: &str = include_str!("../../fixtures/sim/sim_test_cert.pem");
 
-fn pem_der(pem: &str) -> Vec<u8> {
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    STANDARD.decode(b64).expect("pem base64")
-}
-
+/// An RS256 assertion naming no certificate (no `x5t`), signed by the tenant's key.
 fn signed_assertion(client_id: &str, aud: &str) -> String {
-    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
-    let now = Utc::now().timestamp();
-    let claims = json!({"iss": client_id, "sub": client_id, "aud": aud,
-                        "exp": now + 600, "nbf": now, "jti": "x"});
-    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
-    let signing_input = format!("{header}.{payload}");
-    let key = ring::signature::RsaKeyPair::from_pkcs8(&pem_der(TEST_KEY)).expect("key");
-    let mut sig = vec![0u8; key.public().modulus_len()];
-    key.sign(
-        &ring::signature::RSA_PKCS1_SHA256,
-        &ring::rand::SystemRandom::new(),
-        signing_input.as_bytes(),
-        &mut sig,
+    sign_assertion(
+        &json!({"alg": "RS256", "typ": "JWT"}),
+        client_id,
+        aud,
+        TEST_KEY,
     )
-    .expect("sign");
-    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig))
 }
 
 #[tokio::test]
@@ -1242,6 +1228,12 @@ fn assertion_signed(ps256: bool, client_id: &str, aud: &str, key_pem: &str) -> S
         let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &cert);
         json!({"alg": "RS256", "typ": "JWT", "x5t": URL_SAFE_NO_PAD.encode(sha1)})
     };
+    sign_assertion(&header, client_id, aud, key_pem)
+}
+
+/// A client assertion with `header` (its `alg` picks the padding: PS256 PSS, else PKCS#1),
+/// valid for ten minutes, signed by the PKCS#8 key in `key_pem`.
+fn sign_assertion(header: &Value, client_id: &str, aud: &str, key_pem: &str) -> String {
     let now = Utc::now().timestamp();
     let claims = json!({"iss": client_id, "sub": client_id, "aud": aud,
                         "exp": now + 600, "nbf": now, "jti": "x"});
@@ -1250,7 +1242,7 @@ fn assertion_signed(ps256: bool, client_id: &str, aud: &str, key_pem: &str) -> S
         URL_SAFE_NO_PAD.encode(header.to_string()),
         URL_SAFE_NO_PAD.encode(claims.to_string())
     );
-    let padding: &'static dyn ring::signature::RsaEncoding = if ps256 {
+    let padding: &'static dyn ring::signature::RsaEncoding = if header["alg"] == "PS256" {
         &ring::signature::RSA_PSS_SHA256
     } else {
         &ring::signature::RSA_PKCS1_SHA256
