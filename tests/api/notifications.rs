@@ -391,6 +391,37 @@ async fn a_lifetime_under_45_minutes_is_stored_as_graph_granted_it() {
     svc.stop().await;
 }
 
+/// Graph judges a subscription's expiry by its own clock and refuses one past its limit. With
+/// the longest lifetime configured and calsync's clock two minutes ahead of Graph's, asking
+/// for the lifetime from calsync's clock would be refused at every renewal: calsync asks for
+/// a few minutes less than the limit, and the renewal goes through.
+#[tokio::test]
+async fn the_longest_lifetime_is_renewed_with_a_clock_ahead_of_graphs() {
+    let svc = service(world(1, 1, 5), |s| {
+        s.notifications.expiration = calsync::config::MAX_EVENT_SUBSCRIPTION;
+    })
+    .await;
+    svc.wait_until_subscribed().await;
+    let mailbox = svc.mailboxes()[0].clone();
+    svc.sim.move_clock_back(Duration::from_secs(120));
+    assert_eq!(
+        svc.sim.lifecycle(&mailbox, "reauthorizationRequired").await,
+        1
+    );
+    wait_async("renewed on request", Duration::from_secs(10), || async {
+        svc.sim.subscriptions()[0].renewals == 1
+    })
+    .await;
+    let granted = svc.sim.subscriptions()[0].expires_at;
+    let stored = &svc.store.subscriptions().await.expect("store reads")[0];
+    assert_eq!(
+        stored.expires_at.map(|t| t.timestamp_millis()),
+        Some(granted.timestamp_millis())
+    );
+    assert!(stored.last_error.is_none(), "{:?}", stored.last_error);
+    svc.stop().await;
+}
+
 #[tokio::test]
 async fn lifecycle_events_renew_resync_and_recreate() {
     let svc = service(world(1, 1, 20), |_| {}).await;

@@ -384,6 +384,12 @@ impl SimHandle {
         self.shared.advance_clock(by);
     }
 
+    /// Moves the simulator clock back: Graph's clock behind the client's, as with a client
+    /// whose clock runs fast.
+    pub fn move_clock_back(&self, by: std::time::Duration) {
+        self.shared.move_clock_back(by);
+    }
+
     /// Stops accepting, drops every open connection (hung ones included) and the mutation stream.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);

@@ -162,6 +162,11 @@ impl Shared {
         *lock(&self.clock_offset) += by;
     }
 
+    pub fn move_clock_back(&self, by: Duration) {
+        let by = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::zero());
+        *lock(&self.clock_offset) -= by;
+    }
+
     pub fn tenant_by_key(&self, key: &str) -> Option<usize> {
         self.tenant_keys.get(&key.to_ascii_lowercase()).copied()
     }

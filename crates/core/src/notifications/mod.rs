@@ -425,7 +425,7 @@ impl UpkeepCall {
             .token()
             .await
             .map_err(|e| (crate::error_chain(&e), e.retry_after()))?;
-        let expires_at = Utc::now() + chrono_duration(self.settings.expiration);
+        let expires_at = Utc::now() + chrono_duration(lifetime_to_ask(self.settings.expiration));
         let mut recreated = item.had_subscription;
         if let Some(id) = &item.subscription_id {
             match self
@@ -554,6 +554,18 @@ pub async fn subscription_health(
 
 fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(365))
+}
+
+/// How far calsync's clock may run ahead of Graph's without losing its subscriptions: Graph
+/// judges `expirationDateTime` by its own clock and refuses one past its limit
+/// (`ExtensionError`), so a lifetime asked from a fast clock at the limit is refused at every
+/// create and renewal.
+const CLOCK_AHEAD_ALLOWED: Duration = Duration::from_secs(5 * 60);
+
+/// The lifetime to ask Graph for: the configured one, at most Graph's limit for event
+/// subscriptions less [`CLOCK_AHEAD_ALLOWED`].
+fn lifetime_to_ask(configured: Duration) -> Duration {
+    configured.min(crate::config::MAX_EVENT_SUBSCRIPTION.saturating_sub(CLOCK_AHEAD_ALLOWED))
 }
 
 #[cfg(test)]
