@@ -701,20 +701,21 @@ async fn the_simulator_keeps_graphs_subscription_rules() {
             .header("authorization", &bearer)
             .json(&json!({ "expirationDateTime": expiration }))
     };
+    let create = |body: serde_json::Value| {
+        http.post(format!("{base}/subscriptions"))
+            .header("authorization", &bearer)
+            .json(&body)
+    };
 
     // Under 45 minutes from the request: 45 minutes (subscription resource doc).
     let before = Utc::now();
-    let (status, _, _, created) = answer(
-        http.post(format!("{base}/subscriptions"))
-            .header("authorization", &bearer)
-            .json(&json!({
-                "changeType": "created,updated,deleted",
-                "notificationUrl": url,
-                "resource": format!("/users/{mailbox}/events"),
-                "expirationDateTime": at(10),
-                "clientState": "s".repeat(40),
-            })),
-    )
+    let (status, _, _, created) = answer(create(json!({
+        "changeType": "created,updated,deleted",
+        "notificationUrl": url,
+        "resource": format!("/users/{mailbox}/events"),
+        "expirationDateTime": at(10),
+        "clientState": "s".repeat(40),
+    })))
     .await;
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_str().expect("id").to_string();
@@ -750,16 +751,12 @@ async fn the_simulator_keeps_graphs_subscription_rules() {
     // Over 10,080 minutes: the code and message users report.
     for (status, _, _, body) in [
         answer(patch(&id, at(10_081))).await,
-        answer(
-            http.post(format!("{base}/subscriptions"))
-                .header("authorization", &bearer)
-                .json(&json!({
-                    "changeType": "created",
-                    "notificationUrl": url,
-                    "resource": format!("/users/{mailbox}/events"),
-                    "expirationDateTime": at(10_081),
-                })),
-        )
+        answer(create(json!({
+            "changeType": "created",
+            "notificationUrl": url,
+            "resource": format!("/users/{mailbox}/events"),
+            "expirationDateTime": at(10_081),
+        })))
         .await,
     ] {
         assert_eq!(status, 400, "{body}");

@@ -1148,6 +1148,26 @@ fn signed_assertion(client_id: &str, aud: &str) -> String {
     )
 }
 
+/// A client-credentials token request that authenticates with `assertion` instead of a secret.
+async fn request_token_with_assertion(
+    http: &reqwest::Client,
+    url: &str,
+    client_id: &str,
+    assertion: &str,
+) -> reqwest::Response {
+    http.post(url)
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_assertion_type", JWT_BEARER),
+            ("client_assertion", assertion),
+            ("scope", GRAPH_SCOPE),
+        ])
+        .send()
+        .await
+        .expect("send")
+}
+
 #[tokio::test]
 async fn certificate_assertions_are_verified() {
     let mut config = SimConfig::generated(1, 1, 3, 5);
@@ -1157,22 +1177,8 @@ async fn certificate_assertions_are_verified() {
     let url = t.sim.token_url(&tenant.tenant_id);
     let good = signed_assertion(&tenant.client_id, &url);
     let post = |assertion: String| {
-        let http = t.http.clone();
-        let url = url.clone();
-        let client_id = tenant.client_id.clone();
-        async move {
-            http.post(url)
-                .form(&[
-                    ("grant_type", "client_credentials"),
-                    ("client_id", client_id.as_str()),
-                    ("client_assertion_type", JWT_BEARER),
-                    ("client_assertion", assertion.as_str()),
-                    ("scope", GRAPH_SCOPE),
-                ])
-                .send()
-                .await
-                .expect("send")
-        }
+        let (http, url, client_id) = (t.http.clone(), url.clone(), tenant.client_id.clone());
+        async move { request_token_with_assertion(&http, &url, &client_id, &assertion).await }
     };
     let r = post(good.clone()).await;
     assert_eq!(r.status(), StatusCode::OK, "{:?}", r.text().await);
@@ -1270,22 +1276,9 @@ async fn ps256_assertions_get_a_token_and_another_key_is_refused_like_rs256() {
     let tenant = t.sim.tenants()[0].clone();
     let url = t.sim.token_url(&tenant.tenant_id);
     let post = |assertion: String| {
-        let http = t.http.clone();
-        let url = url.clone();
-        let client_id = tenant.client_id.clone();
+        let (http, url, client_id) = (t.http.clone(), url.clone(), tenant.client_id.clone());
         async move {
-            let r = http
-                .post(url)
-                .form(&[
-                    ("grant_type", "client_credentials"),
-                    ("client_id", client_id.as_str()),
-                    ("client_assertion_type", JWT_BEARER),
-                    ("client_assertion", assertion.as_str()),
-                    ("scope", GRAPH_SCOPE),
-                ])
-                .send()
-                .await
-                .expect("send");
+            let r = request_token_with_assertion(&http, &url, &client_id, &assertion).await;
             let status = r.status();
             (status, r.json::<Value>().await.expect("json"))
         }
