@@ -56,6 +56,11 @@ const TABLE: &[Rule] = &[
     ),
     rule(Code(7000215), Permanent, "invalid client secret"),
     rule(
+        Code(7000216),
+        Permanent,
+        "no client secret and no client assertion was sent",
+    ),
+    rule(
         Code(7000222),
         Permanent,
         "InvalidClientSecretExpiredKeysProvided: the secret expired",
@@ -246,6 +251,7 @@ mod tests {
         for (status, error, code) in [
             (401, "invalid_client", 7000215),
             (401, "invalid_client", 7000222),
+            (401, "invalid_client", 7000216),
             (400, "unauthorized_client", 700016),
             (400, "invalid_request", 90002),
             (400, "invalid_scope", 70011),
