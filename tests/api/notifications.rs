@@ -1117,25 +1117,20 @@ async fn subscription_rows_on_postgres() {
     on_postgres(subscription_rows).await;
 }
 
+/// Both measurements complete. No bound on the times themselves: a loaded machine may take
+/// longer than the polling interval for one notified change, and this test must not depend on
+/// the machine's speed. What proves the notification path is the interval: the notified
+/// service polls once an hour, so a change stored at all within `change_to_stored`'s limit
+/// (the polling interval + 30 s, or it returns an error) was stored because of a notification.
 #[tokio::test]
 async fn change_to_stored_latency_is_measured_both_ways() {
     let poll = Duration::from_millis(800);
     let latency = calsync::latency::change_to_stored(3, poll)
         .await
-        .expect("measured");
-    assert_eq!(latency.via_notification.len(), 3);
-    assert_eq!(latency.via_polling.len(), 3);
-    assert!(
-        latency.via_notification.iter().all(|d| *d < poll),
-        "{latency:?}"
-    );
-    assert!(
-        latency
-            .via_polling
-            .iter()
-            .all(|d| *d < poll + Duration::from_secs(2)),
-        "{latency:?}"
-    );
+        .expect("every change stored: by a notification on the service that polls hourly");
+    assert_eq!(latency.via_notification.len(), 3, "{latency:?}");
+    assert_eq!(latency.via_polling.len(), 3, "{latency:?}");
+    assert_eq!(latency.poll_interval, poll);
     eprintln!("{latency:?}");
 }
 
