@@ -514,7 +514,7 @@ pub(crate) fn last_of_each_key<'a, T, K: Eq + std::hash::Hash + Clone>(
     items: impl IntoIterator<Item = &'a T>,
     key: impl Fn(&'a T) -> K,
 ) -> Vec<(K, &'a T, usize)> {
-    let mut at: HashMap<K, usize> = HashMap::new();
+    let mut at: foldhash::HashMap<K, usize> = foldhash::HashMapExt::new();
     let mut out: Vec<(K, &'a T, usize)> = Vec::new();
     for item in items {
         let k = key(item);

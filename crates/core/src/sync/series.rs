@@ -9,7 +9,7 @@
 //! changed when Graph does not list it, so a master cached from an earlier round is never
 //! trusted without fetching; its `changeKey` is compared after the fetch.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use crate::graph::model::{self, RejectedItem, MASTER_SELECT};
 use crate::graph::{DeltaItem, Event, GraphError, PageItem};
