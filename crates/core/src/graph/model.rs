@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::Deserialize;
+use std::borrow::Cow;
 
 /// One page of a delta round, as Graph sent it.
 #[derive(Debug)]
@@ -219,7 +220,7 @@ impl Attendees {
     }
 
     /// Graph's `attendees` as calsync keeps them: name, address, type and response.
-    fn of_graph(attendees: &[RawAttendee]) -> Self {
+    fn of_graph(attendees: &[RawAttendee<'_>]) -> Self {
         // Fields in key order: serialized, this is exactly `Value`'s canonical text.
         #[derive(serde::Serialize)]
         struct Kept<'a> {
@@ -249,9 +250,11 @@ impl Attendees {
 #[error("{0}")]
 pub struct PayloadError(pub String);
 
+/// An item as deserialized. The strings calsync only reads on the way to an [`Event`] (times,
+/// attendees) are borrowed from the page body where they hold no escapes, not copied.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawEvent {
+struct RawEvent<'a> {
     id: Option<String>,
     #[serde(rename = "@removed")]
     removed: Option<serde::de::IgnoredAny>,
@@ -260,10 +263,13 @@ struct RawEvent {
     change_key: Option<String>,
     #[serde(rename = "@odata.etag")]
     etag: Option<String>,
-    last_modified_date_time: Option<String>,
+    #[serde(borrow)]
+    last_modified_date_time: Option<Cow<'a, str>>,
     subject: Option<String>,
-    start: Option<RawDateTime>,
-    end: Option<RawDateTime>,
+    #[serde(borrow)]
+    start: Option<RawDateTime<'a>>,
+    #[serde(borrow)]
+    end: Option<RawDateTime<'a>>,
     #[serde(default)]
     is_all_day: Option<bool>,
     #[serde(default)]
@@ -273,9 +279,10 @@ struct RawEvent {
     #[serde(rename = "type")]
     event_type: Option<String>,
     series_master_id: Option<String>,
-    organizer: Option<RawRecipient>,
-    #[serde(default)]
-    attendees: Option<Vec<RawAttendee>>,
+    #[serde(borrow)]
+    organizer: Option<RawRecipient<'a>>,
+    #[serde(default, borrow)]
+    attendees: Option<Vec<RawAttendee<'a>>>,
     location: Option<RawLocation>,
     #[serde(default)]
     categories: Option<Vec<String>>,
@@ -284,35 +291,43 @@ struct RawEvent {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawDateTime {
-    date_time: String,
-    time_zone: Option<String>,
+struct RawDateTime<'a> {
+    #[serde(borrow)]
+    date_time: Cow<'a, str>,
+    #[serde(borrow)]
+    time_zone: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawRecipient {
-    email_address: Option<RawEmail>,
+struct RawRecipient<'a> {
+    #[serde(borrow)]
+    email_address: Option<RawEmail<'a>>,
 }
 
 #[derive(Deserialize)]
-struct RawEmail {
-    name: Option<String>,
-    address: Option<String>,
+struct RawEmail<'a> {
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    address: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawAttendee {
-    email_address: Option<RawEmail>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    status: Option<RawResponse>,
+struct RawAttendee<'a> {
+    #[serde(borrow)]
+    email_address: Option<RawEmail<'a>>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    status: Option<RawResponse<'a>>,
 }
 
 #[derive(Deserialize)]
-struct RawResponse {
-    response: Option<String>,
+struct RawResponse<'a> {
+    #[serde(borrow)]
+    response: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -541,10 +556,10 @@ fn item_error(text: &str, e: &serde_json::Error) -> PayloadError {
 }
 
 /// An item deserialized from `text` (a removal has only `id` and `@removed` of these fields).
-fn parse_raw(raw: RawEvent, text: &str) -> Result<PageItem, PayloadError> {
+fn parse_raw(mut raw: RawEvent<'_>, text: &str) -> Result<PageItem, PayloadError> {
     let id = raw
         .id
-        .clone()
+        .take()
         .filter(|id| !id.is_empty())
         .ok_or_else(|| PayloadError("item has no `id`".into()))?;
     if raw.removed.is_some() {
@@ -583,7 +598,7 @@ fn parse_raw(raw: RawEvent, text: &str) -> Result<PageItem, PayloadError> {
     let (organizer_name, organizer_address) = raw
         .organizer
         .and_then(|o| o.email_address)
-        .map(|e| (e.name, e.address))
+        .map(|e| (e.name.map(Cow::into_owned), e.address.map(Cow::into_owned)))
         .unwrap_or((None, None));
     let attendees = Attendees::of_graph(raw.attendees.as_deref().unwrap_or_default());
     let is_master = raw.event_type.as_deref() == Some(SERIES_MASTER);
@@ -622,7 +637,11 @@ fn parse_raw(raw: RawEvent, text: &str) -> Result<PageItem, PayloadError> {
     })
 }
 
-fn parse_stub(id: String, raw: RawEvent, raw_text: String) -> Result<OccurrenceStub, PayloadError> {
+fn parse_stub(
+    id: String,
+    raw: RawEvent<'_>,
+    raw_text: String,
+) -> Result<OccurrenceStub, PayloadError> {
     let series_master_id = raw
         .series_master_id
         .filter(|m| !m.is_empty())
@@ -646,7 +665,7 @@ fn parse_stub(id: String, raw: RawEvent, raw_text: String) -> Result<OccurrenceS
 fn graph_date_time(
     id: &str,
     field: &str,
-    value: RawDateTime,
+    value: RawDateTime<'_>,
 ) -> Result<GraphDateTime, PayloadError> {
     let text = value.date_time.trim();
     let date_time = fixed_date_time(text)
@@ -660,7 +679,7 @@ fn graph_date_time(
         })?;
     Ok(GraphDateTime {
         date_time,
-        time_zone: value.time_zone,
+        time_zone: value.time_zone.map(Cow::into_owned),
     })
 }
 
@@ -736,6 +755,37 @@ mod tests {
     fn page_without_any_link_is_rejected() {
         let err = parse_page(br#"{"value":[]}"#).unwrap_err();
         assert!(err.0.contains("neither"));
+    }
+
+    /// Times, attendees and the organizer are read borrowed from the body where they can be;
+    /// a value with JSON escapes in it is unescaped the same as a plain one.
+    #[test]
+    fn escaped_strings_read_the_same_as_plain_ones() {
+        let plain = br#"{"value":[{"id":"E1","start":{"dateTime":"2026-01-01T09:00:00","timeZone":"UTC"},"end":{"dateTime":"2026-01-01T10:00:00","timeZone":"UTC"},"lastModifiedDateTime":"2026-01-01T08:00:00Z","organizer":{"emailAddress":{"name":"Ann \"A\" Lee","address":"ann@x.test"}},"attendees":[{"type":"required","status":{"response":"accepted"},"emailAddress":{"name":"Bo","address":"bo@x.test"}}]}],"@odata.deltaLink":"x"}"#;
+        let escaped = br#"{"value":[{"id":"E1","start":{"dateTime":"2026-01-01T09\u003a00:00","timeZone":"\u0055TC"},"end":{"dateTime":"2026-01-01T10:00:00","timeZone":"UTC"},"lastModifiedDateTime":"2026-01-01T08:00:00\u005a","organizer":{"emailAddress":{"name":"Ann \"A\" Lee","address":"ann\u0040x.test"}},"attendees":[{"type":"requ\u0069red","status":{"response":"accepted"},"emailAddress":{"name":"B\u006f","address":"bo@x.test"}}]}],"@odata.deltaLink":"x"}"#;
+        let event = |body: &[u8]| match parse_page(body).expect("parses").items.pop() {
+            Some(PageItem::Event(e)) => *e,
+            other => panic!("one event expected: {other:?}"),
+        };
+        let (plain, escaped) = (event(plain), event(escaped));
+        assert_eq!(escaped.organizer_name.as_deref(), Some("Ann \"A\" Lee"));
+        assert_eq!(escaped.organizer_address.as_deref(), Some("ann@x.test"));
+        assert_eq!(
+            escaped.attendees.as_json(),
+            r#"[{"address":"bo@x.test","name":"Bo","response":"accepted","type":"required"}]"#
+        );
+        assert_eq!(escaped.start_utc, plain.start_utc);
+        assert_eq!(escaped.last_modified, plain.last_modified);
+        assert_eq!(
+            Event {
+                raw: String::new(),
+                ..escaped
+            },
+            Event {
+                raw: String::new(),
+                ..plain
+            }
+        );
     }
 
     #[test]
