@@ -1,8 +1,8 @@
 //! SqliteStore: delta rounds (pages with their cursor, series masters, quarantine, events).
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
+use sqlx::sqlite::{SqliteArguments, SqliteRow};
+use sqlx::{Arguments, Row};
 
 use crate::graph::model::RejectedItem;
 use crate::graph::{Attendees, DeltaItem, Event, PageLink, Window};
@@ -418,39 +418,50 @@ async fn upsert_events(
                  seen_round = excluded.seen_round, synced_at = excluded.synced_at",
             vec![row; chunk.len()].join(", ")
         );
-        let mut query = sqlx::query(&sql);
+        // Sized once: binding 2,600 values one by one grows sqlx's argument vector a dozen
+        // times, copying it each time (~2 % of a stored event's instructions).
+        let mut args = SqliteArguments::default();
+        args.reserve(chunk.len() * EVENT_COLUMNS, 0);
         for e in chunk {
-            query = query
-                .bind(mailbox)
-                .bind(&e.id)
-                .bind(&e.ical_uid)
-                .bind(&e.change_key)
-                .bind(&e.etag)
-                .bind(e.last_modified.map(ts))
-                .bind(&e.subject)
-                .bind(ts(e.start_utc))
-                .bind(ts(e.end_utc))
-                .bind(e.start_date.map(|d| d.to_string()))
-                .bind(e.end_date.map(|d| d.to_string()))
-                .bind(e.is_all_day)
-                .bind(e.is_cancelled)
-                .bind(&e.show_as)
-                .bind(&e.sensitivity)
-                .bind(&e.event_type)
-                .bind(&e.series_master_id)
-                .bind(&e.organizer_name)
-                .bind(&e.organizer_address)
-                .bind(e.attendees.as_json())
-                .bind(&e.location)
-                .bind(categories_json(&e.categories))
-                .bind(&e.web_link)
-                .bind(&e.raw)
-                .bind(round_id)
-                .bind(synced_at);
+            add(&mut args, mailbox)?;
+            add(&mut args, e.id.as_str())?;
+            add(&mut args, e.ical_uid.as_deref())?;
+            add(&mut args, e.change_key.as_deref())?;
+            add(&mut args, e.etag.as_deref())?;
+            add(&mut args, e.last_modified.map(ts))?;
+            add(&mut args, e.subject.as_deref())?;
+            add(&mut args, ts(e.start_utc))?;
+            add(&mut args, ts(e.end_utc))?;
+            add(&mut args, e.start_date.map(|d| d.to_string()))?;
+            add(&mut args, e.end_date.map(|d| d.to_string()))?;
+            add(&mut args, e.is_all_day)?;
+            add(&mut args, e.is_cancelled)?;
+            add(&mut args, e.show_as.as_deref())?;
+            add(&mut args, e.sensitivity.as_deref())?;
+            add(&mut args, e.event_type.as_deref())?;
+            add(&mut args, e.series_master_id.as_deref())?;
+            add(&mut args, e.organizer_name.as_deref())?;
+            add(&mut args, e.organizer_address.as_deref())?;
+            add(&mut args, e.attendees.as_json())?;
+            add(&mut args, e.location.as_deref())?;
+            add(&mut args, categories_json(&e.categories))?;
+            add(&mut args, e.web_link.as_deref())?;
+            add(&mut args, e.raw.as_str())?;
+            add(&mut args, round_id)?;
+            add(&mut args, synced_at)?;
         }
-        query.execute(&mut **tx).await?;
+        sqlx::query_with(&sql, args).execute(&mut **tx).await?;
     }
     Ok(events.len() as u64)
+}
+
+/// Adds one value to a statement's arguments; an encoding error is the statement's error.
+fn add<'q, T>(args: &mut SqliteArguments<'q>, value: T) -> Result<(), StoreError>
+where
+    T: sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + 'q,
+{
+    args.add(value)
+        .map_err(|e| StoreError::from(sqlx::Error::Encode(e)))
 }
 
 /// Keeps (or counts again) an item that could not be understood.
