@@ -909,7 +909,7 @@ async fn stale_owners_page_is_refused_and_nothing_written(store: Store) {
     let cursor = full_round(&store, &a).await;
     let page1 = [upsert("e1", "one", t0()), upsert("e2", "two", t0())];
     store
-        .apply_page(&a, &cursor, &PageWrite::items(&page1), &next("p2"), t0())
+        .apply_page(&a, &cursor, PageWrite::items(&page1), &next("p2"), t0())
         .await
         .expect("page 1");
     let cursor = Cursor {
@@ -936,7 +936,7 @@ async fn stale_owners_page_is_refused_and_nothing_written(store: Store) {
     ];
     assert!(is_lease_lost(
         store
-            .apply_page(&a, &cursor, &PageWrite::items(&page2), &delta("d1"), t0())
+            .apply_page(&a, &cursor, PageWrite::items(&page2), &delta("d1"), t0())
             .await
     ));
     assert_eq!(
@@ -954,7 +954,7 @@ async fn stale_owners_page_is_refused_and_nothing_written(store: Store) {
         owner: "b".into(),
     };
     let applied = store
-        .apply_page(&b, &cursor, &PageWrite::items(&page2), &delta("d1"), t0())
+        .apply_page(&b, &cursor, PageWrite::items(&page2), &delta("d1"), t0())
         .await
         .expect("b's page");
     assert_eq!((applied.upserted, applied.deleted), (2, 1));
@@ -970,12 +970,12 @@ async fn stale_round_is_refused(store: Store) {
     let page = [upsert("e1", "one", t0())];
     assert!(is_lease_lost(
         store
-            .apply_page(&a, &old, &PageWrite::items(&page), &next("p2"), t0())
+            .apply_page(&a, &old, PageWrite::items(&page), &next("p2"), t0())
             .await
     ));
     assert!(event_ids(&store, id).await.is_empty());
     store
-        .apply_page(&a, &new, &PageWrite::items(&page), &next("p2"), t0())
+        .apply_page(&a, &new, PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("current round");
     assert_eq!(event_ids(&store, id).await, set(&["e1"]));
@@ -989,12 +989,12 @@ async fn an_empty_page_moves_only_the_cursor_and_is_fenced(store: Store) {
     let cursor = full_round(&store, &a).await;
     let page = [upsert("e1", "one", t0())];
     store
-        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p2"), t0())
+        .apply_page(&a, &cursor, PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("page 1");
     // The full round ends with an empty page: it still reconciles (e1 was seen, so it stays).
     let applied = store
-        .apply_page(&a, &cursor, &PageWrite::default(), &delta("d1"), t0())
+        .apply_page(&a, &cursor, PageWrite::default(), &delta("d1"), t0())
         .await
         .expect("last page");
     assert_eq!((applied.upserted, applied.deleted), (0, 0));
@@ -1015,7 +1015,7 @@ async fn an_empty_page_moves_only_the_cursor_and_is_fenced(store: Store) {
         ..after_full.clone()
     };
     store
-        .apply_page(&a, &incremental, &PageWrite::default(), &next("i2"), t0())
+        .apply_page(&a, &incremental, PageWrite::default(), &next("i2"), t0())
         .await
         .expect("empty next page");
     let moved = record_of(&store, id).await.cursor;
@@ -1043,7 +1043,7 @@ async fn an_empty_page_moves_only_the_cursor_and_is_fenced(store: Store) {
             .apply_page(
                 &a,
                 &incremental,
-                &PageWrite::default(),
+                PageWrite::default(),
                 &delta("stale"),
                 t0()
             )
@@ -1059,12 +1059,12 @@ async fn an_empty_page_moves_only_the_cursor_and_is_fenced(store: Store) {
     };
     assert!(is_lease_lost(
         store
-            .apply_page(&b, &old_round, &PageWrite::default(), &delta("stale"), t0())
+            .apply_page(&b, &old_round, PageWrite::default(), &delta("stale"), t0())
             .await
     ));
     assert_eq!(record_of(&store, id).await.cursor, moved, "cursor unmoved");
     store
-        .apply_page(&b, &incremental, &PageWrite::default(), &delta("d2"), t0())
+        .apply_page(&b, &incremental, PageWrite::default(), &delta("d2"), t0())
         .await
         .expect("the new owner's empty last page");
     let done = record_of(&store, id).await.cursor;
@@ -1084,7 +1084,7 @@ async fn an_idle_rounds_cursor_ends_with_its_job_and_is_fenced(store: Store) {
     let a = lease(&store, id, "a", at(0)).await;
     let cursor = full_round(&store, &a).await;
     store
-        .apply_page(&a, &cursor, &PageWrite::default(), &delta("d1"), at(0))
+        .apply_page(&a, &cursor, PageWrite::default(), &delta("d1"), at(0))
         .await
         .expect("the full round's last page");
     let idle = |round_id: i64, link: &str, started, next_run_at| JobRecord {
@@ -1186,7 +1186,7 @@ async fn no_write_of_the_old_owner_lands_after_a_takeover(store: Store) {
                         .collect();
                     let link = next(&format!("{owner}-{page}"));
                     match store
-                        .apply_page(&a, &cursor, &PageWrite::items(&items), &link, t0())
+                        .apply_page(&a, &cursor, PageWrite::items(items.clone()), &link, t0())
                         .await
                     {
                         Ok(_) => committed.push(page),
@@ -1266,7 +1266,13 @@ async fn upserts_are_idempotent(store: Store) {
     ];
     for _ in 0..2 {
         let applied = store
-            .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p2"), t0())
+            .apply_page(
+                &a,
+                &cursor,
+                PageWrite::items(page.clone()),
+                &next("p2"),
+                t0(),
+            )
             .await
             .expect("page (replayed after a crash the second time)");
         assert_eq!(applied.upserted, 3);
@@ -1295,7 +1301,7 @@ async fn upserts_are_idempotent(store: Store) {
         upsert("e1", "one v3", t0() + secs(9000)),
     ];
     store
-        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p3"), t0())
+        .apply_page(&a, &cursor, PageWrite::items(&page), &next("p3"), t0())
         .await
         .expect("changes");
     let stored = store.events(id).await.expect("events");
@@ -1317,7 +1323,7 @@ async fn a_page_applies_its_items_in_order(store: Store) {
         .apply_page(
             &l,
             &cursor,
-            &PageWrite::items(&[upsert("back", "v1", t0())]),
+            PageWrite::items(&[upsert("back", "v1", t0())]),
             &next("p2"),
             t0(),
         )
@@ -1334,7 +1340,7 @@ async fn a_page_applies_its_items_in_order(store: Store) {
         upsert("last", "v1", t0()),
     ];
     let applied = store
-        .apply_page(&l, &cursor, &PageWrite::items(&page), &next("p3"), t0())
+        .apply_page(&l, &cursor, PageWrite::items(&page), &next("p3"), t0())
         .await
         .expect("page 2");
     assert_eq!((applied.upserted, applied.deleted), (5, 2));
@@ -1365,7 +1371,7 @@ async fn repeated_ids_in_a_page_end_as_applied_in_order(store: Store) {
         upsert("w", "v1", outside),
     ];
     store
-        .apply_page(&a, &cursor, &PageWrite::items(&stored), &next("p1"), t0())
+        .apply_page(&a, &cursor, PageWrite::items(&stored), &next("p1"), t0())
         .await
         .expect("page 1");
     let page = [
@@ -1389,7 +1395,7 @@ async fn repeated_ids_in_a_page_end_as_applied_in_order(store: Store) {
         removed("v"),
     ];
     let applied = store
-        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p2"), t0())
+        .apply_page(&a, &cursor, PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("page 2");
     assert_eq!((applied.upserted, applied.deleted), (6, 5));
@@ -1454,8 +1460,8 @@ async fn an_item_understood_later_in_its_page_leaves_quarantine(store: Store) {
         .apply_page(
             &a,
             &round,
-            &PageWrite {
-                items: &items,
+            PageWrite {
+                items: items.to_vec(),
                 masters: &[],
                 gone_series: &[],
                 round: &marker,
@@ -1473,8 +1479,8 @@ async fn an_item_understood_later_in_its_page_leaves_quarantine(store: Store) {
         .apply_page(
             &a,
             &round,
-            &PageWrite {
-                items: &[],
+            PageWrite {
+                items: Vec::new(),
                 masters: &[],
                 gone_series: &[],
                 round: &marker,
@@ -1511,8 +1517,8 @@ async fn a_round_ending_page_reconciles_what_it_leaves(store: Store) {
         .apply_page(
             &a,
             &round1,
-            &PageWrite {
-                items: &items,
+            PageWrite {
+                items: items.to_vec(),
                 masters: &masters(&[&m4]),
                 gone_series: &[],
                 round: &marker,
@@ -1536,8 +1542,8 @@ async fn a_round_ending_page_reconciles_what_it_leaves(store: Store) {
         .apply_page(
             &a,
             &round2,
-            &PageWrite {
-                items: &items,
+            PageWrite {
+                items: items.to_vec(),
                 masters: &masters(&[&m1, &m2, &m3, &m5]),
                 gone_series: &[],
                 round: &marker,
@@ -1558,7 +1564,7 @@ async fn a_round_ending_page_reconciles_what_it_leaves(store: Store) {
         upsert("q2", "understood now", t0()),
     ];
     let applied = store
-        .apply_page(&a, &round2, &PageWrite::items(&last), &delta("d2"), t0())
+        .apply_page(&a, &round2, PageWrite::items(&last), &delta("d2"), t0())
         .await
         .expect("round 2, last page");
     // Removed inside the window: z, m1-a; not returned by the round: old, m4-a and x (whose
@@ -1600,8 +1606,8 @@ async fn a_page_of_a_lost_lease_changes_nothing(store: Store) {
         .apply_page(
             &a,
             &round,
-            &PageWrite {
-                items: &items,
+            PageWrite {
+                items: items.to_vec(),
                 masters: &masters(&[&m1]),
                 gone_series: &[],
                 round: &marker,
@@ -1632,7 +1638,7 @@ async fn a_page_of_a_lost_lease_changes_nothing(store: Store) {
     let pages = [
         // A plain page that would end the round: reconcile, remove, leave quarantine.
         PageWrite {
-            items: &[
+            items: vec![
                 upsert("e3", "three", t0()),
                 removed("e1"),
                 removed("M1"),
@@ -1642,7 +1648,7 @@ async fn a_page_of_a_lost_lease_changes_nothing(store: Store) {
         },
         // One with every rare part.
         PageWrite {
-            items: &[upsert("e1", "changed", t0()), removed("e2")],
+            items: vec![upsert("e1", "changed", t0()), removed("e2")],
             masters: &masters(&[&m2, &changed_m1]),
             gone_series: &["M1".to_string()],
             round: &marker,
@@ -1652,7 +1658,9 @@ async fn a_page_of_a_lost_lease_changes_nothing(store: Store) {
     for page in &pages {
         for link in [delta("d1"), next("p2")] {
             assert!(is_lease_lost(
-                store.apply_page(&a, &cursor, page, &link, t0()).await
+                store
+                    .apply_page(&a, &cursor, page.clone(), &link, t0())
+                    .await
             ));
             let after = (
                 store.events(id).await.expect("events"),
@@ -1680,7 +1688,7 @@ async fn removals_only_delete_inside_the_window(store: Store) {
         upsert("edge", "straddles the start", w.start - secs(600)),
     ];
     store
-        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p2"), t0())
+        .apply_page(&a, &cursor, PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("page");
     // Graph reports events leaving the window as removals too: only those held inside go.
@@ -1692,7 +1700,7 @@ async fn removals_only_delete_inside_the_window(store: Store) {
         removed("never-seen"),
     ];
     let applied = store
-        .apply_page(&a, &cursor, &PageWrite::items(&page), &next("p3"), t0())
+        .apply_page(&a, &cursor, PageWrite::items(&page), &next("p3"), t0())
         .await
         .expect("removals");
     assert_eq!(applied.deleted, 2);
@@ -1709,7 +1717,7 @@ async fn full_round_reconciles_at_its_end_only(store: Store) {
         upsert("e3", "3", t0()),
     ];
     store
-        .apply_page(&a, &round1, &PageWrite::items(&page), &delta("d1"), t0())
+        .apply_page(&a, &round1, PageWrite::items(&page), &delta("d1"), t0())
         .await
         .expect("round 1");
 
@@ -1719,7 +1727,7 @@ async fn full_round_reconciles_at_its_end_only(store: Store) {
         .apply_page(
             &a,
             &round2,
-            &PageWrite::items(&[upsert("e1", "1", t0())]),
+            PageWrite::items(&[upsert("e1", "1", t0())]),
             &next("p2"),
             t0(),
         )
@@ -1730,7 +1738,7 @@ async fn full_round_reconciles_at_its_end_only(store: Store) {
         .apply_page(
             &a,
             &round2,
-            &PageWrite::items(&[upsert("e3", "3", t0())]),
+            PageWrite::items(&[upsert("e3", "3", t0())]),
             &delta("d2"),
             t0(),
         )
@@ -1746,7 +1754,7 @@ async fn full_round_reconciles_at_its_end_only(store: Store) {
         .apply_page(
             &a,
             &cursor,
-            &PageWrite::items(&[upsert("e4", "4", t0())]),
+            PageWrite::items(&[upsert("e4", "4", t0())]),
             &delta("d3"),
             t0(),
         )
@@ -1764,7 +1772,7 @@ async fn cursor_resumes_from_the_last_committed_page(store: Store) {
         .apply_page(
             &a,
             &cursor,
-            &PageWrite::items(&[upsert("e1", "1", t0())]),
+            PageWrite::items(&[upsert("e1", "1", t0())]),
             &next("p2"),
             t0(),
         )
@@ -1791,7 +1799,7 @@ async fn cursor_resumes_from_the_last_committed_page(store: Store) {
         .apply_page(
             &b,
             &resumed.cursor,
-            &PageWrite::items(&[upsert("e2", "2", t0())]),
+            PageWrite::items(&[upsert("e2", "2", t0())]),
             &delta("d1"),
             t0(),
         )
@@ -1917,7 +1925,13 @@ async fn event_counts_per_mailbox(store: Store) {
             .map(|k| upsert(&format!("e{k}"), "x", t0()))
             .collect();
         store
-            .apply_page(&l, &cursor, &PageWrite::items(&items), &delta("d"), t0())
+            .apply_page(
+                &l,
+                &cursor,
+                PageWrite::items(items.clone()),
+                &delta("d"),
+                t0(),
+            )
             .await
             .expect("page");
     }
@@ -1937,7 +1951,7 @@ async fn nul_characters_do_not_poison_a_page_or_a_record(store: Store) {
     e.raw = json!({"id": "e\u{0}1", "subject": "sub\u{0}ject"}).to_string();
     let page = [DeltaItem::Upsert(Box::new(e))];
     store
-        .apply_page(&l, &cursor, &PageWrite::items(&page), &next("p2"), t0())
+        .apply_page(&l, &cursor, PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("page with NULs");
     let stored = store.events(id).await.expect("events");
@@ -1949,7 +1963,7 @@ async fn nul_characters_do_not_poison_a_page_or_a_record(store: Store) {
         .apply_page(
             &l,
             &cursor,
-            &PageWrite::items(&[removed("e\u{0}1")]),
+            PageWrite::items(&[removed("e\u{0}1")]),
             &next("p3"),
             t0(),
         )
@@ -2008,7 +2022,7 @@ async fn mailboxes_are_registered_and_removed_at_run_time(store: Store) {
         .apply_page(
             &l,
             &cursor,
-            &PageWrite::items(&[upsert("e1", "1", t0())]),
+            PageWrite::items(&[upsert("e1", "1", t0())]),
             &next("p2"),
             t0(),
         )
@@ -2027,7 +2041,7 @@ async fn mailboxes_are_registered_and_removed_at_run_time(store: Store) {
             .apply_page(
                 &l,
                 &cursor,
-                &PageWrite::items(&[upsert("e2", "2", t0())]),
+                PageWrite::items(&[upsert("e2", "2", t0())]),
                 &next("p3"),
                 t0()
             )
@@ -2182,7 +2196,7 @@ async fn events_between_returns_what_overlaps_the_range(store: Store) {
         span("starts-at-end", 7200, 9000),
     ];
     store
-        .apply_page(&l, &cursor, &PageWrite::items(&page), &next("p2"), t0())
+        .apply_page(&l, &cursor, PageWrite::items(&page), &next("p2"), t0())
         .await
         .expect("page");
     let found: Vec<String> = store
@@ -2280,7 +2294,13 @@ async fn one_round_trip(url: String) {
         .map(|n| upsert(&format!("e{n}"), "v1", t0()))
         .collect();
     store
-        .apply_page(&a, &round, &PageWrite::items(&first), &next("p1"), t0())
+        .apply_page(
+            &a,
+            &round,
+            PageWrite::items(first.clone()),
+            &next("p1"),
+            t0(),
+        )
         .await
         .expect("page 1");
     let plain: Vec<DeltaItem> = (0..50)
@@ -2298,19 +2318,19 @@ async fn one_round_trip(url: String) {
         occurrence("o2", "M1", &m1, t0() + secs(7 * 86_400)),
     ];
     let series_page = PageWrite {
-        items: &last,
+        items: last.to_vec(),
         masters: &masters(&[&m1, &master("M2", "daily", "ck1", true)]),
         gone_series: &["M9".to_string()],
         round: "r1",
         quarantined: &[rejected("q1"), rejected("q2"), rejected("q1")],
     };
     for (page, link) in [
-        (PageWrite::items(&plain), next("p2")),
+        (PageWrite::items(plain.clone()), next("p2")),
         (series_page, delta("d1")),
     ] {
         let from = returned_to_pool(&sent).await;
         store
-            .apply_page(&a, &round, &page, &link, t0())
+            .apply_page(&a, &round, page, &link, t0())
             .await
             .expect("page");
         let to = returned_to_pool(&sent).await;
@@ -2378,14 +2398,14 @@ async fn stored_json_compression(url: String) {
     let mut bad = rejected("q1");
     bad.raw = json!({"id": "q1", "start": "not a time", "body": {"content": filler}}).to_string();
     let page = PageWrite {
-        items: &[DeltaItem::Upsert(Box::new(big.clone()))],
+        items: vec![DeltaItem::Upsert(Box::new(big.clone()))],
         masters: &masters(&[&m1]),
         gone_series: &[],
         round: "r1",
         quarantined: std::slice::from_ref(&bad),
     };
     store
-        .apply_page(&a, &round, &page, &next("p1"), t0())
+        .apply_page(&a, &round, page, &next("p1"), t0())
         .await
         .expect("page");
 
@@ -2557,7 +2577,7 @@ async fn random_pages_on_both(url: String) {
             for step in 0..length {
                 let (items, masters, gone, quarantined) = random_page(&mut draw, step);
                 let page = PageWrite {
-                    items: &items,
+                    items: items.to_vec(),
                     masters: &masters,
                     gone_series: &gone,
                     round: "r",
@@ -2577,7 +2597,7 @@ async fn random_pages_on_both(url: String) {
                         ..cursor.clone()
                     };
                     let done = store
-                        .apply_page(lease, &cursor, &page, &link, now)
+                        .apply_page(lease, &cursor, page.clone(), &link, now)
                         .await
                         .unwrap_or_else(|e| panic!("{context}: {e}"));
                     applied.push((done.upserted, done.deleted));
@@ -2650,7 +2670,7 @@ async fn job_end_round_trip(url: String) {
     let a = lease(&store, id, "a", t0()).await;
     let round = full_round(&store, &a).await;
     store
-        .apply_page(&a, &round, &PageWrite::default(), &delta("d1"), t0())
+        .apply_page(&a, &round, PageWrite::default(), &delta("d1"), t0())
         .await
         .expect("the full round's last page");
     // The first job end prepares the statement (a round trip of its own, once per connection).
@@ -2916,8 +2936,8 @@ async fn changed_masters_of_one_page_each_refill_their_own_series(store: Store) 
         .apply_page(
             &a,
             &round,
-            &PageWrite {
-                items: &items,
+            PageWrite {
+                items: items.to_vec(),
                 masters: &masters(&v1.iter().collect::<Vec<_>>()),
                 gone_series: &[],
                 round: &marker,
@@ -2941,8 +2961,8 @@ async fn changed_masters_of_one_page_each_refill_their_own_series(store: Store) 
         .apply_page(
             &a,
             &cursor,
-            &PageWrite {
-                items: &[],
+            PageWrite {
+                items: Vec::new(),
                 masters: &[
                     write(&v2[0], true),
                     write(&stale, true),
@@ -3001,8 +3021,8 @@ async fn series_masters_refill_their_occurrences_and_go_with_their_series(store:
         .apply_page(
             &a,
             &round,
-            &PageWrite {
-                items: &items,
+            PageWrite {
+                items: items.to_vec(),
                 masters: &masters,
                 gone_series: &[],
                 round: &marker,
@@ -3022,7 +3042,7 @@ async fn series_masters_refill_their_occurrences_and_go_with_their_series(store:
         .apply_page(
             &a,
             &cursor,
-            &PageWrite::items(&[DeltaItem::Upsert(Box::new(exception))]),
+            PageWrite::items(&[DeltaItem::Upsert(Box::new(exception))]),
             &delta("d2"),
             t0(),
         )
@@ -3049,8 +3069,8 @@ async fn series_masters_refill_their_occurrences_and_go_with_their_series(store:
         .apply_page(
             &a,
             &cursor,
-            &PageWrite {
-                items: &[],
+            PageWrite {
+                items: Vec::new(),
                 masters: &[MasterWrite {
                     master: v2.clone(),
                     refill_occurrences: true,
@@ -3099,8 +3119,8 @@ async fn series_masters_refill_their_occurrences_and_go_with_their_series(store:
         .apply_page(
             &a,
             &cursor,
-            &PageWrite {
-                items: &[],
+            PageWrite {
+                items: Vec::new(),
                 masters: &[],
                 gone_series: &["m1".to_string()],
                 round: &cursor.round_marker(),
@@ -3125,7 +3145,7 @@ async fn series_masters_refill_their_occurrences_and_go_with_their_series(store:
         .apply_page(
             &a,
             &cursor,
-            &PageWrite::items(&[removed("d1")]),
+            PageWrite::items(&[removed("d1")]),
             &delta("d5"),
             t0(),
         )
@@ -3141,7 +3161,7 @@ async fn series_masters_refill_their_occurrences_and_go_with_their_series(store:
         .apply_page(
             &a,
             &round,
-            &PageWrite::items(&[upsert("s1", "Single", t0())]),
+            PageWrite::items(&[upsert("s1", "Single", t0())]),
             &delta("d6"),
             t0(),
         )
@@ -4312,7 +4332,7 @@ async fn tenant_summaries_count_in_the_store_and_list_the_worst_first(store: Sto
         .apply_page(
             &l,
             &round,
-            &PageWrite {
+            PageWrite {
                 quarantined: &[rejected("q1"), rejected("q2")],
                 ..PageWrite::default()
             },

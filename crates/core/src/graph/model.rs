@@ -142,7 +142,7 @@ pub enum PageLink {
 }
 
 /// A change the store applies: an event to upsert (complete) or an id to delete.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum DeltaItem {
     Upsert(Box<Event>),
     Removed { id: String },
@@ -213,6 +213,10 @@ impl Attendees {
 
     pub fn as_json(&self) -> &str {
         &self.0
+    }
+
+    pub fn into_json(self) -> String {
+        self.0
     }
 
     pub fn to_value(&self) -> serde_json::Value {

@@ -172,7 +172,7 @@ pub trait RoundStore {
         &self,
         lease: &Lease,
         cursor: &Cursor,
-        page: &PageWrite<'_>,
+        page: PageWrite<'_>,
         link: &PageLink,
         now: DateTime<Utc>,
     ) -> Result<PageApplied, StoreError>;

@@ -269,7 +269,7 @@ impl Store {
         &self,
         lease: &Lease,
         cursor: &Cursor,
-        page: &PageWrite<'_>,
+        page: PageWrite<'_>,
         link: &PageLink,
         now: DateTime<Utc>,
     ) -> Result<PageApplied, StoreError> {
@@ -445,10 +445,12 @@ pub enum StoreError {
 }
 
 /// What one page writes: its events and removals, and what it learnt of recurring series.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct PageWrite<'a> {
     /// Complete events to upsert (occurrences already filled in) and removals, in page order.
-    pub items: &'a [DeltaItem],
+    /// Owned, so that a backend can move the events' text into its statements instead of
+    /// copying it (SQLite's driver copies every borrowed value once more).
+    pub items: Vec<DeltaItem>,
     /// Series masters met in this round (in the page, or fetched for its occurrences).
     pub masters: &'a [MasterWrite],
     /// Series Graph no longer has (its master answered 404): the master and every event of
@@ -462,9 +464,9 @@ pub struct PageWrite<'a> {
 
 impl<'a> PageWrite<'a> {
     /// A page of events and removals only.
-    pub fn items(items: &'a [DeltaItem]) -> Self {
+    pub fn items(items: impl Into<Vec<DeltaItem>>) -> Self {
         Self {
-            items,
+            items: items.into(),
             ..Self::default()
         }
     }

@@ -350,14 +350,14 @@ pub async fn run_round(
             );
         }
         let write = PageWrite {
-            items: &resolved.items,
+            items: resolved.items,
             masters: &resolved.masters,
             gone_series: &resolved.gone_series,
             round: &resolved.round,
             quarantined: &resolved.rejected,
         };
         let applied = store
-            .apply_page(lease, &cursor, &write, &page.link, Utc::now())
+            .apply_page(lease, &cursor, write, &page.link, Utc::now())
             .await?;
         report.pages += 1;
         report.upserted += applied.upserted;

@@ -38,11 +38,11 @@ impl RoundStore for PgStore {
         &self,
         lease: &Lease,
         cursor: &Cursor,
-        page: &PageWrite<'_>,
+        page: PageWrite<'_>,
         link: &PageLink,
         now: DateTime<Utc>,
     ) -> Result<PageApplied, StoreError> {
-        write_page(&self.pool, lease, cursor, page, link, now).await
+        write_page(&self.pool, lease, cursor, &page, link, now).await
     }
 
     async fn note_page_failure(
@@ -365,7 +365,7 @@ async fn write_page(
     let window = cursor
         .window
         .ok_or_else(|| StoreError::Corrupt("cursor without a window".into()))?;
-    let net = NetPage::of(page.items, &window);
+    let net = NetPage::of(&page.items, &window);
     let (next_link, delta_link) = link_parts(link);
     // A deltaLink that ends a full round: what the round did not return goes.
     let reconcile = delta_link.is_some() && cursor.full;

@@ -39,7 +39,7 @@ impl RoundStore for SqliteStore {
         &self,
         lease: &Lease,
         cursor: &Cursor,
-        page: &PageWrite<'_>,
+        page: PageWrite<'_>,
         link: &PageLink,
         now: DateTime<Utc>,
     ) -> Result<PageApplied, StoreError> {
@@ -139,15 +139,19 @@ impl RoundStore for SqliteStore {
         }
         // Runs of upserts go in multi-row statements; a removal flushes the run before it, so
         // the page is applied in its order.
-        let mut run: Vec<&Event> = Vec::new();
+        let mut run: Vec<Box<Event>> = Vec::new();
         for item in page.items {
             match item {
                 DeltaItem::Upsert(event) => run.push(event),
                 DeltaItem::Removed { id } => {
-                    applied.upserted +=
-                        upsert_events(&mut tx, lease.mailbox, &run, cursor.round_id, &synced_at)
-                            .await?;
-                    run.clear();
+                    applied.upserted += upsert_events(
+                        &mut tx,
+                        lease.mailbox,
+                        std::mem::take(&mut run),
+                        cursor.round_id,
+                        &synced_at,
+                    )
+                    .await?;
                     // Graph also reports changes outside the window as removals: only an event
                     // held inside this window is deleted.
                     let done = sqlx::query(
@@ -155,7 +159,7 @@ impl RoundStore for SqliteStore {
                            AND start_utc < ?3 AND end_utc >= ?4",
                     )
                     .bind(lease.mailbox)
-                    .bind(id)
+                    .bind(&id)
                     .bind(ts(window.end))
                     .bind(ts(window.start))
                     .execute(&mut *tx)
@@ -174,7 +178,7 @@ impl RoundStore for SqliteStore {
             }
         }
         applied.upserted +=
-            upsert_events(&mut tx, lease.mailbox, &run, cursor.round_id, &synced_at).await?;
+            upsert_events(&mut tx, lease.mailbox, run, cursor.round_id, &synced_at).await?;
         if delta_link.is_some() && cursor.full {
             let done = sqlx::query("DELETE FROM events WHERE mailbox_id = ?1 AND seen_round <> ?2")
                 .bind(lease.mailbox)
@@ -388,15 +392,20 @@ fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
 }
 
 /// Upserts `events` (in order: a later duplicate wins) in multi-row statements; returns how
-/// many rows were written.
+/// many rows were written. The events' text moves into the statements' arguments: sqlx would
+/// copy each borrowed value once more to hand it to its connection thread.
+// Boxed as the page's items hold them: unboxing would copy each event once more.
+#[allow(clippy::vec_box)]
 async fn upsert_events(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     mailbox: MailboxId,
-    events: &[&Event],
+    events: Vec<Box<Event>>,
     round_id: i64,
     synced_at: &str,
 ) -> Result<u64, StoreError> {
-    for chunk in statement_chunks(events) {
+    let written = events.len() as u64;
+    let mut events = events.into_iter();
+    for rows in statement_sizes(written as usize) {
         let row = format!("({})", vec!["?"; EVENT_COLUMNS].join(", "));
         let sql = format!(
             "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
@@ -416,43 +425,44 @@ async fn upsert_events(
                  attendees = excluded.attendees, location = excluded.location,
                  categories = excluded.categories, web_link = excluded.web_link, raw = excluded.raw,
                  seen_round = excluded.seen_round, synced_at = excluded.synced_at",
-            vec![row; chunk.len()].join(", ")
+            vec![row; rows].join(", ")
         );
         // Sized once: binding 2,600 values one by one grows sqlx's argument vector a dozen
         // times, copying it each time (~2 % of a stored event's instructions).
         let mut args = SqliteArguments::default();
-        args.reserve(chunk.len() * EVENT_COLUMNS, 0);
-        for e in chunk {
+        args.reserve(rows * EVENT_COLUMNS, 0);
+        for e in events.by_ref().take(rows) {
+            let e = *e;
             add(&mut args, mailbox)?;
-            add(&mut args, e.id.as_str())?;
-            add(&mut args, e.ical_uid.as_deref())?;
-            add(&mut args, e.change_key.as_deref())?;
-            add(&mut args, e.etag.as_deref())?;
+            add(&mut args, e.id)?;
+            add(&mut args, e.ical_uid)?;
+            add(&mut args, e.change_key)?;
+            add(&mut args, e.etag)?;
             add(&mut args, e.last_modified.map(ts))?;
-            add(&mut args, e.subject.as_deref())?;
+            add(&mut args, e.subject)?;
             add(&mut args, ts(e.start_utc))?;
             add(&mut args, ts(e.end_utc))?;
             add(&mut args, e.start_date.map(|d| d.to_string()))?;
             add(&mut args, e.end_date.map(|d| d.to_string()))?;
             add(&mut args, e.is_all_day)?;
             add(&mut args, e.is_cancelled)?;
-            add(&mut args, e.show_as.as_deref())?;
-            add(&mut args, e.sensitivity.as_deref())?;
-            add(&mut args, e.event_type.as_deref())?;
-            add(&mut args, e.series_master_id.as_deref())?;
-            add(&mut args, e.organizer_name.as_deref())?;
-            add(&mut args, e.organizer_address.as_deref())?;
-            add(&mut args, e.attendees.as_json())?;
-            add(&mut args, e.location.as_deref())?;
+            add(&mut args, e.show_as)?;
+            add(&mut args, e.sensitivity)?;
+            add(&mut args, e.event_type)?;
+            add(&mut args, e.series_master_id)?;
+            add(&mut args, e.organizer_name)?;
+            add(&mut args, e.organizer_address)?;
+            add(&mut args, e.attendees.into_json())?;
+            add(&mut args, e.location)?;
             add(&mut args, categories_json(&e.categories))?;
-            add(&mut args, e.web_link.as_deref())?;
-            add(&mut args, e.raw.as_str())?;
+            add(&mut args, e.web_link)?;
+            add(&mut args, e.raw)?;
             add(&mut args, round_id)?;
             add(&mut args, synced_at)?;
         }
         sqlx::query_with(&sql, args).execute(&mut **tx).await?;
     }
-    Ok(events.len() as u64)
+    Ok(written)
 }
 
 /// Adds one value to a statement's arguments; an encoding error is the statement's error.
