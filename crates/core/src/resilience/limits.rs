@@ -7,23 +7,24 @@
 //! [`crate::scheduler::fleet`], which decides when a share may change). A share is sized so that
 //! no 1-second window holds more than `limit / replicas` of this replica's requests
 //! ([`quota_for`]). The per-mailbox rate is not shared: a mailbox is synced by the replica
-//! holding its lease.
+//! holding its lease. A job takes its mailbox's limiter once ([`RateLimits::mailbox`]), so its
+//! calls pass no lock and no map on the way.
 //!
 //! The limiters read tokio's clock, once per call for all three (see [`CallClock`]): a clock
 //! read is the dearest step of a permit on some machines, and tokio's clock is the one paused
 //! time drives in tests.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
-use governor::state::keyed::HashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
@@ -54,13 +55,17 @@ fn nanos_since(epoch: Instant, now: Instant) -> u64 {
 /// three limiters of one call share one clock read. `f` must not await: the time is the
 /// thread's, not the task's.
 fn at<T>(clock: &CallClock, now: Instant, f: impl FnOnce() -> T) -> T {
+    at_nanos(clock, nanos_since(clock.epoch, now), f)
+}
+
+/// [`at`], with the time already in nanoseconds since `clock`'s epoch.
+fn at_nanos<T>(clock: &CallClock, nanos: u64, f: impl FnOnce() -> T) -> T {
     struct Restore(Option<(Instant, u64)>);
     impl Drop for Restore {
         fn drop(&mut self) {
             CALL_NOW.with(|c| c.set(self.0));
         }
     }
-    let nanos = nanos_since(clock.epoch, now);
     let _restore = Restore(CALL_NOW.with(|c| c.replace(Some((clock.epoch, nanos)))));
     f()
 }
@@ -107,12 +112,48 @@ impl Hasher for MailboxIdHasher {
 }
 
 type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, CallClock, NoOpMiddleware<Nanos>>;
-type MailboxLimiter = RateLimiter<
-    i64,
-    HashMapStateStore<i64, BuildHasherDefault<MailboxIdHasher>>,
-    CallClock,
-    NoOpMiddleware<Nanos>,
->;
+
+/// One mailbox's rate limiter, as its job holds it: taken from [`RateLimits`] once per job
+/// ([`RateLimits::mailbox`]), so each of the job's calls checks it without the lock and the
+/// map lookup of a keyed limiter. Its state outlives the job: the next job of the mailbox on
+/// this replica gets the same limiter until it has fully replenished and no job holds it.
+#[derive(Clone)]
+pub struct MailboxRate(Arc<MailboxState>);
+
+struct MailboxState {
+    id: i64,
+    limiter: DirectLimiter,
+    /// Nanoseconds (of the limiters' clock) of the last permit taken: the limiter is as new
+    /// once the burst has replenished since.
+    last_permit: AtomicU64,
+}
+
+impl MailboxRate {
+    pub fn id(&self) -> i64 {
+        self.0.id
+    }
+
+    /// One permit at the time [`at`] set for this thread.
+    fn check_now(&self, clock: &CallClock) -> Result<(), Refused> {
+        let state = &self.0;
+        state
+            .limiter
+            .check()
+            .map_err(|not_until| Refused::Wait(not_until.wait_time_from(clock.now())))?;
+        state
+            .last_permit
+            .store(clock.now().as_u64(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for MailboxRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MailboxRate").field(&self.0.id).finish()
+    }
+}
+
+type MailboxRates = HashMap<i64, MailboxRate, BuildHasherDefault<MailboxIdHasher>>;
 
 /// Why there is no permit now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,7 +296,8 @@ pub struct ShareStatus {
 }
 
 pub struct RateLimits {
-    mailbox: MailboxLimiter,
+    mailbox_quota: Quota,
+    mailboxes: Mutex<MailboxRates>,
     app: SharedRate,
     tenant_per_second: u32,
     share: Mutex<Share>,
@@ -291,11 +333,8 @@ impl RateLimits {
             epoch: Instant::now(),
         };
         Self {
-            mailbox: RateLimiter::hashmap_with_clock_and_hasher(
-                mailbox_quota,
-                clock.clone(),
-                BuildHasherDefault::default(),
-            ),
+            mailbox_quota,
+            mailboxes: Mutex::new(MailboxRates::default()),
             app: SharedRate::new(
                 settings.app_requests_per_second,
                 Share::WHOLE,
@@ -349,9 +388,13 @@ impl RateLimits {
     }
 
     fn share_expired(&self, now: Instant) -> bool {
+        self.share_expired_at(nanos_since(self.epoch, now))
+    }
+
+    /// [`share_expired`](Self::share_expired) at `nanos` since the epoch.
+    fn share_expired_at(&self, nanos: u64) -> bool {
         let until = self.valid_until_ms.load(Ordering::Relaxed);
-        until != u64::MAX
-            && now.saturating_duration_since(self.epoch).as_millis() > u128::from(until)
+        until != u64::MAX && nanos / 1_000_000 > until
     }
 
     pub fn status(&self) -> ShareStatus {
@@ -378,7 +421,7 @@ impl RateLimits {
     /// clock once.
     pub async fn acquire(
         &self,
-        mailbox: i64,
+        mailbox: &MailboxRate,
         tenant: &SharedRate,
         deadline: Instant,
     ) -> Result<Instant, NotBeforeDeadline> {
@@ -392,7 +435,12 @@ impl RateLimits {
     /// The permits of a call if they are there now (the usual case, taken without a future:
     /// see [`TenantGuard::admit_now`](super::TenantGuard::admit_now)), or the wait before the
     /// next one, for [`acquire_after`](Self::acquire_after).
-    pub fn try_acquire(&self, mailbox: i64, tenant: &SharedRate, deadline: Instant) -> Permits {
+    pub fn try_acquire(
+        &self,
+        mailbox: &MailboxRate,
+        tenant: &SharedRate,
+        deadline: Instant,
+    ) -> Permits {
         self.permits_at(Stage::Mailbox, mailbox, tenant, deadline, Instant::now())
     }
 
@@ -400,7 +448,7 @@ impl RateLimits {
     pub async fn acquire_after(
         &self,
         mut pending: PendingPermits,
-        mailbox: i64,
+        mailbox: &MailboxRate,
         tenant: &SharedRate,
         deadline: Instant,
     ) -> Result<Instant, NotBeforeDeadline> {
@@ -417,7 +465,7 @@ impl RateLimits {
     fn permits_at(
         &self,
         from: Stage,
-        mailbox: i64,
+        mailbox: &MailboxRate,
         tenant: &SharedRate,
         deadline: Instant,
         now: Instant,
@@ -443,23 +491,24 @@ impl RateLimits {
     fn permits_from(
         &self,
         from: Stage,
-        mailbox: i64,
+        mailbox: &MailboxRate,
         tenant: &SharedRate,
         now: Instant,
     ) -> Result<(), (Stage, Refused)> {
-        at(&self.clock, now, || {
+        // One subtraction for the limiters and the share's expiry.
+        let nanos = nanos_since(self.epoch, now);
+        at_nanos(&self.clock, nanos, || {
             if from == Stage::Mailbox {
-                self.mailbox.check_key(&mailbox).map_err(|not_until| {
-                    let wait = not_until.wait_time_from(self.clock.now());
-                    (Stage::Mailbox, Refused::Wait(wait))
-                })?;
+                mailbox
+                    .check_now(&self.clock)
+                    .map_err(|refused| (Stage::Mailbox, refused))?;
             }
             if from != Stage::App {
                 tenant
                     .check_now()
                     .map_err(|refused| (Stage::Tenant, refused))?;
             }
-            if self.share_expired(now) {
+            if self.share_expired_at(nanos) {
                 return Err((Stage::App, Refused::NoShare));
             }
             self.app
@@ -468,11 +517,39 @@ impl RateLimits {
         })
     }
 
-    /// Drops per-mailbox state that has fully replenished (memory stays proportional to the
-    /// mailboxes active recently, not to all registered ones).
+    /// `mailbox`'s rate limiter, for its job to take each call's permit from (the same one for
+    /// every job of the mailbox on this replica, until [`shrink`](Self::shrink) drops it).
+    pub fn mailbox(&self, mailbox: i64) -> MailboxRate {
+        self.lock_mailboxes()
+            .entry(mailbox)
+            .or_insert_with(|| {
+                MailboxRate(Arc::new(MailboxState {
+                    id: mailbox,
+                    limiter: RateLimiter::direct_with_clock(self.mailbox_quota, self.clock.clone()),
+                    last_permit: AtomicU64::new(self.clock.now().as_u64()),
+                }))
+            })
+            .clone()
+    }
+
+    /// Drops the limiters of mailboxes that no job holds and that have fully replenished: they
+    /// are as new (memory stays proportional to the mailboxes active recently, not to all
+    /// registered ones).
     pub fn shrink(&self) {
-        self.mailbox.retain_recent();
-        self.mailbox.shrink_to_fit();
+        let now = self.clock.now().as_u64();
+        let replenished = u64::try_from(self.mailbox_quota.burst_size_replenished_in().as_nanos())
+            .unwrap_or(u64::MAX);
+        let mut mailboxes = self.lock_mailboxes();
+        mailboxes.retain(|_, rate| {
+            Arc::strong_count(&rate.0) > 1
+                || now.saturating_sub(rate.0.last_permit.load(Ordering::Relaxed)) < replenished
+        });
+        mailboxes.shrink_to_fit();
+    }
+
+    fn lock_mailboxes(&self) -> std::sync::MutexGuard<'_, MailboxRates> {
+        // Poisoned only by a panic while inserting or retaining: the map is still a map.
+        self.mailboxes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -605,8 +682,9 @@ mod tests {
         let settings = crate::config::Settings::from_toml_str("").expect("defaults");
         let limits = RateLimits::new(&settings.resilience);
         let tenant = limits.tenant_limiter();
+        let mailbox = limits.mailbox(1);
         let far = Instant::now() + Duration::from_secs(60);
-        assert!(limits.acquire(1, &tenant, far).await.is_ok());
+        assert!(limits.acquire(&mailbox, &tenant, far).await.is_ok());
         limits.hold_share_until(Instant::now() + Duration::from_secs(1));
         assert!(limits.has_share());
         tokio::time::advance(Duration::from_millis(1500)).await;
@@ -617,7 +695,7 @@ mod tests {
         let before = Instant::now();
         let far = before + Duration::from_secs(60);
         assert_eq!(
-            limits.acquire(1, &tenant, far).await,
+            limits.acquire(&mailbox, &tenant, far).await,
             Err(NotBeforeDeadline {
                 ready_in: NO_SHARE_RETRY
             })
@@ -625,7 +703,7 @@ mod tests {
         assert_eq!(Instant::now(), before, "no wait");
         limits.hold_share_until(Instant::now() + Duration::from_secs(1));
         let far = Instant::now() + Duration::from_secs(60);
-        assert!(limits.acquire(1, &tenant, far).await.is_ok());
+        assert!(limits.acquire(&mailbox, &tenant, far).await.is_ok());
     }
 
     /// The limiters keep tokio's time, so paused time paces them exactly: 3 requests a second
@@ -639,10 +717,11 @@ mod tests {
         };
         let limits = RateLimits::new(&settings);
         let tenant = limits.tenant_limiter();
+        let mailbox = limits.mailbox(1);
         let start = Instant::now();
         let far = start + Duration::from_secs(60);
         for _ in 0..5 {
-            assert!(limits.acquire(1, &tenant, far).await.is_ok());
+            assert!(limits.acquire(&mailbox, &tenant, far).await.is_ok());
         }
         let elapsed = start.elapsed();
         assert!(
@@ -651,11 +730,57 @@ mod tests {
         );
         // A wait past the deadline is not taken, and says when the permit comes.
         let near = Instant::now() + Duration::from_millis(100);
-        let Err(NotBeforeDeadline { ready_in }) = limits.acquire(1, &tenant, near).await else {
+        let Err(NotBeforeDeadline { ready_in }) = limits.acquire(&mailbox, &tenant, near).await
+        else {
             panic!("the next permit is half a second away");
         };
         assert!(ready_in > Duration::from_millis(490), "{ready_in:?}");
         assert_eq!(start.elapsed(), elapsed, "no wait");
+    }
+
+    /// A mailbox's limit is the mailbox's, not its job's: the next job of the mailbox gets the
+    /// same spent limiter, and `shrink` drops it only once no job holds it and it has fully
+    /// replenished (when a fresh one would be no different).
+    #[tokio::test(start_paused = true)]
+    async fn a_mailboxs_limit_outlives_its_job_until_replenished() {
+        let settings = crate::config::Settings::from_toml_str("").expect("defaults");
+        // 4 per 10 minutes: a burst of 2, then one every 5 minutes.
+        let settings = ResilienceSettings {
+            mailbox_requests_per_10min: 4,
+            ..settings.resilience
+        };
+        let limits = RateLimits::new(&settings);
+        let tenant = limits.tenant_limiter();
+        let far = || Instant::now() + Duration::from_secs(60);
+        let job = limits.mailbox(1);
+        assert!(limits.acquire(&job, &tenant, far()).await.is_ok());
+        assert!(limits.acquire(&job, &tenant, far()).await.is_ok());
+        drop(job);
+        limits.shrink();
+        let next_job = limits.mailbox(1);
+        let Err(NotBeforeDeadline { ready_in }) = limits.acquire(&next_job, &tenant, far()).await
+        else {
+            panic!("the mailbox's burst is spent, whichever job asks");
+        };
+        assert!(ready_in > Duration::from_secs(290), "{ready_in:?}");
+        let other = limits.mailbox(2);
+        assert!(limits.acquire(&other, &tenant, far()).await.is_ok());
+        drop(other);
+
+        // Ten minutes on, both have replenished; only the one still held stays.
+        tokio::time::advance(Duration::from_secs(600)).await;
+        limits.shrink();
+        assert_eq!(
+            limits.lock_mailboxes().keys().copied().collect::<Vec<_>>(),
+            vec![1]
+        );
+        drop(next_job);
+        limits.shrink();
+        assert!(limits.lock_mailboxes().is_empty());
+        // What comes back is a fresh limiter with its whole burst.
+        let job = limits.mailbox(1);
+        assert!(limits.acquire(&job, &tenant, far()).await.is_ok());
+        assert!(limits.acquire(&job, &tenant, far()).await.is_ok());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use breaker::{CallOutcome, Rejected};
 use budget::RetryBudget;
 use guard::{Dependency, GuardedBreaker, Reservation};
-use limits::{NotBeforeDeadline, PendingPermits, Permits, RateLimits};
+use limits::{MailboxRate, NotBeforeDeadline, PendingPermits, Permits, RateLimits};
 
 #[derive(Clone, Debug)]
 pub struct ResilienceSettings {
@@ -116,9 +116,13 @@ impl TenantGuard {
     /// limiter makes the call wait (every call, below the limits). Otherwise
     /// [`Admission::Wait`], for [`admit_after`](Self::admit_after), which waits but never past
     /// `deadline`: a caller that awaits only then builds and moves no future on the success
-    /// path. The [`GraphCall`] carries the time it was admitted. It allocates nothing once the
-    /// mailbox has made a call.
-    pub fn admit_now(&self, limits: &RateLimits, mailbox: i64, deadline: Instant) -> Admission<'_> {
+    /// path. The [`GraphCall`] carries the time it was admitted. It allocates nothing.
+    pub fn admit_now(
+        &self,
+        limits: &RateLimits,
+        mailbox: &MailboxRate,
+        deadline: Instant,
+    ) -> Admission<'_> {
         match limits.try_acquire(mailbox, &self.rate, deadline) {
             Permits::Taken(now) => Admission::Decided(self.reserve(now)),
             Permits::NotBeforeDeadline(refused) => {
@@ -133,7 +137,7 @@ impl TenantGuard {
         &self,
         limits: &RateLimits,
         pending: PendingPermits,
-        mailbox: i64,
+        mailbox: &MailboxRate,
         deadline: Instant,
     ) -> Result<GraphCall<'_>, Refused> {
         let now = limits
@@ -276,14 +280,14 @@ mod tests {
         let limits = RateLimits::new(&settings);
         let guard = TenantGuard::new("tenant", &settings, &limits);
         let deadline = Instant::now() + Duration::from_secs(3600);
+        let mailbox = limits.mailbox(7);
         let call = || {
-            let Admission::Decided(admitted) = guard.admit_now(&limits, 7, deadline) else {
+            let Admission::Decided(admitted) = guard.admit_now(&limits, &mailbox, deadline) else {
                 panic!("no wait: the limits are far above 10,000 calls");
             };
             let call = admitted.expect("admitted");
             guard.answered(call.reservation, 7, Evidence::Healthy, Instant::now());
         };
-        // The mailbox's first call creates its rate-limit state.
         call();
         let counted = allocation_counter::measure(|| (0..10_000).for_each(|_| call()));
         assert_eq!(counted.count_total, 0, "{counted:?}");

@@ -418,6 +418,7 @@ impl Worker {
                     tokens: &tenant.tokens,
                     guard: &tenant.guard,
                     limits: self.tenants.limits(),
+                    mailbox_rate: self.tenants.limits().mailbox(mailbox.id),
                     lease: &lease,
                     window_past: self.sync.window_past,
                     window_future: self.sync.window_future,

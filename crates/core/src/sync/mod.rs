@@ -18,7 +18,7 @@ use crate::graph::{
     CheckedLink, DeltaPage, GraphClient, GraphError, PageItem, PageLink, RequestIds, Window,
 };
 use crate::metrics::DeferReason;
-use crate::resilience::limits::RateLimits;
+use crate::resilience::limits::{MailboxRate, RateLimits};
 use crate::resilience::retry::{Decision, Failure, RetryPolicy};
 use crate::resilience::{Admission, Evidence, GraphCall, Refused, TenantGuard};
 use crate::store::{Cursor, Lease, MailboxRecord, PageWrite, RoundEnd, Store, StoreError};
@@ -173,6 +173,8 @@ pub struct RoundContext<'a> {
     pub tokens: &'a TokenProvider,
     pub guard: &'a TenantGuard,
     pub limits: &'a RateLimits,
+    /// The mailbox's own rate limiter, taken once for the job's calls.
+    pub mailbox_rate: MailboxRate,
     pub lease: &'a Lease,
     pub window_past: Duration,
     pub window_future: Duration,
@@ -277,7 +279,7 @@ pub async fn run_round(
                 pages: pages_this_job - 1,
             });
         }
-        let page = match call_graph(ctx, mailbox.id, |token| {
+        let page = match call_graph(ctx, |token| {
             let url = &url;
             async move { graph.fetch_page(url, &token).await }
         })
@@ -422,21 +424,24 @@ async fn start_full_round(
 /// it holds no worker while it waits.
 async fn call_graph<T, F, Fut>(
     ctx: &RoundContext<'_>,
-    mailbox: i64,
     call: F,
 ) -> Result<(T, RequestIds), SyncError>
 where
     F: Fn(AccessToken) -> Fut,
     Fut: Future<Output = Result<(T, RequestIds), GraphError>>,
 {
+    let mailbox = ctx.mailbox_rate.id();
     let mut attempt: u32 = 0;
     loop {
         // Below the limits (nearly every call) the admission is decided without a future.
-        let admitted = match ctx.guard.admit_now(ctx.limits, mailbox, ctx.deadline) {
+        let admitted = match ctx
+            .guard
+            .admit_now(ctx.limits, &ctx.mailbox_rate, ctx.deadline)
+        {
             Admission::Decided(decided) => decided,
             Admission::Wait(pending) => {
                 ctx.guard
-                    .admit_after(ctx.limits, pending, mailbox, ctx.deadline)
+                    .admit_after(ctx.limits, pending, &ctx.mailbox_rate, ctx.deadline)
                     .await
             }
         };

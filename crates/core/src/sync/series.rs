@@ -187,7 +187,7 @@ async fn fetch_master(
     report.master_requests += 1;
     let graph = ctx.graph;
     let user = mailbox.user_id.as_str();
-    let (master, ids) = call_graph(ctx, mailbox.id, |token| async move {
+    let (master, ids) = call_graph(ctx, |token| async move {
         graph.fetch_event(user, id, MASTER_SELECT, &token).await
     })
     .await?;

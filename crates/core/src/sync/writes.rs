@@ -348,7 +348,7 @@ async fn create(
         );
     }
     let url = ctx.graph.url(&["users", &mailbox.user_id, "events"]);
-    let answer = exchange(ctx, mailbox, |graph| {
+    let answer = exchange(ctx, |graph| {
         graph
             .post(url.clone(), &[200, 201])
             .json(body.clone(), None)
@@ -417,7 +417,7 @@ async fn update(
         let url = ctx
             .graph
             .url(&["users", &mailbox.user_id, "events", event_id]);
-        let answer = exchange(ctx, mailbox, |graph| {
+        let answer = exchange(ctx, |graph| {
             let request = graph.patch(url.clone(), &[200]).json(body.clone(), None);
             match &current.etag {
                 Some(etag) => request.if_match(etag),
@@ -477,7 +477,7 @@ async fn cancel(
             .graph
             .url(&["users", &mailbox.user_id, "events", event_id, "cancel"]);
         let payload = serde_json::json!({ "comment": comment });
-        exchange(ctx, mailbox, |graph| {
+        exchange(ctx, |graph| {
             graph
                 .post(url.clone(), &[200, 202, 204])
                 .json(payload.clone(), None)
@@ -487,7 +487,7 @@ async fn cancel(
         let url = ctx
             .graph
             .url(&["users", &mailbox.user_id, "events", event_id]);
-        exchange(ctx, mailbox, |graph| graph.delete(url.clone(), &[200, 204])).await
+        exchange(ctx, |graph| graph.delete(url.clone(), &[200, 204])).await
     };
     match answer {
         Ok(_) => Ok(delivered_note(Some(event_id), "")),
@@ -505,11 +505,10 @@ async fn cancel(
 /// request ids.
 async fn exchange(
     ctx: &RoundContext<'_>,
-    mailbox: &MailboxRecord,
     request: impl Fn(&GraphClient) -> GraphRequest<'static>,
 ) -> Result<(Vec<u8>, RequestIds), SyncError> {
     let graph = ctx.graph;
-    call_graph(ctx, mailbox.id, |token| {
+    call_graph(ctx, |token| {
         let request = request(graph);
         async move {
             let answer = graph.send(request, &token).await?;
@@ -530,7 +529,7 @@ async fn read_event(
         .graph
         .url(&["users", &mailbox.user_id, "events", event_id])
         .with_query(&[("$select", select)]);
-    match exchange(ctx, mailbox, |graph| graph.get(url.clone())).await {
+    match exchange(ctx, |graph| graph.get(url.clone())).await {
         Ok((bytes, ids)) => Ok(Some(version_of(&bytes, ids)?)),
         Err(SyncError::Graph(GraphError::NotFound { .. })) => Ok(None),
         Err(e) => Err(e),
