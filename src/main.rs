@@ -324,6 +324,11 @@ mod lab {
 
     pub async fn bench(args: calsync::bench::BenchArgs) -> anyhow::Result<ExitCode> {
         let json = args.json;
+        if let Some(calls) = args.pipeline_calls {
+            let run = calsync::instructions::pipeline_calls(calls)?;
+            crate::say!("{}", serde_json::to_string_pretty(&run)?);
+            return Ok(ExitCode::SUCCESS);
+        }
         if args.instructions {
             let report = calsync::instructions::count(&args).await?;
             if json {

@@ -71,6 +71,11 @@ pub struct BenchArgs {
     /// Sync-only: idle rounds after the initial sync (their CPU is averaged).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), requires = "sync_only")]
     pub idle_rounds: u32,
+    /// Only this many Graph calls through the resilience pipeline's success path (no Graph,
+    /// no store), then a JSON report: what `--instructions` runs under callgrind for its
+    /// instructions per call.
+    #[arg(long, hide = true, conflicts_with_all = ["replicas", "instructions", "sync_only"])]
+    pub pipeline_calls: Option<u64>,
 }
 
 /// `--sync-only`: the initial sync and one idle round.

@@ -13,7 +13,13 @@
 //! - per idle mailbox round: a 1-event calendar with 1 and with `1 + EXTRA_IDLE_ROUNDS` idle
 //!   rounds, divided by the extra mailbox rounds: the claim, the writes outbox look-up, the
 //!   request, the empty page, the cursor and the job's record (and the bench's listing of the
-//!   mailboxes each round, a few hundred instructions per mailbox).
+//!   mailboxes each round, a few hundred instructions per mailbox);
+//! - per resilience call: `PIPELINE_SMALL` and `PIPELINE_LARGE` Graph calls through the
+//!   resilience pipeline's success path alone (`bench --pipeline-calls`: the rate limits, the
+//!   breaker, the retry budget; no Graph, no store), divided by the difference in calls: the
+//!   deterministic companion of the pipeline's criterion bench. It counts the clock's
+//!   instructions, not its time: a clock read that costs 25-35 ns on this machine kind is a few
+//!   dozen instructions in the vDSO.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -21,6 +27,9 @@ use std::process::Stdio;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
+
+use calsync_core::config::Settings;
+use calsync_core::resilience::success_path::SuccessPath;
 
 use crate::bench::{BenchArgs, SyncOnlyReport};
 
@@ -32,6 +41,9 @@ const SMALL: usize = 100;
 const LARGE: usize = 300;
 /// The idle rounds the second idle run adds to the first one's single round.
 const EXTRA_IDLE_ROUNDS: u32 = 20;
+/// Calls of the small and the large pipeline run.
+const PIPELINE_SMALL: u64 = 10_000;
+const PIPELINE_LARGE: u64 = 110_000;
 /// Not counted: quanta (the metrics exporter's clock) calibrates the TSC against the wall clock
 /// at start, spinning for a time, so its instruction count (3 to 8 million under callgrind) is the one
 /// part of a run that moves with the machine's load.
@@ -52,6 +64,37 @@ pub struct InstructionReport {
     pub more_idle_rounds: Run,
     /// (more − one idle round's instructions) / (extra idle rounds × mailboxes).
     pub instructions_per_idle_mailbox_round: f64,
+    pub pipeline_small: PipelineRun,
+    pub pipeline_large: PipelineRun,
+    /// (large − small instructions) / (large − small calls).
+    pub instructions_per_pipeline_call: f64,
+}
+
+/// `bench --pipeline-calls`: calls through the resilience pipeline's success path.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PipelineRun {
+    pub calls: u64,
+    /// The whole run's instructions, filled in from its callgrind profile.
+    #[serde(default)]
+    pub instructions: u64,
+}
+
+/// Makes `calls` Graph calls through the resilience pipeline's success path
+/// ([`SuccessPath`]), with the embedded defaults and the rate limits raised so that none waits.
+pub fn pipeline_calls(calls: u64) -> anyhow::Result<PipelineRun> {
+    let settings = Settings::from_toml_str("")
+        .context("the embedded defaults do not load")?
+        .resilience;
+    let path = SuccessPath::new(&SuccessPath::unlimited(settings));
+    let admitted = (0..calls).filter(|_| path.call()).count() as u64;
+    anyhow::ensure!(
+        admitted == calls,
+        "only {admitted} of {calls} calls were admitted at once"
+    );
+    Ok(PipelineRun {
+        calls,
+        instructions: 0,
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,11 +124,20 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
         let large = run_under_callgrind(args, LARGE, 1, &dir).await?;
         let one_idle = run_under_callgrind(args, 1, 1, &dir).await?;
         let more_idle = run_under_callgrind(args, 1, 1 + EXTRA_IDLE_ROUNDS, &dir).await?;
-        Ok::<_, anyhow::Error>((small, large, one_idle, more_idle))
+        let pipeline_small = pipeline_under_callgrind(args, PIPELINE_SMALL, &dir).await?;
+        let pipeline_large = pipeline_under_callgrind(args, PIPELINE_LARGE, &dir).await?;
+        Ok::<_, anyhow::Error>((
+            small,
+            large,
+            one_idle,
+            more_idle,
+            pipeline_small,
+            pipeline_large,
+        ))
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
-    let (small, large, one_idle_round, more_idle_rounds) = result?;
+    let (small, large, one_idle_round, more_idle_rounds, pipeline_small, pipeline_large) = result?;
     anyhow::ensure!(
         large.stored_events > small.stored_events,
         "the large run stored no more events than the small one ({} vs {})",
@@ -99,6 +151,10 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
         .instructions
         .saturating_sub(one_idle_round.instructions) as f64
         / mailbox_rounds;
+    let per_pipeline_call = pipeline_large
+        .instructions
+        .saturating_sub(pipeline_small.instructions) as f64
+        / (pipeline_large.calls - pipeline_small.calls) as f64;
     Ok(InstructionReport {
         mailboxes: TENANTS * MAILBOXES,
         whole_run_instructions_per_stored_event: large.instructions as f64
@@ -109,6 +165,9 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
         one_idle_round,
         more_idle_rounds,
         instructions_per_idle_mailbox_round: per_idle_round,
+        pipeline_small,
+        pipeline_large,
+        instructions_per_pipeline_call: per_pipeline_call,
     })
 }
 
@@ -118,7 +177,6 @@ async fn run_under_callgrind(
     idle_rounds: u32,
     dir: &Path,
 ) -> anyhow::Result<Run> {
-    let exe = std::env::current_exe().context("cannot find the calsync executable")?;
     let out = dir.join(format!("callgrind.{events}.{idle_rounds}.out"));
     if !args.json {
         eprintln!(
@@ -126,6 +184,60 @@ async fn run_under_callgrind(
             TENANTS * MAILBOXES
         );
     }
+    let bench_args = [
+        "--sync-only".to_string(),
+        "--json".into(),
+        "--workers".into(),
+        args.workers.to_string(),
+        "--tenants".into(),
+        TENANTS.to_string(),
+        "--mailboxes".into(),
+        MAILBOXES.to_string(),
+        "--events".into(),
+        events.to_string(),
+        "--idle-rounds".into(),
+        idle_rounds.to_string(),
+    ];
+    let (stdout, instructions) = callgrind(&bench_args, &out).await?;
+    let report: SyncOnlyReport = serde_json::from_slice(&stdout)
+        .context("the sync-only bench did not print its JSON report")?;
+    anyhow::ensure!(
+        report.failed_jobs == 0,
+        "{} sync jobs failed under callgrind",
+        report.failed_jobs
+    );
+    Ok(Run {
+        events_per_mailbox: events,
+        idle_rounds,
+        stored_events: report.initial_events,
+        pages: report.initial_pages,
+        instructions,
+    })
+}
+
+async fn pipeline_under_callgrind(
+    args: &BenchArgs,
+    calls: u64,
+    dir: &Path,
+) -> anyhow::Result<PipelineRun> {
+    if !args.json {
+        eprintln!("callgrind: {calls} calls through the resilience pipeline...");
+    }
+    let out = dir.join(format!("callgrind.pipeline.{calls}.out"));
+    let bench_args = ["--pipeline-calls".to_string(), calls.to_string()];
+    let (stdout, instructions) = callgrind(&bench_args, &out).await?;
+    let run: PipelineRun = serde_json::from_slice(&stdout)
+        .context("the pipeline run did not print its JSON report")?;
+    Ok(PipelineRun {
+        instructions,
+        ..run
+    })
+}
+
+/// Runs `calsync bench <bench_args>` under callgrind, its profile written to `out`: what it
+/// printed, and its instruction total.
+async fn callgrind(bench_args: &[String], out: &Path) -> anyhow::Result<(Vec<u8>, u64)> {
+    let exe = std::env::current_exe().context("cannot find the calsync executable")?;
     let output = Command::new("valgrind")
         .arg("--tool=callgrind")
         .arg(format!("--toggle-collect={NOT_COUNTED}"))
@@ -133,12 +245,8 @@ async fn run_under_callgrind(
         .arg("--collect-atstart=yes")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(&exe)
-        .args(["bench", "--sync-only", "--json", "--workers"])
-        .arg(args.workers.to_string())
-        .args(["--tenants", &TENANTS.to_string()])
-        .args(["--mailboxes", &MAILBOXES.to_string()])
-        .args(["--events", &events.to_string()])
-        .args(["--idle-rounds", &idle_rounds.to_string()])
+        .arg("bench")
+        .args(bench_args)
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -147,7 +255,8 @@ async fn run_under_callgrind(
         .context("cannot run valgrind")?;
     anyhow::ensure!(
         output.status.success(),
-        "the bench under callgrind failed ({}): {}",
+        "calsync bench {} under callgrind failed ({}): {}",
+        bench_args.join(" "),
         output.status,
         String::from_utf8_lossy(&output.stderr)
             .lines()
@@ -156,23 +265,11 @@ async fn run_under_callgrind(
             .collect::<Vec<_>>()
             .join(" | ")
     );
-    let report: SyncOnlyReport = serde_json::from_slice(&output.stdout)
-        .context("the sync-only bench did not print its JSON report")?;
-    anyhow::ensure!(
-        report.failed_jobs == 0,
-        "{} sync jobs failed under callgrind",
-        report.failed_jobs
-    );
-    let text = std::fs::read_to_string(&out)
+    let text = std::fs::read_to_string(out)
         .with_context(|| format!("callgrind wrote no profile to {}", out.display()))?;
-    Ok(Run {
-        events_per_mailbox: events,
-        idle_rounds,
-        stored_events: report.initial_events,
-        pages: report.initial_pages,
-        instructions: totals(&text)
-            .with_context(|| format!("no `totals:` line in {}", out.display()))?,
-    })
+    let instructions =
+        totals(&text).with_context(|| format!("no `totals:` line in {}", out.display()))?;
+    Ok((output.stdout, instructions))
 }
 
 /// The instruction total of a callgrind profile (`totals:`, or `summary:` in older formats).
@@ -193,7 +290,10 @@ pub fn render(r: &InstructionReport) -> String {
          \x20 instructions per stored event   {:.0} (marginal: the difference of the two runs)\n\
          \x20 {:>6} event/mailbox, {:>2} idle round(s): {:>14} instructions\n\
          \x20 {:>6} event/mailbox, {:>2} idle round(s): {:>14} instructions\n\
-         \x20 instructions per idle mailbox round   {:.0} (the difference per extra mailbox round)\n",
+         \x20 instructions per idle mailbox round   {:.0} (the difference per extra mailbox round)\n\
+         \x20 {:>7} resilience calls: {:>14} instructions\n\
+         \x20 {:>7} resilience calls: {:>14} instructions\n\
+         \x20 instructions per resilience call   {:.0} (a Graph call's success path: limits, breaker, budget)\n",
         r.mailboxes,
         r.small.events_per_mailbox,
         r.small.stored_events,
@@ -211,6 +311,11 @@ pub fn render(r: &InstructionReport) -> String {
         r.more_idle_rounds.idle_rounds,
         r.more_idle_rounds.instructions,
         r.instructions_per_idle_mailbox_round,
+        r.pipeline_small.calls,
+        r.pipeline_small.instructions,
+        r.pipeline_large.calls,
+        r.pipeline_large.instructions,
+        r.instructions_per_pipeline_call,
     )
 }
 

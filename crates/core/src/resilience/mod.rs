@@ -10,6 +10,7 @@ pub mod limits;
 pub mod retry;
 pub mod retry_after;
 pub mod spread;
+pub mod success_path;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -271,27 +272,19 @@ mod tests {
     fn a_successful_call_allocates_nothing() {
         // Limits beyond what the configuration accepts: each share is paced to one request
         // per period (burst 1), and 10,000 calls in a loop must never wait for one.
-        let settings = ResilienceSettings {
-            mailbox_requests_per_10min: u32::MAX,
-            tenant_requests_per_second: 1_000_000_000,
-            app_requests_per_second: 1_000_000_000,
-            ..defaults()
-        };
-        let limits = RateLimits::new(&settings);
-        let guard = TenantGuard::new("tenant", &settings, &limits);
-        let deadline = Instant::now() + Duration::from_secs(3600);
-        let mailbox = limits.mailbox(7);
-        let call = || {
-            let Admission::Decided(admitted) = guard.admit_now(&limits, &mailbox, deadline) else {
-                panic!("no wait: the limits are far above 10,000 calls");
-            };
-            let call = admitted.expect("admitted");
-            guard.answered(call.reservation, 7, Evidence::Healthy, Instant::now());
-        };
-        call();
-        let counted = allocation_counter::measure(|| (0..10_000).for_each(|_| call()));
+        let path =
+            success_path::SuccessPath::new(&success_path::SuccessPath::unlimited(defaults()));
+        assert!(path.call(), "admitted at once");
+        let mut admitted = 0;
+        let counted = allocation_counter::measure(|| {
+            admitted = (0..10_000).filter(|_| path.call()).count();
+        });
+        assert_eq!(
+            admitted, 10_000,
+            "no call waits: the limits are far above 10,000 calls"
+        );
         assert_eq!(counted.count_total, 0, "{counted:?}");
-        assert_eq!(guard.graph.state(), breaker::BreakerState::Closed);
+        assert_eq!(path.guard().graph.state(), breaker::BreakerState::Closed);
     }
 
     /// A deposit into a full budget takes no lock; once a retry is taken, successes earn
