@@ -70,18 +70,23 @@ pub struct InstructionReport {
     pub instructions_per_pipeline_call: f64,
 }
 
-/// `bench --pipeline-calls`: calls through the resilience pipeline's success path.
+/// What `bench --pipeline-calls` prints: the calls it made, every one admitted at once.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PipelineCalls {
+    pub calls: u64,
+}
+
+/// A `bench --pipeline-calls` run under callgrind.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PipelineRun {
     pub calls: u64,
-    /// The whole run's instructions, filled in from its callgrind profile.
-    #[serde(default)]
+    /// The whole run's instructions, from its callgrind profile.
     pub instructions: u64,
 }
 
 /// Makes `calls` Graph calls through the resilience pipeline's success path
 /// ([`SuccessPath`]), with the embedded defaults and the rate limits raised so that none waits.
-pub fn pipeline_calls(calls: u64) -> anyhow::Result<PipelineRun> {
+pub fn pipeline_calls(calls: u64) -> anyhow::Result<PipelineCalls> {
     let settings = Settings::from_toml_str("")
         .context("the embedded defaults do not load")?
         .resilience;
@@ -91,10 +96,7 @@ pub fn pipeline_calls(calls: u64) -> anyhow::Result<PipelineRun> {
         admitted == calls,
         "only {admitted} of {calls} calls were admitted at once"
     );
-    Ok(PipelineRun {
-        calls,
-        instructions: 0,
-    })
+    Ok(PipelineCalls { calls })
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -226,11 +228,16 @@ async fn pipeline_under_callgrind(
     let out = dir.join(format!("callgrind.pipeline.{calls}.out"));
     let bench_args = ["--pipeline-calls".to_string(), calls.to_string()];
     let (stdout, instructions) = callgrind(&bench_args, &out).await?;
-    let run: PipelineRun = serde_json::from_slice(&stdout)
+    let run: PipelineCalls = serde_json::from_slice(&stdout)
         .context("the pipeline run did not print its JSON report")?;
+    anyhow::ensure!(
+        run.calls == calls,
+        "the pipeline run made {} calls, not {calls}",
+        run.calls
+    );
     Ok(PipelineRun {
+        calls,
         instructions,
-        ..run
     })
 }
 

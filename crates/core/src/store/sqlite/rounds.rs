@@ -1,5 +1,8 @@
 //! SqliteStore: delta rounds (pages with their cursor, series masters, quarantine, events).
 
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Arguments, Row};
@@ -381,6 +384,26 @@ fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
     })
 }
 
+/// A multi-row statement's text for each row count, built once per process. A 100-row upsert
+/// is ~8 KB of SQL: building it again for every statement cost ~350 instructions per stored
+/// event.
+struct TextByRows([OnceLock<String>; UPSERT_CHUNK + 1]);
+
+impl TextByRows {
+    const fn new() -> Self {
+        Self([const { OnceLock::new() }; UPSERT_CHUNK + 1])
+    }
+
+    /// The text for `rows` rows, from `build` the first time. [`statement_sizes`] never asks
+    /// for more than [`UPSERT_CHUNK`]; a larger count would still get its text, built anew.
+    fn get(&self, rows: usize, build: fn(usize) -> String) -> Cow<'_, str> {
+        match self.0.get(rows) {
+            Some(cell) => Cow::Borrowed(cell.get_or_init(|| build(rows))),
+            None => Cow::Owned(build(rows)),
+        }
+    }
+}
+
 /// `items` in runs of [`statement_sizes`], in order.
 fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
     let mut rest = items;
@@ -406,27 +429,7 @@ async fn upsert_events(
     let written = events.len();
     let mut events = events.into_iter();
     for rows in statement_sizes(written) {
-        let row = format!("({})", vec!["?"; EVENT_COLUMNS].join(", "));
-        let sql = format!(
-            "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
-                 start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity,
-                 event_type, series_master_id, organizer_name, organizer_address, attendees, location,
-                 categories, web_link, raw, seen_round, synced_at)
-             VALUES {}
-             ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
-                 ical_uid = excluded.ical_uid, change_key = excluded.change_key, etag = excluded.etag,
-                 last_modified = excluded.last_modified, subject = excluded.subject,
-                 start_utc = excluded.start_utc, end_utc = excluded.end_utc,
-                 start_date = excluded.start_date, end_date = excluded.end_date,
-                 is_all_day = excluded.is_all_day, is_cancelled = excluded.is_cancelled,
-                 show_as = excluded.show_as, sensitivity = excluded.sensitivity,
-                 event_type = excluded.event_type, series_master_id = excluded.series_master_id,
-                 organizer_name = excluded.organizer_name, organizer_address = excluded.organizer_address,
-                 attendees = excluded.attendees, location = excluded.location,
-                 categories = excluded.categories, web_link = excluded.web_link, raw = excluded.raw,
-                 seen_round = excluded.seen_round, synced_at = excluded.synced_at",
-            vec![row; rows].join(", ")
-        );
+        let sql = UPSERT_EVENTS.get(rows, upsert_events_sql);
         // Sized once: binding 2,600 values one by one grows sqlx's argument vector a dozen
         // times, copying it each time (~2 % of a stored event's instructions).
         let mut args = SqliteArguments::default();
@@ -463,6 +466,33 @@ async fn upsert_events(
         sqlx::query_with(&sql, args).execute(&mut **tx).await?;
     }
     Ok(written as u64)
+}
+
+static UPSERT_EVENTS: TextByRows = TextByRows::new();
+
+/// The events' multi-row upsert for `rows` rows of [`EVENT_COLUMNS`] parameters.
+fn upsert_events_sql(rows: usize) -> String {
+    let row = format!("({})", vec!["?"; EVENT_COLUMNS].join(", "));
+    format!(
+        "INSERT INTO events (mailbox_id, event_id, ical_uid, change_key, etag, last_modified, subject,
+                 start_utc, end_utc, start_date, end_date, is_all_day, is_cancelled, show_as, sensitivity,
+                 event_type, series_master_id, organizer_name, organizer_address, attendees, location,
+                 categories, web_link, raw, seen_round, synced_at)
+             VALUES {}
+             ON CONFLICT (mailbox_id, event_id) DO UPDATE SET
+                 ical_uid = excluded.ical_uid, change_key = excluded.change_key, etag = excluded.etag,
+                 last_modified = excluded.last_modified, subject = excluded.subject,
+                 start_utc = excluded.start_utc, end_utc = excluded.end_utc,
+                 start_date = excluded.start_date, end_date = excluded.end_date,
+                 is_all_day = excluded.is_all_day, is_cancelled = excluded.is_cancelled,
+                 show_as = excluded.show_as, sensitivity = excluded.sensitivity,
+                 event_type = excluded.event_type, series_master_id = excluded.series_master_id,
+                 organizer_name = excluded.organizer_name, organizer_address = excluded.organizer_address,
+                 attendees = excluded.attendees, location = excluded.location,
+                 categories = excluded.categories, web_link = excluded.web_link, raw = excluded.raw,
+                 seen_round = excluded.seen_round, synced_at = excluded.synced_at",
+        vec![row; rows].join(", ")
+    )
 }
 
 /// Adds one value to a statement's arguments; an encoding error is the statement's error.
@@ -523,14 +553,7 @@ async fn upsert_masters(
 ) -> Result<(), StoreError> {
     let (masters, refills) = MasterWrite::last_of_each(writes, |w| w.master.id.as_str());
     for chunk in statement_chunks(&masters) {
-        let sql = format!(
-            "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
-             VALUES {}
-             ON CONFLICT (mailbox_id, master_id) DO UPDATE SET change_key = excluded.change_key,
-                 raw = excluded.raw, checked_round = excluded.checked_round,
-                 synced_at = excluded.synced_at",
-            vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
-        );
+        let sql = UPSERT_MASTERS.get(chunk.len(), upsert_masters_sql);
         let mut query = sqlx::query(&sql);
         for write in chunk {
             let m = &write.master;
@@ -545,7 +568,7 @@ async fn upsert_masters(
         query.execute(&mut **tx).await?;
     }
     for chunk in statement_chunks(&refills) {
-        let sql = refill_sql(chunk.len());
+        let sql = REFILLS.get(chunk.len(), refill_sql);
         let mut query = sqlx::query(&sql);
         for write in chunk {
             let m = &write.master;
@@ -572,6 +595,21 @@ async fn upsert_masters(
             .await?;
     }
     Ok(())
+}
+
+static UPSERT_MASTERS: TextByRows = TextByRows::new();
+static REFILLS: TextByRows = TextByRows::new();
+
+/// The series masters' multi-row upsert for `rows` masters.
+fn upsert_masters_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO series_masters (mailbox_id, master_id, change_key, raw, checked_round, synced_at)
+         VALUES {}
+         ON CONFLICT (mailbox_id, master_id) DO UPDATE SET change_key = excluded.change_key,
+             raw = excluded.raw, checked_round = excluded.checked_round,
+             synced_at = excluded.synced_at",
+        vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", ")
+    )
 }
 
 /// The refill of the occurrences of `masters` changed series, one VALUES row of 14 per
@@ -670,6 +708,23 @@ mod tests {
             (1..10).chain((10..=UPSERT_CHUNK).step_by(10)).collect();
         assert_eq!(sizes, expected);
         assert_eq!(statement_sizes(97).collect::<Vec<_>>(), [90, 7]);
+    }
+
+    /// Each row count's text is built once and then handed out as the same string; a count
+    /// past the cache still gets the right text.
+    #[test]
+    fn a_statements_text_is_built_once_per_row_count() {
+        let cache = TextByRows::new();
+        let first = cache.get(3, upsert_events_sql);
+        let again = cache.get(3, upsert_events_sql);
+        assert!(matches!(again, Cow::Borrowed(_)));
+        assert_eq!(first.as_ptr(), again.as_ptr(), "built twice");
+        assert_eq!(first, upsert_events_sql(3));
+        assert_eq!(first.matches('?').count(), 3 * EVENT_COLUMNS);
+        assert_ne!(cache.get(4, upsert_events_sql), first);
+        let past = cache.get(UPSERT_CHUNK + 1, upsert_masters_sql);
+        assert!(matches!(past, Cow::Owned(_)));
+        assert_eq!(past.matches('?').count(), (UPSERT_CHUNK + 1) * 6);
     }
 
     /// A refill looks up each changed master's occurrences through `events_by_series` and
