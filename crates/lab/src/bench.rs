@@ -785,6 +785,9 @@ async fn spawn_sim(args: &BenchArgs, addr: SocketAddr, seed: u64) -> anyhow::Res
             &seed.to_string(),
         ])
         .env("RUST_LOG", "error")
+        // The simulator stands in for Graph: a runtime size set for calsync
+        // (`TOKIO_WORKER_THREADS`, read by tokio) must not shrink it too.
+        .env_remove("TOKIO_WORKER_THREADS")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
