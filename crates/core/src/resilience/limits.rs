@@ -302,10 +302,9 @@ pub struct RateLimits {
     tenant_per_second: u32,
     share: Mutex<Share>,
     live_replicas: AtomicU32,
-    /// Milliseconds after `epoch` until which the share holds without a new heartbeat
-    /// (`u64::MAX`: no fleet, no expiry).
+    /// Milliseconds after the clock's epoch until which the share holds without a new
+    /// heartbeat (`u64::MAX`: no fleet, no expiry).
     valid_until_ms: AtomicU64,
-    epoch: Instant,
     clock: CallClock,
 }
 
@@ -344,7 +343,6 @@ impl RateLimits {
             share: Mutex::new(Share::WHOLE),
             live_replicas: AtomicU32::new(1),
             valid_until_ms: AtomicU64::new(u64::MAX),
-            epoch: clock.epoch,
             clock,
         }
     }
@@ -372,7 +370,9 @@ impl RateLimits {
     /// replica whose heartbeat stops sends nothing from then on, before the others, who stop
     /// counting it one lease period after its last heartbeat, take its share.
     pub fn hold_share_until(&self, until: Instant) {
-        let ms = until.saturating_duration_since(self.epoch).as_millis();
+        let ms = until
+            .saturating_duration_since(self.clock.epoch)
+            .as_millis();
         self.valid_until_ms
             .store(u64::try_from(ms).unwrap_or(u64::MAX - 1), Ordering::SeqCst);
     }
@@ -388,7 +388,7 @@ impl RateLimits {
     }
 
     fn share_expired(&self, now: Instant) -> bool {
-        self.share_expired_at(nanos_since(self.epoch, now))
+        self.share_expired_at(nanos_since(self.clock.epoch, now))
     }
 
     /// [`share_expired`](Self::share_expired) at `nanos` since the epoch.
@@ -496,7 +496,7 @@ impl RateLimits {
         now: Instant,
     ) -> Result<(), (Stage, Refused)> {
         // One subtraction for the limiters and the share's expiry.
-        let nanos = nanos_since(self.epoch, now);
+        let nanos = nanos_since(self.clock.epoch, now);
         at_nanos(&self.clock, nanos, || {
             if from == Stage::Mailbox {
                 mailbox
