@@ -484,22 +484,22 @@ mod tests {
         m.expect("registered").sync_requested_at
     }
 
+    /// Claims `ids` for jobs `job-<id>`, due or not.
+    async fn claim(store: &SqliteStore, ids: &[MailboxId]) -> Vec<MailboxRecord> {
+        let lease_for = Duration::from_secs(60);
+        let claimed = store
+            .claim_many(ids, "job-", at(10), lease_for, false)
+            .await;
+        claimed.expect("claims")
+    }
+
     /// The claim serves the request it finds, and the mailbox without one is claimed alike.
     #[tokio::test]
     async fn a_claim_serves_the_pending_request() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, requested, other) = one_requested(&dir).await;
         assert_eq!(requested_at(&store, requested).await, Some(at(5)));
-        let claimed = store
-            .claim_many(
-                &[requested, other],
-                "job-",
-                at(10),
-                Duration::from_secs(60),
-                false,
-            )
-            .await
-            .expect("claims");
+        let claimed = claim(&store, &[requested, other]).await;
         assert_eq!(claimed.len(), 2);
         assert!(claimed.iter().all(|m| m.sync_requested_at.is_none()));
         assert_eq!(requested_at(&store, requested).await, None, "served");
@@ -528,16 +528,7 @@ mod tests {
         .await
         .expect("trigger");
         raw.close().await.expect("closes");
-        let claimed = store
-            .claim_many(
-                &[requested, other],
-                "job-",
-                at(10),
-                Duration::from_secs(60),
-                false,
-            )
-            .await
-            .expect("claims");
+        let claimed = claim(&store, &[requested, other]).await;
         let leased: Vec<(MailboxId, Option<String>)> = claimed
             .iter()
             .map(|m| (m.id, m.lease_owner.clone()))
