@@ -14,6 +14,10 @@
 //!   rounds, divided by the extra mailbox rounds: the claim, the writes outbox look-up, the
 //!   request, the empty page, the cursor and the job's record (and the bench's listing of the
 //!   mailboxes each round, a few hundred instructions per mailbox);
+//! - the same with a full history: the runs start after `RUNS_KEPT_PER_MAILBOX + 1` idle rounds,
+//!   so that every counted round's end also deletes the mailbox's oldest `sync_runs` row, as it
+//!   does in production once a mailbox has run 50 jobs (the first figure's rounds never get
+//!   there, and the steady state costs about a tenth more);
 //! - per resilience call: `PIPELINE_SMALL` and `PIPELINE_LARGE` Graph calls through the
 //!   resilience pipeline's success path alone (`bench --pipeline-calls`: the rate limits, the
 //!   breaker, the retry budget; no Graph, no store), divided by the difference in calls: the
@@ -41,6 +45,9 @@ const SMALL: usize = 100;
 const LARGE: usize = 300;
 /// The idle rounds the second idle run adds to the first one's single round.
 const EXTRA_IDLE_ROUNDS: u32 = 20;
+/// Idle rounds before the full-history runs' counted rounds: the initial sync's job and these
+/// fill each mailbox's history, so every counted round prunes it.
+const FULL_HISTORY_ROUNDS: u32 = calsync_core::store::RUNS_KEPT_PER_MAILBOX as u32 + 1;
 /// Calls of the small and the large pipeline run.
 const PIPELINE_SMALL: u64 = 10_000;
 const PIPELINE_LARGE: u64 = 110_000;
@@ -64,6 +71,12 @@ pub struct InstructionReport {
     pub more_idle_rounds: Run,
     /// (more − one idle round's instructions) / (extra idle rounds × mailboxes).
     pub instructions_per_idle_mailbox_round: f64,
+    /// The 1-event runs with `FULL_HISTORY_ROUNDS` idle rounds and with `EXTRA_IDLE_ROUNDS`
+    /// more, each mailbox's history full in the extra rounds.
+    pub full_history_idle_rounds: Run,
+    pub full_history_more_idle_rounds: Run,
+    /// The same difference per extra mailbox round, with the history full.
+    pub instructions_per_idle_mailbox_round_full_history: f64,
     pub pipeline_small: PipelineRun,
     pub pipeline_large: PipelineRun,
     /// (large − small instructions) / (large − small calls).
@@ -126,20 +139,24 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
         let large = run_under_callgrind(args, LARGE, 1, &dir).await?;
         let one_idle = run_under_callgrind(args, 1, 1, &dir).await?;
         let more_idle = run_under_callgrind(args, 1, 1 + EXTRA_IDLE_ROUNDS, &dir).await?;
+        let full_idle = run_under_callgrind(args, 1, FULL_HISTORY_ROUNDS, &dir).await?;
+        let more_full_idle =
+            run_under_callgrind(args, 1, FULL_HISTORY_ROUNDS + EXTRA_IDLE_ROUNDS, &dir).await?;
         let pipeline_small = pipeline_under_callgrind(args, PIPELINE_SMALL, &dir).await?;
         let pipeline_large = pipeline_under_callgrind(args, PIPELINE_LARGE, &dir).await?;
         Ok::<_, anyhow::Error>((
             small,
             large,
-            one_idle,
-            more_idle,
+            [one_idle, more_idle, full_idle, more_full_idle],
             pipeline_small,
             pipeline_large,
         ))
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
-    let (small, large, one_idle_round, more_idle_rounds, pipeline_small, pipeline_large) = result?;
+    let (small, large, idle, pipeline_small, pipeline_large) = result?;
+    let [one_idle_round, more_idle_rounds, full_history_idle_rounds, full_history_more_idle_rounds] =
+        idle;
     anyhow::ensure!(
         large.stored_events > small.stored_events,
         "the large run stored no more events than the small one ({} vs {})",
@@ -149,10 +166,9 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
     let marginal = large.instructions.saturating_sub(small.instructions) as f64
         / (large.stored_events - small.stored_events) as f64;
     let mailbox_rounds = f64::from(EXTRA_IDLE_ROUNDS) * (TENANTS * MAILBOXES) as f64;
-    let per_idle_round = more_idle_rounds
-        .instructions
-        .saturating_sub(one_idle_round.instructions) as f64
-        / mailbox_rounds;
+    let per_idle_round = |one: &Run, more: &Run| {
+        more.instructions.saturating_sub(one.instructions) as f64 / mailbox_rounds
+    };
     let per_pipeline_call = pipeline_large
         .instructions
         .saturating_sub(pipeline_small.instructions) as f64
@@ -164,9 +180,15 @@ pub async fn count(args: &BenchArgs) -> anyhow::Result<InstructionReport> {
         instructions_per_stored_event: marginal,
         small,
         large,
+        instructions_per_idle_mailbox_round: per_idle_round(&one_idle_round, &more_idle_rounds),
         one_idle_round,
         more_idle_rounds,
-        instructions_per_idle_mailbox_round: per_idle_round,
+        instructions_per_idle_mailbox_round_full_history: per_idle_round(
+            &full_history_idle_rounds,
+            &full_history_more_idle_rounds,
+        ),
+        full_history_idle_rounds,
+        full_history_more_idle_rounds,
         pipeline_small,
         pipeline_large,
         instructions_per_pipeline_call: per_pipeline_call,
@@ -298,6 +320,9 @@ pub fn render(r: &InstructionReport) -> String {
          \x20 {:>6} event/mailbox, {:>2} idle round(s): {:>14} instructions\n\
          \x20 {:>6} event/mailbox, {:>2} idle round(s): {:>14} instructions\n\
          \x20 instructions per idle mailbox round   {:.0} (the difference per extra mailbox round)\n\
+         \x20 {:>6} event/mailbox, {:>2} idle round(s): {:>14} instructions\n\
+         \x20 {:>6} event/mailbox, {:>2} idle round(s): {:>14} instructions\n\
+         \x20 instructions per idle mailbox round, history full   {:.0} (each round also prunes the mailbox's sync_runs)\n\
          \x20 {:>7} resilience calls: {:>14} instructions\n\
          \x20 {:>7} resilience calls: {:>14} instructions\n\
          \x20 instructions per resilience call   {:.0} (a Graph call's success path: limits, breaker, budget)\n",
@@ -318,6 +343,13 @@ pub fn render(r: &InstructionReport) -> String {
         r.more_idle_rounds.idle_rounds,
         r.more_idle_rounds.instructions,
         r.instructions_per_idle_mailbox_round,
+        r.full_history_idle_rounds.events_per_mailbox,
+        r.full_history_idle_rounds.idle_rounds,
+        r.full_history_idle_rounds.instructions,
+        r.full_history_more_idle_rounds.events_per_mailbox,
+        r.full_history_more_idle_rounds.idle_rounds,
+        r.full_history_more_idle_rounds.instructions,
+        r.instructions_per_idle_mailbox_round_full_history,
         r.pipeline_small.calls,
         r.pipeline_small.instructions,
         r.pipeline_large.calls,
