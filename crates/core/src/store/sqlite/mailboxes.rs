@@ -164,8 +164,7 @@ impl MailboxStore for SqliteStore {
         ))
         .bind(owner_prefix)
         .bind(ts(until))
-        // A list of integers always serializes.
-        .bind(serde_json::to_string(ids).unwrap_or_default())
+        .bind(json_list(ids))
         .bind(ts(now))
         .bind(only_if_due)
         .fetch_all(&self.writer)
@@ -385,8 +384,7 @@ impl SqliteStore {
             "UPDATE mailboxes SET sync_requested_at = NULL
              WHERE id IN (SELECT value FROM json_each(?1))",
         )
-        // A list of integers always serializes.
-        .bind(serde_json::to_string(&requested).unwrap_or_default())
+        .bind(json_list(&requested))
         .execute(&self.writer)
         .await;
         match cleared {

@@ -101,6 +101,11 @@ fn fixed_ts(text: &str) -> Option<DateTime<Utc>> {
     Some(date.and_time(time).and_utc())
 }
 
+/// Ids (text or integers) as a JSON array, for `IN (SELECT value FROM json_each(?))`.
+pub(super) fn json_list<S: serde::Serialize>(ids: &[S]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
+}
+
 pub(super) fn parse_opt_ts(
     row: &SqliteRow,
     column: &str,

@@ -536,11 +536,6 @@ fn categories_json(categories: &[String]) -> String {
     serde_json::to_string(categories).unwrap_or_else(|_| "[]".into())
 }
 
-/// Ids as a JSON array, for `IN (SELECT value FROM json_each(?))`.
-fn json_list<S: AsRef<str> + serde::Serialize>(ids: &[S]) -> String {
-    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
-}
-
 /// Keeps the page's series masters and, for each that changed, gives every stored occurrence
 /// of its series the master's fields again (their own id, times and stub stay): one
 /// multi-row statement for the masters and one for the occurrences, not two per master.
